@@ -1,0 +1,48 @@
+"""The errors the generation package raises.
+
+Every error a user can cause carries a message written for that user: the bot and the
+command line show ``str(error)`` as it is, and never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class GenerationError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidOption(GenerationError, ValueError):
+    """A request option is out of range or does not fit the rest of the request.
+
+    ``option`` is the request field at fault (``top_k``, ``melody``...), so each front end
+    can name it the way its users spell it (``--top-k`` on the command line).
+    """
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+        self.message = message
+
+
+class UnknownModel(InvalidOption):
+    """The model name is neither in the catalogue nor a local checkpoint folder."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__("model", f"Unknown model {name!r}. Choose one of: {', '.join(known)}.")
+        self.name = name
+
+
+class AudioInputError(GenerationError, ValueError):
+    """An uploaded clip is too large, too long, corrupt or not audio at all."""
+
+
+class ModelLoadError(GenerationError):
+    """A model's weights could not be found, downloaded or read."""
+
+
+class GenerationCancelled(GenerationError):
+    """The generation was cancelled while it ran."""
+
+
+class OutputTooLarge(GenerationError):
+    """No MP3 bitrate makes the result fit the size limit."""

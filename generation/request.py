@@ -1,0 +1,160 @@
+"""What a generation request holds, and the checks every request passes before it runs."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .errors import InvalidOption
+from .models import ModelSpec
+
+#: The released models' context window; longer requests use extended generation.
+WINDOW_SECONDS = 30.0
+TEMPERATURE_RANGE = (0.0, 2.0)
+TOP_P_RANGE = (0.0, 1.0)
+MAX_CFG_COEF = 20.0
+MAX_PROMPT_CHARS = 1000
+MAX_SEED = 2**32 - 1
+DEFAULT_MAX_DURATION = 120.0
+
+
+@dataclass(frozen=True, eq=False)
+class AudioClip:
+    """Decoded audio: float32 samples shaped ``[channels, samples]`` at ``sample_rate``."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+    @property
+    def channels(self) -> int:
+        return int(self.samples.shape[0])
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.shape[-1] / self.sample_rate
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation, with every MusicGen option (defaults as the MusicGen command line's).
+
+    ``seed`` None means "pick one": :meth:`with_seed` fixes it before the run, so every result
+    can be reproduced. ``duration`` is the length of the output, intro included.
+    """
+
+    prompt: str
+    model: str
+    duration: float = 10.0
+    temperature: float = 1.0
+    top_k: int = 250
+    top_p: float = 0.0
+    cfg_coef: float = 3.0
+    use_sampling: bool = True
+    two_step_cfg: bool = False
+    extend_stride: float = 18.0
+    seed: int | None = None
+    melody: AudioClip | None = field(default=None, repr=False)
+    continuation: AudioClip | None = field(default=None, repr=False)
+
+    def with_seed(self) -> GenerationRequest:
+        """This request with a concrete seed (a random one when none was given)."""
+        if self.seed is not None:
+            return self
+        return replace(self, seed=secrets.randbelow(MAX_SEED + 1))
+
+    def parameters(self) -> dict[str, str]:
+        """Every option as text, for tags, embeds and logs (audio inputs by length only)."""
+        values: dict[str, object] = {
+            "prompt": self.prompt,
+            "model": self.model,
+            "duration": self.duration,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "cfg_coef": self.cfg_coef,
+            "use_sampling": self.use_sampling,
+            "two_step_cfg": self.two_step_cfg,
+            "extend_stride": self.extend_stride,
+            "seed": self.seed,
+        }
+        if self.melody is not None:
+            values["melody"] = f"{self.melody.seconds:.1f} s"
+        if self.continuation is not None:
+            values["continuation"] = f"{self.continuation.seconds:.1f} s"
+        return {key: str(value) for key, value in values.items()}
+
+
+def validate_request(
+    request: GenerationRequest,
+    spec: ModelSpec,
+    *,
+    max_duration: float = DEFAULT_MAX_DURATION,
+    codebook_size: int = 2048,
+) -> None:
+    """Check every option of ``request`` for ``spec``.
+
+    Raises:
+        InvalidOption: naming the first option at fault, with what to change.
+    """
+    prompt = request.prompt.strip()
+    if not prompt:
+        raise InvalidOption("prompt", "The prompt is empty: describe the music you want.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidOption(
+            "prompt", f"The prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}."
+        )
+    if not 0 < request.duration <= max_duration:
+        raise InvalidOption(
+            "duration", f"Duration must be above 0 and at most {max_duration:g} seconds."
+        )
+    _check_range("temperature", request.temperature, *TEMPERATURE_RANGE)
+    if request.top_k < 0 or request.top_k > codebook_size:
+        raise InvalidOption(
+            "top_k", f"top_k must be between 0 and {codebook_size} (the model's codebook size)."
+        )
+    _check_range("top_p", request.top_p, *TOP_P_RANGE)
+    _check_range("cfg_coef", request.cfg_coef, 0.0, MAX_CFG_COEF)
+    if not 0 < request.extend_stride < WINDOW_SECONDS:
+        raise InvalidOption(
+            "extend_stride",
+            f"extend_stride must be above 0 and below the {WINDOW_SECONDS:g} s window.",
+        )
+    if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+        raise InvalidOption("seed", f"The seed must be between 0 and {MAX_SEED}.")
+    _check_audio_inputs(request, spec)
+
+
+def _check_range(option: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:  # also rejects NaN
+        raise InvalidOption(option, f"{option} must be between {low:g} and {high:g}.")
+
+
+def _check_audio_inputs(request: GenerationRequest, spec: ModelSpec) -> None:
+    if request.melody is not None and request.continuation is not None:
+        raise InvalidOption(
+            "melody",
+            "Use either a melody or a continuation, not both: MusicGen cannot combine them.",
+        )
+    if request.melody is not None and not spec.melody:
+        raise InvalidOption(
+            "melody",
+            f"{spec.name} cannot follow a melody: pick a melody model "
+            "(facebook/musicgen-melody or facebook/musicgen-melody-large).",
+        )
+    clip = request.continuation
+    if clip is None:
+        return
+    if clip.seconds >= request.duration:
+        raise InvalidOption(
+            "continuation",
+            f"The intro is {clip.seconds:.1f} s long: the duration ({request.duration:g} s) "
+            "must be longer than the intro it extends.",
+        )
+    if clip.seconds >= WINDOW_SECONDS:
+        raise InvalidOption(
+            "continuation",
+            f"The intro is {clip.seconds:.1f} s long: MusicGen continues intros shorter "
+            f"than its {WINDOW_SECONDS:g} s window.",
+        )
