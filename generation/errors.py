@@ -39,6 +39,11 @@ class AudioInputError(GenerationError, ValueError):
 class ModelLoadError(GenerationError):
     """A model's weights could not be found, downloaded or read."""
 
+    @classmethod
+    def unsafe(cls, name: str) -> ModelLoadError:
+        """The checkpoint holds more than weights and would need arbitrary unpickling."""
+        return cls(f"{name} is not a checkpoint that can be loaded safely (weights only).")
+
 
 class GenerationCancelled(GenerationError):
     """The generation was cancelled while it ran."""

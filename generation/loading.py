@@ -37,9 +37,7 @@ def load_model(spec: ModelSpec, device: str) -> MusicGen:
     try:
         return MusicGen.get_pretrained(spec.name, device=device)
     except pickle.UnpicklingError as error:
-        raise ModelLoadError(
-            f"{spec.name} is not a checkpoint that can be loaded safely (weights only)."
-        ) from error
+        raise ModelLoadError.unsafe(spec.name) from error
     except (OSError, KeyError, RuntimeError, ValueError) as error:
         log.warning("could not load %s: %s", spec.name, error)
         raise ModelLoadError(

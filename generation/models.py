@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import UnknownModel
+from .errors import ModelLoadError, UnknownModel
 
 #: Files of a checkpoint folder, as ``audiocraft.utils.export`` writes them.
 LM_CHECKPOINT = "state_dict.bin"
@@ -95,9 +96,14 @@ def _spec_from_checkpoint_folder(folder: Path) -> ModelSpec:
     lm_file = folder / LM_CHECKPOINT
     if not lm_file.is_file() or not (folder / COMPRESSION_CHECKPOINT).is_file():
         raise UnknownModel(str(folder), [*CATALOGUE, f"a folder with {LM_CHECKPOINT}"])
-    # mmap keeps this cheap: only the config string is read, not the tensors.
-    package = torch.load(lm_file, map_location="cpu", mmap=True, weights_only=True)
-    cfg = OmegaConf.create(package["xp.cfg"])
+    try:
+        # mmap keeps this cheap: only the config string is read, not the tensors.
+        package = torch.load(lm_file, map_location="cpu", mmap=True, weights_only=True)
+        cfg = OmegaConf.create(package["xp.cfg"])
+    except pickle.UnpicklingError as error:
+        raise ModelLoadError.unsafe(str(folder)) from error
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        raise ModelLoadError(f"{lm_file} is not a MusicGen checkpoint: {error}") from error
     conditioners = cfg.get("conditioners") or {}
     stereo = bool(OmegaConf.select(cfg, "interleave_stereo_codebooks.use", default=False))
     return ModelSpec(
