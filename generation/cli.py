@@ -8,7 +8,7 @@ import logging
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
@@ -199,17 +199,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "musicgen"
 
 
-def build_parser() -> argparse.ArgumentParser:
+CommandAdder = Callable[[argparse._SubParsersAction], None]
+
+
+def build_parser(*adders: CommandAdder) -> argparse.ArgumentParser:
+    """The ``musicgen-bot`` parser with the subcommands the ``adders`` add."""
     parser = CommandLineParser(
         prog="musicgen-bot", description="MusicGen for the command line and for Discord."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_generate_command(commands)
+    for add in adders:
+        add(commands)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, *, adders: Sequence[CommandAdder] = ()) -> int:
+    """Run ``musicgen-bot`` with ``generate`` and any further subcommands; returns the status."""
+    parser = build_parser(add_generate_command, *adders)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -51,3 +51,11 @@ class GenerationCancelled(GenerationError):
 
 class OutputTooLarge(GenerationError):
     """No MP3 bitrate makes the result fit the size limit."""
+
+
+class QueueFull(GenerationError):
+    """A queue limit was reached; the request was not queued."""
+
+
+class JobNotFound(GenerationError):
+    """No live job has that id (it finished, or never existed)."""

@@ -1,0 +1,59 @@
+"""The bot itself: a discord.py Bot that owns the generation engine."""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+from discord.ext import commands
+
+from generation.engine import MusicGenEngine
+
+from .config import Config
+from .errors import on_app_command_error
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("bot.cogs.music",)
+
+
+class MusicGenBot(commands.Bot):
+    """Slash commands only: it needs no privileged intents."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=discord.Intents.default(),
+            help_command=None,
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+        self.config = config
+        device = config.generation.device
+        self.engine = MusicGenEngine(
+            device=None if device == "auto" else device,
+            max_duration=config.generation.max_duration,
+        )
+
+    async def setup_hook(self) -> None:
+        self.tree.on_error = on_app_command_error
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        """Sync to the configured servers (instant), or globally."""
+        guilds = self.config.discord.guilds
+        if not guilds:
+            synced = await self.tree.sync()
+            log.info("synced %d commands globally", len(synced))
+            return
+        for guild_id in guilds:
+            guild = discord.Object(guild_id)
+            self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+            log.info("synced %d commands to guild %d", len(synced), guild_id)
+
+
+def create_bot(config: Config) -> MusicGenBot:
+    """An unstarted bot; its commands sync in ``setup_hook``."""
+    return MusicGenBot(config)

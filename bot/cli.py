@@ -1,0 +1,69 @@
+"""``musicgen-bot``: ``run`` starts the Discord bot; ``generate`` makes one track offline."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import discord
+
+from generation import cli as generation_cli
+
+from .config import TOKEN_VARIABLE, ConfigError, load_config
+
+NO_TOKEN = f"""\
+musicgen-bot: no Discord bot token.
+  1. Open https://discord.com/developers/applications, create an application (or pick one),
+     and under "Bot" press "Reset Token" to get its token.
+  2. Give it to the bot in the {TOKEN_VARIABLE} environment variable, or as
+     token = "..." under [discord] in {{config}} (keep that file private).
+  3. Invite the bot with the "bot" and "applications.commands" scopes (OAuth2 > URL Generator).
+"""
+
+
+def add_run_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "run", help="start the Discord bot", description="Start the Discord bot."
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the TOML configuration (see config.example.toml)",
+    )
+    parser.set_defaults(handler=run_bot, command_parser=parser)
+
+
+def run_bot(args: argparse.Namespace) -> int:
+    """Start the bot and run until it is stopped (Ctrl+C or SIGTERM)."""
+    from . import create_bot
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        args.command_parser.error(f"--config: {error}")
+    if not config.discord.token:
+        print(NO_TOKEN.format(config=args.config), end="", file=sys.stderr)
+        return 2
+    discord.utils.setup_logging(level=logging.INFO, root=True)
+    # discord.py closes cleanly on KeyboardInterrupt; treat `docker stop` (SIGTERM) the same.
+    signal.signal(signal.SIGTERM, _interrupt)
+    create_bot(config).run(config.discord.token, log_handler=None)
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return generation_cli.main(argv, adders=[add_run_command])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The bot's configuration: one TOML file (see config.example.toml), read once at start-up.
+
+The bot token may come from the ``DISCORD_TOKEN`` environment variable instead of the file;
+it never appears in ``repr``, logs or messages.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from generation.errors import InvalidOption
+from generation.models import resolve_model
+from generation.request import DEFAULT_MAX_DURATION
+
+TOKEN_VARIABLE = "DISCORD_TOKEN"
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, malformed or has a bad value (named in the message)."""
+
+
+@dataclass(frozen=True)
+class DiscordConfig:
+    #: The bot token; empty when not configured.
+    token: str = field(default="", repr=False)
+    #: Servers to sync the commands to at once; empty syncs them globally.
+    guilds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    #: Models members may pick; the first is the default.
+    models: tuple[str, ...] = ("facebook/musicgen-small",)
+    #: "auto" (the GPU when there is one), "cpu", "cuda", "cuda:1"...
+    device: str = "auto"
+    #: Longest track a member may ask for, in seconds.
+    max_duration: float = DEFAULT_MAX_DURATION
+    #: Largest melody or intro upload, in MiB.
+    max_upload_mib: float = 25.0
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0]
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    #: The SQLite file that holds jobs, server settings and history.
+    database: Path = Path("data/musicgen-bot.sqlite3")
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    #: Live (queued or running) jobs one member may have in a server.
+    max_jobs_per_user: int = 3
+    #: Live jobs one server may have.
+    max_jobs_per_guild: int = 20
+    #: Least time between two progress edits of a job's message, in seconds.
+    progress_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    discord: DiscordConfig = DiscordConfig()
+    generation: GenerationConfig = GenerationConfig()
+    storage: StorageConfig = StorageConfig()
+    queue: QueueConfig = QueueConfig()
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check the TOML file at ``path``.
+
+    Raises:
+        ConfigError: naming the file, and the key at fault.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ConfigError(
+            f"No configuration file at {path}: copy config.example.toml and edit it."
+        ) from error
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"Cannot read {path}: {error}") from error
+    return parse_config(raw, source=str(path), environ=os.environ)
+
+
+def parse_config(raw: dict[str, Any], *, source: str, environ: Mapping[str, str]) -> Config:
+    """Build a :class:`Config` from parsed TOML; ``environ`` may supply the token."""
+    _check_keys(raw, Config, source, "")
+    config = Config(
+        **{name: _section(cls, raw.get(name, {}), source, name) for name, cls in _SECTIONS.items()}
+    )
+    token = (environ.get(TOKEN_VARIABLE) or config.discord.token).strip()
+    config = replace(config, discord=replace(config.discord, token=token))
+    _check_values(config, source)
+    return config
+
+
+_SECTIONS: dict[str, type] = {f.name: type(f.default) for f in fields(Config)}
+
+
+def _section(cls: type, values: Any, source: str, name: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table.")
+    _check_keys(values, cls, source, f"{name}.")
+    defaults = cls()
+    return cls(
+        **{
+            key: _convert(value, getattr(defaults, key), source, f"{name}.{key}")
+            for key, value in values.items()
+        }
+    )
+
+
+def _convert(value: Any, default: Any, source: str, key: str) -> Any:
+    """``value`` as the type of ``default``, or a ConfigError naming ``key``."""
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} must be {expected}, not {value!r}.")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list):
+            raise fail("a list")
+        item_type = int if key == "discord.guilds" else str
+        if not all(isinstance(item, item_type) and not isinstance(item, bool) for item in value):
+            raise fail(f"a list of {'server ids' if item_type is int else 'strings'}")
+        return tuple(value)
+    if isinstance(default, float):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise fail("a number")
+        return float(value)
+    if isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise fail("a whole number")
+        return value
+    if isinstance(default, Path):
+        if not isinstance(value, str) or not value:
+            raise fail("a file path")
+        return Path(value)
+    if not isinstance(value, str):
+        raise fail("a string")
+    return value
+
+
+def _check_keys(values: dict[str, Any], cls: type, source: str, prefix: str) -> None:
+    known = {f.name for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown key {prefix}{key} (known: {', '.join(sorted(known))})."
+            )
+
+
+def _check_values(config: Config, source: str) -> None:
+    generation, queue = config.generation, config.queue
+    if not generation.models:
+        raise ConfigError(f"{source}: generation.models must name at least one model.")
+    for name in generation.models:
+        try:
+            resolve_model(name)
+        except InvalidOption as error:
+            raise ConfigError(f"{source}: generation.models: {error}") from error
+    if len(set(generation.models)) != len(generation.models):
+        raise ConfigError(f"{source}: generation.models lists a model twice.")
+    if len(generation.models) > 25:
+        raise ConfigError(f"{source}: generation.models: Discord allows at most 25 choices.")
+    if generation.max_duration <= 0:
+        raise ConfigError(f"{source}: generation.max_duration must be above 0.")
+    if generation.max_upload_mib <= 0:
+        raise ConfigError(f"{source}: generation.max_upload_mib must be above 0.")
+    if queue.max_jobs_per_user < 1 or queue.max_jobs_per_guild < 1:
+        raise ConfigError(f"{source}: queue limits must be at least 1.")
+    if queue.progress_interval < 1:
+        raise ConfigError(f"{source}: queue.progress_interval must be at least 1 second.")

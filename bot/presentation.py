@@ -1,0 +1,171 @@
+"""How jobs, results, queues and models look in Discord: message text and embeds."""
+
+from __future__ import annotations
+
+import re
+
+import discord
+
+from generation.engine import GenerationResult
+from generation.models import ModelSpec
+from generation.queue import Job
+from generation.request import GenerationRequest
+
+#: Request fields whose Discord option has another name.
+OPTION_NAMES = {"use_sampling": "no_sampling"}
+COLOUR = discord.Colour.blurple()
+
+TIPS = (
+    "Start with a small model to try ideas, then move up.",
+    "Temperature 0.7-1.2 gives balanced results: lower is more predictable, higher more "
+    "adventurous.",
+    "To follow a tune, attach it as `melody` and pick a melody model.",
+    "For a `continuation`, describe music in the same style as the intro.",
+    "Stereo models give a richer, wider sound.",
+)
+
+OPTION_HELP = {
+    "prompt": "What the music should be: genre, instruments, mood, tempo.",
+    "model": "Which MusicGen model to use (see `/music models`).",
+    "duration": "Length in seconds, intro included; above 30 s the model extends in windows.",
+    "temperature": "0.0-2.0 (default 1.0): higher is more creative, lower more predictable.",
+    "top_k": "Sample among the K most likely tokens (default 250; 0 means all).",
+    "top_p": "0.0-1.0 (default 0): nucleus sampling; 0 uses top_k instead.",
+    "cfg_coef": "How strongly the music follows the prompt (default 3.0).",
+    "no_sampling": "Greedy decoding: always the most likely token.",
+    "melody": "An audio clip whose melody the music follows (melody models only).",
+    "continuation": "An intro to extend; the result starts with it.",
+    "two_step_cfg": "Guidance as two passes instead of one batch.",
+    "extend_stride": "Seconds each window moves on when going past 30 s (default 18).",
+    "seed": "Repeat a result: the same seed and options give the same music.",
+}
+
+
+def option_name(field: str) -> str:
+    """The Discord option for a request field."""
+    return OPTION_NAMES.get(field, field)
+
+
+def short(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def duration_text(seconds: float) -> str:
+    """'about 40 s', 'about 3 min'."""
+    if seconds < 90:
+        return f"about {max(1, round(seconds))} s"
+    return f"about {round(seconds / 60)} min"
+
+
+def progress_bar(fraction: float, width: int = 20) -> str:
+    filled = round(fraction * width)
+    return "█" * filled + "░" * (width - filled)
+
+
+def job_summary(job: Job) -> str:
+    request = job.request
+    details = f"{request.model}, {request.duration:g} s"
+    return f"#{job.id} <@{job.user_id}>: {short(request.prompt)} ({details})"
+
+
+def queued_text(job: Job, position: int, eta: float, paused: bool) -> str:
+    text = (
+        f"Queued as job #{job.id}: **{short(job.request.prompt, 100)}**, position {position}, "
+        f"ready in {duration_text(eta)}."
+    )
+    if paused:
+        text += " This server's queue is paused by an admin: it starts when they resume it."
+    return text
+
+
+def running_text(job: Job) -> str:
+    request = job.request
+    return (
+        f"Generating job #{job.id}: **{short(request.prompt, 100)}** with {request.model}, "
+        f"{request.duration:g} s\n`{progress_bar(job.fraction_done)}` "
+        f"{job.fraction_done:.0%}"
+    )
+
+
+def mp3_filename(request: GenerationRequest) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", request.prompt.lower()).strip("-")[:40] or "musicgen"
+    return f"{slug}-{request.seed}.mp3"
+
+
+def result_embed(job: Job, result: GenerationResult, bitrate: int) -> discord.Embed:
+    """Every parameter of the result, so anyone can reproduce it."""
+    request = result.request
+    embed = discord.Embed(title=short(request.prompt, 250), colour=COLOUR)
+    values = {
+        "Model": request.model,
+        "Duration": f"{result.seconds:.1f} s",
+        "Seed": str(request.seed),
+        "Temperature": f"{request.temperature:g}",
+        "Top-k": str(request.top_k),
+        "Top-p": f"{request.top_p:g}",
+        "CFG coef": f"{request.cfg_coef:g}",
+        "Sampling": "on" if request.use_sampling else "off (greedy)",
+        "Two-step CFG": "on" if request.two_step_cfg else "off",
+        "Extend stride": f"{request.extend_stride:g} s",
+    }
+    if request.melody is not None:
+        values["Melody"] = f"{request.melody.seconds:.1f} s clip"
+    if request.continuation is not None:
+        values["Continuation of"] = f"{request.continuation.seconds:.1f} s intro"
+    values["Generated in"] = f"{result.generation_seconds:.1f} s"
+    values["MP3"] = f"{bitrate} kbit/s"
+    for name, value in values.items():
+        embed.add_field(name=name, value=value)
+    embed.set_footer(text=f"Job #{job.id}")
+    return embed
+
+
+def queue_embed(
+    running: Job | None, queued: list[tuple[Job, int, float]], paused: bool
+) -> discord.Embed:
+    """A server's queue: the running job, then each queued job with position and ETA."""
+    embed = discord.Embed(title="Music queue", colour=COLOUR)
+    if running is not None:
+        embed.add_field(
+            name="Now generating",
+            value=f"{job_summary(running)}, {running.fraction_done:.0%} done",
+            inline=False,
+        )
+    lines = [
+        f"{position}. {job_summary(job)}, ready in {duration_text(eta)}"
+        for job, position, eta in queued
+    ]
+    embed.description = "\n".join(lines) if lines else "No jobs waiting in this server."
+    if paused:
+        embed.set_footer(text="Paused by an admin: queued jobs wait until /music admin resume.")
+    return embed
+
+
+def models_embed(specs: list[ModelSpec]) -> discord.Embed:
+    embed = discord.Embed(title="Models", colour=COLOUR)
+    for index, spec in enumerate(specs):
+        name = spec.name + (" (default)" if index == 0 else "")
+        embed.add_field(name=name, value=spec.description, inline=False)
+    return embed
+
+
+def help_embed() -> discord.Embed:
+    embed = discord.Embed(
+        title="Making music",
+        colour=COLOUR,
+        description="`/music generate prompt:<what you want>` and the options below.",
+    )
+    embed.add_field(
+        name="Options",
+        value="\n".join(f"**{name}**: {text}" for name, text in OPTION_HELP.items()),
+        inline=False,
+    )
+    embed.add_field(name="Tips", value="\n".join(f"• {tip}" for tip in TIPS), inline=False)
+    embed.add_field(
+        name="Other commands",
+        value="`/music queue`, `/music cancel`, `/music models`; admins: "
+        "`/music admin pause` and `/music admin resume`.",
+        inline=False,
+    )
+    return embed

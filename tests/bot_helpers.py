@@ -1,0 +1,24 @@
+"""Building the bot for SimCord tests."""
+
+from __future__ import annotations
+
+from bot import create_bot
+from bot.config import parse_config
+
+CONFIG = {
+    "discord": {"token": "not-a-real-token"},
+    "generation": {
+        "models": ["debug", "debug-melody", "debug-stereo"],
+        "device": "cpu",
+        "max_duration": 60,
+        "max_upload_mib": 1,
+    },
+    "queue": {"max_jobs_per_user": 3, "max_jobs_per_guild": 5},
+}
+
+
+def make_bot(**sections):
+    raw = {name: dict(values) for name, values in CONFIG.items()}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return create_bot(parse_config(raw, source="test", environ={}))

@@ -1,0 +1,162 @@
+"""The worker runs real generations off the event loop and reports each job's life."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import pytest
+
+from generation.engine import GenerationResult
+from generation.errors import GenerationError
+from generation.queue import FairQueue, Job, JobStatus
+from generation.request import GenerationRequest
+from generation.worker import Worker
+
+REQUEST = GenerationRequest(prompt="lo-fi", model="debug", duration=1.0, seed=1)
+
+
+class Recorder:
+    """A JobListener that writes down what it hears."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.results: dict[int, GenerationResult] = {}
+        self.errors: dict[int, GenerationError] = {}
+
+    async def job_started(self, job: Job) -> None:
+        self.events.append(("started", job.id))
+
+    async def job_progress(self, job: Job) -> None:
+        self.events.append(("progress", job.id))
+
+    async def job_finished(self, job: Job, result: GenerationResult) -> None:
+        self.events.append(("finished", job.id))
+        self.results[job.id] = result
+
+    async def job_failed(self, job: Job, error: GenerationError) -> None:
+        self.events.append(("failed", job.id))
+        self.errors[job.id] = error
+
+    async def job_cancelled(self, job: Job) -> None:
+        self.events.append(("cancelled", job.id))
+
+
+@pytest.fixture
+def queue():
+    return FairQueue()
+
+
+@pytest.fixture
+def recorder():
+    return Recorder()
+
+
+@pytest.fixture
+def worker(engine, queue, recorder):
+    worker = Worker(engine, queue, recorder, progress_interval=0.0)
+    yield worker
+    worker.close()
+
+
+def submit(queue: FairQueue, request: GenerationRequest = REQUEST, guild: int = 1) -> Job:
+    return queue.submit(request, guild_id=guild, channel_id=1, user_id=1)
+
+
+async def test_the_event_loop_keeps_running_while_a_model_generates(worker, queue, recorder):
+    submit(queue, replace(REQUEST, duration=8.0))
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        last = time.monotonic()
+        while worker.busy:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    worker.wake()
+    await asyncio.gather(heartbeat(), worker.join())
+    assert ("finished", 1) in recorder.events
+    assert len(gaps) > 20  # the loop ticked all through the generation
+    assert max(gaps) < 0.5
+
+
+async def test_each_job_is_reported_started_progressing_and_finished(worker, queue, recorder):
+    job = submit(queue)
+    worker.wake()
+    await worker.join()
+    kinds = [kind for kind, _ in recorder.events]
+    assert kinds[0] == "started" and kinds[-1] == "finished"
+    assert "progress" in kinds
+    assert job.status is JobStatus.DONE
+    assert job.progress[0] == job.progress[1] > 0
+    assert recorder.results[job.id].audio.shape == (1, 32_000)
+    assert worker.queue.running is None
+
+
+async def test_a_running_job_can_be_cancelled(worker, queue, recorder):
+    job = submit(queue, replace(REQUEST, duration=20.0))
+    after = submit(queue)
+
+    async def cancel_once_started() -> None:
+        while job.progress[0] < 5:
+            await asyncio.sleep(0.01)
+        assert worker.cancel(job) is False  # stops at its next step
+
+    worker.wake()
+    await asyncio.gather(cancel_once_started(), worker.join())
+    assert job.status is JobStatus.CANCELLED
+    assert job.progress[0] < job.progress[1]
+    assert ("cancelled", job.id) in recorder.events
+    assert after.status is JobStatus.DONE
+
+
+async def test_a_queued_job_is_cancelled_at_once(worker, queue):
+    job = submit(queue)
+    assert worker.cancel(job) is True
+    assert job.status is JobStatus.CANCELLED
+    assert queue.next_job() is None
+
+
+async def test_a_failing_job_fails_alone(worker, queue, recorder):
+    broken = submit(queue, replace(REQUEST, model="facebook/musicgen-large"))  # cannot download
+    fine = submit(queue)
+    worker.wake()
+    await worker.join()
+    assert broken.status is JobStatus.FAILED
+    assert "facebook/musicgen-large" in recorder.errors[broken.id].args[0]
+    assert fine.status is JobStatus.DONE
+
+
+async def test_a_listener_that_raises_does_not_stop_the_worker(engine, queue, recorder, caplog):
+    class Broken(Recorder):
+        async def job_started(self, job: Job) -> None:
+            raise RuntimeError("Discord is down")
+
+    broken = Broken()
+    worker = Worker(engine, queue, broken)
+    first, second = submit(queue), submit(queue)
+    worker.wake()
+    await worker.join()
+    worker.close()
+    assert first.status is second.status is JobStatus.DONE
+    assert [kind for kind, _ in broken.events] == ["finished", "finished"]
+    assert "job listener failed" in caplog.text
+
+
+async def test_eta_adds_up_the_jobs_ahead(worker, queue):
+    worker.rate.initial = 2.0  # seconds of work per second of audio
+    first = submit(queue, replace(REQUEST, duration=10.0))
+    second = submit(queue, replace(REQUEST, duration=5.0), guild=2)
+    assert worker.eta(first) == pytest.approx(20.0)
+    assert worker.eta(second) == pytest.approx(30.0)
+
+
+async def test_the_rate_is_learnt_from_finished_jobs(worker, queue):
+    submit(queue)
+    worker.wake()
+    await worker.join()
+    learnt = worker.rate.seconds_for(REQUEST)
+    assert 0 < learnt < worker.rate.initial * REQUEST.duration
