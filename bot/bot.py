@@ -1,4 +1,4 @@
-"""The bot itself: a discord.py Bot that owns the generation engine."""
+"""The bot itself: a discord.py Bot that owns the generation engine and the job service."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import discord
 from discord.ext import commands
 
 from generation.engine import MusicGenEngine
+from generation.queue import QueueLimits
+from generation.service import JobService
+from generation.store import JobStore
 
 from .config import Config
+from .delivery import JobReporter
 from .errors import on_app_command_error
 
 log = logging.getLogger(__name__)
@@ -19,6 +23,8 @@ EXTENSIONS = ("bot.cogs.music",)
 
 class MusicGenBot(commands.Bot):
     """Slash commands only: it needs no privileged intents."""
+
+    service: JobService
 
     def __init__(self, config: Config) -> None:
         super().__init__(
@@ -35,10 +41,29 @@ class MusicGenBot(commands.Bot):
         )
 
     async def setup_hook(self) -> None:
+        queue = self.config.queue
+        store = await JobStore.open(self.config.storage.database)
+        self.service = JobService(
+            self.engine,
+            store,
+            JobReporter(self),
+            limits=QueueLimits(queue.max_jobs_per_user, queue.max_jobs_per_guild),
+            hourly_limit=queue.max_jobs_per_user_per_hour,
+            max_attempts=queue.max_attempts,
+            progress_interval=queue.progress_interval,
+            job_timeout=queue.job_timeout,
+        )
         self.tree.on_error = on_app_command_error
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await self.sync_commands()
+        await self.service.start()
+
+    async def close(self) -> None:
+        """Stop taking jobs, let the running one finish (or queue it again), close the store."""
+        if hasattr(self, "service"):
+            await self.service.shutdown(self.config.queue.shutdown_grace)
+        await super().close()
 
     async def sync_commands(self) -> None:
         """Sync to the configured servers (instant), or globally."""
@@ -55,5 +80,5 @@ class MusicGenBot(commands.Bot):
 
 
 def create_bot(config: Config) -> MusicGenBot:
-    """An unstarted bot; its commands sync in ``setup_hook``."""
+    """An unstarted bot; it opens its database and syncs its commands in ``setup_hook``."""
     return MusicGenBot(config)

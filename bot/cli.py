@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import discord
 
 from generation import cli as generation_cli
+from generation.store import JobStore, StoreError
 
 from .config import TOKEN_VARIABLE, ConfigError, load_config
 
@@ -50,11 +52,22 @@ def run_bot(args: argparse.Namespace) -> int:
     if not config.discord.token:
         print(NO_TOKEN.format(config=args.config), end="", file=sys.stderr)
         return 2
+    try:  # a damaged database is reported before connecting to Discord
+        asyncio.run(_check_database(config.storage.database))
+    except StoreError as error:
+        print(f"musicgen-bot: error: {error}", file=sys.stderr)
+        return 1
+    # INFO, never DEBUG: below it discord.py and aiosqlite log URLs and SQL with tokens in them.
     discord.utils.setup_logging(level=logging.INFO, root=True)
     # discord.py closes cleanly on KeyboardInterrupt; treat `docker stop` (SIGTERM) the same.
     signal.signal(signal.SIGTERM, _interrupt)
     create_bot(config).run(config.discord.token, log_handler=None)
     return 0
+
+
+async def _check_database(path: Path) -> None:
+    store = await JobStore.open(path)
+    await store.close()
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -60,8 +60,17 @@ class QueueConfig:
     max_jobs_per_user: int = 3
     #: Live jobs one server may have.
     max_jobs_per_guild: int = 20
+    #: Jobs one member may submit in a server per hour; 0 for no limit.
+    max_jobs_per_user_per_hour: int = 0
     #: Least time between two progress edits of a job's message, in seconds.
     progress_interval: float = 5.0
+    #: Longest a job may generate before it is stopped and fails, in seconds.
+    job_timeout: float = 900.0
+    #: Times a job may be started (a crash makes it run again) before it fails for good.
+    max_attempts: int = 3
+    #: On shutdown, how long the running job may take to finish before it is stopped and
+    #: queued to run again after the restart, in seconds.
+    shutdown_grace: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -178,7 +187,11 @@ def _check_values(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: generation.max_duration must be above 0.")
     if generation.max_upload_mib <= 0:
         raise ConfigError(f"{source}: generation.max_upload_mib must be above 0.")
-    if queue.max_jobs_per_user < 1 or queue.max_jobs_per_guild < 1:
-        raise ConfigError(f"{source}: queue limits must be at least 1.")
+    if min(queue.max_jobs_per_user, queue.max_jobs_per_guild, queue.max_attempts) < 1:
+        raise ConfigError(f"{source}: queue limits and max_attempts must be at least 1.")
+    if queue.max_jobs_per_user_per_hour < 0:
+        raise ConfigError(f"{source}: queue.max_jobs_per_user_per_hour must be 0 or more.")
+    if queue.job_timeout <= 0 or queue.shutdown_grace < 0:
+        raise ConfigError(f"{source}: queue.job_timeout must be above 0, shutdown_grace 0 or more.")
     if queue.progress_interval < 1:
         raise ConfigError(f"{source}: queue.progress_interval must be at least 1 second.")

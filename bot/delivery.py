@@ -1,8 +1,9 @@
 """Telling members how their jobs are doing, and delivering the MP3.
 
-Each job's interaction response is its status message: queued, progress, then the result.
-An interaction token dies after 15 minutes; a job that ends later is delivered as a channel
-message that mentions the requester, so nothing is lost to a long queue.
+Each job's answer to its slash command is its status message: queued, progress, then the
+result. It is reached through the interaction's webhook (application id, token and message
+id, kept with the job), so it works after a restart too. The token dies after 15 minutes; a
+job that ends later is delivered as a channel message that mentions the requester.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from functools import partial
 
 import discord
 
-from generation.audio_output import encode_mp3_within, normalise_loudness, request_tags
+from generation.audio_output import encode_mp3_within, request_tags
 from generation.engine import GenerationResult
 from generation.errors import GenerationError, OutputTooLarge
-from generation.queue import Job
+from generation.queue import Job, ReplyAddress
 
 from . import presentation
 
 log = logging.getLogger(__name__)
+
+#: Seconds before a token's expiry after which it is no longer relied on.
+EXPIRY_MARGIN = 30.0
 
 
 class JobReporter:
@@ -29,11 +33,6 @@ class JobReporter:
 
     def __init__(self, client: discord.Client) -> None:
         self.client = client
-        self._interactions: dict[int, discord.Interaction] = {}
-
-    def track(self, job: Job, interaction: discord.Interaction) -> None:
-        """Report on ``job`` through ``interaction``'s response."""
-        self._interactions[job.id] = interaction
 
     async def job_started(self, job: Job) -> None:
         await self._edit_status(job, presentation.running_text(job))
@@ -41,80 +40,109 @@ class JobReporter:
     async def job_progress(self, job: Job) -> None:
         await self._edit_status(job, presentation.running_text(job))
 
-    async def job_finished(self, job: Job, result: GenerationResult) -> None:
-        interaction = self._interactions.pop(job.id, None)
-        loop = asyncio.get_running_loop()
-        audio = await loop.run_in_executor(
-            None, normalise_loudness, result.audio, result.sample_rate
-        )
-        encode = partial(
-            encode_mp3_within, audio, result.sample_rate, tags=request_tags(result.request)
-        )
-        filename = presentation.mp3_filename(result.request)
-        if interaction is not None and not interaction.is_expired():
-            try:
-                data, bitrate = await loop.run_in_executor(
-                    None, partial(encode, interaction.filesize_limit)
-                )
-                await interaction.edit_original_response(
-                    content=f"<@{job.user_id}>, your track is ready.",
-                    embed=presentation.result_embed(job, result, bitrate),
-                    attachments=[discord.File(io.BytesIO(data), filename)],
-                )
-                return
-            except OutputTooLarge as error:
-                await self._say(job, interaction, f"Job #{job.id} is done, but {error}")
-                return
-            except discord.HTTPException as error:
-                log.info("job %d: interaction gone (%s); posting in the channel", job.id, error)
-        channel = await self._channel(job)
+    async def job_finished(self, job: Job, result: GenerationResult) -> str | None:
+        content = f"<@{job.user_id}>, your track is ready."
+        reply = self._live_reply(job)
         try:
-            data, bitrate = await loop.run_in_executor(
-                None, partial(encode, channel.guild.filesize_limit)
-            )
+            if reply is not None:
+                try:
+                    data, bitrate = await encode_for_upload(result, reply.max_upload_bytes)
+                    message = await self._webhook(reply).edit_message(
+                        reply.message_id,
+                        content=content,
+                        embed=presentation.result_embed(job, result, bitrate),
+                        attachments=[mp3_file(result, data)],
+                    )
+                    return _jump_url(job, message.id)
+                except discord.HTTPException as error:
+                    log.info(
+                        "job=%d event=reply-expired error=%s (posting in the channel)",
+                        job.id,
+                        error,
+                    )
+            data, bitrate = await encode_for_upload(result, self._channel_upload_limit(job))
         except OutputTooLarge as error:
-            await self._say(job, None, f"Job #{job.id} is done, but {error}")
-            return
-        await channel.send(
-            content=f"<@{job.user_id}>, your track is ready.",
+            return await self._say(job, f"Job #{job.id} is done, but {error}")
+        message = await self._channel(job).send(
+            content=content,
             embed=presentation.result_embed(job, result, bitrate),
-            file=discord.File(io.BytesIO(data), filename),
-            allowed_mentions=discord.AllowedMentions(users=[discord.Object(job.user_id)]),
+            file=mp3_file(result, data),
+            allowed_mentions=_mention(job),
         )
+        return _jump_url(job, message.id)
 
-    async def job_failed(self, job: Job, error: GenerationError) -> None:
-        interaction = self._interactions.pop(job.id, None)
-        await self._say(job, interaction, f"Job #{job.id} failed: {error}")
+    async def job_failed(self, job: Job, error: GenerationError) -> str | None:
+        return await self._say(job, f"Job #{job.id} failed: {error}")
 
-    async def job_cancelled(self, job: Job) -> None:
-        interaction = self._interactions.pop(job.id, None)
-        await self._say(job, interaction, f"Job #{job.id} was cancelled.")
+    async def job_cancelled(self, job: Job) -> str | None:
+        return await self._say(job, f"Job #{job.id} was cancelled.")
 
     async def _edit_status(self, job: Job, content: str) -> None:
-        interaction = self._interactions.get(job.id)
-        if interaction is None or interaction.is_expired():
+        reply = self._live_reply(job)
+        if reply is None:
             return
         try:
-            await interaction.edit_original_response(content=content)
+            await self._webhook(reply).edit_message(reply.message_id, content=content)
         except discord.HTTPException as error:
-            log.info("job %d: could not update its status (%s)", job.id, error)
+            log.info("job=%d event=status-not-updated error=%s", job.id, error)
 
-    async def _say(self, job: Job, interaction: discord.Interaction | None, content: str) -> None:
+    async def _say(self, job: Job, content: str) -> str | None:
         """Put ``content`` in the job's status message, or post it in the channel."""
-        if interaction is not None and not interaction.is_expired():
+        reply = self._live_reply(job)
+        if reply is not None:
             try:
-                await interaction.edit_original_response(content=content, embed=None)
-                return
+                message = await self._webhook(reply).edit_message(
+                    reply.message_id, content=content, embed=None
+                )
+                return _jump_url(job, message.id)
             except discord.HTTPException as error:
-                log.info("job %d: interaction gone (%s); posting in the channel", job.id, error)
-        channel = await self._channel(job)
-        await channel.send(
+                log.info(
+                    "job=%d event=reply-expired error=%s (posting in the channel)", job.id, error
+                )
+        message = await self._channel(job).send(
             content=f"<@{job.user_id}>, {content[0].lower()}{content[1:]}",
-            allowed_mentions=discord.AllowedMentions(users=[discord.Object(job.user_id)]),
+            allowed_mentions=_mention(job),
         )
+        return _jump_url(job, message.id)
 
-    async def _channel(self, job: Job) -> discord.abc.Messageable:
-        channel = self.client.get_channel(job.channel_id)
-        if channel is None:
-            channel = await self.client.fetch_channel(job.channel_id)
-        return channel  # type: ignore[return-value]
+    def _live_reply(self, job: Job) -> ReplyAddress | None:
+        """The job's interaction webhook, while its token is good."""
+        reply = job.reply
+        now = discord.utils.utcnow().timestamp()
+        if reply is None or now >= reply.expires_at - EXPIRY_MARGIN:
+            return None
+        return reply
+
+    def _webhook(self, reply: ReplyAddress) -> discord.Webhook:
+        return discord.Webhook.partial(reply.application_id, reply.token, client=self.client)
+
+    def _channel(self, job: Job) -> discord.PartialMessageable:
+        return self.client.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+
+    def _channel_upload_limit(self, job: Job) -> int:
+        guild = self.client.get_guild(job.guild_id)
+        return guild.filesize_limit if guild else discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
+
+
+async def encode_for_upload(result: GenerationResult, max_bytes: int) -> tuple[bytes, int]:
+    encode = partial(
+        encode_mp3_within,
+        result.audio,
+        result.sample_rate,
+        max_bytes,
+        tags=request_tags(result.request),
+    )
+    return await asyncio.get_running_loop().run_in_executor(None, encode)
+
+
+def mp3_file(result: GenerationResult, data: bytes) -> discord.File:
+    return discord.File(io.BytesIO(data), presentation.mp3_filename(result.request))
+
+
+def _jump_url(job: Job, message_id: int) -> str:
+    """A link to a message (webhook messages do not know their server, so build it here)."""
+    return f"https://discord.com/channels/{job.guild_id}/{job.channel_id}/{message_id}"
+
+
+def _mention(job: Job) -> discord.AllowedMentions:
+    return discord.AllowedMentions(users=[discord.Object(job.user_id)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import discord
@@ -30,12 +31,18 @@ def user_message(error: Exception) -> str:
 
 
 async def reply_privately(interaction: discord.Interaction, content: str) -> None:
-    """Answer only the member who asked while the response is still open; after a public
-    deferral, the answer replaces the "thinking..." message."""
-    if interaction.response.is_done():
-        await interaction.edit_original_response(content=content)
-    else:
+    """Answer only the member who asked.
+
+    A public "thinking..." response cannot turn private: it is closed, the answer goes in a
+    private follow-up, and the public message is deleted.
+    """
+    if not interaction.response.is_done():
         await interaction.response.send_message(content, ephemeral=True)
+        return
+    await interaction.edit_original_response(content="That request was not queued.")
+    await interaction.followup.send(content, ephemeral=True)
+    with contextlib.suppress(discord.HTTPException):
+        await interaction.delete_original_response()
 
 
 async def on_app_command_error(

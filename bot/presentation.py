@@ -8,8 +8,11 @@ import discord
 
 from generation.engine import GenerationResult
 from generation.models import ModelSpec
-from generation.queue import Job
+from generation.queue import Job, JobStatus
 from generation.request import GenerationRequest
+from generation.store import GuildSettings, Stats
+
+from .config import Config
 
 #: Request fields whose Discord option has another name.
 OPTION_NAMES = {"use_sampling": "no_sampling"}
@@ -142,12 +145,83 @@ def queue_embed(
     return embed
 
 
-def models_embed(specs: list[ModelSpec]) -> discord.Embed:
+def models_embed(specs: list[ModelSpec], default: str) -> discord.Embed:
     embed = discord.Embed(title="Models", colour=COLOUR)
-    for index, spec in enumerate(specs):
-        name = spec.name + (" (default)" if index == 0 else "")
+    for spec in specs:
+        name = spec.name + (" (default)" if spec.name == default else "")
         embed.add_field(name=name, value=spec.description, inline=False)
     return embed
+
+
+def history_embed(jobs: list[Job]) -> discord.Embed:
+    """A member's recent jobs, newest first, each with its parameters and result."""
+    embed = discord.Embed(title="Your recent tracks", colour=COLOUR)
+    if not jobs:
+        embed.description = "Nothing yet: try `/music generate`."
+        return embed
+    for job in jobs:
+        request = job.request
+        details = (
+            f"{request.model}, {request.duration:g} s, seed {request.seed}, "
+            f"temperature {request.temperature:g}, top-k {request.top_k}, "
+            f"top-p {request.top_p:g}, CFG {request.cfg_coef:g}"
+        )
+        status = job.status.value
+        if job.status is JobStatus.DONE and job.result_url:
+            status = f"[result]({job.result_url})"
+        embed.add_field(
+            name=f"#{job.id}: {short(request.prompt, 200)}",
+            value=f"{details}\n{status}",
+            inline=False,
+        )
+    return embed
+
+
+def settings_embed(
+    settings: GuildSettings, models: tuple[str, ...], config: Config
+) -> discord.Embed:
+    """A server's settings, with the bot's defaults where the server has none."""
+    embed = discord.Embed(title="Server settings", colour=COLOUR)
+    allowed = settings.allowed_models or models
+    values = {
+        "Default model": settings.default_model or f"{models[0]} (bot default)",
+        "Allowed models": ", ".join(allowed) + ("" if settings.allowed_models else " (all)"),
+        "Longest track": f"{settings.max_duration or config.generation.max_duration:g} s",
+        "Jobs per member": str(settings.max_jobs_per_user or config.queue.max_jobs_per_user),
+        "Channels": ", ".join(f"<#{channel}>" for channel in settings.allowed_channels) or "all",
+        "Queue": "paused" if settings.paused else "running",
+    }
+    for name, value in values.items():
+        embed.add_field(name=name, value=value)
+    return embed
+
+
+def stats_embed(
+    stats: Stats,
+    *,
+    queued_here: int,
+    queued_everywhere: int,
+    loaded_model: str | None,
+    memory: dict[str, int],
+) -> discord.Embed:
+    embed = discord.Embed(title="How the bot is doing", colour=COLOUR)
+    values = {
+        "Served": str(stats.served),
+        "Failed": str(stats.failed),
+        "Cancelled": str(stats.cancelled),
+        "Median wait": _seconds(stats.median_wait_seconds),
+        "Median generation": _seconds(stats.median_generation_seconds),
+        "Queued": f"{queued_here} here, {queued_everywhere} in all",
+        "Loaded model": loaded_model or "none",
+    }
+    values.update({f"Memory ({kind})": f"{size / 2**20:,.0f} MiB" for kind, size in memory.items()})
+    for name, value in values.items():
+        embed.add_field(name=name, value=value)
+    return embed
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} s"
 
 
 def help_embed() -> discord.Embed:
@@ -164,8 +238,9 @@ def help_embed() -> discord.Embed:
     embed.add_field(name="Tips", value="\n".join(f"• {tip}" for tip in TIPS), inline=False)
     embed.add_field(
         name="Other commands",
-        value="`/music queue`, `/music cancel`, `/music models`; admins: "
-        "`/music admin pause` and `/music admin resume`.",
+        value="`/music queue`, `/music cancel`, `/music history`, `/music show`, "
+        "`/music models`; admins: `/music stats`, `/music admin pause`, "
+        "`/music admin resume` and `/music admin settings`.",
         inline=False,
     )
     return embed

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -96,22 +98,16 @@ class MusicGenEngine:
             InvalidOption: the request does not fit its model.
             ModelLoadError: the model could not be loaded.
             GenerationCancelled: ``cancel`` was set.
+            GenerationError: out of GPU memory twice, or no usable audio.
         """
         request = request.with_seed()
         spec = self.validate(request)
         with self._lock:
             model = self._load(spec)
             self._configure(model, request)
-            steps = _StepCounter(planned_steps(model, request), progress, cancel)
-            model.set_custom_progress_callback(steps)
             started = time.perf_counter()
-            try:
-                torch.manual_seed(request.seed)
-                wav = _run(model, request)
-            finally:
-                model.set_custom_progress_callback(None)
+            wav = self._run_with_memory_retry(model, request, progress, cancel)
             elapsed = time.perf_counter() - started
-            steps.finish()
         audio = wav[0].detach().float().cpu().numpy()
         if audio.size == 0 or not np.isfinite(audio).all():
             raise GenerationError(
@@ -124,6 +120,52 @@ class MusicGenEngine:
             elapsed,
         )
         return GenerationResult(request, audio, model.sample_rate, elapsed)
+
+    def _run_with_memory_retry(
+        self,
+        model: MusicGen,
+        request: GenerationRequest,
+        progress: ProgressCallback | None,
+        cancel: threading.Event | None,
+    ) -> torch.Tensor:
+        """Run once; out of GPU memory, free what can be freed and run once more."""
+        for attempt in (1, 2):
+            out_of_memory = False
+            try:
+                return self._run_once(model, request, progress, cancel)
+            except torch.cuda.OutOfMemoryError:
+                out_of_memory = True
+            # Freed outside the handler: the exception's frames hold the step's tensors.
+            if out_of_memory:
+                log.warning("out of GPU memory on attempt %d with %s", attempt, request.model)
+                _free_memory()
+        raise GenerationError(
+            "The GPU ran out of memory for this request: try a smaller model or a shorter duration."
+        )
+
+    @staticmethod
+    def _run_once(
+        model: MusicGen,
+        request: GenerationRequest,
+        progress: ProgressCallback | None,
+        cancel: threading.Event | None,
+    ) -> torch.Tensor:
+        steps = _StepCounter(planned_steps(model, request), progress, cancel)
+        model.set_custom_progress_callback(steps)
+        try:
+            torch.manual_seed(request.seed)
+            wav = _run(model, request)
+        finally:
+            model.set_custom_progress_callback(None)
+        steps.finish()
+        return wav
+
+    def memory_in_use(self) -> dict[str, int]:
+        """Bytes in use: the process's resident memory, and the GPU's when there is one."""
+        memory = {"process": _resident_bytes()}
+        if torch.cuda.is_available():
+            memory["gpu"] = torch.cuda.memory_allocated()
+        return memory
 
     def load(self, name: str) -> MusicGen:
         """Load model ``name`` now (unloading any other), e.g. to have it ready at start-up."""
@@ -143,9 +185,7 @@ class MusicGenEngine:
             return
         log.info("unloading model %s", self._model.name)
         self._model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _free_memory()
 
     @staticmethod
     def _configure(model: MusicGen, request: GenerationRequest) -> None:
@@ -162,6 +202,21 @@ class MusicGenEngine:
         )
         # audiocraft's two-step CFG reads the model's own coefficient, not the one passed in.
         model.lm.cfg_coef = request.cfg_coef
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _resident_bytes() -> int:
+    """The process's resident set size (Linux), or 0 where it cannot be read."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def _run(model: MusicGen, request: GenerationRequest) -> torch.Tensor:

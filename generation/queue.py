@@ -6,11 +6,10 @@ queue takes one job from each server with work in turn (round robin), skipping p
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -26,6 +25,20 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+@dataclass(frozen=True)
+class ReplyAddress:
+    """Where a job's requester waits for the answer: a chat platform's interaction webhook
+    (application id and token) and the message it answered with, usable until ``expires_at``
+    (a Unix time)."""
+
+    application_id: int
+    token: str = field(repr=False)
+    expires_at: float
+    message_id: int
+    #: The largest file that may be attached through it, in bytes.
+    max_upload_bytes: int
+
+
 @dataclass(eq=False)
 class Job:
     """One request on its way through the queue; ids are plain ints, never Discord objects."""
@@ -36,13 +49,27 @@ class Job:
     channel_id: int
     user_id: int
     status: JobStatus = JobStatus.QUEUED
+    reply: ReplyAddress | None = None
+    #: Times the job has been started (a crash or a shutdown can make it run again).
+    attempts: int = 0
     #: Decoding steps done and in all, while running.
     progress: tuple[int, int] = (0, 0)
     submitted_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    generation_seconds: float | None = None
     error: str | None = None
+    #: Whether the requester has been told how the job ended, and where the result is.
+    delivered: bool = False
+    result_url: str | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    #: Why ``cancel_event`` was set: "cancelled", "timeout" or "shutdown".
+    stop_reason: str | None = None
+
+    def stop(self, reason: str) -> None:
+        """Ask a running generation to stop at its next step."""
+        self.stop_reason = reason
+        self.cancel_event.set()
 
     @property
     def fraction_done(self) -> float:
@@ -59,34 +86,45 @@ class QueueLimits:
 
 
 class FairQueue:
-    """One FIFO per server; :meth:`next_job` serves the servers in turn."""
+    """One FIFO per server; :meth:`next_job` serves the servers in turn.
+
+    The next job comes from the server served least recently (a server never served, or
+    back after a while, goes first), so a busy server delays another server's job by at
+    most the one job running now.
+    """
 
     def __init__(self, limits: QueueLimits | None = None) -> None:
         self.limits = limits or QueueLimits()
-        self._queues: OrderedDict[int, deque[Job]] = OrderedDict()
+        self._queues: dict[int, deque[Job]] = {}
         self._paused: set[int] = set()
-        self._ids = itertools.count(1)
+        #: The turn at which each server was last served.
+        self._served_at: dict[int, int] = {}
+        self._turn = 0
+        #: Jobs accepted but not yet queued: they count towards the limits.
+        self._held: list[Job] = []
         self.running: Job | None = None
 
-    def submit(
-        self, request: GenerationRequest, *, guild_id: int, channel_id: int, user_id: int
-    ) -> Job:
-        """Queue ``request``.
+    def hold(self, job: Job) -> None:
+        """Count ``job`` towards the limits until :meth:`add` queues it."""
+        self._held.append(job)
 
-        Raises:
-            QueueFull: the member or the server has reached its limit.
+    def add(self, job: Job) -> None:
+        """Queue ``job`` at the back of its server's queue. Limits are the caller's to check
+        (:meth:`check_room`)."""
+        if job in self._held:
+            self._held.remove(job)
+        self._queues.setdefault(job.guild_id, deque()).append(job)
+
+    def check_room(self, guild_id: int, user_id: int, per_user: int | None = None) -> None:
+        """Raise :class:`QueueFull` if the member or the server cannot queue another job.
+
+        ``per_user`` overrides the member limit (a server's own setting).
         """
-        self.check_room(guild_id, user_id)
-        job = Job(next(self._ids), request, guild_id, channel_id, user_id)
-        self._queues.setdefault(guild_id, deque()).append(job)
-        return job
-
-    def check_room(self, guild_id: int, user_id: int) -> None:
-        """Raise :class:`QueueFull` if the member or the server cannot queue another job."""
+        per_user = self.limits.per_user if per_user is None else per_user
         live = [job for job in self._live() if job.guild_id == guild_id]
-        if sum(job.user_id == user_id for job in live) >= self.limits.per_user:
+        if sum(job.user_id == user_id for job in live) >= per_user:
             raise QueueFull(
-                f"You already have {self.limits.per_user} jobs queued or running here: "
+                f"You already have {per_user} jobs queued or running here: "
                 "wait for one to finish, or cancel one."
             )
         if len(live) >= self.limits.per_guild:
@@ -95,25 +133,40 @@ class FairQueue:
             )
 
     def next_job(self) -> Job | None:
-        """Take the next job to run, from the next server in turn that is not paused."""
-        for guild_id, jobs in self._queues.items():
-            if guild_id in self._paused:
-                continue
-            job = jobs.popleft()
+        """Take the next job to run, from the server in turn that is not paused."""
+        guild_id = _next_guild(self._serving(), self._served_at)
+        if guild_id is None:
+            return None
+        jobs = self._queues[guild_id]
+        job = jobs.popleft()
+        if not jobs:
             del self._queues[guild_id]
-            if jobs:
-                self._queues[guild_id] = jobs  # to the back of the line
-            return job
-        return None
+        self._turn += 1
+        self._served_at[guild_id] = self._turn
+        return job
 
     def service_order(self) -> list[Job]:
-        """Every queued job, in the order the worker will run them (paused servers last)."""
-        queues = [list(jobs) for guild, jobs in self._queues.items() if guild not in self._paused]
-        order = [job for turn in itertools.zip_longest(*queues) for job in turn if job]
+        """Every queued (or held) job, in the order the worker will run them, paused
+        servers last; held jobs count as queued behind their server's other jobs."""
+        queues = {guild: list(jobs) for guild, jobs in self._serving().items()}
+        for job in self._held:
+            if job.guild_id not in self._paused:
+                queues.setdefault(job.guild_id, []).append(job)
+        served_at, turn, order = dict(self._served_at), self._turn, []
+        while (guild_id := _next_guild(queues, served_at)) is not None:
+            order.append(queues[guild_id].pop(0))
+            if not queues[guild_id]:
+                del queues[guild_id]
+            turn += 1
+            served_at[guild_id] = turn
         paused = [
             job for guild, jobs in self._queues.items() if guild in self._paused for job in jobs
         ]
+        paused += [job for job in self._held if job.guild_id in self._paused]
         return order + paused
+
+    def _serving(self) -> dict[int, deque[Job]]:
+        return {guild: jobs for guild, jobs in self._queues.items() if guild not in self._paused}
 
     def queued(self, guild_id: int) -> list[Job]:
         """A server's queued jobs, in the order they will run."""
@@ -135,7 +188,10 @@ class FairQueue:
         raise JobNotFound(f"There is no queued or running job #{job_id}.")
 
     def remove(self, job: Job) -> None:
-        """Take a queued job out of its server's queue."""
+        """Take a queued (or held) job out of the queue."""
+        if job in self._held:
+            self._held.remove(job)
+            return
         jobs = self._queues[job.guild_id]
         jobs.remove(job)
         if not jobs:
@@ -153,5 +209,13 @@ class FairQueue:
     def _live(self) -> Iterator[Job]:
         if self.running is not None:
             yield self.running
+        yield from self._held
         for jobs in self._queues.values():
             yield from jobs
+
+
+def _next_guild(queues: Mapping[int, Sequence[Job]], served_at: dict[int, int]) -> int | None:
+    """The server served least recently among those with jobs (first come on a tie)."""
+    if not queues:
+        return None
+    return min(queues, key=lambda guild: served_at.get(guild, -1))

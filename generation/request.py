@@ -110,6 +110,11 @@ def validate_request(
             "duration", f"Duration must be above 0 and at most {max_duration:g} seconds."
         )
     _check_range("temperature", request.temperature, *TEMPERATURE_RANGE)
+    if isinstance(request.top_k, bool) or not isinstance(request.top_k, int):
+        raise InvalidOption("top_k", "top_k must be a whole number.")
+    for flag in ("use_sampling", "two_step_cfg"):
+        if not isinstance(getattr(request, flag), bool):
+            raise InvalidOption(flag, f"{flag} must be true or false.")
     if request.top_k < 0 or request.top_k > codebook_size:
         raise InvalidOption(
             "top_k", f"top_k must be between 0 and {codebook_size} (the model's codebook size)."
@@ -131,18 +136,25 @@ def _check_range(option: str, value: float, low: float, high: float) -> None:
         raise InvalidOption(option, f"{option} must be between {low:g} and {high:g}.")
 
 
-def _check_audio_inputs(request: GenerationRequest, spec: ModelSpec) -> None:
-    if request.melody is not None and request.continuation is not None:
+def check_audio_options(spec: ModelSpec, *, melody: bool, continuation: bool) -> None:
+    """Check which audio inputs a request has against its model, before any is read."""
+    if melody and continuation:
         raise InvalidOption(
             "melody",
             "Use either a melody or a continuation, not both: MusicGen cannot combine them.",
         )
-    if request.melody is not None and not spec.melody:
+    if melody and not spec.melody:
         raise InvalidOption(
             "melody",
             f"{spec.name} cannot follow a melody: pick a melody model "
             "(facebook/musicgen-melody or facebook/musicgen-melody-large).",
         )
+
+
+def _check_audio_inputs(request: GenerationRequest, spec: ModelSpec) -> None:
+    check_audio_options(
+        spec, melody=request.melody is not None, continuation=request.continuation is not None
+    )
     clip = request.continuation
     if clip is None:
         return

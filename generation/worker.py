@@ -3,23 +3,31 @@
 The model runs on a one-thread executor, so the event loop (and the Discord heartbeat) keeps
 going while it decodes; progress crosses back to the loop with ``call_soon_threadsafe``. The
 worker task starts when there is work and returns when the queue is empty.
+
+Every step of a job is recorded in the store before anyone is told of it: a job is claimed
+before it runs, its result is saved before it is delivered, and it is marked delivered only
+once the listener has delivered it. A restart at any point can pick up from the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 from typing import Protocol
 
+from .audio_output import normalise_loudness
 from .engine import GenerationResult, ProgressCallback
 from .errors import GenerationCancelled, GenerationError
 from .queue import FairQueue, Job, JobStatus
 from .request import GenerationRequest
+from .store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +45,18 @@ class Generator(Protocol):
 
 
 class JobListener(Protocol):
-    """Told of each job's life; the Discord layer implements it to talk to members."""
+    """Told of each job's life; the Discord layer implements it to talk to members.
+
+    ``job_finished``, ``job_failed`` and ``job_cancelled`` deliver the outcome to the
+    requester and return a link to it, if there is one; if they raise, the outcome is
+    delivered again after the next restart.
+    """
 
     async def job_started(self, job: Job) -> None: ...
     async def job_progress(self, job: Job) -> None: ...
-    async def job_finished(self, job: Job, result: GenerationResult) -> None: ...
-    async def job_failed(self, job: Job, error: GenerationError) -> None: ...
-    async def job_cancelled(self, job: Job) -> None: ...
+    async def job_finished(self, job: Job, result: GenerationResult) -> str | None: ...
+    async def job_failed(self, job: Job, error: GenerationError) -> str | None: ...
+    async def job_cancelled(self, job: Job) -> str | None: ...
 
 
 class GenerationRate:
@@ -59,7 +72,7 @@ class GenerationRate:
         rate = result.generation_seconds / max(result.seconds, 1e-6)
         previous = self._rates.get(model)
         self._rates[model] = (
-            rate if previous is None else (previous + self.smoothing * (rate - previous))
+            rate if previous is None else previous + self.smoothing * (rate - previous)
         )
 
     def seconds_for(self, request: GenerationRequest) -> float:
@@ -67,39 +80,47 @@ class GenerationRate:
 
 
 class Worker:
-    """Runs queued jobs one at a time and reports on them to ``listener``.
+    """Runs queued jobs one at a time, records them, and reports on them to ``listener``.
 
     Args:
         generator: Runs one request (blocking); it is only ever called from one thread.
         queue: Where jobs wait.
+        store: Where every job's state and result is kept.
         listener: Told when jobs start, progress, finish, fail or are cancelled.
         progress_interval: Least time between two progress reports for a job, in seconds.
+        job_timeout: Longest a job may run, in seconds; None for no limit.
     """
 
     def __init__(
         self,
         generator: Generator,
         queue: FairQueue,
+        store: JobStore,
         listener: JobListener,
         *,
         progress_interval: float = 5.0,
+        job_timeout: float | None = None,
     ) -> None:
         self.generator = generator
         self.queue = queue
+        self.store = store
         self.listener = listener
         self.progress_interval = progress_interval
+        self.job_timeout = job_timeout
         self.rate = GenerationRate()
+        self.accepting = True
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
         self._task: asyncio.Task[None] | None = None
         self._reports: set[asyncio.Task[None]] = set()
+        self._deliveries: set[asyncio.Task[None]] = set()
 
     @property
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
 
     def wake(self) -> None:
-        """Start working through the queue, unless already at it."""
-        if not self.busy:
+        """Start working through the queue, unless already at it or stopping."""
+        if self.accepting and not self.busy:
             self._task = asyncio.get_running_loop().create_task(self._drain(), name="worker")
 
     async def join(self) -> None:
@@ -108,15 +129,29 @@ class Worker:
             assert self._task is not None
             await asyncio.shield(self._task)
 
+    async def stop(self, grace: float) -> None:
+        """Take no more jobs; give the running one ``grace`` seconds, then stop it and put it
+        back in the queue to run again after a restart. Deliveries under way complete."""
+        self.accepting = False
+        if self._task is not None and not self._task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+            except TimeoutError:
+                running = self.queue.running
+                if running is not None:
+                    log.info("job=%d event=stopped reason=shutdown (it will run again)", running.id)
+                    running.stop("shutdown")
+                await self._task
+        if self._deliveries:
+            await asyncio.gather(*self._deliveries, return_exceptions=True)
+
     def cancel(self, job: Job) -> bool:
         """Cancel ``job``: a queued one leaves the queue now (returns True), a running one
         stops at its next step (returns False; the listener hears of it then)."""
         if job.status is JobStatus.QUEUED:
             self.queue.remove(job)
-            job.status = JobStatus.CANCELLED
-            job.finished_at = time.time()
             return True
-        job.cancel_event.set()
+        job.stop("cancelled")
         return False
 
     def eta(self, job: Job) -> float:
@@ -140,23 +175,70 @@ class Worker:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def deliver_later(self, job: Job, result: GenerationResult | None = None) -> None:
+        """:meth:`deliver` in the background, so the next job need not wait for an upload."""
+        task = asyncio.get_running_loop().create_task(self.deliver(job, result))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def deliver(self, job: Job, result: GenerationResult | None = None) -> None:
+        """Tell the requester how ``job`` ended, and record that they were told.
+
+        ``result`` is read back from the store when not given (after a restart).
+        """
+        if self._reports:  # let progress edits land before the outcome replaces them
+            await asyncio.gather(*self._reports, return_exceptions=True)
+        try:
+            if job.status is JobStatus.DONE:
+                if result is None:
+                    result = await self._stored_result(job)
+                url = await self.listener.job_finished(job, result)
+            elif job.status is JobStatus.CANCELLED:
+                url = await self.listener.job_cancelled(job)
+            else:
+                url = await self.listener.job_failed(job, GenerationError(job.error or ""))
+        except Exception:
+            log.exception("job=%d event=delivery-failed (retried after a restart)", job.id)
+            return
+        await self.store.mark_delivered(job, url)
+        log.info("job=%d event=delivered status=%s", job.id, job.status.value)
+
+    async def _stored_result(self, job: Job) -> GenerationResult:
+        stored = await self.store.load_result(job)
+        if stored is None:
+            raise GenerationError(f"The result of job #{job.id} is missing.")
+        audio, sample_rate = stored
+        return GenerationResult(job.request, audio, sample_rate, job.generation_seconds or 0.0)
+
     async def _drain(self) -> None:
-        while (job := self.queue.next_job()) is not None:
+        while self.accepting and (job := self.queue.next_job()) is not None:
             await self._run(job)
 
     async def _run(self, job: Job) -> None:
-        loop = asyncio.get_running_loop()
-        job.status = JobStatus.RUNNING
-        job.started_at = time.time()
         self.queue.running = job
-        log.info(
-            "job %d started: %s, %.0f s, guild %d",
-            job.id,
-            job.request.model,
-            job.request.duration,
-            job.guild_id,
-        )
-        await self._notify(self.listener.job_started(job))
+        try:
+            if not await self.store.claim(job):
+                log.warning("job=%d event=skipped (not queued in the store)", job.id)
+                return
+            job.started_at = time.time()
+            log.info(
+                "job=%d event=started attempt=%d model=%s duration=%g guild=%d",
+                job.id,
+                job.attempts,
+                job.request.model,
+                job.request.duration,
+                job.guild_id,
+            )
+            await self._guarded(self.listener.job_started(job))
+            result = await self._generate(job)
+        finally:
+            self.queue.running = None
+        if job.status is not JobStatus.QUEUED:  # a job stopped by shutdown waits for the restart
+            self.deliver_later(job, result)
+
+    async def _generate(self, job: Job) -> GenerationResult | None:
+        """Run the job and record its outcome; returns the result when it succeeded."""
+        loop = asyncio.get_running_loop()
         last_report = time.monotonic()
 
         def on_progress(done: int, total: int) -> None:  # on the event loop
@@ -173,50 +255,58 @@ class Worker:
         generate = partial(
             self.generator.generate, job.request, progress=progress, cancel=job.cancel_event
         )
+        running = loop.run_in_executor(self._executor, generate)
         try:
-            result = await loop.run_in_executor(self._executor, generate)
+            result = await asyncio.wait_for(asyncio.shield(running), self.job_timeout)
+        except TimeoutError:
+            job.stop("timeout")
+            with contextlib.suppress(Exception):
+                await running  # it stops at its next step
+            await self._failed(
+                job,
+                GenerationError(
+                    f"Generation took longer than {self.job_timeout:g} s and was stopped: "
+                    "try a shorter duration or a smaller model."
+                ),
+            )
+            return None
         except GenerationCancelled:
-            self._settle(job, JobStatus.CANCELLED)
-            log.info("job %d cancelled", job.id)
-            await self._notify(self.listener.job_cancelled(job))
-        except GenerationError as error:
-            self._settle(job, JobStatus.FAILED, str(error))
-            log.warning("job %d failed: %s", job.id, error)
-            await self._notify(self.listener.job_failed(job, error))
-        except Exception:
-            log.exception("job %d crashed", job.id)
-            error = GenerationError("Something went wrong while generating; please try again.")
-            self._settle(job, JobStatus.FAILED, str(error))
-            await self._notify(self.listener.job_failed(job, error))
+            if job.stop_reason == "shutdown":
+                await self.store.requeue(job, count_attempt=False)
+            else:
+                await self.store.finish(job, JobStatus.CANCELLED)
+                log.info("job=%d event=cancelled while=running", job.id)
+            return None
+        except Exception as error:
+            await self._failed(job, error)
+            return None
+        self.rate.observe(result)
+        audio = await loop.run_in_executor(
+            None, normalise_loudness, result.audio, result.sample_rate
+        )
+        result = replace(result, audio=audio)
+        job.generation_seconds = result.generation_seconds
+        await self.store.save_result(job, result.audio, result.sample_rate)
+        await self.store.finish(job, JobStatus.DONE)
+        log.info("job=%d event=finished seconds=%.1f", job.id, result.generation_seconds)
+        return result
+
+    async def _failed(self, job: Job, error: BaseException) -> None:
+        if isinstance(error, GenerationError):
+            message = str(error)
+            log.warning("job=%d event=failed error=%r", job.id, message)
         else:
-            self.rate.observe(result)
-            self._settle(job, JobStatus.DONE)
-            log.info("job %d finished in %.1f s", job.id, result.generation_seconds)
-            await self._notify(self.listener.job_finished(job, result))
-
-    def _settle(self, job: Job, status: JobStatus, error: str | None = None) -> None:
-        job.status = status
-        job.error = error
-        job.finished_at = time.time()
-        self.queue.running = None
-
-    async def _notify(self, report: Awaitable[None]) -> None:
-        """Wait for pending progress reports, then deliver ``report``; a listener's failure
-        is logged and never stops the worker."""
-        if self._reports:
-            await asyncio.gather(*self._reports, return_exceptions=True)
-        try:
-            await report
-        except Exception:
-            log.exception("job listener failed")
+            log.error("job=%d event=failed error=crash", job.id, exc_info=error)
+            message = "Something went wrong while generating; please try again."
+        await self.store.finish(job, JobStatus.FAILED, message)
 
     def _spawn(self, report: Awaitable[None]) -> None:
         task = asyncio.get_running_loop().create_task(self._guarded(report))
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
 
-    @staticmethod
-    async def _guarded(report: Awaitable[None]) -> None:
+    async def _guarded(self, report: Awaitable[None]) -> None:
+        """Await a listener call; its failure is logged and never stops the worker."""
         try:
             await report
         except Exception:

@@ -8,7 +8,8 @@ from bot.config import parse_config
 CONFIG = {
     "discord": {"token": "not-a-real-token"},
     "generation": {
-        "models": ["debug", "debug-melody", "debug-stereo"],
+        # The released model cannot be downloaded here: its jobs fail, as when a hub is down.
+        "models": ["debug", "debug-melody", "debug-stereo", "facebook/musicgen-small"],
         "device": "cpu",
         "max_duration": 60,
         "max_upload_mib": 1,
@@ -17,8 +18,10 @@ CONFIG = {
 }
 
 
-def make_bot(**sections):
+def make_bot(database, **sections):
+    """A fresh, unstarted bot on the SQLite file ``database``."""
     raw = {name: dict(values) for name, values in CONFIG.items()}
+    raw["storage"] = {"database": str(database)}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return create_bot(parse_config(raw, source="test", environ={}))

@@ -22,8 +22,13 @@ pytestmark = pytest.mark.simcord(settle_timeout=60)
 
 
 @pytest.fixture
-def simcord_bot():
-    return make_bot()
+def database(tmp_path):
+    return tmp_path / "bot.sqlite3"
+
+
+@pytest.fixture
+def simcord_bot(database):
+    return make_bot(database)
 
 
 @pytest.fixture
@@ -291,7 +296,7 @@ async def test_models_lists_the_enabled_models_and_what_they_can_do(alice, chann
     result = await alice.slash(channel, "music models")
     embed = result.response.embeds[0]
     names = [field.name for field in embed.fields]
-    assert names == ["debug (default)", "debug-melody", "debug-stereo"]
+    assert names == ["debug (default)", "debug-melody", "debug-stereo", "facebook/musicgen-small"]
     assert "text + melody" in embed.fields[1].value
     assert "stereo" in embed.fields[2].value
 
@@ -319,13 +324,33 @@ async def test_help_explains_every_option_and_gives_the_tips(alice, channel):
         assert tip in text
 
 
-async def test_job_life_is_logged_without_the_token(alice, channel, caplog):
-    caplog.set_level(logging.INFO)
-    await alice.slash(channel, "music generate", prompt="logged", duration=1.0)
+async def test_job_life_is_logged_without_secrets(alice, channel, caplog):
+    caplog.set_level(logging.INFO)  # the bot's level (below it, libraries log request URLs)
+    done = await alice.slash(channel, "music generate", prompt="logged", duration=1.0)
+    failed = await alice.slash(
+        channel,
+        "music generate",
+        prompt="no weights",
+        duration=1.0,
+        model="facebook/musicgen-small",
+    )
+    assert "could not load facebook/musicgen-small" in failed.response.content.lower()
     messages = [record.getMessage() for record in caplog.records]
-    for stage in ("queued", "started", "finished"):
-        assert any(f" {stage}" in message and "job" in message for message in messages)
-    assert not any("not-a-real-token" in message for message in messages)
+    for event in ("queued", "started", "finished", "failed", "delivered"):
+        assert any(f"event={event}" in message for message in messages), event
+    assert done.response.attachments
+    # SimCord's interaction tokens start so; the bot stores them and must never log them.
+    for secret in ("not-a-real-token", "simcord_interaction_"):
+        assert not any(secret in message for message in messages)
+
+
+async def test_a_failing_job_does_not_stop_the_next(alice, bob, channel):
+    failed = await alice.slash(
+        channel, "music generate", prompt="x", duration=1.0, model="facebook/musicgen-small"
+    )
+    assert "failed" in failed.response.content
+    served = await bob.slash(channel, "music generate", prompt="y", duration=1.0)
+    assert served.response.attachments
 
 
 async def test_fairness_between_two_servers(simcord_env, alice, bob, channel, caplog):
@@ -354,6 +379,6 @@ async def test_fairness_between_two_servers(simcord_env, alice, bob, channel, ca
         for r in results
     }
     started = [
-        record.args[0] for record in caplog.records if record.msg.startswith("job %d started")
+        record.args[0] for record in caplog.records if record.msg.startswith("job=%d event=started")
     ]
     assert [prompt_of[job_id] for job_id in started] == ["a1", "b1", "a2", "a3"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from generation.errors import GenerationCancelled, InvalidOption
+from generation.errors import GenerationCancelled, GenerationError, InvalidOption
 from generation.request import AudioClip, GenerationRequest
 
 from .helpers import sine
@@ -213,3 +213,25 @@ def test_debug_models_are_the_same_every_time_they_are_built():
     for a, b in zip(first.lm.parameters(), second.lm.parameters(), strict=True):
         assert torch.equal(a, b)
     assert first.max_duration == 30
+
+
+def test_out_of_gpu_memory_is_retried_once(engine):
+    raised = []
+
+    def out_of_memory_once(done: int, total: int) -> None:
+        if done == 5 and not raised:
+            raised.append(done)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    result = engine.generate(BASE, progress=out_of_memory_once)
+    assert raised == [5]
+    np.testing.assert_array_equal(result.audio, run(engine))  # same seed, same music
+
+
+def test_out_of_gpu_memory_twice_fails_with_advice(engine):
+    def always_out_of_memory(done: int, total: int) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(GenerationError, match="smaller model or a shorter duration"):
+        engine.generate(BASE, progress=always_out_of_memory)
+    assert engine.generate(BASE).audio.shape == (1, SR)

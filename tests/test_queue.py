@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from generation.errors import JobNotFound, QueueFull
-from generation.queue import FairQueue, JobStatus, QueueLimits
+from generation.queue import FairQueue, Job, JobStatus, QueueLimits
 from generation.request import GenerationRequest
 
 REQUEST = GenerationRequest(prompt="p", model="debug")
+_ids = itertools.count(1)
 
 
-def submit(queue: FairQueue, guild: int, user: int = 1):
-    return queue.submit(REQUEST, guild_id=guild, channel_id=guild * 10, user_id=user)
+def submit(queue: FairQueue, guild: int, user: int = 1) -> Job:
+    """Check the limits and queue a job, as the job service does."""
+    queue.check_room(guild, user)
+    job = Job(next(_ids), REQUEST, guild, guild * 10, user)
+    queue.add(job)
+    return job
 
 
 def drain(queue: FairQueue) -> list[int]:
@@ -43,8 +50,40 @@ def test_three_servers_take_turns_as_jobs_arrive():
     a1, a2 = submit(queue, 1), submit(queue, 1)
     b1 = submit(queue, 2)
     assert queue.next_job() is a1
-    c1 = submit(queue, 3)
-    assert drain(queue) == [b1.id, a2.id, c1.id]
+    c1 = submit(queue, 3)  # not served yet, so ahead of the server just served
+    assert drain(queue) == [b1.id, c1.id, a2.id]
+
+
+def test_a_server_arriving_while_another_runs_goes_next():
+    queue = FairQueue(QueueLimits(per_user=5, per_guild=5))
+    a1, a2, a3 = submit(queue, 1), submit(queue, 1), submit(queue, 1)
+    queue.running = queue.next_job()
+    assert queue.running is a1
+    b1 = submit(queue, 2)
+    assert queue.service_order() == [b1, a2, a3]
+    assert drain(queue) == [b1.id, a2.id, a3.id]
+
+
+def test_a_returning_server_is_not_put_ahead_of_one_that_waited():
+    queue = FairQueue(QueueLimits(per_user=5, per_guild=5))
+    a1 = submit(queue, 1)
+    b1, b2 = submit(queue, 2), submit(queue, 2)
+    assert queue.next_job() is a1
+    assert queue.next_job() is b1
+    a2 = submit(queue, 1)  # served before b1, so it goes before b2
+    assert drain(queue) == [a2.id, b2.id]
+
+
+def test_held_jobs_count_towards_limits_and_positions_but_do_not_run():
+    queue = FairQueue(QueueLimits(per_user=1, per_guild=5))
+    held = Job(next(_ids), REQUEST, 1, 10, 1)
+    queue.hold(held)
+    with pytest.raises(QueueFull):
+        queue.check_room(1, 1)
+    assert queue.position(held) == 1
+    assert queue.next_job() is None
+    queue.add(held)
+    assert queue.next_job() is held
 
 
 def test_paused_servers_are_skipped_and_keep_their_jobs():
@@ -65,6 +104,9 @@ def test_limits_count_queued_and_running_jobs():
     submit(queue, guild=1, user=1)
     queue.running = queue.next_job()
     submit(queue, guild=1, user=1)
+    with pytest.raises(QueueFull, match="already have 2 jobs"):
+        queue.check_room(1, 1)
+    queue.check_room(1, 1, per_user=3)  # a server's own, higher limit
     with pytest.raises(QueueFull, match="already have 2 jobs"):
         submit(queue, guild=1, user=1)
     submit(queue, guild=2, user=1)  # the limit is per server

@@ -1,4 +1,4 @@
-"""/music: generate, queue, cancel, models, help, and the admin pause and resume."""
+"""/music: generate, queue, cancel, history, show, models, help, and the admin commands."""
 
 import asyncio
 import logging
@@ -10,9 +10,10 @@ from discord import app_commands
 from discord.ext import commands
 
 from generation.audio_input import AudioLimits, check_size, decode_audio
+from generation.engine import GenerationResult
 from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
 from generation.models import resolve_model
-from generation.queue import FairQueue, Job, JobStatus, QueueLimits
+from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import (
     MAX_CFG_COEF,
     MAX_PROMPT_CHARS,
@@ -20,11 +21,12 @@ from generation.request import (
     WINDOW_SECONDS,
     AudioClip,
     GenerationRequest,
+    check_audio_options,
 )
-from generation.worker import Worker
+from generation.store import GuildSettings
 
 from .. import presentation
-from ..delivery import JobReporter
+from ..delivery import encode_for_upload, mp3_file
 from ..errors import reply_privately, user_message
 
 if TYPE_CHECKING:
@@ -33,8 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULTS = GenerationRequest(prompt="", model="")
-#: Seconds to read uploads before deferring the response (Discord's deadline is 3 s).
-ACKNOWLEDGE_WITHIN = 2.0
+HISTORY_LENGTH = 10
 
 
 class Music(commands.Cog):
@@ -49,31 +50,24 @@ class Music(commands.Cog):
 
     def __init__(self, bot: "MusicGenBot") -> None:
         self.bot = bot
+        self.service = bot.service
+        self.store = bot.service.store
         config = bot.config
         self.models: tuple[str, ...] = config.generation.models
+        self.max_duration = config.generation.max_duration
         self.upload_limits = AudioLimits(
             max_bytes=int(config.generation.max_upload_mib * 2**20),
             max_seconds=config.generation.max_duration,
         )
-        self.queue = FairQueue(
-            QueueLimits(config.queue.max_jobs_per_user, config.queue.max_jobs_per_guild)
-        )
-        self.reporter = JobReporter(bot)
-        self.worker = Worker(
-            bot.engine,
-            self.queue,
-            self.reporter,
-            progress_interval=config.queue.progress_interval,
-        )
-        self.music.add_command(generate_command(self, self.models, config.generation.max_duration))
+        self.music.add_command(generate_command(self))
+        self.admin.add_command(settings_command(self))
 
     async def cog_load(self) -> None:
         # Load the default model now, so the first member does not wait for it.
-        preload = self.worker.run_blocking(lambda: self.bot.engine.load(self.models[0]))
+        preload = self.service.worker.run_blocking(lambda: self.bot.engine.load(self.models[0]))
         preload.add_done_callback(_log_preload_failure)
 
-    async def cog_unload(self) -> None:
-        self.worker.close()
+    # /music generate
 
     async def generate(
         self,
@@ -81,7 +75,7 @@ class Music(commands.Cog):
         request: GenerationRequest,
         uploads: dict[str, discord.Attachment | None],
     ) -> None:
-        """Check the request, read its uploads, and queue it.
+        """Check the request against the server's settings, read its uploads, and queue it.
 
         Everything that can be checked at once is, so a mistake gets a private answer; the
         response is deferred (publicly) only if the uploads take long to read.
@@ -90,61 +84,77 @@ class Music(commands.Cog):
         assert guild_id is not None and channel_id is not None
         user_id = interaction.user.id
         try:
-            request = request.with_seed()
+            settings = await self.store.guild_settings(guild_id)
+            request = self._apply_settings(request, settings, channel_id).with_seed()
             self.bot.engine.validate(request)
-            self.queue.check_room(guild_id, user_id)
-            clips = await self._read_uploads_in_time(interaction, uploads)
+            self.service.check_room(guild_id, user_id, settings.max_jobs_per_user)
+            clips = await self._read_uploads_in_time(interaction, request, uploads)
             request = replace(request, **clips)
             self.bot.engine.validate(request)
-            job = self.queue.submit(
-                request, guild_id=guild_id, channel_id=channel_id, user_id=user_id
+            job = await self.service.submit(
+                request,
+                guild_id=guild_id,
+                channel_id=channel_id,
+                user_id=user_id,
+                per_user_limit=settings.max_jobs_per_user,
             )
         except GenerationError as error:
             await reply_privately(interaction, user_message(error))
             return
-        log.info(
-            "job %d queued: guild %d, user %d, %s, %.0f s",
-            job.id,
-            guild_id,
-            user_id,
-            request.model,
-            request.duration,
-        )
-        self.reporter.track(job, interaction)
-        status = presentation.queued_text(
-            job, self.queue.position(job), self.worker.eta(job), self.queue.is_paused(guild_id)
-        )
-        if interaction.response.is_done():
-            await interaction.edit_original_response(content=status)
-        else:
-            await interaction.response.send_message(status)
-        self.worker.wake()
+        reply = None
+        try:
+            reply = await self._acknowledge(interaction, job)
+        finally:
+            await self.service.release(job, reply)
+
+    def _apply_settings(
+        self, request: GenerationRequest, settings: GuildSettings, channel_id: int
+    ) -> GenerationRequest:
+        """The server's default model, and its limits on models, durations and channels."""
+        if settings.allowed_channels and channel_id not in settings.allowed_channels:
+            channels = ", ".join(f"<#{channel}>" for channel in settings.allowed_channels)
+            raise GenerationError(f"In this server, music is made in {channels}.")
+        allowed = settings.allowed_models or self.models
+        if not request.model:
+            default = settings.default_model or self.models[0]
+            request = replace(request, model=default if default in allowed else allowed[0])
+        if request.model not in allowed:
+            raise InvalidOption("model", f"This server allows these models: {', '.join(allowed)}.")
+        if settings.max_duration is not None and request.duration > settings.max_duration:
+            raise InvalidOption(
+                "duration", f"This server allows tracks of up to {settings.max_duration:g} s."
+            )
+        return request
 
     async def _read_uploads_in_time(
-        self, interaction: discord.Interaction, uploads: dict[str, discord.Attachment | None]
+        self,
+        interaction: discord.Interaction,
+        request: GenerationRequest,
+        uploads: dict[str, discord.Attachment | None],
     ) -> dict[str, AudioClip]:
-        """Read the uploads, deferring the response if that outlasts Discord's 3 s deadline."""
-        for option, attachment in uploads.items():
-            if attachment is not None:
-                try:
-                    check_size(attachment.size, self.upload_limits, option)
-                except AudioInputError as error:
-                    raise InvalidOption(option, str(error)) from error
-        reading = asyncio.ensure_future(self._read_uploads(uploads))
-        done, _ = await asyncio.wait({reading}, timeout=ACKNOWLEDGE_WITHIN)
-        if not done:
-            await interaction.response.defer(thinking=True)
-        return await reading
+        """Check the uploads against the model and their sizes, then defer the response
+        (downloading may outlast Discord's 3 s deadline) and read them."""
+        given = {option: attachment for option, attachment in uploads.items() if attachment}
+        if not given:
+            return {}
+        check_audio_options(
+            resolve_model(request.model),
+            melody="melody" in given,
+            continuation="continuation" in given,
+        )
+        for option, attachment in given.items():
+            try:
+                check_size(attachment.size, self.upload_limits, option)
+            except AudioInputError as error:
+                raise InvalidOption(option, str(error)) from error
+        await interaction.response.defer(thinking=True)
+        return await self._read_uploads(given)
 
-    async def _read_uploads(
-        self, uploads: dict[str, discord.Attachment | None]
-    ) -> dict[str, AudioClip]:
-        """Read each attachment at once (their URLs expire), size checked first."""
+    async def _read_uploads(self, uploads: dict[str, discord.Attachment]) -> dict[str, AudioClip]:
+        """Read each attachment at once (their URLs expire) and decode it off the loop."""
         clips = {}
         loop = asyncio.get_running_loop()
         for option, attachment in uploads.items():
-            if attachment is None:
-                continue
             try:
                 data = await attachment.read()
                 clips[option] = await loop.run_in_executor(
@@ -158,20 +168,37 @@ class Music(commands.Cog):
                 ) from error
         return clips
 
+    async def _acknowledge(self, interaction: discord.Interaction, job: Job) -> ReplyAddress:
+        """Answer with the job's place in the queue; returns where to reach the member."""
+        queue = self.service.queue
+        status = presentation.queued_text(
+            job, queue.position(job), self.service.worker.eta(job), queue.is_paused(job.guild_id)
+        )
+        if interaction.response.is_done():
+            message_id = (await interaction.edit_original_response(content=status)).id
+        else:
+            callback = await interaction.response.send_message(status)
+            message_id = callback.message_id
+        return ReplyAddress(
+            application_id=interaction.application_id,
+            token=interaction.token,
+            expires_at=interaction.expires_at.timestamp(),
+            message_id=message_id,
+            max_upload_bytes=interaction.filesize_limit,
+        )
+
+    # Queue and jobs
+
     @music.command(name="queue", description="This server's queue and the job running now")
     async def show_queue(self, interaction: discord.Interaction) -> None:
         guild_id = interaction.guild_id
-        running = self.queue.running
+        queue, worker = self.service.queue, self.service.worker
+        running = queue.running
         if running is not None and running.guild_id != guild_id:
             running = None
-        queued = [
-            (job, self.queue.position(job), self.worker.eta(job))
-            for job in self.queue.queued(guild_id)
-        ]
-        embed = presentation.queue_embed(running, queued, self.queue.is_paused(guild_id))
-        await interaction.response.send_message(
-            embed=embed, ephemeral=True, allowed_mentions=discord.AllowedMentions.none()
-        )
+        queued = [(job, queue.position(job), worker.eta(job)) for job in queue.queued(guild_id)]
+        embed = presentation.queue_embed(running, queued, queue.is_paused(guild_id))
+        await interaction.response.send_message(embed=embed, ephemeral=True)
 
     @music.command(name="cancel", description="Cancel your queued or running job")
     @app_commands.describe(job="The job number (default: your latest); Manage Server: anyone's")
@@ -179,11 +206,11 @@ class Music(commands.Cog):
         self, interaction: discord.Interaction, job: app_commands.Range[int, 1] | None = None
     ) -> None:
         target = self._job_to_cancel(interaction, job)
-        if self.worker.cancel(target):
-            await self.reporter.job_cancelled(target)
-            await interaction.response.send_message(f"Cancelled job #{target.id}.", ephemeral=True)
+        if await self.service.cancel(target):
+            message = f"Cancelled job #{target.id}."
         else:
-            await interaction.response.send_message(f"Stopping job #{target.id}...", ephemeral=True)
+            message = f"Stopping job #{target.id}..."
+        await interaction.response.send_message(message, ephemeral=True)
 
     def _job_to_cancel(self, interaction: discord.Interaction, job_id: int | None) -> Job:
         mine = interaction.user.id
@@ -192,7 +219,7 @@ class Music(commands.Cog):
             if not own:
                 raise JobNotFound("You have no queued or running job in this server.")
             return own[-1]
-        job = self.queue.get(job_id)
+        job = self.service.queue.get(job_id)
         if job.guild_id != interaction.guild_id:
             raise JobNotFound(f"There is no queued or running job #{job_id} in this server.")
         if job.user_id != mine and not interaction.permissions.manage_guild:
@@ -204,26 +231,61 @@ class Music(commands.Cog):
         return job
 
     def _live_jobs(self, guild_id: int | None) -> list[Job]:
-        running = self.queue.running
+        queue = self.service.queue
+        running = queue.running
         live = [running] if running is not None and running.guild_id == guild_id else []
-        return live + self.queue.queued(guild_id or 0)
+        return live + queue.queued(guild_id or 0)
+
+    @music.command(name="history", description="Your recent tracks in this server")
+    async def history(self, interaction: discord.Interaction) -> None:
+        jobs = await self.store.history(interaction.guild_id, interaction.user.id, HISTORY_LENGTH)
+        await interaction.response.send_message(
+            embed=presentation.history_embed(jobs), ephemeral=True
+        )
+
+    @music.command(name="show", description="Post a past track again, with its parameters")
+    @app_commands.describe(job="The job number (see /music history)")
+    async def show(self, interaction: discord.Interaction, job: app_commands.Range[int, 1]) -> None:
+        found = await self.store.get(job)
+        if found is None or found.guild_id != interaction.guild_id:
+            raise JobNotFound(f"There is no job #{job} in this server.")
+        if found.status is not JobStatus.DONE:
+            raise JobNotFound(f"Job #{job} has no track: it is {found.status.value}.")
+        stored = await self.store.load_result(found)
+        if stored is None:
+            raise JobNotFound(f"The track of job #{job} is no longer kept.")
+        await interaction.response.defer(thinking=True)
+        audio, sample_rate = stored
+        result = GenerationResult(found.request, audio, sample_rate, found.generation_seconds or 0)
+        data, bitrate = await encode_for_upload(result, interaction.filesize_limit)
+        await interaction.followup.send(
+            content=f"Job #{found.id} by <@{found.user_id}>",
+            embed=presentation.result_embed(found, result, bitrate),
+            file=mp3_file(result, data),
+        )
+
+    # Information
 
     @music.command(name="models", description="The models you can pick, and what each can do")
     async def show_models(self, interaction: discord.Interaction) -> None:
-        specs = [resolve_model(name) for name in self.models]
+        settings = await self.store.guild_settings(interaction.guild_id)
+        names = [name for name in self.models if name in (settings.allowed_models or self.models)]
+        default = settings.default_model or self.models[0]
+        specs = [resolve_model(name) for name in names]
         await interaction.response.send_message(
-            embed=presentation.models_embed(specs), ephemeral=True
+            embed=presentation.models_embed(specs, default), ephemeral=True
         )
 
     @music.command(name="help", description="What each option does, and tips")
     async def show_help(self, interaction: discord.Interaction) -> None:
         await interaction.response.send_message(embed=presentation.help_embed(), ephemeral=True)
 
+    # Admin
+
     @admin.command(name="pause", description="Stop starting jobs from this server's queue")
     @app_commands.checks.has_permissions(manage_guild=True)
     async def pause(self, interaction: discord.Interaction) -> None:
-        self.queue.pause(interaction.guild_id)
-        log.info("guild %d paused by %d", interaction.guild_id, interaction.user.id)
+        await self._set_paused(interaction, paused=True)
         await interaction.response.send_message(
             "Paused: queued jobs stay queued and members can still queue new ones; "
             "none starts until `/music admin resume`."
@@ -232,18 +294,90 @@ class Music(commands.Cog):
     @admin.command(name="resume", description="Start jobs from this server's queue again")
     @app_commands.checks.has_permissions(manage_guild=True)
     async def resume(self, interaction: discord.Interaction) -> None:
-        self.queue.resume(interaction.guild_id)
-        log.info("guild %d resumed by %d", interaction.guild_id, interaction.user.id)
+        await self._set_paused(interaction, paused=False)
         await interaction.response.send_message("Resumed: queued jobs will start again.")
-        self.worker.wake()
+
+    async def _set_paused(self, interaction: discord.Interaction, *, paused: bool) -> None:
+        guild_id = interaction.guild_id
+        settings = await self.store.guild_settings(guild_id)
+        await self.store.save_guild_settings(replace(settings, paused=paused))
+        log.info(
+            "guild %d %s by %d", guild_id, "paused" if paused else "resumed", interaction.user.id
+        )
+        if paused:
+            self.service.pause(guild_id)
+        else:
+            self.service.resume(guild_id)
+
+    async def update_settings(
+        self, interaction: discord.Interaction, changes: dict[str, object]
+    ) -> None:
+        """Apply /music admin settings; with no changes, show the current settings."""
+        guild_id = interaction.guild_id
+        settings = await self.store.guild_settings(guild_id)
+        if changes:
+            settings = self._changed_settings(settings, changes)
+            await self.store.save_guild_settings(settings)
+            log.info("guild %d settings changed by %d", guild_id, interaction.user.id)
+        await interaction.response.send_message(
+            embed=presentation.settings_embed(settings, self.models, self.bot.config),
+            ephemeral=True,
+        )
+
+    def _changed_settings(
+        self, settings: GuildSettings, changes: dict[str, object]
+    ) -> GuildSettings:
+        if changes.pop("reset", False):
+            settings = GuildSettings(settings.guild_id, paused=settings.paused)
+        if "allowed_models" in changes:
+            text = str(changes.pop("allowed_models")).strip()
+            names = (
+                ()
+                if text.lower() == "all"
+                else tuple(name.strip() for name in text.split(",") if name.strip())
+            )
+            unknown = [name for name in names if name not in self.models]
+            if unknown or (text.lower() != "all" and not names):
+                raise InvalidOption(
+                    "allowed_models",
+                    f"List models from {', '.join(self.models)} separated by commas, or 'all'.",
+                )
+            settings = replace(settings, allowed_models=names)
+        channels = list(settings.allowed_channels)
+        if (channel := changes.pop("allow_channel", None)) is not None:
+            channels.append(channel.id)
+        if (channel := changes.pop("disallow_channel", None)) is not None:
+            channels = [existing for existing in channels if existing != channel.id]
+        settings = replace(settings, allowed_channels=tuple(dict.fromkeys(channels)), **changes)
+        allowed = settings.allowed_models or self.models
+        if settings.default_model is not None and settings.default_model not in allowed:
+            raise InvalidOption(
+                "default_model", "The default model must be one of the allowed models."
+            )
+        return settings
+
+    @music.command(name="stats", description="How the bot is doing (Manage Server)")
+    @app_commands.checks.has_permissions(manage_guild=True)
+    async def stats(self, interaction: discord.Interaction) -> None:
+        guild_id = interaction.guild_id
+        queue = self.service.queue
+        embed = presentation.stats_embed(
+            await self.store.stats(guild_id),
+            queued_here=len(queue.queued(guild_id)),
+            queued_everywhere=len(queue.service_order()),
+            loaded_model=self.bot.engine.loaded_model,
+            memory=self.bot.engine.memory_in_use(),
+        )
+        await interaction.response.send_message(embed=embed, ephemeral=True)
 
 
-def generate_command(cog: Music, models: tuple[str, ...], max_duration: float):
+def generate_command(cog: Music) -> app_commands.Command:
     """/music generate, with the enabled models as choices and the configured longest duration.
 
     Built per bot because both come from the configuration; Discord enforces the declared
     ranges in the client, and the engine checks them again.
     """
+    models, max_duration = cog.models, cog.max_duration
     default_duration = min(DEFAULTS.duration, max_duration)
 
     @app_commands.command(name="generate", description="Generate music from a prompt")
@@ -267,7 +401,7 @@ def generate_command(cog: Music, models: tuple[str, ...], max_duration: float):
     ) -> None:
         request = GenerationRequest(
             prompt=prompt,
-            model=model or models[0],
+            model=model or "",  # empty: the server's default model
             duration=duration,
             temperature=temperature,
             top_k=top_k,
@@ -281,6 +415,50 @@ def generate_command(cog: Music, models: tuple[str, ...], max_duration: float):
         await cog.generate(interaction, request, {"melody": melody, "continuation": continuation})
 
     return generate
+
+
+def settings_command(cog: Music) -> app_commands.Command:
+    """/music admin settings, with the enabled models as choices for the default."""
+    models, max_duration = cog.models, cog.max_duration
+
+    @app_commands.command(name="settings", description="This server's settings (Manage Server)")
+    @app_commands.describe(
+        default_model="The model used when a member picks none",
+        allowed_models="Models members may pick, separated by commas, or 'all'",
+        max_duration="Longest track members may ask for, in seconds",
+        max_jobs_per_user="Queued or running jobs one member may have",
+        allow_channel="Allow music commands in this channel (then only in allowed ones)",
+        disallow_channel="Stop allowing music commands in this channel",
+        reset="Back to the bot's defaults (pause state kept)",
+    )
+    @app_commands.choices(
+        default_model=[app_commands.Choice(name=name, value=name) for name in models]
+    )
+    @app_commands.checks.has_permissions(manage_guild=True)
+    async def settings(
+        interaction: discord.Interaction,
+        default_model: str | None = None,
+        allowed_models: str | None = None,
+        max_duration: app_commands.Range[float, 1.0, max_duration] | None = None,
+        max_jobs_per_user: app_commands.Range[int, 1, 100] | None = None,
+        allow_channel: discord.TextChannel | None = None,
+        disallow_channel: discord.TextChannel | None = None,
+        reset: bool = False,
+    ) -> None:
+        given = {
+            "default_model": default_model,
+            "allowed_models": allowed_models,
+            "max_duration": max_duration,
+            "max_jobs_per_user": max_jobs_per_user,
+            "allow_channel": allow_channel,
+            "disallow_channel": disallow_channel,
+            "reset": reset or None,
+        }
+        await cog.update_settings(
+            interaction, {key: value for key, value in given.items() if value is not None}
+        )
+
+    return settings
 
 
 def _log_preload_failure(future: "asyncio.Future[object]") -> None:

@@ -1,0 +1,171 @@
+"""The job service: what a front end submits to. It ties the fair queue, the store and the
+worker together, recovers after a restart, and shuts down without losing a job."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .errors import QueueFull
+from .queue import FairQueue, Job, JobStatus, QueueLimits, ReplyAddress
+from .request import GenerationRequest
+from .store import JobStore
+from .worker import Generator, JobListener, Worker
+
+log = logging.getLogger(__name__)
+
+HOUR = 3600.0
+
+
+class RateLimited(QueueFull):
+    """A member reached the hourly limit; ``retry_at`` is when they can ask again."""
+
+    def __init__(self, message: str, retry_at: float) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
+
+
+class JobService:
+    """Submits, cancels, pauses and recovers jobs.
+
+    Args:
+        generator: Runs requests (the engine).
+        store: The database.
+        listener: Talks to the requesters.
+        limits: Live jobs per member and per server.
+        hourly_limit: Jobs a member may submit in a server per hour; 0 for no limit.
+        max_attempts: Times a job may be started before it fails for good (a job that was
+            running when the bot died runs again).
+        progress_interval: Least time between two progress reports for a job, in seconds.
+        job_timeout: Longest a job may run, in seconds; None for no limit.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        store: JobStore,
+        listener: JobListener,
+        *,
+        limits: QueueLimits | None = None,
+        hourly_limit: int = 0,
+        max_attempts: int = 3,
+        progress_interval: float = 5.0,
+        job_timeout: float | None = None,
+    ) -> None:
+        self.store = store
+        self.queue = FairQueue(limits)
+        self.worker = Worker(
+            generator,
+            self.queue,
+            store,
+            listener,
+            progress_interval=progress_interval,
+            job_timeout=job_timeout,
+        )
+        self.hourly_limit = hourly_limit
+        self.max_attempts = max_attempts
+        self._submitting = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Pick up where the last run stopped: queued jobs in their order, jobs that were
+        running when it died (within ``max_attempts``), and outcomes never delivered."""
+        for guild_id in await self.store.paused_guilds():
+            self.queue.pause(guild_id)
+        for job in await self.store.pending():
+            if job.status is JobStatus.RUNNING:
+                if job.attempts >= self.max_attempts:
+                    await self.store.finish(
+                        job,
+                        JobStatus.FAILED,
+                        f"It stopped {job.attempts} times while generating, so it was given "
+                        "up: try a shorter duration or a smaller model.",
+                    )
+                    continue
+                await self.store.requeue(job, count_attempt=True)
+                log.info("job=%d event=requeued (running when the bot stopped)", job.id)
+            self.queue.add(job)
+        for job in await self.store.undelivered():
+            await self.worker.deliver(job)
+        self.worker.wake()
+
+    async def submit(
+        self,
+        request: GenerationRequest,
+        *,
+        guild_id: int,
+        channel_id: int,
+        user_id: int,
+        per_user_limit: int | None = None,
+    ) -> Job:
+        """Record and queue a request.
+
+        Raises:
+            QueueFull: the member or server has too many live jobs.
+            RateLimited: the member reached the hourly limit.
+        """
+        async with self._submitting:
+            self.queue.check_room(guild_id, user_id, per_user_limit)
+            await self._check_hourly_limit(guild_id, user_id)
+            job = await self.store.add(Job(0, request, guild_id, channel_id, user_id))
+            self.queue.hold(job)
+        log.info(
+            "job=%d event=queued guild=%d user=%d model=%s duration=%g",
+            job.id,
+            guild_id,
+            user_id,
+            request.model,
+            request.duration,
+        )
+        return job
+
+    def check_room(self, guild_id: int, user_id: int, per_user_limit: int | None = None) -> None:
+        """Raise :class:`QueueFull` now if :meth:`submit` would."""
+        self.queue.check_room(guild_id, user_id, per_user_limit)
+
+    async def release(self, job: Job, reply: ReplyAddress | None) -> None:
+        """Record where the requester waits for the answer (if anywhere), then queue the
+        job: it must not start before its requester has been told it is accepted."""
+        try:
+            if reply is not None:
+                await self.store.set_reply(job, reply)
+        finally:
+            if job.status is JobStatus.QUEUED:
+                self.queue.add(job)
+                self.worker.wake()
+
+    async def cancel(self, job: Job) -> bool:
+        """Cancel a live job; True when it was queued (it is now cancelled, and its requester
+        is being told), False when it is running and will stop at its next step."""
+        if not self.worker.cancel(job):
+            return False
+        await self.store.finish(job, JobStatus.CANCELLED)
+        log.info("job=%d event=cancelled while=queued", job.id)
+        self.worker.deliver_later(job)
+        return True
+
+    def pause(self, guild_id: int) -> None:
+        self.queue.pause(guild_id)
+
+    def resume(self, guild_id: int) -> None:
+        self.queue.resume(guild_id)
+        self.worker.wake()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop taking jobs, give the running one ``grace`` seconds, and close the store."""
+        await self.worker.stop(grace)
+        self.worker.close()
+        await self.store.close()
+
+    async def _check_hourly_limit(self, guild_id: int, user_id: int) -> None:
+        if not self.hourly_limit:
+            return
+        recent = await self.store.submitted_since(guild_id, user_id, time.time() - HOUR)
+        if len(recent) >= self.hourly_limit:
+            retry_at = recent[-self.hourly_limit] + HOUR
+            minutes = max(1, round((retry_at - time.time()) / 60))
+            raise RateLimited(
+                f"You can ask for {self.hourly_limit} tracks an hour here; the next one is "
+                f"possible in about {minutes} min.",
+                retry_at,
+            )

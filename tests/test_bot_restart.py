@@ -1,0 +1,169 @@
+"""Nothing lost across restarts: SimCord keeps Discord, the SQLite file keeps the jobs."""
+
+from __future__ import annotations
+
+import discord
+import pytest
+
+from bot.cli import main
+from generation.queue import JobStatus
+from generation.store import JobStore
+
+from .bot_helpers import make_bot
+
+pytestmark = pytest.mark.simcord(settle_timeout=60)
+
+
+@pytest.fixture
+def database(tmp_path):
+    return tmp_path / "bot.sqlite3"
+
+
+@pytest.fixture
+def simcord_bot(database):
+    return make_bot(database)
+
+
+@pytest.fixture
+def world(simcord_env):
+    guild = simcord_env.create_guild("Jam Session")
+    channel = guild.create_text_channel("music")
+    mods = guild.create_role("Mods", permissions=discord.Permissions(manage_guild=True))
+    alice = guild.add_member(simcord_env.create_user("alice"))
+    admin = guild.add_member(simcord_env.create_user("mod"), roles=[mods])
+    return channel, alice, admin
+
+
+def tracks(channel) -> list[discord.Message]:
+    return [message for message in channel.history() if message.attachments]
+
+
+async def test_queued_jobs_survive_a_restart_and_are_delivered_once(simcord_env, world, database):
+    channel, alice, admin = world
+    await admin.slash(channel, "music admin pause")
+    first = await alice.slash(channel, "music generate", prompt="first", duration=1.0)
+    second = await alice.slash(channel, "music generate", prompt="second", duration=1.0)
+    await simcord_env.restart_bot(make_bot(database))
+    assert tracks(channel) == []  # still paused after the restart
+    await admin.slash(channel, "music admin resume")
+    assert first.response.attachments and second.response.attachments
+    assert [m.embeds[0].title for m in tracks(channel)] == ["first", "second"]
+
+
+async def test_a_job_running_when_the_bot_died_runs_again_and_is_delivered_once(
+    simcord_env, world, database
+):
+    channel, alice, admin = world
+    await admin.slash(channel, "music admin pause")
+    queued = await alice.slash(channel, "music generate", prompt="interrupted", duration=1.0)
+    store = await JobStore.open(database)  # the old process had started it, then died
+    (job,) = await store.pending()
+    await store.claim(job)
+    await store.close()
+    await simcord_env.restart_bot(make_bot(database))
+    await admin.slash(channel, "music admin resume")
+    assert queued.response.attachments
+    assert len(tracks(channel)) == 1
+    store = await JobStore.open(database)
+    finished = await store.get(job.id)
+    await store.close()
+    assert (finished.status, finished.attempts, finished.delivered) == (JobStatus.DONE, 2, True)
+
+
+async def test_after_the_token_expired_a_restarted_bot_posts_in_the_channel(
+    simcord_env, world, database
+):
+    channel, alice, admin = world
+    await admin.slash(channel, "music admin pause")
+    queued = await alice.slash(channel, "music generate", prompt="late", duration=1.0)
+    await simcord_env.advance_time(16 * 60)
+    await simcord_env.restart_bot(make_bot(database))
+    await admin.slash(channel, "music admin resume")
+    assert not queued.response.attachments
+    (delivered,) = tracks(channel)
+    assert [user.id for user in delivered.mentions] == [alice.id]
+    assert delivered.embeds[0].title == "late"
+
+
+async def test_settings_survive_a_restart_and_take_effect(simcord_env, world, database):
+    channel, alice, admin = world
+    shown = await admin.slash(
+        channel,
+        "music admin settings",
+        default_model="debug-stereo",
+        allowed_models="debug, debug-stereo",
+        max_duration=5.0,
+        max_jobs_per_user=1,
+    )
+    assert shown.ephemeral
+    await simcord_env.restart_bot(make_bot(database))
+
+    current = await admin.slash(channel, "music admin settings")
+    values = {f.name: f.value for f in current.response.embeds[0].fields}
+    assert values["Default model"] == "debug-stereo"
+    assert values["Allowed models"] == "debug, debug-stereo"
+    assert values["Longest track"] == "5 s"
+
+    made = await alice.slash(channel, "music generate", prompt="wide", duration=1.0)
+    assert {f.name: f.value for f in made.response.embeds[0].fields}["Model"] == "debug-stereo"
+    too_long = await alice.slash(channel, "music generate", prompt="x", duration=10.0)
+    assert "up to 5 s" in too_long.response.content and too_long.ephemeral
+    not_allowed = await alice.slash(channel, "music generate", prompt="x", model="debug-melody")
+    assert "allows these models" in not_allowed.response.content
+
+
+async def test_settings_limit_channels_and_need_manage_server(simcord_env, world):
+    channel, alice, admin = world
+    refused = await alice.slash(channel, "music admin settings", max_duration=5.0)
+    assert "Manage Server" in refused.response.content
+    jams = simcord_env.guild.create_text_channel("jams")
+    await admin.slash(channel, "music admin settings", allow_channel=jams)
+    elsewhere = await alice.slash(channel, "music generate", prompt="x", duration=1.0)
+    assert f"music is made in <#{jams.id}>" in elsewhere.response.content
+    here = await alice.slash(jams, "music generate", prompt="x", duration=1.0)
+    assert here.response.attachments
+
+
+async def test_history_lists_past_jobs_and_show_posts_one_again(world):
+    channel, alice, _ = world
+    made = await alice.slash(channel, "music generate", prompt="keeper", duration=1.0, seed=5)
+    job_id = int(made.response.embeds[0].footer.text.removeprefix("Job #"))
+    history = await alice.slash(channel, "music history")
+    (entry,) = history.response.embeds[0].fields
+    assert entry.name == f"#{job_id}: keeper"
+    assert "seed 5" in entry.value and "debug, 1 s" in entry.value
+    assert made.response.message.jump_url in entry.value
+
+    shown = await alice.slash(channel, "music show", job=job_id)
+    posted = shown.response
+    assert posted.embeds[0].title == "keeper"
+    assert {f.name: f.value for f in posted.embeds[0].fields}["Seed"] == "5"
+    assert posted.attachments[0].filename.endswith(".mp3")
+
+
+async def test_stats_show_how_the_bot_is_doing(world):
+    channel, alice, admin = world
+    await alice.slash(
+        channel, "music generate", prompt="no", duration=1.0, model="facebook/musicgen-small"
+    )
+    await alice.slash(channel, "music generate", prompt="ok", duration=1.0)
+    refused = await alice.slash(channel, "music stats")
+    assert "Manage Server" in refused.response.content
+    stats = await admin.slash(channel, "music stats")
+    values = {f.name: f.value for f in stats.response.embeds[0].fields}
+    assert (values["Served"], values["Failed"], values["Cancelled"]) == ("1", "1", "0")
+    assert values["Loaded model"] == "debug"
+    assert values["Median generation"].endswith(" s")
+    assert values["Queued"] == "0 here, 0 in all"
+    assert "Memory (process)" in values
+
+
+def test_a_damaged_database_stops_the_bot_with_a_clear_error(tmp_path, capsys):
+    database = tmp_path / "bot.sqlite3"
+    database.write_bytes(b"not a database" * 100)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[discord]\ntoken = "x"\n[storage]\ndatabase = "{database}"\n')
+    assert main(["run", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be read" in err and "left as it is" in err
+    assert database.read_bytes() == b"not a database" * 100
