@@ -14,7 +14,14 @@ import pytest
 
 from generation.engine import MusicGenEngine
 
+from .bot_helpers import close_databases
 from .helpers import encode_tone
+
+
+@pytest.fixture(autouse=True)
+async def _close_bot_databases():
+    yield
+    await close_databases()
 
 
 @pytest.fixture(scope="session")
