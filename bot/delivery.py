@@ -15,7 +15,7 @@ from functools import partial
 
 import discord
 
-from generation.audio_output import encode_mp3_within, request_tags
+from generation.audio_output import encode_mp3_within, mp3_filename, request_tags
 from generation.engine import GenerationResult
 from generation.errors import GenerationError, OutputTooLarge
 from generation.queue import Job, ReplyAddress
@@ -136,7 +136,7 @@ async def encode_for_upload(result: GenerationResult, max_bytes: int) -> tuple[b
 
 
 def mp3_file(result: GenerationResult, data: bytes) -> discord.File:
-    return discord.File(io.BytesIO(data), presentation.mp3_filename(result.request))
+    return discord.File(io.BytesIO(data), mp3_filename(result.request))
 
 
 def _jump_url(job: Job, message_id: int) -> str:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 import discord
 
 from generation.engine import GenerationResult
 from generation.models import ModelSpec
 from generation.queue import Job, JobStatus
-from generation.request import GenerationRequest
 from generation.store import GuildSettings, Stats
 
 from .config import Config
@@ -89,11 +86,6 @@ def running_text(job: Job) -> str:
         f"{request.duration:g} s\n`{progress_bar(job.fraction_done)}` "
         f"{job.fraction_done:.0%}"
     )
-
-
-def mp3_filename(request: GenerationRequest) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", request.prompt.lower()).strip("-")[:40] or "musicgen"
-    return f"{slug}-{request.seed}.mp3"
 
 
 def result_embed(job: Job, result: GenerationResult, bitrate: int) -> discord.Embed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import warnings
 from functools import cache
@@ -36,6 +37,12 @@ def _configure_ffmpeg() -> None:
         import imageio_ffmpeg
 
         AudioSegment.converter = imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def mp3_filename(request: GenerationRequest) -> str:
+    """A file name for a result: the prompt as a slug, then the seed."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.prompt.lower()).strip("-")[:40] or "musicgen"
+    return f"{slug}-{request.seed}.mp3"
 
 
 def request_tags(request: GenerationRequest) -> dict[str, str]:

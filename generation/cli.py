@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -117,7 +116,7 @@ def run_generate(args: argparse.Namespace) -> int:
     # torch and audiocraft take seconds to import: wait until the arguments have been read.
     from tqdm import tqdm
 
-    from .audio_output import encode_mp3, normalise_loudness, request_tags
+    from .audio_output import encode_mp3, mp3_filename, normalise_loudness, request_tags
     from .engine import MusicGenEngine
 
     parser: argparse.ArgumentParser = args.command_parser
@@ -160,7 +159,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     audio = normalise_loudness(result.audio, result.sample_rate)
     data = encode_mp3(audio, result.sample_rate, tags=request_tags(result.request))
-    output = args.output or Path(f"{_slug(request.prompt)}-{result.request.seed}.mp3")
+    output = args.output or Path(mp3_filename(result.request))
     output.write_bytes(data)
     print(
         f"{output}: {result.seconds:.1f} s, {result.channels} channel(s), model {request.model}, "
@@ -193,10 +192,6 @@ def _check_device(device: str, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--device: {device!r} is not a device: use cpu, cuda or cuda:N.")
     if kind == "cuda" and not torch.cuda.is_available():
         parser.error("--device: CUDA is not available on this machine; use --device cpu.")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "musicgen"
 
 
 CommandAdder = Callable[[argparse._SubParsersAction], None]

@@ -19,10 +19,10 @@ import torch
 from audiocraft.models import MusicGen, builders
 from omegaconf import DictConfig, OmegaConf
 
+from .request import WINDOW_SECONDS
+
 DEBUG_MODELS = ("debug", "debug-melody", "debug-stereo")
 
-#: The released models' context window, in seconds.
-WINDOW_SECONDS = 30
 _SAMPLE_RATE = 32_000
 _CARD = 2048  # codebook size of the released models
 

@@ -14,7 +14,7 @@ import pytest
 
 from generation.engine import MusicGenEngine
 
-from .bot_helpers import close_databases
+from .bot_helpers import close_databases, make_bot
 from .helpers import encode_tone
 
 
@@ -34,3 +34,14 @@ def engine() -> MusicGenEngine:
 def tone(tmp_path: Path) -> Callable[..., Path]:
     """Make a tone file: ``tone("intro.wav", seconds=3)``."""
     return lambda name, **kwargs: encode_tone(tmp_path / name, **kwargs)
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    return tmp_path / "bot.sqlite3"
+
+
+@pytest.fixture
+def simcord_bot(database: Path):
+    """A fresh, unstarted bot for SimCord's ``simcord_env``."""
+    return make_bot(database)

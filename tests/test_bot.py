@@ -13,22 +13,11 @@ from generation.audio_input import AudioLimits, decode_audio
 from generation.audio_output import encode_mp3_within, normalise_loudness, request_tags
 from generation.request import GenerationRequest
 
-from .bot_helpers import make_bot
 from .helpers import encode_tone
 
 # Debug-model jobs take well under a second, but the first melody model build imports
 # demucs and compiles librosa's filters.
 pytestmark = pytest.mark.simcord(settle_timeout=60)
-
-
-@pytest.fixture
-def database(tmp_path):
-    return tmp_path / "bot.sqlite3"
-
-
-@pytest.fixture
-def simcord_bot(database):
-    return make_bot(database)
 
 
 @pytest.fixture

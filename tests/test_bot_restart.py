@@ -15,16 +15,6 @@ pytestmark = pytest.mark.simcord(settle_timeout=60)
 
 
 @pytest.fixture
-def database(tmp_path):
-    return tmp_path / "bot.sqlite3"
-
-
-@pytest.fixture
-def simcord_bot(database):
-    return make_bot(database)
-
-
-@pytest.fixture
 def world(simcord_env):
     guild = simcord_env.create_guild("Jam Session")
     channel = guild.create_text_channel("music")

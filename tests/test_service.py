@@ -18,11 +18,6 @@ from .test_worker import Recorder
 REQUEST = GenerationRequest(prompt="lo-fi", model="debug", duration=1.0, seed=1)
 
 
-@pytest.fixture
-def database(tmp_path):
-    return tmp_path / "bot.sqlite3"
-
-
 async def open_service(engine, database, recorder, **options) -> JobService:
     service = JobService(engine, await JobStore.open(database), recorder, **options)
     await service.start()
