@@ -63,6 +63,24 @@ MIGRATIONS: tuple[str, ...] = (
         settings TEXT NOT NULL
     );
     """,
+    """
+    CREATE TABLE jams (
+        thread_id INTEGER PRIMARY KEY,
+        guild_id INTEGER NOT NULL,
+        channel_id INTEGER NOT NULL,
+        user_id INTEGER NOT NULL,
+        title TEXT NOT NULL,
+        timeline_message_id INTEGER,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE jam_segments (
+        thread_id INTEGER NOT NULL REFERENCES jams (thread_id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        job_id INTEGER NOT NULL REFERENCES jobs (id),
+        user_id INTEGER NOT NULL,
+        PRIMARY KEY (thread_id, position)
+    );
+    """,
 )
 
 _AUDIO_OPTIONS = ("melody", "continuation")
@@ -84,6 +102,27 @@ class GuildSettings:
     max_jobs_per_user: int | None = None
     allowed_channels: tuple[int, ...] = ()
     paused: bool = False
+
+
+@dataclass(frozen=True)
+class Jam:
+    """A relay jam: a thread where members take turns carrying one track on."""
+
+    thread_id: int
+    guild_id: int
+    channel_id: int
+    user_id: int
+    title: str
+    timeline_message_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One turn of a jam: the job that carried the track on, and who asked for it."""
+
+    position: int
+    job_id: int
+    user_id: int
 
 
 @dataclass(frozen=True)
@@ -332,6 +371,60 @@ class JobStore:
     async def paused_guilds(self) -> list[int]:
         rows = await self._db.execute_fetchall("SELECT guild_id, settings FROM guild_settings")
         return [row[0] for row in rows if json.loads(row[1]).get("paused")]
+
+    # Relay jams
+
+    async def add_jam(self, jam: Jam) -> None:
+        async with self._transaction():
+            await self._db.execute(
+                "INSERT INTO jams VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    jam.thread_id,
+                    jam.guild_id,
+                    jam.channel_id,
+                    jam.user_id,
+                    jam.title,
+                    jam.timeline_message_id,
+                    time.time(),
+                ),
+            )
+
+    async def jam(self, thread_id: int) -> Jam | None:
+        rows = await self._db.execute_fetchall(
+            """SELECT thread_id, guild_id, channel_id, user_id, title, timeline_message_id
+               FROM jams WHERE thread_id = ?""",
+            (thread_id,),
+        )
+        return Jam(*rows[0]) if rows else None
+
+    async def jam_of_job(self, job_id: int) -> Jam | None:
+        """The jam that ``job_id`` is a turn of, if any."""
+        rows = await self._db.execute_fetchall(
+            "SELECT thread_id FROM jam_segments WHERE job_id = ?", (job_id,)
+        )
+        return await self.jam(rows[0][0]) if rows else None
+
+    async def add_segment(self, jam: Jam, job: Job) -> Segment:
+        """Make ``job`` the jam's next turn."""
+        async with self._transaction():
+            rows = await self._db.execute_fetchall(
+                "SELECT COUNT(*) FROM jam_segments WHERE thread_id = ?", (jam.thread_id,)
+            )
+            segment = Segment(rows[0][0] + 1, job.id, job.user_id)
+            await self._db.execute(
+                "INSERT INTO jam_segments VALUES (?, ?, ?, ?)",
+                (jam.thread_id, segment.position, segment.job_id, segment.user_id),
+            )
+        return segment
+
+    async def segments(self, thread_id: int) -> list[Segment]:
+        """A jam's turns, in order."""
+        rows = await self._db.execute_fetchall(
+            """SELECT position, job_id, user_id FROM jam_segments WHERE thread_id = ?
+               ORDER BY position""",
+            (thread_id,),
+        )
+        return [Segment(*row) for row in rows]
 
     # Internals
 

@@ -10,7 +10,7 @@ import pytest
 
 from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import AudioClip, GenerationRequest
-from generation.store import MIGRATIONS, GuildSettings, JobStore, StoreError
+from generation.store import MIGRATIONS, GuildSettings, Jam, JobStore, Segment, StoreError
 
 from .helpers import sine
 
@@ -147,3 +147,16 @@ async def test_a_newer_schema_is_refused(tmp_path):
     connection.close()
     with pytest.raises(StoreError, match="newer"):
         await JobStore.open(path)
+
+
+async def test_a_jam_keeps_its_turns_in_order(store):
+    jam = Jam(50, guild_id=1, channel_id=2, user_id=3, title="Late", timeline_message_id=9)
+    await store.add_jam(jam)
+    first = await store.add(Job(0, REQUEST, 1, 50, 3))
+    second = await store.add(Job(0, REQUEST, 1, 50, 4))
+    assert await store.add_segment(jam, first) == Segment(1, first.id, 3)
+    assert await store.add_segment(jam, second) == Segment(2, second.id, 4)
+    assert await store.jam(50) == jam
+    assert await store.segments(50) == [Segment(1, first.id, 3), Segment(2, second.id, 4)]
+    assert await store.jam_of_job(second.id) == jam
+    assert await store.jam(51) is None and await store.jam_of_job(999) is None
