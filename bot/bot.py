@@ -18,7 +18,7 @@ from .errors import on_app_command_error
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("bot.cogs.music",)
+EXTENSIONS = ("bot.cogs.music", "bot.cogs.remix")
 
 
 class MusicGenBot(commands.Bot):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from dataclasses import dataclass
 from functools import partial
 
 import discord
@@ -19,17 +20,23 @@ from generation.audio_output import encode_mp3_within, mp3_filename, request_tag
 from generation.engine import GenerationResult
 from generation.errors import GenerationError, OutputTooLarge
 from generation.queue import Job, ReplyAddress
+from generation.waveform import render_waveform
 
 from . import presentation
+from .views import result_view
 
 log = logging.getLogger(__name__)
 
 #: Seconds before a token's expiry after which it is no longer relied on.
 EXPIRY_MARGIN = 30.0
+WAVEFORM_NAME = "waveform.png"
 
 
 class JobReporter:
-    """The worker's :class:`generation.worker.JobListener`, speaking Discord."""
+    """The worker's :class:`generation.worker.JobListener`, speaking Discord.
+
+    Cogs hear of each job's end through the ``on_job_ended(job)`` event.
+    """
 
     def __init__(self, client: discord.Client) -> None:
         self.client = client
@@ -41,17 +48,19 @@ class JobReporter:
         await self._edit_status(job, presentation.running_text(job))
 
     async def job_finished(self, job: Job, result: GenerationResult) -> str | None:
+        self.client.dispatch("job_ended", job)
         content = f"<@{job.user_id}>, your track is ready."
         reply = self._live_reply(job)
         try:
             if reply is not None:
                 try:
-                    data, bitrate = await encode_for_upload(result, reply.max_upload_bytes)
+                    posted = await result_message(job, result, reply.max_upload_bytes)
                     message = await self._webhook(reply).edit_message(
                         reply.message_id,
                         content=content,
-                        embed=presentation.result_embed(job, result, bitrate),
-                        attachments=[mp3_file(result, data)],
+                        embed=posted.embed,
+                        attachments=posted.files(),
+                        view=posted.view,
                     )
                     return _jump_url(job, message.id)
                 except discord.HTTPException as error:
@@ -60,21 +69,24 @@ class JobReporter:
                         job.id,
                         error,
                     )
-            data, bitrate = await encode_for_upload(result, self._channel_upload_limit(job))
+            posted = await result_message(job, result, self._channel_upload_limit(job))
         except OutputTooLarge as error:
             return await self._say(job, f"Job #{job.id} is done, but {error}")
         message = await self._channel(job).send(
             content=content,
-            embed=presentation.result_embed(job, result, bitrate),
-            file=mp3_file(result, data),
+            embed=posted.embed,
+            files=posted.files(),
+            view=posted.view,
             allowed_mentions=_mention(job),
         )
         return _jump_url(job, message.id)
 
     async def job_failed(self, job: Job, error: GenerationError) -> str | None:
+        self.client.dispatch("job_ended", job)
         return await self._say(job, f"Job #{job.id} failed: {error}")
 
     async def job_cancelled(self, job: Job) -> str | None:
+        self.client.dispatch("job_ended", job)
         return await self._say(job, f"Job #{job.id} was cancelled.")
 
     async def _edit_status(self, job: Job, content: str) -> None:
@@ -124,6 +136,33 @@ class JobReporter:
         return guild.filesize_limit if guild else discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
 
 
+@dataclass(frozen=True)
+class ResultMessage:
+    """A result as posted: the MP3, its waveform, the embed that shows both, the buttons."""
+
+    mp3: bytes
+    mp3_name: str
+    waveform: bytes
+    embed: discord.Embed
+    view: discord.ui.View
+
+    def files(self) -> list[discord.File]:
+        """New files each time: a file can be sent only once."""
+        return [
+            discord.File(io.BytesIO(self.mp3), self.mp3_name),
+            discord.File(io.BytesIO(self.waveform), WAVEFORM_NAME),
+        ]
+
+
+async def result_message(job: Job, result: GenerationResult, max_bytes: int) -> ResultMessage:
+    """Render the waveform and encode the MP3 so that both fit ``max_bytes`` together."""
+    waveform = await asyncio.to_thread(render_waveform, result.audio)
+    data, bitrate = await encode_for_upload(result, max_bytes - len(waveform))
+    embed = presentation.result_embed(job, result, bitrate)
+    embed.set_image(url=f"attachment://{WAVEFORM_NAME}")
+    return ResultMessage(data, mp3_filename(result.request), waveform, embed, result_view(job.id))
+
+
 async def encode_for_upload(result: GenerationResult, max_bytes: int) -> tuple[bytes, int]:
     encode = partial(
         encode_mp3_within,
@@ -133,10 +172,6 @@ async def encode_for_upload(result: GenerationResult, max_bytes: int) -> tuple[b
         tags=request_tags(result.request),
     )
     return await asyncio.get_running_loop().run_in_executor(None, encode)
-
-
-def mp3_file(result: GenerationResult, data: bytes) -> discord.File:
-    return discord.File(io.BytesIO(data), mp3_filename(result.request))
 
 
 def _jump_url(job: Job, message_id: int) -> str:

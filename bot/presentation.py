@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import discord
 
 from generation.engine import GenerationResult
 from generation.models import ModelSpec
 from generation.queue import Job, JobStatus
-from generation.store import GuildSettings, Stats
+from generation.store import GuildSettings, Jam, Segment, Stats
 
 from .config import Config
 
@@ -114,6 +116,35 @@ def result_embed(job: Job, result: GenerationResult, bitrate: int) -> discord.Em
         embed.add_field(name=name, value=value)
     embed.set_footer(text=f"Job #{job.id}")
     return embed
+
+
+def jam_timeline(jam: Jam, turns: list[tuple[Segment, Job]]) -> str:
+    """The thread's first message: who added which turn, in order."""
+    lines = [f"**{jam.title}**, a relay jam started by <@{jam.user_id}>. Timeline:"]
+    for segment, job in turns:
+        status = "" if job.status is JobStatus.DONE else f" ({job.status.value})"
+        lines.append(
+            f"{segment.position}. <@{job.user_id}>: *{short(job.request.prompt, 100)}* "
+            f"(job #{job.id}){status}"
+        )
+    if not turns:
+        lines.append("No turns yet: `/music jam add prompt:<your part>` takes the first.")
+    return "\n".join(lines)
+
+
+def jam_tags(jam: Jam, jobs: list[Job]) -> dict[str, str]:
+    """ID3 tags of a stitched jam: each turn's job, to find its parameters."""
+    return {
+        "title": jam.title,
+        "artist": "musicgen-bot",
+        "comment": "Relay jam of jobs " + ", ".join(f"#{job.id}" for job in jobs),
+        "musicgen_jobs": ",".join(str(job.id) for job in jobs),
+    }
+
+
+def jam_filename(jam: Jam) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", jam.title.lower()).strip("-")[:40] or "jam"
+    return f"{slug}.mp3"
 
 
 def queue_embed(
@@ -228,6 +259,17 @@ def help_embed() -> discord.Embed:
         inline=False,
     )
     embed.add_field(name="Tips", value="\n".join(f"• {tip}" for tip in TIPS), inline=False)
+    embed.add_field(
+        name="Playing together",
+        value="Under every result: **Re-roll** (a new seed), **Continue** (carry it on), "
+        "**Edit** (prompt, duration, temperature) and **Variations**. On any message with "
+        "audio, the message menu's **Continue this track** and **Use as melody**. Anyone in "
+        "the server may use them on anyone's track: each makes your own job, counted against "
+        "your limits.\n`/music jam start` opens a thread for a relay jam; there, "
+        "`/music jam add` carries the track on with your prompt, and `/music jam export` "
+        "posts it whole (`segments` for each turn too).",
+        inline=False,
+    )
     embed.add_field(
         name="Other commands",
         value="`/music queue`, `/music cancel`, `/music history`, `/music show`, "

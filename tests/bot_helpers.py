@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from bot import create_bot
 from bot.config import parse_config
+from generation.audio_input import AudioLimits, decode_audio
 
 CONFIG = {
     "discord": {"token": "not-a-real-token"},
@@ -41,3 +44,42 @@ def make_bot(database, **sections):
     bot = create_bot(parse_config(raw, source="test", environ={}))
     MADE.append(bot)
     return bot
+
+
+async def mp3_of(message) -> np.ndarray:
+    """The samples of a message's MP3 attachment."""
+    (attachment,) = [a for a in message.attachments if a.filename.endswith(".mp3")]
+    return decode_audio(await attachment.read(), AudioLimits()).samples
+
+
+def fields(message) -> dict[str, str]:
+    (embed,) = message.embeds
+    return {field.name: field.value for field in embed.fields}
+
+
+def job_id(message) -> int:
+    """The job number in a result's embed footer."""
+    return int(message.embeds[0].footer.text.removeprefix("Job #"))
+
+
+def private_reply(result) -> str:
+    """The ephemeral answer to a rejected command."""
+    replies = [m for m in [result.response, *result.followups] if m is not None and m.ephemeral]
+    assert replies, "expected an ephemeral reply"
+    return replies[-1].content
+
+
+def seconds(audio: np.ndarray, sample_rate: int = 32_000) -> float:
+    return audio.shape[-1] / sample_rate
+
+
+def buttons(message) -> dict[str, str]:
+    """A message's buttons: label to custom_id (a SimCord response holds raw payloads)."""
+    found = {}
+    for row in message.components:
+        for child in row["components"] if isinstance(row, dict) else row.children:
+            if isinstance(child, dict):
+                found[child["label"]] = child["custom_id"]
+            else:
+                found[child.label] = child.custom_id
+    return found

@@ -13,6 +13,7 @@ from generation.audio_input import AudioLimits, decode_audio
 from generation.audio_output import encode_mp3_within, normalise_loudness, request_tags
 from generation.request import GenerationRequest
 
+from .bot_helpers import fields, mp3_of, private_reply
 from .helpers import encode_tone
 
 # Debug-model jobs take well under a second, but the first melody model build imports
@@ -48,24 +49,6 @@ def admin(simcord_env, guild):
 
 def tone_bytes(tmp_path, name: str, **kwargs) -> bytes:
     return encode_tone(tmp_path / name, **kwargs).read_bytes()
-
-
-async def mp3_of(message: discord.Message) -> np.ndarray:
-    (attachment,) = message.attachments
-    assert attachment.filename.endswith(".mp3")
-    return decode_audio(await attachment.read(), AudioLimits()).samples
-
-
-def fields(message: discord.Message) -> dict[str, str]:
-    (embed,) = message.embeds
-    return {field.name: field.value for field in embed.fields}
-
-
-def private_reply(result) -> str:
-    """The ephemeral answer to a rejected command."""
-    replies = [m for m in [result.response, *result.followups] if m is not None and m.ephemeral]
-    assert replies, "expected an ephemeral reply"
-    return replies[-1].content
 
 
 async def test_generate_replies_with_an_mp3_and_every_parameter(alice, channel):

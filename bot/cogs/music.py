@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from generation.request import (
 from generation.store import GuildSettings
 
 from .. import presentation
-from ..delivery import encode_for_upload, mp3_file
+from ..delivery import result_message
 from ..errors import reply_privately, user_message
 
 if TYPE_CHECKING:
@@ -75,21 +76,42 @@ class Music(commands.Cog):
         request: GenerationRequest,
         uploads: dict[str, discord.Attachment | None],
     ) -> None:
-        """Check the request against the server's settings, read its uploads, and queue it.
+        """Queue a /music generate request with its uploads (read once it is checked)."""
 
-        Everything that can be checked at once is, so a mistake gets a private answer; the
-        response is deferred (publicly) only if the uploads take long to read.
+        async def with_uploads(request: GenerationRequest) -> GenerationRequest:
+            self.bot.engine.validate(request)
+            clips = await self._read_uploads_in_time(interaction, request, uploads)
+            return replace(request, **clips)
+
+        await self.queue_request(interaction, request, prepare=with_uploads)
+
+    async def queue_request(
+        self,
+        interaction: discord.Interaction,
+        request: GenerationRequest,
+        *,
+        prepare: Callable[[GenerationRequest], Awaitable[GenerationRequest]] | None = None,
+        note: str = "",
+    ) -> Job | None:
+        """Check a request against the server's settings and the member's limits, and queue it.
+
+        Everything that can be checked at once is, so a mistake gets a private answer;
+        ``prepare`` then completes the request (it may defer the response and read audio),
+        and the result is checked again. ``note`` is added to the queued message. Returns the
+        job, or None when the member was told why it was not queued.
         """
         guild_id, channel_id = interaction.guild_id, interaction.channel_id
         assert guild_id is not None and channel_id is not None
         user_id = interaction.user.id
+        # A thread (a relay jam's) is allowed where its channel is.
+        channel = interaction.channel
+        home = channel.parent_id if isinstance(channel, discord.Thread) else channel_id
         try:
             settings = await self.store.guild_settings(guild_id)
-            request = self._apply_settings(request, settings, channel_id).with_seed()
-            self.bot.engine.validate(request)
+            request = self._apply_settings(request, settings, home).with_seed()
             self.service.check_room(guild_id, user_id, settings.max_jobs_per_user)
-            clips = await self._read_uploads_in_time(interaction, request, uploads)
-            request = replace(request, **clips)
+            if prepare is not None:
+                request = self._apply_settings(await prepare(request), settings, home)
             self.bot.engine.validate(request)
             job = await self.service.submit(
                 request,
@@ -100,12 +122,13 @@ class Music(commands.Cog):
             )
         except GenerationError as error:
             await reply_privately(interaction, user_message(error))
-            return
+            return None
         reply = None
         try:
-            reply = await self._acknowledge(interaction, job)
+            reply = await self._acknowledge(interaction, job, note)
         finally:
             await self.service.release(job, reply)
+        return job
 
     def _apply_settings(
         self, request: GenerationRequest, settings: GuildSettings, channel_id: int
@@ -148,9 +171,9 @@ class Music(commands.Cog):
             except AudioInputError as error:
                 raise InvalidOption(option, str(error)) from error
         await interaction.response.defer(thinking=True)
-        return await self._read_uploads(given)
+        return await self.read_uploads(given)
 
-    async def _read_uploads(self, uploads: dict[str, discord.Attachment]) -> dict[str, AudioClip]:
+    async def read_uploads(self, uploads: dict[str, discord.Attachment]) -> dict[str, AudioClip]:
         """Read each attachment at once (their URLs expire) and decode it off the loop."""
         clips = {}
         loop = asyncio.get_running_loop()
@@ -168,12 +191,16 @@ class Music(commands.Cog):
                 ) from error
         return clips
 
-    async def _acknowledge(self, interaction: discord.Interaction, job: Job) -> ReplyAddress:
+    async def _acknowledge(
+        self, interaction: discord.Interaction, job: Job, note: str = ""
+    ) -> ReplyAddress:
         """Answer with the job's place in the queue; returns where to reach the member."""
         queue = self.service.queue
         status = presentation.queued_text(
             job, queue.position(job), self.service.worker.eta(job), queue.is_paused(job.guild_id)
         )
+        if note:
+            status = f"{note}\n{status}"
         if interaction.response.is_done():
             message_id = (await interaction.edit_original_response(content=status)).id
         else:
@@ -257,11 +284,12 @@ class Music(commands.Cog):
         await interaction.response.defer(thinking=True)
         audio, sample_rate = stored
         result = GenerationResult(found.request, audio, sample_rate, found.generation_seconds or 0)
-        data, bitrate = await encode_for_upload(result, interaction.filesize_limit)
+        posted = await result_message(found, result, interaction.filesize_limit)
         await interaction.followup.send(
             content=f"Job #{found.id} by <@{found.user_id}>",
-            embed=presentation.result_embed(found, result, bitrate),
-            file=mp3_file(result, data),
+            embed=posted.embed,
+            files=posted.files(),
+            view=posted.view,
         )
 
     # Information

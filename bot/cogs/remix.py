@@ -1,0 +1,275 @@
+"""Playing with results: the buttons under each one, and the context menus on any audio.
+
+Re-roll, Continue and Edit start from a job in the store; "Continue this track" and "Use as
+melody" start from any message with an audio attachment. Each makes a new job for the member
+who asked, through the same checks and limits as /music generate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from functools import partial
+from pathlib import PurePath
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from generation.audio_input import check_size
+from generation.continuation import MAX_INTRO_SECONDS, continue_request, intro_clip
+from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
+from generation.models import resolve_model
+from generation.queue import Job, JobStatus
+from generation.request import TEMPERATURE_RANGE, AudioClip, GenerationRequest
+
+from ..errors import UNEXPECTED, reply_privately, user_message
+from ..modals import Field, Form, number, prompt_field
+from ..views import BUTTONS
+
+if TYPE_CHECKING:
+    from ..bot import MusicGenBot
+    from .music import Music
+
+log = logging.getLogger(__name__)
+
+#: Seconds of new music a continuation adds unless the member says otherwise.
+DEFAULT_ADDED_SECONDS = 10.0
+AUDIO_SUFFIXES = {".wav", ".mp3", ".ogg", ".oga", ".opus", ".flac", ".m4a", ".aac", ".webm"}
+
+
+class Remix(commands.Cog):
+    """Re-roll, Continue and Edit buttons; "Continue this track" and "Use as melody"."""
+
+    def __init__(self, bot: MusicGenBot) -> None:
+        self.bot = bot
+        self.store = bot.service.store
+        guild_only = app_commands.AppCommandContext(guild=True)
+        self.menus = (
+            app_commands.ContextMenu(
+                name="Continue this track",
+                callback=self.continue_track,
+                allowed_contexts=guild_only,
+            ),
+            app_commands.ContextMenu(
+                name="Use as melody", callback=self.use_as_melody, allowed_contexts=guild_only
+            ),
+        )
+
+    @property
+    def music(self) -> Music:
+        return self.bot.get_cog("Music")  # type: ignore[return-value]
+
+    async def cog_load(self) -> None:
+        self.bot.add_dynamic_items(*BUTTONS)
+        for menu in self.menus:
+            self.bot.tree.add_command(menu)
+
+    async def cog_unload(self) -> None:
+        self.bot.remove_dynamic_items(*BUTTONS)
+        for menu in self.menus:
+            self.bot.tree.remove_command(menu.name, type=menu.type)
+
+    # Buttons
+
+    async def reroll(self, interaction: discord.Interaction, job_id: int) -> None:
+        """The same request with a new seed."""
+        async with answering(interaction):
+            source = await self._finished_job(interaction, job_id)
+            await self.music.queue_request(
+                interaction,
+                replace(source.request, seed=None),
+                note=f"Re-roll of job #{source.id} with a new seed.",
+            )
+
+    async def ask_continue(self, interaction: discord.Interaction, job_id: int) -> None:
+        async with answering(interaction):
+            source = await self._finished_job(interaction, job_id)
+            fields = [prompt_field(source.request.prompt), self._length_field()]
+            submit = partial(self._continue_job, job_id=source.id)
+            await interaction.response.send_modal(
+                Form(f"Continue job #{source.id}", fields, submit)
+            )
+
+    async def _continue_job(
+        self, interaction: discord.Interaction, values: dict[str, str], *, job_id: int
+    ) -> None:
+        """A continuation whose intro is the end of the job's stored result."""
+        async with answering(interaction):
+            added = self._length(values)
+            source = await self._finished_job(interaction, job_id)
+
+            async def with_intro(request: GenerationRequest) -> GenerationRequest:
+                stored = await self.store.load_result(source)
+                if stored is None:
+                    raise JobNotFound(f"The track of job #{job_id} is no longer kept.")
+                return continue_request(request, intro_clip(*stored), added)
+
+            request = replace(
+                source.request,
+                prompt=values["prompt"],
+                duration=added,
+                seed=None,
+                melody=None,
+                continuation=None,
+            )
+            await self.music.queue_request(
+                interaction, request, prepare=with_intro, note=f"Continuing job #{source.id}."
+            )
+
+    async def ask_edit(self, interaction: discord.Interaction, job_id: int) -> None:
+        async with answering(interaction):
+            source = await self._finished_job(interaction, job_id)
+            request = source.request
+            fields = [
+                prompt_field(request.prompt),
+                Field("duration", "Duration in seconds", f"{request.duration:g}"),
+                Field("temperature", "Temperature (0-2)", f"{request.temperature:g}"),
+            ]
+            submit = partial(self._edit_job, job_id=source.id)
+            await interaction.response.send_modal(Form(f"Edit job #{source.id}", fields, submit))
+
+    async def _edit_job(
+        self, interaction: discord.Interaction, values: dict[str, str], *, job_id: int
+    ) -> None:
+        """The job's request with the new prompt, duration and temperature; the seed stays,
+        so the change is what makes the difference (Re-roll for a new seed)."""
+        async with answering(interaction):
+            duration = number(values, "duration", 1.0, self.music.max_duration)
+            temperature = number(values, "temperature", *TEMPERATURE_RANGE)
+            source = await self._finished_job(interaction, job_id)
+            request = replace(
+                source.request, prompt=values["prompt"], duration=duration, temperature=temperature
+            )
+            await self.music.queue_request(
+                interaction, request, note=f"Edit of job #{source.id}, same seed."
+            )
+
+    # Context menus
+
+    async def continue_track(self, interaction: discord.Interaction, message: discord.Message):
+        attachment = self._audio_attachment(message, "continuation")
+        fields = [prompt_field(), self._length_field()]
+        submit = partial(self._continue_upload, attachment=attachment)
+        await interaction.response.send_modal(Form("Continue this track", fields, submit))
+
+    async def _continue_upload(
+        self,
+        interaction: discord.Interaction,
+        values: dict[str, str],
+        *,
+        attachment: discord.Attachment,
+    ) -> None:
+        async with answering(interaction):
+            added = self._length(values)
+
+            async def with_intro(request: GenerationRequest) -> GenerationRequest:
+                clip = await self._read(interaction, attachment, "continuation")
+                return continue_request(request, intro_clip(clip.samples, clip.sample_rate), added)
+
+            request = GenerationRequest(prompt=values["prompt"], model="", duration=added)
+            await self.music.queue_request(
+                interaction, request, prepare=with_intro, note=f"Continuing {attachment.filename}."
+            )
+
+    async def use_as_melody(self, interaction: discord.Interaction, message: discord.Message):
+        attachment = self._audio_attachment(message, "melody")
+        default = f"{min(DEFAULT_ADDED_SECONDS, self.music.max_duration):g}"
+        fields = [prompt_field(), Field("duration", "Duration in seconds", default)]
+        submit = partial(self._melody_upload, attachment=attachment)
+        await interaction.response.send_modal(Form("Use as melody", fields, submit))
+
+    async def _melody_upload(
+        self,
+        interaction: discord.Interaction,
+        values: dict[str, str],
+        *,
+        attachment: discord.Attachment,
+    ) -> None:
+        async with answering(interaction):
+            duration = number(values, "duration", 1.0, self.music.max_duration)
+            model, note = await self._melody_model(interaction.guild_id or 0)
+
+            async def with_melody(request: GenerationRequest) -> GenerationRequest:
+                return replace(request, melody=await self._read(interaction, attachment, "melody"))
+
+            request = GenerationRequest(prompt=values["prompt"], model=model, duration=duration)
+            note = f"{note} Following the melody of {attachment.filename}.".strip()
+            await self.music.queue_request(interaction, request, prepare=with_melody, note=note)
+
+    async def _melody_model(self, guild_id: int) -> tuple[str, str]:
+        """The server's default model if it takes a melody, else the first allowed one that
+        does; and a note saying so when it is not the default."""
+        settings = await self.store.guild_settings(guild_id)
+        allowed = settings.allowed_models or self.music.models
+        default = settings.default_model or self.music.models[0]
+        if default not in allowed:
+            default = allowed[0]
+        if resolve_model(default).melody:
+            return default, ""
+        for name in allowed:
+            if resolve_model(name).melody:
+                return name, f"{default} cannot follow a melody, so this uses {name}."
+        raise InvalidOption(
+            "model",
+            "No model allowed in this server can follow a melody: an admin can allow one "
+            "with `/music admin settings`.",
+        )
+
+    # Helpers
+
+    async def _finished_job(self, interaction: discord.Interaction, job_id: int) -> Job:
+        job = await self.store.get(job_id)
+        if job is None or job.guild_id != interaction.guild_id:
+            raise JobNotFound(f"There is no job #{job_id} in this server.")
+        if job.status is not JobStatus.DONE:
+            raise JobNotFound(f"Job #{job_id} has no track: it is {job.status.value}.")
+        return job
+
+    def _audio_attachment(self, message: discord.Message, label: str) -> discord.Attachment:
+        """The message's first audio attachment, if it is not too large to read."""
+        for attachment in message.attachments:
+            kind = attachment.content_type or ""
+            if kind.startswith("audio/") or PurePath(attachment.filename).suffix in AUDIO_SUFFIXES:
+                try:
+                    check_size(attachment.size, self.music.upload_limits, label)
+                except AudioInputError as error:
+                    raise InvalidOption(label, str(error)) from error
+                return attachment
+        raise GenerationError("That message has no audio attachment to use.")
+
+    async def _read(
+        self, interaction: discord.Interaction, attachment: discord.Attachment, label: str
+    ) -> AudioClip:
+        """Defer (downloading may outlast Discord's 3 s deadline), then read and decode."""
+        await interaction.response.defer(thinking=True)
+        clips = await self.music.read_uploads({label: attachment})
+        return clips[label]
+
+    def _length_field(self) -> Field:
+        default = min(DEFAULT_ADDED_SECONDS, self.music.max_duration - MAX_INTRO_SECONDS)
+        return Field("length", "Seconds of new music to add", f"{max(default, 1.0):g}")
+
+    def _length(self, values: dict[str, str]) -> float:
+        return number(values, "length", 1.0, self.music.max_duration - 1.0)
+
+
+@contextlib.asynccontextmanager
+async def answering(interaction: discord.Interaction) -> AsyncIterator[None]:
+    """Turn an error in a button or form into a private answer (the tree's error handler
+    only sees slash commands and context menus)."""
+    try:
+        yield
+    except GenerationError as error:
+        await reply_privately(interaction, user_message(error))
+    except Exception:
+        log.exception("a button or form failed")
+        with contextlib.suppress(discord.HTTPException):
+            await reply_privately(interaction, UNEXPECTED)
+
+
+async def setup(bot: MusicGenBot) -> None:
+    await bot.add_cog(Remix(bot))

@@ -1,0 +1,86 @@
+"""The buttons under every result: Re-roll, Continue, Edit, Variations.
+
+Each button's ``custom_id`` carries the job id, and everything else is read from the store,
+so buttons keep working after a restart (the bot registers them with
+``add_dynamic_items``). Anyone in the server may press them: each press makes the presser's
+own job, counted against their limits.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import discord
+
+if TYPE_CHECKING:
+    from .cogs.remix import Remix
+
+
+class JobButton(
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=r"musicgen:(?P<action>[a-z]+):(?P<job>[0-9]+)",
+):
+    """A button about one job; subclasses name the action and what it does."""
+
+    action: ClassVar[str]
+    label: ClassVar[str]
+    emoji: ClassVar[str]
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=self.label,
+                emoji=self.emoji,
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"musicgen:{self.action}:{job_id}",
+            )
+        )
+        self.job_id = job_id
+
+    def __init_subclass__(cls, *, action: str, **kwargs: Any) -> None:
+        super().__init_subclass__(template=rf"musicgen:{action}:(?P<job>[0-9]+)", **kwargs)
+        cls.action = action
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /
+    ) -> JobButton:
+        return cls(int(match["job"]))
+
+    def remix(self, interaction: discord.Interaction) -> Remix:
+        cog = interaction.client.get_cog("Remix")  # type: ignore[attr-defined]
+        assert cog is not None
+        return cog
+
+
+class ReRollButton(JobButton, action="reroll"):
+    label, emoji = "Re-roll", "🎲"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await self.remix(interaction).reroll(interaction, self.job_id)
+
+
+class ContinueButton(JobButton, action="continue"):
+    label, emoji = "Continue", "⏩"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await self.remix(interaction).ask_continue(interaction, self.job_id)
+
+
+class EditButton(JobButton, action="edit"):
+    label, emoji = "Edit", "✏️"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await self.remix(interaction).ask_edit(interaction, self.job_id)
+
+
+BUTTONS: tuple[type[JobButton], ...] = (ReRollButton, ContinueButton, EditButton)
+
+
+def result_view(job_id: int) -> discord.ui.View:
+    """The buttons for a result of job ``job_id``."""
+    view = discord.ui.View(timeout=None)
+    for button in BUTTONS:
+        view.add_item(button(job_id))
+    return view

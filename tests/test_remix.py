@@ -1,0 +1,194 @@
+"""Under every result, and on any audio message: re-roll, continue, edit, use as melody."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from .bot_helpers import buttons, fields, job_id, make_bot, mp3_of, private_reply, seconds
+from .helpers import encode_tone
+
+pytestmark = pytest.mark.simcord(settle_timeout=60)
+
+
+@pytest.fixture
+def guild(simcord_env):
+    return simcord_env.create_guild("Jam Session")
+
+
+@pytest.fixture
+def channel(guild):
+    return guild.create_text_channel("music")
+
+
+@pytest.fixture
+def alice(simcord_env, guild):
+    return guild.add_member(simcord_env.create_user("alice"))
+
+
+@pytest.fixture
+def bob(simcord_env, guild):
+    return guild.add_member(simcord_env.create_user("bob"))
+
+
+async def track(member, channel, prompt="warm synthwave", **options):
+    """A result message, made by ``member``."""
+    options = {"duration": 2.0, **options}
+    result = await member.slash(channel, "music generate", prompt=prompt, **options)
+    assert result.response.attachments, result.response.content
+    return result.response
+
+
+def text_inputs(shown) -> dict[str, str | None]:
+    """A shown modal's text inputs: custom_id to pre-filled value."""
+    return {
+        control["custom_id"]: control.get("value")
+        for row in shown.modal["components"]
+        for control in row["components"]
+    }
+
+
+async def test_every_result_has_a_waveform_and_the_buttons(alice, channel):
+    message = await track(alice, channel)
+    number = job_id(message)
+    assert buttons(message) == {
+        "Re-roll": f"musicgen:reroll:{number}",
+        "Continue": f"musicgen:continue:{number}",
+        "Edit": f"musicgen:edit:{number}",
+    }
+    (png,) = [a for a in message.attachments if a.filename == "waveform.png"]
+    assert message.embeds[0].image.url.endswith("waveform.png")
+    image = Image.open(io.BytesIO(await png.read()))
+    assert (image.format, image.size) == ("PNG", (800, 160))
+    colours = {colour for _, colour in image.getcolors(maxcolors=1000)}
+    assert len(colours) >= 2  # the wave is drawn over the background
+
+
+async def test_re_roll_is_the_same_request_with_a_new_seed_for_whoever_clicks(alice, bob, channel):
+    original = await track(alice, channel, temperature=0.8, seed=11)
+    clicked = await bob.click(original, custom_id=f"musicgen:reroll:{job_id(original)}")
+    reply = clicked.response
+    assert reply.content.startswith(f"<@{bob.id}>")  # bob's job, delivered to bob
+    before, after = fields(original), fields(reply)
+    assert reply.embeds[0].title == "warm synthwave"
+    for name in ("Model", "Duration", "Temperature", "Top-k", "CFG coef"):
+        assert after[name] == before[name], name
+    assert after["Seed"] != before["Seed"]
+    assert job_id(reply) != job_id(original)
+    assert buttons(reply)["Re-roll"] == f"musicgen:reroll:{job_id(reply)}"
+
+
+async def test_continue_extends_the_result_with_a_new_prompt_and_length(alice, bob, channel):
+    original = await track(alice, channel, prompt="piano intro", duration=2.0)
+    shown = await bob.click(original, custom_id=f"musicgen:continue:{job_id(original)}")
+    assert text_inputs(shown) == {"musicgen:prompt": "piano intro", "musicgen:length": "10"}
+    done = await bob.submit_modal(
+        shown, {"musicgen:prompt": "drums come in", "musicgen:length": "1.5"}
+    )
+    reply = done.response
+    assert reply.embeds[0].title == "drums come in"
+    assert fields(reply)["Continuation of"] == "2.0 s intro"
+    assert seconds(await mp3_of(reply)) == pytest.approx(3.5, abs=0.1)
+
+
+async def test_continue_refuses_a_bad_length(alice, channel):
+    original = await track(alice, channel)
+    shown = await alice.click(original, custom_id=f"musicgen:continue:{job_id(original)}")
+    refused = await alice.submit_modal(shown, {"musicgen:prompt": "x", "musicgen:length": "long"})
+    assert private_reply(refused) == "**length**: Enter a number between 1 and 59."
+
+
+async def test_edit_runs_again_with_the_new_prompt_duration_and_temperature(alice, channel):
+    original = await track(alice, channel, prompt="calm", duration=2.0, seed=99)
+    shown = await alice.click(original, custom_id=f"musicgen:edit:{job_id(original)}")
+    assert text_inputs(shown) == {
+        "musicgen:prompt": "calm",
+        "musicgen:duration": "2",
+        "musicgen:temperature": "1",
+    }
+    done = await alice.submit_modal(
+        shown,
+        {"musicgen:prompt": "stormy", "musicgen:duration": "1", "musicgen:temperature": "0.5"},
+    )
+    values = fields(done.response)
+    assert done.response.embeds[0].title == "stormy"
+    assert (values["Temperature"], values["Seed"]) == ("0.5", "99")
+    assert seconds(await mp3_of(done.response)) == pytest.approx(1.0, abs=0.1)
+
+    shown = await alice.click(original, custom_id=f"musicgen:edit:{job_id(original)}")
+    refused = await alice.submit_modal(
+        shown, {"musicgen:prompt": "x", "musicgen:duration": "2", "musicgen:temperature": "hot"}
+    )
+    assert private_reply(refused) == "**temperature**: Enter a number between 0 and 2."
+
+
+async def test_continue_this_track_on_an_uploaded_clip(alice, bob, channel, tmp_path):
+    riff = encode_tone(tmp_path / "riff.m4a", seconds=1.5).read_bytes()
+    upload = await alice.send(channel, "my riff", attachments=[("riff.m4a", riff)])
+    shown = await bob.context_menu(channel, "Continue this track", upload)
+    assert set(text_inputs(shown)) == {"musicgen:prompt", "musicgen:length"}
+    done = await bob.submit_modal(shown, {"musicgen:prompt": "guitar solo", "musicgen:length": "2"})
+    reply = done.response
+    assert reply.content.startswith(f"<@{bob.id}>")
+    assert fields(reply)["Continuation of"] == "1.5 s intro"
+    assert seconds(await mp3_of(reply)) == pytest.approx(3.5, abs=0.1)
+
+
+async def test_continue_this_track_on_a_result(alice, bob, channel):
+    original = await track(alice, channel, prompt="bassline", duration=2.0)
+    message = channel.history()[-1]
+    assert message.id == original.id
+    shown = await bob.context_menu(channel, "Continue this track", message)
+    done = await bob.submit_modal(shown, {"musicgen:prompt": "more bass", "musicgen:length": "1"})
+    assert fields(done.response)["Continuation of"] == "2.0 s intro"
+
+
+async def test_use_as_melody_picks_a_melody_model_and_says_so(
+    simcord_env, alice, bob, channel, tmp_path
+):
+    tune = encode_tone(tmp_path / "tune.wav", seconds=2.0, frequency=523.0).read_bytes()
+    upload = await alice.send(channel, "hum this", attachments=[("tune.wav", tune)])
+    shown = await bob.context_menu(channel, "Use as melody", upload)
+    assert text_inputs(shown) == {"musicgen:prompt": None, "musicgen:duration": "10"}
+    done = await bob.submit_modal(shown, {"musicgen:prompt": "orchestra", "musicgen:duration": "2"})
+    values = fields(done.response)
+    assert (values["Model"], values["Melody"]) == ("debug-melody", "2.0 s clip")
+    queued = [
+        entry.json["content"]
+        for entry in simcord_env.http_requests
+        if isinstance(entry.json, dict) and "Queued as job" in str(entry.json.get("content"))
+    ]
+    assert "debug cannot follow a melody, so this uses debug-melody." in queued[-1]
+
+
+async def test_context_menus_need_an_audio_attachment(alice, channel, tmp_path):
+    text = await alice.send(channel, "no audio here")
+    for name in ("Continue this track", "Use as melody"):
+        refused = await alice.context_menu(channel, name, text)
+        assert private_reply(refused) == "That message has no audio attachment to use."
+    big = encode_tone(tmp_path / "big.wav", seconds=10.0).read_bytes()  # over the 1 MiB limit
+    upload = await alice.send(channel, "too big", attachments=[("big.wav", big)])
+    refused = await alice.context_menu(channel, "Use as melody", upload)
+    assert "**melody**" in private_reply(refused) and "the limit is 1 MiB" in private_reply(refused)
+
+
+async def test_a_bad_upload_gets_a_clear_error_after_the_form(alice, channel):
+    upload = await alice.send(channel, "fake", attachments=[("fake.mp3", b"not audio" * 100)])
+    shown = await alice.context_menu(channel, "Continue this track", upload)
+    refused = await alice.submit_modal(shown, {"musicgen:prompt": "x", "musicgen:length": "2"})
+    assert "not audio we can read" in private_reply(refused)
+
+
+async def test_buttons_work_after_a_restart(simcord_env, alice, bob, channel, database):
+    original = await track(alice, channel, prompt="before the restart", seed=3)
+    await simcord_env.restart_bot(make_bot(database))
+    rerolled = await bob.click(original, custom_id=f"musicgen:reroll:{job_id(original)}")
+    assert rerolled.response.embeds[0].title == "before the restart"
+    assert fields(rerolled.response)["Seed"] != "3"
+    shown = await bob.click(original, label="Continue")
+    done = await bob.submit_modal(shown, {"musicgen:prompt": "after", "musicgen:length": "1"})
+    assert fields(done.response)["Continuation of"] == "2.0 s intro"
+    shown = await bob.click(original, label="Edit")
+    assert text_inputs(shown)["musicgen:prompt"] == "before the restart"
