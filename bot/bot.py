@@ -18,7 +18,7 @@ from .errors import on_app_command_error
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("bot.cogs.music", "bot.cogs.remix")
+EXTENSIONS = ("bot.cogs.music", "bot.cogs.remix", "bot.cogs.jam")
 
 
 class MusicGenBot(commands.Bot):

@@ -1,0 +1,254 @@
+"""/music jam: relay jams, where members take turns carrying one track on in a thread.
+
+Each turn is a continuation job whose intro is the end of the latest finished turn; the
+thread's first message is the jam's timeline. Export stitches the turns' new parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import discord
+import numpy as np
+from discord import app_commands
+from discord.ext import commands
+
+from generation.audio_output import encode_mp3_within, mp3_filename, request_tags
+from generation.continuation import continue_request, intro_clip, new_part, stitch
+from generation.errors import GenerationError
+from generation.queue import Job, JobStatus
+from generation.request import GenerationRequest
+from generation.store import Jam, Segment
+
+from .. import presentation
+from .remix import DEFAULT_ADDED_SECONDS
+
+if TYPE_CHECKING:
+    from ..bot import MusicGenBot
+    from .music import Music
+
+log = logging.getLogger(__name__)
+
+#: Discord's limit on files in one message.
+FILES_PER_MESSAGE = 10
+LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class JamCommands(app_commands.Group):
+    """The /music jam subcommands; the work is done by the :class:`Jams` cog."""
+
+    def __init__(self, cog: Jams) -> None:
+        super().__init__(name="jam", description="Relay jams: take turns carrying one track on")
+        self.cog = cog
+
+    @app_commands.command(name="start", description="Open a thread for a relay jam")
+    @app_commands.describe(title="The jam's name (the thread's name)")
+    async def start(
+        self, interaction: discord.Interaction, title: app_commands.Range[str, 1, 100] | None = None
+    ) -> None:
+        await self.cog.start(interaction, title)
+
+    @app_commands.command(name="add", description="Take a turn: carry the jam's track on")
+    @app_commands.describe(
+        prompt="What your part should sound like", length="Seconds of new music you add"
+    )
+    async def add(
+        self,
+        interaction: discord.Interaction,
+        prompt: app_commands.Range[str, 1, 1000],
+        length: app_commands.Range[float, 1.0, 30.0] = DEFAULT_ADDED_SECONDS,
+    ) -> None:
+        await self.cog.add(interaction, prompt, length)
+
+    @app_commands.command(name="export", description="Post the jam's whole track")
+    @app_commands.describe(segments="Also post each turn's part as its own file")
+    async def export(self, interaction: discord.Interaction, segments: bool = False) -> None:
+        await self.cog.export(interaction, segments)
+
+
+class Jams(commands.Cog):
+    """Relay jams in threads."""
+
+    def __init__(self, bot: MusicGenBot) -> None:
+        self.bot = bot
+        self.store = bot.service.store
+        self.commands = JamCommands(self)
+        self._turns: dict[int, asyncio.Lock] = {}  # one turn taken at a time per jam
+
+    @property
+    def music(self) -> Music:
+        return self.bot.get_cog("Music")  # type: ignore[return-value]
+
+    async def cog_load(self) -> None:
+        self.music.music.add_command(self.commands)
+
+    async def cog_unload(self) -> None:
+        self.music.music.remove_command(self.commands.name)
+
+    async def start(self, interaction: discord.Interaction, title: str | None) -> None:
+        channel = interaction.channel
+        if not isinstance(channel, discord.TextChannel):
+            raise GenerationError("Start a jam in a text channel, not in a thread.")
+        settings = await self.store.guild_settings(channel.guild.id)
+        if settings.allowed_channels and channel.id not in settings.allowed_channels:
+            channels = ", ".join(f"<#{allowed}>" for allowed in settings.allowed_channels)
+            raise GenerationError(f"In this server, music is made in {channels}.")
+        title = title or f"Jam by {interaction.user.display_name}"
+        thread = await channel.create_thread(
+            name=title, type=discord.ChannelType.public_thread, auto_archive_duration=1440
+        )
+        jam = Jam(thread.id, channel.guild.id, channel.id, interaction.user.id, title)
+        timeline = await thread.send(presentation.jam_timeline(jam, []))
+        jam = replace(jam, timeline_message_id=timeline.id)
+        await self.store.add_jam(jam)
+        log.info("jam=%d event=started guild=%d", thread.id, jam.guild_id)
+        await interaction.response.send_message(
+            f"Jam **{title}** started in {thread.mention}: take turns there with "
+            "`/music jam add`, each carrying the track on; `/music jam export` posts it whole."
+        )
+
+    async def add(self, interaction: discord.Interaction, prompt: str, length: float) -> None:
+        jam = await self._jam(interaction)
+        async with self._turns.setdefault(jam.thread_id, asyncio.Lock()):
+            turns = await self._turns_of(jam)
+            latest = self._latest_finished(turns)
+            request = GenerationRequest(prompt=prompt, model="", duration=length)
+            prepare = None
+            if latest is not None:
+                request = GenerationRequest(prompt=prompt, model=latest.request.model)
+
+                async def prepare(request: GenerationRequest) -> GenerationRequest:
+                    stored = await self.store.load_result(latest)
+                    if stored is None:
+                        raise GenerationError(f"The track of job #{latest.id} is no longer kept.")
+                    return continue_request(request, intro_clip(*stored), length)
+
+            note = f"Turn {len(turns) + 1} of the jam" + (
+                f", carrying on job #{latest.id}." if latest else "."
+            )
+            job = await self.music.queue_request(interaction, request, prepare=prepare, note=note)
+            if job is None:
+                return
+            await self.store.add_segment(jam, job)
+        await self._update_timeline(jam)
+
+    async def export(self, interaction: discord.Interaction, with_segments: bool) -> None:
+        jam = await self._jam(interaction)
+        turns = [job for _, job in await self._turns_of(jam) if job.status is JobStatus.DONE]
+        if not turns:
+            raise GenerationError("Nothing to export yet: take a turn with `/music jam add`.")
+        await interaction.response.defer(thinking=True)
+        parts: list[tuple[Job, np.ndarray, float]] = []
+        sample_rate = 0
+        for job in turns:
+            stored = await self.store.load_result(job)
+            if stored is None:
+                raise GenerationError(f"The track of job #{job.id} is no longer kept.")
+            audio, sample_rate = stored
+            intro = job.request.continuation.seconds if job.request.continuation else 0.0
+            parts.append((job, audio, intro))
+        track = await asyncio.to_thread(
+            stitch, [(audio, intro) for _, audio, intro in parts], sample_rate
+        )
+        limit = interaction.filesize_limit
+        data, bitrate = await asyncio.to_thread(
+            encode_mp3_within, track, sample_rate, limit, tags=presentation.jam_tags(jam, turns)
+        )
+        players = ", ".join(dict.fromkeys(f"<@{job.user_id}>" for job in turns))
+        await interaction.followup.send(
+            f"**{jam.title}**: {len(turns)} turns by {players}, "
+            f"{track.shape[-1] / sample_rate:.1f} s ({bitrate} kbit/s).",
+            file=discord.File(io.BytesIO(data), presentation.jam_filename(jam)),
+        )
+        if with_segments:
+            await self._post_segments(interaction, jam, parts, sample_rate, limit)
+        await self._update_timeline(jam)
+
+    async def _post_segments(
+        self,
+        interaction: discord.Interaction,
+        jam: Jam,
+        parts: list[tuple[Job, np.ndarray, float]],
+        sample_rate: int,
+        limit: int,
+    ) -> None:
+        """Each turn's new part, with its own request in its tags, up to ten per message."""
+        for first in range(0, len(parts), FILES_PER_MESSAGE):
+            batch = parts[first : first + FILES_PER_MESSAGE]
+            files = []
+            for number, (job, audio, intro) in enumerate(batch, start=first + 1):
+                part = new_part(audio, sample_rate, intro)
+                data, _ = await asyncio.to_thread(
+                    encode_mp3_within,
+                    part,
+                    sample_rate,
+                    limit // len(batch),
+                    tags=request_tags(job.request),
+                )
+                name = f"{number:02d}-{mp3_filename(job.request)}"
+                files.append(discord.File(io.BytesIO(data), name))
+            await interaction.followup.send(
+                f"Turns {first + 1}-{first + len(batch)} of **{jam.title}**, one file each.",
+                files=files,
+            )
+
+    @commands.Cog.listener()
+    async def on_job_ended(self, job: Job) -> None:
+        """Keep the timeline of the jam a job belongs to (if any) up to date."""
+        jam = await self.store.jam_of_job(job.id)
+        if jam is not None:
+            await self._update_timeline(jam)
+
+    async def _jam(self, interaction: discord.Interaction) -> Jam:
+        jam = await self.store.jam(interaction.channel_id or 0)
+        if jam is None:
+            raise GenerationError(
+                "This is not a jam's thread: start one with `/music jam start`, then use "
+                "the jam commands in its thread."
+            )
+        return jam
+
+    async def _turns_of(self, jam: Jam) -> list[tuple[Segment, Job]]:
+        turns = []
+        for segment in await self.store.segments(jam.thread_id):
+            job = await self.store.get(segment.job_id)
+            if job is not None:
+                turns.append((segment, job))
+        return turns
+
+    @staticmethod
+    def _latest_finished(turns: list[tuple[Segment, Job]]) -> Job | None:
+        """The turn to carry on: the latest that finished (failed turns are skipped).
+
+        Raises:
+            GenerationError: the latest turn is still being made; members take turns.
+        """
+        for segment, job in reversed(turns):
+            if job.status in LIVE:
+                raise GenerationError(
+                    f"Turn {segment.position} by <@{job.user_id}> is still being made: wait "
+                    "for it, then carry it on."
+                )
+            if job.status is JobStatus.DONE:
+                return job
+        return None
+
+    async def _update_timeline(self, jam: Jam) -> None:
+        if jam.timeline_message_id is None:
+            return
+        content = presentation.jam_timeline(jam, await self._turns_of(jam))
+        message = self.bot.get_partial_messageable(
+            jam.thread_id, guild_id=jam.guild_id
+        ).get_partial_message(jam.timeline_message_id)
+        try:
+            await message.edit(content=content)
+        except discord.HTTPException as error:
+            log.info("jam=%d event=timeline-not-updated error=%s", jam.thread_id, error)
+
+
+async def setup(bot: MusicGenBot) -> None:
+    await bot.add_cog(Jams(bot))

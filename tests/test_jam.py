@@ -1,0 +1,144 @@
+"""Relay jams: members take turns carrying one track on in a thread, then export it."""
+
+from __future__ import annotations
+
+import io
+
+import discord
+import mutagen.id3
+import pytest
+
+from generation.audio_input import AudioLimits, decode_audio
+
+from .bot_helpers import fields, job_id, make_bot, mp3_of, private_reply, seconds
+
+pytestmark = pytest.mark.simcord(settle_timeout=60)
+
+
+@pytest.fixture
+def guild(simcord_env):
+    return simcord_env.create_guild("Jam Session")
+
+
+@pytest.fixture
+def channel(guild):
+    return guild.create_text_channel("music")
+
+
+@pytest.fixture
+def alice(simcord_env, guild):
+    return guild.add_member(simcord_env.create_user("alice"))
+
+
+@pytest.fixture
+def bob(simcord_env, guild):
+    return guild.add_member(simcord_env.create_user("bob"))
+
+
+@pytest.fixture
+def admin(simcord_env, guild):
+    mods = guild.create_role("Mods", permissions=discord.Permissions(manage_guild=True))
+    return guild.add_member(simcord_env.create_user("mod"), roles=[mods])
+
+
+async def start_jam(member, channel, title="Friday jam"):
+    started = await member.slash(channel, "music jam start", title=title)
+    (thread,) = channel.threads
+    assert thread.name == title
+    assert thread.mention in started.response.content
+    return thread
+
+
+async def take_turn(member, thread, prompt, length=2.0):
+    result = await member.slash(thread, "music jam add", prompt=prompt, length=length)
+    assert result.response.attachments, result.response.content
+    return result.response
+
+
+def timeline(thread) -> list[str]:
+    return thread.history()[0].content.splitlines()
+
+
+def id3(data: bytes) -> dict[str, str]:
+    tags = mutagen.id3.ID3(io.BytesIO(data))
+    return {
+        frame.desc if frame.FrameID == "TXXX" else frame.FrameID: str(frame)
+        for frame in tags.values()
+    }
+
+
+async def test_a_relay_jam_of_three_turns_by_two_members(alice, bob, channel):
+    thread = await start_jam(alice, channel)
+    assert "No turns yet" in timeline(thread)[-1]
+
+    first = await take_turn(alice, thread, "slow piano intro", length=2.0)
+    assert "Continuation of" not in fields(first)
+    second = await take_turn(bob, thread, "drums join in", length=1.5)
+    assert fields(second)["Continuation of"] == "2.0 s intro"  # the whole first turn
+    assert seconds(await mp3_of(second)) == pytest.approx(3.5, abs=0.1)
+    third = await take_turn(alice, thread, "big finish", length=1.0)
+    assert fields(third)["Continuation of"] == "3.5 s intro"  # the whole second result
+    assert second.content.startswith(f"<@{bob.id}>") and third.content.startswith(f"<@{alice.id}>")
+
+    assert timeline(thread)[1:] == [
+        f"1. <@{alice.id}>: *slow piano intro* (job #{job_id(first)})",
+        f"2. <@{bob.id}>: *drums join in* (job #{job_id(second)})",
+        f"3. <@{alice.id}>: *big finish* (job #{job_id(third)})",
+    ]
+
+    exported = await bob.slash(thread, "music jam export", segments=True)
+    whole = exported.response
+    assert whole.content.startswith("**Friday jam**: 3 turns by ")
+    assert f"<@{alice.id}>, <@{bob.id}>" in whole.content
+    (mp3,) = whole.attachments
+    data = await mp3.read()
+    assert seconds(await mp3_of(whole)) == pytest.approx(2.0 + 1.5 + 1.0, abs=0.1)
+    jobs = ",".join(str(job_id(m)) for m in (first, second, third))
+    assert id3(data)["musicgen_jobs"] == jobs
+
+    (parts,) = exported.followups
+    assert [a.filename[:3] for a in parts.attachments] == ["01-", "02-", "03-"]
+    lengths = [
+        seconds(decode_audio(await a.read(), AudioLimits()).samples) for a in parts.attachments
+    ]
+    assert lengths == pytest.approx([2.0, 1.5, 1.0], abs=0.1)
+    assert id3(await parts.attachments[1].read())["musicgen_prompt"] == "drums join in"
+
+
+async def test_members_take_turns(alice, bob, admin, channel):
+    thread = await start_jam(alice, channel)
+    await admin.slash(channel, "music admin pause")
+    waiting = await alice.slash(thread, "music jam add", prompt="first", length=1.0)
+    assert "Turn 1 of the jam" in waiting.response.content
+    refused = await bob.slash(thread, "music jam add", prompt="too soon", length=1.0)
+    assert private_reply(refused) == (
+        f"Turn 1 by <@{alice.id}> is still being made: wait for it, then carry it on."
+    )
+    assert timeline(thread)[-1].endswith("(queued)")
+    await admin.slash(channel, "music admin resume")
+    assert waiting.response.attachments
+    assert timeline(thread)[-1].endswith(f"(job #{job_id(waiting.response)})")
+    turn = await take_turn(bob, thread, "now", length=1.0)
+    assert fields(turn)["Continuation of"] == "1.0 s intro"
+
+
+async def test_jam_commands_outside_a_jam_are_explained(alice, channel):
+    for command, options in (("music jam add", {"prompt": "x"}), ("music jam export", {})):
+        refused = await alice.slash(channel, command, **options)
+        assert "This is not a jam's thread" in private_reply(refused)
+    thread = await start_jam(alice, channel)
+    refused = await alice.slash(thread, "music jam start")
+    assert private_reply(refused) == "Start a jam in a text channel, not in a thread."
+    empty = await alice.slash(thread, "music jam export")
+    assert "Nothing to export yet" in private_reply(empty)
+
+
+async def test_a_jam_goes_on_after_a_restart(simcord_env, alice, bob, channel, database):
+    thread = await start_jam(alice, channel)
+    first = await take_turn(alice, thread, "before")
+    await simcord_env.restart_bot(make_bot(database))
+    second = await take_turn(bob, thread, "after", length=1.0)
+    assert fields(second)["Continuation of"] == "2.0 s intro"
+    assert len(timeline(thread)) == 3
+    clicked = await bob.click(first, label="Re-roll")
+    assert clicked.response.attachments
