@@ -40,18 +40,18 @@ class JobReporter:
     async def job_progress(self, job: Job) -> None:
         await self._edit_status(job, presentation.running_text(job))
 
-    async def job_finished(self, job: Job, result: GenerationResult) -> str | None:
-        content = f"<@{job.user_id}>, your track is ready."
+    async def job_finished(self, job: Job, results: list[GenerationResult]) -> str | None:
+        content = f"<@{job.user_id}>, your track{'s are' if len(results) > 1 else ' is'} ready."
         reply = self._live_reply(job)
         try:
             if reply is not None:
                 try:
-                    data, bitrate = await encode_for_upload(result, reply.max_upload_bytes)
+                    files, bitrate = await encode_for_upload(results, reply.max_upload_bytes)
                     message = await self._webhook(reply).edit_message(
                         reply.message_id,
                         content=content,
-                        embed=presentation.result_embed(job, result, bitrate),
-                        attachments=[mp3_file(result, data)],
+                        embed=presentation.result_embed(job, results, bitrate),
+                        attachments=files,
                     )
                     return _jump_url(job, message.id)
                 except discord.HTTPException as error:
@@ -60,13 +60,13 @@ class JobReporter:
                         job.id,
                         error,
                     )
-            data, bitrate = await encode_for_upload(result, self._channel_upload_limit(job))
+            files, bitrate = await encode_for_upload(results, self._channel_upload_limit(job))
         except OutputTooLarge as error:
             return await self._say(job, f"Job #{job.id} is done, but {error}")
         message = await self._channel(job).send(
             content=content,
-            embed=presentation.result_embed(job, result, bitrate),
-            file=mp3_file(result, data),
+            embed=presentation.result_embed(job, results, bitrate),
+            files=files,
             allowed_mentions=_mention(job),
         )
         return _jump_url(job, message.id)
@@ -124,19 +124,24 @@ class JobReporter:
         return guild.filesize_limit if guild else discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES
 
 
-async def encode_for_upload(result: GenerationResult, max_bytes: int) -> tuple[bytes, int]:
-    encode = partial(
-        encode_mp3_within,
-        result.audio,
-        result.sample_rate,
-        max_bytes,
-        tags=request_tags(result.request),
-    )
-    return await asyncio.get_running_loop().run_in_executor(None, encode)
-
-
-def mp3_file(result: GenerationResult, data: bytes) -> discord.File:
-    return discord.File(io.BytesIO(data), mp3_filename(result.request))
+async def encode_for_upload(
+    results: list[GenerationResult], max_bytes: int
+) -> tuple[list[discord.File], int]:
+    """An MP3 file per result, together within ``max_bytes``, and the (lowest) bitrate used."""
+    loop = asyncio.get_running_loop()
+    files, bitrates = [], []
+    for result in results:
+        encode = partial(
+            encode_mp3_within,
+            result.audio,
+            result.sample_rate,
+            max_bytes // len(results),
+            tags=request_tags(result.request),
+        )
+        data, bitrate = await loop.run_in_executor(None, encode)
+        files.append(discord.File(io.BytesIO(data), mp3_filename(result.request)))
+        bitrates.append(bitrate)
+    return files, min(bitrates)
 
 
 def _jump_url(job: Job, message_id: int) -> str:
