@@ -9,6 +9,7 @@ from discord.ext import commands
 
 from generation.engine import MusicGenEngine
 from generation.queue import QueueLimits
+from generation.scheduling import BatchPolicy
 from generation.service import JobService
 from generation.store import JobStore
 
@@ -38,6 +39,7 @@ class MusicGenBot(commands.Bot):
         self.engine = MusicGenEngine(
             device=None if device == "auto" else device,
             max_duration=config.generation.max_duration,
+            memory_budget_gb=config.generation.memory_budget_gb,
         )
 
     async def setup_hook(self) -> None:
@@ -52,6 +54,7 @@ class MusicGenBot(commands.Bot):
             max_attempts=queue.max_attempts,
             progress_interval=queue.progress_interval,
             job_timeout=queue.job_timeout,
+            batch_policy=BatchPolicy(self.config.generation.max_batch, queue.max_model_wait),
         )
         self.tree.on_error = on_app_command_error
         for extension in EXTENSIONS:

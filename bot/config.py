@@ -42,6 +42,11 @@ class GenerationConfig:
     max_duration: float = DEFAULT_MAX_DURATION
     #: Largest melody or intro upload, in MiB.
     max_upload_mib: float = 25.0
+    #: Requests decoded together in one pass of the model (a batch costs little more per
+    #: step than one request).
+    max_batch: int = 4
+    #: Memory the loaded models may take together, in GB; 0 keeps only the model in use.
+    memory_budget_gb: float = 0.0
 
     @property
     def default_model(self) -> str:
@@ -71,6 +76,8 @@ class QueueConfig:
     #: On shutdown, how long the running job may take to finish before it is stopped and
     #: queued to run again after the restart, in seconds.
     shutdown_grace: float = 30.0
+    #: Longest a job may be passed over by jobs for a model already in memory, in seconds.
+    max_model_wait: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,12 @@ def _check_values(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: generation.max_duration must be above 0.")
     if generation.max_upload_mib <= 0:
         raise ConfigError(f"{source}: generation.max_upload_mib must be above 0.")
+    if generation.max_batch < 1:
+        raise ConfigError(f"{source}: generation.max_batch must be at least 1.")
+    if generation.memory_budget_gb < 0:
+        raise ConfigError(f"{source}: generation.memory_budget_gb must be 0 or more.")
+    if queue.max_model_wait < 0:
+        raise ConfigError(f"{source}: queue.max_model_wait must be 0 or more.")
     if min(queue.max_jobs_per_user, queue.max_jobs_per_guild, queue.max_attempts) < 1:
         raise ConfigError(f"{source}: queue limits and max_attempts must be at least 1.")
     if queue.max_jobs_per_user_per_hour < 0:

@@ -20,7 +20,7 @@ from generation.audio_output import encode_mp3_within, mp3_filename, request_tag
 from generation.engine import GenerationResult
 from generation.errors import GenerationError, OutputTooLarge
 from generation.queue import Job, ReplyAddress
-from generation.waveform import render_waveform
+from generation.waveform import render_waveforms
 
 from . import presentation
 from .views import result_view
@@ -47,19 +47,19 @@ class JobReporter:
     async def job_progress(self, job: Job) -> None:
         await self._edit_status(job, presentation.running_text(job))
 
-    async def job_finished(self, job: Job, result: GenerationResult) -> str | None:
+    async def job_finished(self, job: Job, results: list[GenerationResult]) -> str | None:
         self.client.dispatch("job_ended", job)
-        content = f"<@{job.user_id}>, your track is ready."
+        content = f"<@{job.user_id}>, your track{'s are' if len(results) > 1 else ' is'} ready."
         reply = self._live_reply(job)
         try:
             if reply is not None:
                 try:
-                    posted = await result_message(job, result, reply.max_upload_bytes)
+                    posted = await result_message(job, results, reply.max_upload_bytes)
                     message = await self._webhook(reply).edit_message(
                         reply.message_id,
                         content=content,
                         embed=posted.embed,
-                        attachments=posted.files(),
+                        attachments=posted.files,
                         view=posted.view,
                     )
                     return _jump_url(job, message.id)
@@ -69,13 +69,13 @@ class JobReporter:
                         job.id,
                         error,
                     )
-            posted = await result_message(job, result, self._channel_upload_limit(job))
+            posted = await result_message(job, results, self._channel_upload_limit(job))
         except OutputTooLarge as error:
             return await self._say(job, f"Job #{job.id} is done, but {error}")
         message = await self._channel(job).send(
             content=content,
             embed=posted.embed,
-            files=posted.files(),
+            files=posted.files,
             view=posted.view,
             allowed_mentions=_mention(job),
         )
@@ -138,40 +138,43 @@ class JobReporter:
 
 @dataclass(frozen=True)
 class ResultMessage:
-    """A result as posted: the MP3, its waveform, the embed that shows both, the buttons."""
+    """A result as posted: the MP3 of each take, the waveforms, the embed, the buttons."""
 
-    mp3: bytes
-    mp3_name: str
-    waveform: bytes
     embed: discord.Embed
+    files: list[discord.File]
     view: discord.ui.View
 
-    def files(self) -> list[discord.File]:
-        """New files each time: a file can be sent only once."""
-        return [
-            discord.File(io.BytesIO(self.mp3), self.mp3_name),
-            discord.File(io.BytesIO(self.waveform), WAVEFORM_NAME),
-        ]
 
-
-async def result_message(job: Job, result: GenerationResult, max_bytes: int) -> ResultMessage:
-    """Render the waveform and encode the MP3 so that both fit ``max_bytes`` together."""
-    waveform = await asyncio.to_thread(render_waveform, result.audio)
-    data, bitrate = await encode_for_upload(result, max_bytes - len(waveform))
-    embed = presentation.result_embed(job, result, bitrate)
+async def result_message(
+    job: Job, results: list[GenerationResult], max_bytes: int
+) -> ResultMessage:
+    """Render the waveforms and encode the MP3s so that they fit ``max_bytes`` together."""
+    waveform = await asyncio.to_thread(render_waveforms, [result.audio for result in results])
+    files, bitrate = await encode_for_upload(results, max_bytes - len(waveform))
+    files.append(discord.File(io.BytesIO(waveform), WAVEFORM_NAME))
+    embed = presentation.result_embed(job, results, bitrate)
     embed.set_image(url=f"attachment://{WAVEFORM_NAME}")
-    return ResultMessage(data, mp3_filename(result.request), waveform, embed, result_view(job.id))
+    return ResultMessage(embed, files, result_view(job.id, job.takes))
 
 
-async def encode_for_upload(result: GenerationResult, max_bytes: int) -> tuple[bytes, int]:
-    encode = partial(
-        encode_mp3_within,
-        result.audio,
-        result.sample_rate,
-        max_bytes,
-        tags=request_tags(result.request),
-    )
-    return await asyncio.get_running_loop().run_in_executor(None, encode)
+async def encode_for_upload(
+    results: list[GenerationResult], max_bytes: int
+) -> tuple[list[discord.File], int]:
+    """An MP3 file per result, together within ``max_bytes``, and the (lowest) bitrate used."""
+    loop = asyncio.get_running_loop()
+    files, bitrates = [], []
+    for result in results:
+        encode = partial(
+            encode_mp3_within,
+            result.audio,
+            result.sample_rate,
+            max_bytes // len(results),
+            tags=request_tags(result.request),
+        )
+        data, bitrate = await loop.run_in_executor(None, encode)
+        files.append(discord.File(io.BytesIO(data), mp3_filename(result.request)))
+        bitrates.append(bitrate)
+    return files, min(bitrates)
 
 
 def _jump_url(job: Job, message_id: int) -> str:

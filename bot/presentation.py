@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import discord
 
@@ -90,14 +91,16 @@ def running_text(job: Job) -> str:
     )
 
 
-def result_embed(job: Job, result: GenerationResult, bitrate: int) -> discord.Embed:
-    """Every parameter of the result, so anyone can reproduce it."""
+def result_embed(job: Job, results: list[GenerationResult], bitrate: int) -> discord.Embed:
+    """Every parameter of the result (the seed of each take), so anyone can reproduce it."""
+    result = results[0]
     request = result.request
     embed = discord.Embed(title=short(request.prompt, 250), colour=COLOUR)
+    seeds = ", ".join(str(take.request.seed) for take in results)
     values = {
         "Model": request.model,
         "Duration": f"{result.seconds:.1f} s",
-        "Seed": str(request.seed),
+        "Seeds" if len(results) > 1 else "Seed": seeds,
         "Temperature": f"{request.temperature:g}",
         "Top-k": str(request.top_k),
         "Top-p": f"{request.top_p:g}",
@@ -148,14 +151,14 @@ def jam_filename(jam: Jam) -> str:
 
 
 def queue_embed(
-    running: Job | None, queued: list[tuple[Job, int, float]], paused: bool
+    running: list[Job], queued: list[tuple[Job, int, float]], paused: bool
 ) -> discord.Embed:
-    """A server's queue: the running job, then each queued job with position and ETA."""
+    """A server's queue: the running jobs, then each queued job with position and ETA."""
     embed = discord.Embed(title="Music queue", colour=COLOUR)
-    if running is not None:
+    for job in running:
         embed.add_field(
             name="Now generating",
-            value=f"{job_summary(running)}, {running.fraction_done:.0%} done",
+            value=f"{job_summary(job)}, {job.fraction_done:.0%} done",
             inline=False,
         )
     lines = [
@@ -224,7 +227,7 @@ def stats_embed(
     *,
     queued_here: int,
     queued_everywhere: int,
-    loaded_model: str | None,
+    loaded_models: Sequence[str],
     memory: dict[str, int],
 ) -> discord.Embed:
     embed = discord.Embed(title="How the bot is doing", colour=COLOUR)
@@ -235,7 +238,7 @@ def stats_embed(
         "Median wait": _seconds(stats.median_wait_seconds),
         "Median generation": _seconds(stats.median_generation_seconds),
         "Queued": f"{queued_here} here, {queued_everywhere} in all",
-        "Loaded model": loaded_model or "none",
+        "Loaded models": ", ".join(loaded_models) or "none",
     }
     values.update({f"Memory ({kind})": f"{size / 2**20:,.0f} MiB" for kind, size in memory.items()})
     for name, value in values.items():

@@ -61,13 +61,6 @@ class ReRollButton(JobButton, action="reroll"):
         await self.remix(interaction).reroll(interaction, self.job_id)
 
 
-class ContinueButton(JobButton, action="continue"):
-    label, emoji = "Continue", "⏩"
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await self.remix(interaction).ask_continue(interaction, self.job_id)
-
-
 class EditButton(JobButton, action="edit"):
     label, emoji = "Edit", "✏️"
 
@@ -75,12 +68,56 @@ class EditButton(JobButton, action="edit"):
         await self.remix(interaction).ask_edit(interaction, self.job_id)
 
 
-BUTTONS: tuple[type[JobButton], ...] = (ReRollButton, ContinueButton, EditButton)
+class VariationsButton(JobButton, action="variations"):
+    label, emoji = "Variations", "🎛️"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await self.remix(interaction).variations(interaction, self.job_id)
 
 
-def result_view(job_id: int) -> discord.ui.View:
-    """The buttons for a result of job ``job_id``."""
+class ContinueButton(
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=r"musicgen:continue:(?P<job>[0-9]+)(?::(?P<take>[0-9]+))?",
+):
+    """Continue one take of a job (a job of one take has one Continue button)."""
+
+    def __init__(self, job_id: int, take: int | None = None) -> None:
+        suffix = "" if take is None else f":{take}"
+        super().__init__(
+            discord.ui.Button(
+                label="Continue" if take is None else f"Continue {take + 1}",
+                emoji="⏩",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"musicgen:continue:{job_id}{suffix}",
+                row=None if take is None else 1,
+            )
+        )
+        self.job_id, self.take = job_id, take
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /
+    ) -> ContinueButton:
+        take = match["take"]
+        return cls(int(match["job"]), None if take is None else int(take))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        remix = interaction.client.get_cog("Remix")  # type: ignore[attr-defined]
+        await remix.ask_continue(interaction, self.job_id, self.take or 0)
+
+
+BUTTONS = (ReRollButton, EditButton, VariationsButton, ContinueButton)
+
+
+def result_view(job_id: int, takes: int = 1) -> discord.ui.View:
+    """The buttons for a result of job ``job_id``: one Continue per take."""
     view = discord.ui.View(timeout=None)
-    for button in BUTTONS:
-        view.add_item(button(job_id))
+    view.add_item(ReRollButton(job_id))
+    if takes == 1:
+        view.add_item(ContinueButton(job_id))
+    view.add_item(EditButton(job_id))
+    view.add_item(VariationsButton(job_id))
+    if takes > 1:
+        for take in range(takes):
+            view.add_item(ContinueButton(job_id, take))
     return view

@@ -7,9 +7,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,12 +20,20 @@ from audiocraft.models import MusicGen
 from .errors import GenerationCancelled, GenerationError
 from .loading import default_device, load_model
 from .models import ModelSpec, resolve_model
-from .request import DEFAULT_MAX_DURATION, GenerationRequest, validate_request
+from .request import DEFAULT_MAX_DURATION, AudioClip, GenerationRequest, validate_request
+from .sampling import seeded_rows
 
 log = logging.getLogger(__name__)
 
 #: Called with (steps done, steps in all) as the model decodes.
 ProgressCallback = Callable[[int, int], None]
+GB = 10**9
+
+
+class CancelFlag(Protocol):
+    """Asked after every decoding step whether to stop (a ``threading.Event`` will do)."""
+
+    def is_set(self) -> bool: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,27 +58,37 @@ class GenerationResult:
 
 
 class MusicGenEngine:
-    """Runs requests on one model at a time, loading models as requests need them.
+    """Runs requests on audiocraft models, keeping as many loaded as ``memory_budget_gb`` allows.
 
-    ``generate`` blocks for as long as the model decodes: call it from a worker thread, never
-    from an event loop. audiocraft's ``set_generation_params`` mutates the model, so calls are
-    serialised.
+    ``generate`` and ``generate_batch`` block for as long as the model decodes: call them from
+    a worker thread, never from an event loop. audiocraft's ``set_generation_params`` mutates
+    the model, so calls are serialised.
 
     Args:
         device: "cpu", "cuda", "cuda:1"...; the first GPU when there is one by default.
         max_duration: The longest output a request may ask for, in seconds.
+        memory_budget_gb: Memory the loaded models may take together; the least recently used
+            is unloaded to make room. The model in use always stays, whatever its size.
     """
 
-    def __init__(self, device: str | None = None, max_duration: float = DEFAULT_MAX_DURATION):
+    def __init__(
+        self,
+        device: str | None = None,
+        max_duration: float = DEFAULT_MAX_DURATION,
+        memory_budget_gb: float = 0.0,
+    ):
         self.device = device or default_device()
         self.max_duration = max_duration
-        self._model: MusicGen | None = None
+        self.memory_budget_gb = memory_budget_gb
+        self._models: OrderedDict[str, MusicGen] = OrderedDict()  # least recently used first
+        #: A copy of the models' names other threads can read while the engine works.
+        self._loaded: tuple[str, ...] = ()
         self._lock = threading.Lock()
 
     @property
-    def loaded_model(self) -> str | None:
-        """The name of the model in memory, if any."""
-        return self._model.name if self._model is not None else None
+    def loaded_models(self) -> tuple[str, ...]:
+        """The names of the models in memory, the most recently used last."""
+        return self._loaded
 
     def validate(self, request: GenerationRequest) -> ModelSpec:
         """Check ``request`` without running it; returns its model's spec.
@@ -85,60 +105,94 @@ class MusicGenEngine:
         request: GenerationRequest,
         *,
         progress: ProgressCallback | None = None,
-        cancel: threading.Event | None = None,
+        cancel: CancelFlag | None = None,
     ) -> GenerationResult:
-        """Generate the music ``request`` describes.
+        """Generate the music ``request`` describes (see :meth:`generate_batch`)."""
+        return self.generate_batch([request], progress=progress, cancel=cancel)[0]
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        progress: ProgressCallback | None = None,
+        cancel: CancelFlag | None = None,
+    ) -> list[GenerationResult]:
+        """Generate several requests in one pass of the model, a result for each.
+
+        The requests must share a :func:`batch_key`. Each samples from its own seed, so its
+        music does not depend on the others in the batch (see :mod:`generation.sampling`).
 
         Args:
-            request: What to generate; a missing seed is picked at random.
+            requests: What to generate; a missing seed is picked at random.
             progress: Called after each decoding step with (done, total).
             cancel: When set, the generation stops at its next step.
 
         Raises:
-            InvalidOption: the request does not fit its model.
+            ValueError: the requests cannot share a batch.
+            InvalidOption: a request does not fit its model.
             ModelLoadError: the model could not be loaded.
             GenerationCancelled: ``cancel`` was set.
-            GenerationError: out of GPU memory twice, or no usable audio.
+            GenerationError: out of GPU memory even one request at a time, or no usable audio.
         """
-        request = request.with_seed()
-        spec = self.validate(request)
+        requests = [request.with_seed() for request in requests]
+        if not requests or len({batch_key(request) for request in requests}) != 1:
+            raise ValueError("A batch needs one or more requests with the same batch key.")
+        spec = resolve_model(requests[0].model)
+        for request in requests:
+            self.validate(request)
         with self._lock:
             model = self._load(spec)
-            self._configure(model, request)
+            self._configure(model, requests[0])
             started = time.perf_counter()
-            wav = self._run_with_memory_retry(model, request, progress, cancel)
+            wavs = self._run_with_memory_retry(model, requests, progress, cancel)
             elapsed = time.perf_counter() - started
-        audio = wav[0].detach().float().cpu().numpy()
-        if audio.size == 0 or not np.isfinite(audio).all():
-            raise GenerationError(
-                "The model produced no usable audio; try again with another seed."
-            )
+        results = []
+        for request, wav in zip(requests, wavs, strict=True):
+            audio = wav.detach().float().cpu().numpy()
+            if audio.size == 0 or not np.isfinite(audio).all():
+                raise GenerationError(
+                    "The model produced no usable audio; try again with another seed."
+                )
+            results.append(GenerationResult(request, audio, model.sample_rate, elapsed))
         log.info(
-            "generated %.1f s with %s in %.1f s",
-            audio.shape[-1] / model.sample_rate,
+            "generated %d x %.1f s with %s in %.1f s",
+            len(results),
+            results[0].seconds,
             spec.name,
             elapsed,
         )
-        return GenerationResult(request, audio, model.sample_rate, elapsed)
+        return results
 
     def _run_with_memory_retry(
         self,
         model: MusicGen,
-        request: GenerationRequest,
+        requests: list[GenerationRequest],
         progress: ProgressCallback | None,
-        cancel: threading.Event | None,
-    ) -> torch.Tensor:
-        """Run once; out of GPU memory, free what can be freed and run once more."""
+        cancel: CancelFlag | None,
+    ) -> list[torch.Tensor]:
+        """Run once; out of GPU memory, free what can be freed and run once more, then one
+        request at a time."""
         for attempt in (1, 2):
             out_of_memory = False
             try:
-                return self._run_once(model, request, progress, cancel)
+                return list(self._run_once(model, requests, progress, cancel))
             except torch.cuda.OutOfMemoryError:
                 out_of_memory = True
             # Freed outside the handler: the exception's frames hold the step's tensors.
             if out_of_memory:
-                log.warning("out of GPU memory on attempt %d with %s", attempt, request.model)
+                log.warning(
+                    "out of GPU memory on attempt %d with %d x %s",
+                    attempt,
+                    len(requests),
+                    requests[0].model,
+                )
                 _free_memory()
+        if len(requests) > 1:
+            return [
+                wav
+                for request in requests
+                for wav in self._run_with_memory_retry(model, [request], progress, cancel)
+            ]
         raise GenerationError(
             "The GPU ran out of memory for this request: try a smaller model or a shorter duration."
         )
@@ -146,15 +200,17 @@ class MusicGenEngine:
     @staticmethod
     def _run_once(
         model: MusicGen,
-        request: GenerationRequest,
+        requests: list[GenerationRequest],
         progress: ProgressCallback | None,
-        cancel: threading.Event | None,
+        cancel: CancelFlag | None,
     ) -> torch.Tensor:
-        steps = _StepCounter(planned_steps(model, request), progress, cancel)
+        steps = _StepCounter(planned_steps(model, requests[0]), progress, cancel)
         model.set_custom_progress_callback(steps)
         try:
-            torch.manual_seed(request.seed)
-            wav = _run(model, request)
+            seeds = [request.seed for request in requests]
+            torch.manual_seed(seeds[0])
+            with seeded_rows(seeds, model.device):
+                wav = _run(model, requests)
         finally:
             model.set_custom_progress_callback(None)
         steps.finish()
@@ -168,30 +224,42 @@ class MusicGenEngine:
         return memory
 
     def load(self, name: str) -> MusicGen:
-        """Load model ``name`` now (unloading any other), e.g. to have it ready at start-up."""
+        """Load model ``name`` now (e.g. to have it ready at start-up)."""
         spec = resolve_model(name)
         with self._lock:
             return self._load(spec)
 
     def _load(self, spec: ModelSpec) -> MusicGen:
-        if self._model is not None and self._model.name == spec.name:
-            return self._model
-        self._unload()
-        self._model = load_model(spec, self.device)
-        return self._model
+        model = self._models.get(spec.name)
+        if model is not None:
+            self._models.move_to_end(spec.name)
+            self._loaded = tuple(self._models)
+            return model
+        expected = (spec.vram_gb if self.device.startswith("cuda") else spec.ram_gb) * GB
+        self._make_room(expected)
+        model = load_model(spec, self.device)
+        self._models[spec.name] = model
+        self._make_room(0)
+        self._loaded = tuple(self._models)
+        return model
 
-    def _unload(self) -> None:
-        if self._model is None:
-            return
-        log.info("unloading model %s", self._model.name)
-        self._model = None
-        _free_memory()
+    def _make_room(self, needed: float) -> None:
+        """Unload the least recently used models until ``needed`` more bytes fit the budget;
+        the most recently used model stays."""
+        budget = self.memory_budget_gb * GB
+        while len(self._models) > 1 or (needed and self._models):
+            in_use = sum(model_bytes(model) for model in self._models.values())
+            if in_use + needed <= budget:
+                return
+            name, _ = self._models.popitem(last=False)
+            self._loaded = tuple(self._models)
+            log.info("unloading model %s to stay within %g GB", name, self.memory_budget_gb)
+            _free_memory()
 
     @staticmethod
     def _configure(model: MusicGen, request: GenerationRequest) -> None:
         model.set_generation_params(
-            # A temperature of 0 is greedy decoding, as in audiocraft's sampler.
-            use_sampling=request.use_sampling and request.temperature > 0,
+            use_sampling=_samples(request),
             top_k=request.top_k,
             top_p=request.top_p,
             temperature=request.temperature,
@@ -202,6 +270,47 @@ class MusicGenEngine:
         )
         # audiocraft's two-step CFG reads the model's own coefficient, not the one passed in.
         model.lm.cfg_coef = request.cfg_coef
+
+
+def batch_key(request: GenerationRequest) -> tuple[Hashable, ...]:
+    """Requests with equal keys can run in one :meth:`MusicGenEngine.generate_batch`.
+
+    audiocraft takes one set of generation parameters per call; prompts and seeds may differ.
+    Audio inputs must have the same length: audiocraft pads a batch's melodies and intros to
+    the longest, which would change the music of the shorter ones.
+    """
+    return (
+        request.model,
+        request.duration,
+        _samples(request),
+        request.temperature,
+        request.top_k,
+        request.top_p,
+        request.cfg_coef,
+        request.two_step_cfg,
+        request.extend_stride,
+        _clip_shape(request.melody),
+        _clip_shape(request.continuation),
+    )
+
+
+def _samples(request: GenerationRequest) -> bool:
+    # A temperature of 0 is greedy decoding, as in audiocraft's sampler.
+    return request.use_sampling and request.temperature > 0
+
+
+def _clip_shape(clip: AudioClip | None) -> tuple[int, ...] | None:
+    return None if clip is None else (clip.sample_rate, *clip.samples.shape)
+
+
+def model_bytes(model: MusicGen) -> int:
+    """The memory a loaded model's weights and buffers take."""
+    modules = (model.lm, model.compression_model)
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for module in modules
+        for tensor in (*module.parameters(), *module.buffers())
+    )
 
 
 def _free_memory() -> None:
@@ -219,19 +328,25 @@ def _resident_bytes() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def _run(model: MusicGen, request: GenerationRequest) -> torch.Tensor:
-    prompt = [request.prompt.strip()]
-    if request.melody is not None:
-        melody = torch.from_numpy(request.melody.samples).to(model.device)
+def _run(model: MusicGen, requests: list[GenerationRequest]) -> torch.Tensor:
+    prompts = [request.prompt.strip() for request in requests]
+    first = requests[0]
+    if first.melody is not None:
+        melodies = _stack([request.melody for request in requests], model.device)
         return model.generate_with_chroma(
-            prompt, melody[None], request.melody.sample_rate, progress=True
+            prompts, melodies, first.melody.sample_rate, progress=True
         )
-    if request.continuation is not None:
-        intro = torch.from_numpy(request.continuation.samples).to(model.device)
+    if first.continuation is not None:
+        intros = _stack([request.continuation for request in requests], model.device)
         return model.generate_continuation(
-            intro[None], request.continuation.sample_rate, prompt, progress=True
+            intros, first.continuation.sample_rate, prompts, progress=True
         )
-    return model.generate(prompt, progress=True)
+    return model.generate(prompts, progress=True)
+
+
+def _stack(clips: list[AudioClip | None], device: torch.device | str) -> torch.Tensor:
+    """Same-shaped clips as one ``[batch, channels, samples]`` tensor."""
+    return torch.stack([torch.from_numpy(clip.samples) for clip in clips if clip]).to(device)
 
 
 def planned_steps(model: MusicGen, request: GenerationRequest) -> int:
@@ -273,7 +388,7 @@ class _StepCounter:
     """
 
     def __init__(
-        self, total: int, report: ProgressCallback | None, cancel: threading.Event | None
+        self, total: int, report: ProgressCallback | None, cancel: CancelFlag | None
     ) -> None:
         self.total = total
         self.done = 0

@@ -1,6 +1,6 @@
 """Per-server job queues, served in turn: the order in which one worker runs the jobs.
 
-A server with ten queued jobs delays another server's single job by at most one job: the
+A server with ten queued jobs delays another server's single job by at most one batch: the
 queue takes one job from each server with work in turn (round robin), skipping paused ones.
 """
 
@@ -10,11 +10,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from .errors import JobNotFound, QueueFull
-from .request import GenerationRequest
+from .request import MAX_SEED, GenerationRequest
+
+#: The most takes (variations of one request, each with its own seed) a job may ask for.
+MAX_TAKES = 4
 
 
 class JobStatus(StrEnum):
@@ -48,6 +51,8 @@ class Job:
     guild_id: int
     channel_id: int
     user_id: int
+    #: Variations of the request generated together; take ``k`` uses seed ``seed + k``.
+    takes: int = 1
     status: JobStatus = JobStatus.QUEUED
     reply: ReplyAddress | None = None
     #: Times the job has been started (a crash or a shutdown can make it run again).
@@ -70,6 +75,15 @@ class Job:
         """Ask a running generation to stop at its next step."""
         self.stop_reason = reason
         self.cancel_event.set()
+
+    def take_requests(self) -> list[GenerationRequest]:
+        """One request per take, each with its own seed, so any take can be repeated alone."""
+        request = self.request.with_seed()
+        assert request.seed is not None
+        return [
+            replace(request, seed=(request.seed + take) % (MAX_SEED + 1))
+            for take in range(self.takes)
+        ]
 
     @property
     def fraction_done(self) -> float:
@@ -102,7 +116,8 @@ class FairQueue:
         self._turn = 0
         #: Jobs accepted but not yet queued: they count towards the limits.
         self._held: list[Job] = []
-        self.running: Job | None = None
+        #: The batch of jobs generating now.
+        self.running: list[Job] = []
 
     def hold(self, job: Job) -> None:
         """Count ``job`` towards the limits until :meth:`add` queues it."""
@@ -132,18 +147,16 @@ class FairQueue:
                 f"This server's queue is full ({self.limits.per_guild} jobs): try again later."
             )
 
-    def next_job(self) -> Job | None:
-        """Take the next job to run, from the server in turn that is not paused."""
-        guild_id = _next_guild(self._serving(), self._served_at)
-        if guild_id is None:
-            return None
-        jobs = self._queues[guild_id]
-        job = jobs.popleft()
-        if not jobs:
-            del self._queues[guild_id]
-        self._turn += 1
-        self._served_at[guild_id] = self._turn
-        return job
+    def runnable(self) -> list[Job]:
+        """The queued jobs of servers that are not paused, in the order they take turns."""
+        return self._in_turns({guild: list(jobs) for guild, jobs in self._serving().items()})
+
+    def take(self, jobs: Sequence[Job]) -> None:
+        """Take ``jobs`` out of the queue to run now; each one's server has had its turn."""
+        for job in jobs:
+            self.remove(job)
+            self._turn += 1
+            self._served_at[job.guild_id] = self._turn
 
     def service_order(self) -> list[Job]:
         """Every queued (or held) job, in the order the worker will run them, paused
@@ -152,6 +165,14 @@ class FairQueue:
         for job in self._held:
             if job.guild_id not in self._paused:
                 queues.setdefault(job.guild_id, []).append(job)
+        paused = [
+            job for guild, jobs in self._queues.items() if guild in self._paused for job in jobs
+        ]
+        paused += [job for job in self._held if job.guild_id in self._paused]
+        return self._in_turns(queues) + paused
+
+    def _in_turns(self, queues: dict[int, list[Job]]) -> list[Job]:
+        """The jobs of ``queues`` (emptied on the way) as the servers would take turns."""
         served_at, turn, order = dict(self._served_at), self._turn, []
         while (guild_id := _next_guild(queues, served_at)) is not None:
             order.append(queues[guild_id].pop(0))
@@ -159,14 +180,14 @@ class FairQueue:
                 del queues[guild_id]
             turn += 1
             served_at[guild_id] = turn
-        paused = [
-            job for guild, jobs in self._queues.items() if guild in self._paused for job in jobs
-        ]
-        paused += [job for job in self._held if job.guild_id in self._paused]
-        return order + paused
+        return order
 
     def _serving(self) -> dict[int, deque[Job]]:
         return {guild: jobs for guild, jobs in self._queues.items() if guild not in self._paused}
+
+    def running_in(self, guild_id: int) -> list[Job]:
+        """A server's jobs generating now."""
+        return [job for job in self.running if job.guild_id == guild_id]
 
     def queued(self, guild_id: int) -> list[Job]:
         """A server's queued jobs, in the order they will run."""
@@ -207,8 +228,7 @@ class FairQueue:
         return guild_id in self._paused
 
     def _live(self) -> Iterator[Job]:
-        if self.running is not None:
-            yield self.running
+        yield from self.running
         yield from self._held
         for jobs in self._queues.values():
             yield from jobs

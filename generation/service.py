@@ -7,9 +7,10 @@ import asyncio
 import logging
 import time
 
-from .errors import QueueFull
-from .queue import FairQueue, Job, JobStatus, QueueLimits, ReplyAddress
+from .errors import InvalidOption, QueueFull
+from .queue import MAX_TAKES, FairQueue, Job, JobStatus, QueueLimits, ReplyAddress
 from .request import GenerationRequest
+from .scheduling import BatchPolicy
 from .store import JobStore
 from .worker import Generator, JobListener, Worker
 
@@ -38,7 +39,8 @@ class JobService:
         max_attempts: Times a job may be started before it fails for good (a job that was
             running when the bot died runs again).
         progress_interval: Least time between two progress reports for a job, in seconds.
-        job_timeout: Longest a job may run, in seconds; None for no limit.
+        job_timeout: Longest a batch may run, in seconds; None for no limit.
+        batch_policy: How the worker groups jobs into batches.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class JobService:
         max_attempts: int = 3,
         progress_interval: float = 5.0,
         job_timeout: float | None = None,
+        batch_policy: BatchPolicy | None = None,
     ) -> None:
         self.store = store
         self.queue = FairQueue(limits)
@@ -62,6 +65,7 @@ class JobService:
             listener,
             progress_interval=progress_interval,
             job_timeout=job_timeout,
+            batch_policy=batch_policy,
         )
         self.hourly_limit = hourly_limit
         self.max_attempts = max_attempts
@@ -97,17 +101,23 @@ class JobService:
         channel_id: int,
         user_id: int,
         per_user_limit: int | None = None,
+        takes: int = 1,
     ) -> Job:
-        """Record and queue a request.
+        """Record and queue a request (``takes`` variations of it, generated together).
 
         Raises:
+            InvalidOption: ``takes`` is out of range.
             QueueFull: the member or server has too many live jobs.
             RateLimited: the member reached the hourly limit.
         """
+        if not 1 <= takes <= MAX_TAKES:
+            raise InvalidOption("takes", f"Ask for 1 to {MAX_TAKES} takes.")
+        request = request.with_seed()
         async with self._submitting:
             self.queue.check_room(guild_id, user_id, per_user_limit)
             await self._check_hourly_limit(guild_id, user_id)
-            job = await self.store.add(Job(0, request, guild_id, channel_id, user_id))
+            job = Job(0, request, guild_id, channel_id, user_id, takes=takes)
+            job = await self.store.add(job)
             self.queue.hold(job)
         log.info(
             "job=%d event=queued guild=%d user=%d model=%s duration=%g",

@@ -63,6 +63,7 @@ MIGRATIONS: tuple[str, ...] = (
         settings TEXT NOT NULL
     );
     """,
+    "ALTER TABLE jobs ADD COLUMN takes INTEGER NOT NULL DEFAULT 1;",
     """
     CREATE TABLE jams (
         thread_id INTEGER PRIMARY KEY,
@@ -179,14 +180,15 @@ class JobStore:
         """Record a new job (with its uploaded audio) and give it its id."""
         async with self._transaction():
             cursor = await self._db.execute(
-                """INSERT INTO jobs (guild_id, channel_id, user_id, request, status,
+                """INSERT INTO jobs (guild_id, channel_id, user_id, request, takes, status,
                        reply_application_id, reply_token, reply_expires_at, submitted_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     job.guild_id,
                     job.channel_id,
                     job.user_id,
                     _request_json(job.request),
+                    job.takes,
                     job.status.value,
                     job.reply.application_id if job.reply else None,
                     job.reply.token if job.reply else None,
@@ -321,12 +323,14 @@ class JobStore:
 
     # Results
 
-    def result_path(self, job: Job) -> Path:
-        return self.results / f"{job.id}.flac"
+    def result_path(self, job: Job, take: int = 0) -> Path:
+        return self.results / (f"{job.id}.flac" if take == 0 else f"{job.id}-{take}.flac")
 
-    async def save_result(self, job: Job, audio: np.ndarray, sample_rate: int) -> Path:
-        """Keep a job's (normalised) audio, losslessly, for delivery and re-posting."""
-        path = self.result_path(job)
+    async def save_result(
+        self, job: Job, audio: np.ndarray, sample_rate: int, take: int = 0
+    ) -> Path:
+        """Keep one take of a job's (normalised) audio, losslessly, for delivery and reuse."""
+        path = self.result_path(job, take)
         partial = path.with_suffix(".partial")
         await asyncio.to_thread(
             soundfile.write, partial, audio.T, sample_rate, format="FLAC", subtype="PCM_24"
@@ -334,8 +338,9 @@ class JobStore:
         partial.replace(path)  # a crash never leaves half a result under the real name
         return path
 
-    async def load_result(self, job: Job) -> tuple[np.ndarray, int] | None:
-        path = self.result_path(job)
+    async def load_result(self, job: Job, take: int = 0) -> tuple[np.ndarray, int] | None:
+        """One take of a job's audio (``[channels, samples]``) and its sample rate."""
+        path = self.result_path(job, take)
         if not path.exists():
             return None
         audio, sample_rate = await asyncio.to_thread(
@@ -527,6 +532,7 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
     return Job(
         id=row["id"],
         request=GenerationRequest(**json.loads(row["request"])),
+        takes=row["takes"],
         guild_id=row["guild_id"],
         channel_id=row["channel_id"],
         user_id=row["user_id"],

@@ -1,8 +1,10 @@
-"""The single generation worker: takes jobs from the fair queue and runs them one at a time.
+"""The single generation worker: takes batches of jobs from the fair queue and runs them.
 
-The model runs on a one-thread executor, so the event loop (and the Discord heartbeat) keeps
-going while it decodes; progress crosses back to the loop with ``call_soon_threadsafe``. The
-worker task starts when there is work and returns when the queue is empty.
+Jobs that can share a pass of the model run together (see :mod:`generation.scheduling`), each
+delivered on its own. The model runs on a one-thread executor, so the event loop (and the
+Discord heartbeat) keeps going while it decodes; progress crosses back to the loop with
+``call_soon_threadsafe``. The worker task starts when there is work and returns when the queue
+is empty.
 
 Every step of a job is recorded in the store before anyone is told of it: a job is claimed
 before it runs, its result is saved before it is delivered, and it is marked delivered only
@@ -14,19 +16,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
 from typing import Protocol
 
 from .audio_output import normalise_loudness
-from .engine import GenerationResult, ProgressCallback
+from .engine import CancelFlag, GenerationResult, ProgressCallback
 from .errors import GenerationCancelled, GenerationError
 from .queue import FairQueue, Job, JobStatus
 from .request import GenerationRequest
+from .scheduling import BatchPolicy, plan_batch
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -35,13 +37,16 @@ log = logging.getLogger(__name__)
 class Generator(Protocol):
     """What the worker runs jobs on: :class:`generation.engine.MusicGenEngine`."""
 
-    def generate(
+    @property
+    def loaded_models(self) -> Sequence[str]: ...
+
+    def generate_batch(
         self,
-        request: GenerationRequest,
+        requests: Sequence[GenerationRequest],
         *,
         progress: ProgressCallback | None = None,
-        cancel: threading.Event | None = None,
-    ) -> GenerationResult: ...
+        cancel: CancelFlag | None = None,
+    ) -> list[GenerationResult]: ...
 
 
 class JobListener(Protocol):
@@ -54,7 +59,7 @@ class JobListener(Protocol):
 
     async def job_started(self, job: Job) -> None: ...
     async def job_progress(self, job: Job) -> None: ...
-    async def job_finished(self, job: Job, result: GenerationResult) -> str | None: ...
+    async def job_finished(self, job: Job, results: list[GenerationResult]) -> str | None: ...
     async def job_failed(self, job: Job, error: GenerationError) -> str | None: ...
     async def job_cancelled(self, job: Job) -> str | None: ...
 
@@ -80,15 +85,16 @@ class GenerationRate:
 
 
 class Worker:
-    """Runs queued jobs one at a time, records them, and reports on them to ``listener``.
+    """Runs queued jobs a batch at a time, records them, and reports on them to ``listener``.
 
     Args:
-        generator: Runs one request (blocking); it is only ever called from one thread.
+        generator: Runs a batch of requests (blocking); only ever called from one thread.
         queue: Where jobs wait.
         store: Where every job's state and result is kept.
         listener: Told when jobs start, progress, finish, fail or are cancelled.
         progress_interval: Least time between two progress reports for a job, in seconds.
-        job_timeout: Longest a job may run, in seconds; None for no limit.
+        job_timeout: Longest a batch may run, in seconds; None for no limit.
+        batch_policy: How jobs are grouped into batches.
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class Worker:
         *,
         progress_interval: float = 5.0,
         job_timeout: float | None = None,
+        batch_policy: BatchPolicy | None = None,
     ) -> None:
         self.generator = generator
         self.queue = queue
@@ -107,6 +114,7 @@ class Worker:
         self.listener = listener
         self.progress_interval = progress_interval
         self.job_timeout = job_timeout
+        self.batch_policy = batch_policy or BatchPolicy()
         self.rate = GenerationRate()
         self.accepting = True
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
@@ -130,24 +138,25 @@ class Worker:
             await asyncio.shield(self._task)
 
     async def stop(self, grace: float) -> None:
-        """Take no more jobs; give the running one ``grace`` seconds, then stop it and put it
-        back in the queue to run again after a restart. Deliveries under way complete."""
+        """Take no more jobs; give the running batch ``grace`` seconds, then stop it and put
+        its jobs back in the queue to run again after a restart. Deliveries under way
+        complete."""
         self.accepting = False
         if self._task is not None and not self._task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), grace)
             except TimeoutError:
-                running = self.queue.running
-                if running is not None:
-                    log.info("job=%d event=stopped reason=shutdown (it will run again)", running.id)
-                    running.stop("shutdown")
+                for job in self.queue.running:
+                    log.info("job=%d event=stopped reason=shutdown (it will run again)", job.id)
+                    job.stop("shutdown")
                 await self._task
         if self._deliveries:
             await asyncio.gather(*self._deliveries, return_exceptions=True)
 
     def cancel(self, job: Job) -> bool:
         """Cancel ``job``: a queued one leaves the queue now (returns True), a running one
-        stops at its next step (returns False; the listener hears of it then)."""
+        stops (returns False; the listener hears of it when its batch ends: at the next step
+        when it runs alone, or when the other jobs in its batch are done)."""
         if job.status is JobStatus.QUEUED:
             self.queue.remove(job)
             return True
@@ -155,17 +164,20 @@ class Worker:
         return False
 
     def eta(self, job: Job) -> float:
-        """Seconds until ``job`` is likely to be done."""
+        """Seconds until ``job`` is likely to be done, batching the queue as the worker would."""
         ahead = 0.0
-        running = self.queue.running
-        if running is not None:
-            ahead += self.rate.seconds_for(running.request) * (1 - running.fraction_done)
-            if running is job:
+        if self.queue.running:
+            first = self.queue.running[0]
+            ahead += self.rate.seconds_for(first.request) * (1 - first.fraction_done)
+            if job in self.queue.running:
                 return ahead
-        for queued in self.queue.service_order():
-            ahead += self.rate.seconds_for(queued.request)
-            if queued is job:
+        order = self.queue.service_order()
+        while order:
+            batch = plan_batch(order, policy=self.batch_policy, loaded_models=(), now=0.0)
+            ahead += self.rate.seconds_for(batch[0].request)
+            if job in batch:
                 break
+            order = [queued for queued in order if queued not in batch]
         return ahead
 
     def run_blocking(self, function: Callable[[], object]) -> asyncio.Future:
@@ -175,24 +187,25 @@ class Worker:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def deliver_later(self, job: Job, result: GenerationResult | None = None) -> None:
-        """:meth:`deliver` in the background, so the next job need not wait for an upload."""
-        task = asyncio.get_running_loop().create_task(self.deliver(job, result))
+    def deliver_later(self, job: Job, results: list[GenerationResult] | None = None) -> None:
+        """:meth:`deliver` in the background, so the next batch need not wait for an upload."""
+        task = asyncio.get_running_loop().create_task(self.deliver(job, results))
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
 
-    async def deliver(self, job: Job, result: GenerationResult | None = None) -> None:
+    async def deliver(self, job: Job, results: list[GenerationResult] | None = None) -> None:
         """Tell the requester how ``job`` ended, and record that they were told.
 
-        ``result`` is read back from the store when not given (after a restart).
+        ``results`` (one per take) are read back from the store when not given (after a
+        restart).
         """
         if self._reports:  # let progress edits land before the outcome replaces them
             await asyncio.gather(*self._reports, return_exceptions=True)
         try:
             if job.status is JobStatus.DONE:
-                if result is None:
-                    result = await self._stored_result(job)
-                url = await self.listener.job_finished(job, result)
+                if results is None:
+                    results = await self.stored_results(job)
+                url = await self.listener.job_finished(job, results)
             elif job.status is JobStatus.CANCELLED:
                 url = await self.listener.job_cancelled(job)
             else:
@@ -203,93 +216,145 @@ class Worker:
         await self.store.mark_delivered(job, url)
         log.info("job=%d event=delivered status=%s", job.id, job.status.value)
 
-    async def _stored_result(self, job: Job) -> GenerationResult:
-        stored = await self.store.load_result(job)
-        if stored is None:
-            raise GenerationError(f"The result of job #{job.id} is missing.")
-        audio, sample_rate = stored
-        return GenerationResult(job.request, audio, sample_rate, job.generation_seconds or 0.0)
+    async def stored_results(self, job: Job) -> list[GenerationResult]:
+        """A finished job's takes, read back from the store.
+
+        Raises:
+            GenerationError: a take's file is missing.
+        """
+        results = []
+        for take, request in enumerate(job.take_requests()):
+            stored = await self.store.load_result(job, take)
+            if stored is None:
+                raise GenerationError(f"The result of job #{job.id} is missing.")
+            audio, sample_rate = stored
+            seconds = job.generation_seconds or 0.0
+            results.append(GenerationResult(request, audio, sample_rate, seconds))
+        return results
 
     async def _drain(self) -> None:
-        while self.accepting and (job := self.queue.next_job()) is not None:
-            await self._run(job)
-
-    async def _run(self, job: Job) -> None:
-        self.queue.running = job
-        try:
-            if not await self.store.claim(job):
-                log.warning("job=%d event=skipped (not queued in the store)", job.id)
-                return
-            job.started_at = time.time()
-            log.info(
-                "job=%d event=started attempt=%d model=%s duration=%g guild=%d",
-                job.id,
-                job.attempts,
-                job.request.model,
-                job.request.duration,
-                job.guild_id,
+        while self.accepting:
+            batch = plan_batch(
+                self.queue.runnable(),
+                policy=self.batch_policy,
+                loaded_models=self.generator.loaded_models,
+                now=time.time(),
             )
-            await self._guarded(self.listener.job_started(job))
-            result = await self._generate(job)
-        finally:
-            self.queue.running = None
-        if job.status is not JobStatus.QUEUED:  # a job stopped by shutdown waits for the restart
-            self.deliver_later(job, result)
+            if not batch:
+                return
+            self.queue.take(batch)
+            await self._run(batch)
 
-    async def _generate(self, job: Job) -> GenerationResult | None:
-        """Run the job and record its outcome; returns the result when it succeeded."""
+    async def _run(self, batch: list[Job]) -> None:
+        self.queue.running = batch
+        claimed: list[Job] = []
+        outcomes: dict[int, list[GenerationResult]] = {}
+        try:
+            for job in batch:
+                if await self.store.claim(job):
+                    claimed.append(job)
+                else:
+                    log.warning("job=%d event=skipped (not queued in the store)", job.id)
+            if not claimed:
+                return
+            started_at = time.time()
+            for job in claimed:
+                job.started_at = started_at
+                log.info(
+                    "job=%d event=started attempt=%d model=%s duration=%g guild=%d batch=%s",
+                    job.id,
+                    job.attempts,
+                    job.request.model,
+                    job.request.duration,
+                    job.guild_id,
+                    ",".join(str(other.id) for other in claimed),
+                )
+                await self._guarded(self.listener.job_started(job))
+            outcomes = await self._generate(claimed)
+        finally:
+            self.queue.running = []
+        for job in claimed:
+            if job.status is not JobStatus.QUEUED:  # stopped by shutdown: waits for the restart
+                self.deliver_later(job, outcomes.get(job.id))
+
+    async def _generate(self, jobs: list[Job]) -> dict[int, list[GenerationResult]]:
+        """Run the batch and record each job's outcome; returns the results of the jobs that
+        succeeded, one per take, by job id."""
         loop = asyncio.get_running_loop()
         last_report = time.monotonic()
 
         def on_progress(done: int, total: int) -> None:  # on the event loop
             nonlocal last_report
-            job.progress = (done, total)
+            for job in jobs:
+                job.progress = (done, total)
             now = time.monotonic()
             if now - last_report >= self.progress_interval and done < total:
                 last_report = now
-                self._spawn(self.listener.job_progress(job))
+                for job in jobs:
+                    if not job.cancel_event.is_set():
+                        self._spawn(self.listener.job_progress(job))
 
         def progress(done: int, total: int) -> None:  # on the generation thread
             loop.call_soon_threadsafe(on_progress, done, total)
 
+        requests = [request for job in jobs for request in job.take_requests()]
         generate = partial(
-            self.generator.generate, job.request, progress=progress, cancel=job.cancel_event
+            self.generator.generate_batch, requests, progress=progress, cancel=_AllStopped(jobs)
         )
         running = loop.run_in_executor(self._executor, generate)
         try:
-            result = await asyncio.wait_for(asyncio.shield(running), self.job_timeout)
+            results = await asyncio.wait_for(asyncio.shield(running), self.job_timeout)
         except TimeoutError:
-            job.stop("timeout")
+            for job in jobs:
+                job.stop("timeout")
             with contextlib.suppress(Exception):
                 await running  # it stops at its next step
-            await self._failed(
-                job,
-                GenerationError(
-                    f"Generation took longer than {self.job_timeout:g} s and was stopped: "
-                    "try a shorter duration or a smaller model."
-                ),
+            error = GenerationError(
+                f"Generation took longer than {self.job_timeout:g} s and was stopped: "
+                "try a shorter duration or a smaller model."
             )
-            return None
+            for job in jobs:
+                await self._failed(job, error)
+            return {}
         except GenerationCancelled:
-            if job.stop_reason == "shutdown":
-                await self.store.requeue(job, count_attempt=False)
-            else:
-                await self.store.finish(job, JobStatus.CANCELLED)
-                log.info("job=%d event=cancelled while=running", job.id)
-            return None
+            for job in jobs:
+                await self._stopped(job)
+            return {}
         except Exception as error:
-            await self._failed(job, error)
-            return None
-        self.rate.observe(result)
-        audio = await loop.run_in_executor(
-            None, normalise_loudness, result.audio, result.sample_rate
-        )
-        result = replace(result, audio=audio)
-        job.generation_seconds = result.generation_seconds
-        await self.store.save_result(job, result.audio, result.sample_rate)
+            for job in jobs:
+                await self._failed(job, error)
+            return {}
+        self.rate.observe(results[0])
+        outcomes = {}
+        for job in jobs:
+            takes, results = results[: job.takes], results[job.takes :]
+            if job.stop_reason == "cancelled":  # while the rest of its batch went on
+                await self._stopped(job)
+            else:
+                outcomes[job.id] = await self._finished(job, takes)
+        return outcomes
+
+    async def _finished(self, job: Job, results: list[GenerationResult]) -> list[GenerationResult]:
+        """Normalise and keep each take, then record the job done."""
+        loop = asyncio.get_running_loop()
+        normalised = []
+        for take, result in enumerate(results):
+            audio = await loop.run_in_executor(
+                None, normalise_loudness, result.audio, result.sample_rate
+            )
+            normalised.append(replace(result, audio=audio))
+            await self.store.save_result(job, audio, result.sample_rate, take)
+        job.generation_seconds = results[0].generation_seconds
         await self.store.finish(job, JobStatus.DONE)
-        log.info("job=%d event=finished seconds=%.1f", job.id, result.generation_seconds)
-        return result
+        log.info("job=%d event=finished seconds=%.1f", job.id, job.generation_seconds)
+        return normalised
+
+    async def _stopped(self, job: Job) -> None:
+        if job.stop_reason == "shutdown":
+            await self.store.requeue(job, count_attempt=False)
+        else:
+            await self.store.finish(job, JobStatus.CANCELLED)
+            log.info("job=%d event=cancelled while=running", job.id)
 
     async def _failed(self, job: Job, error: BaseException) -> None:
         if isinstance(error, GenerationError):
@@ -311,3 +376,13 @@ class Worker:
             await report
         except Exception:
             log.exception("job listener failed")
+
+
+class _AllStopped:
+    """A batch's cancel flag: set once every job in the batch has been asked to stop."""
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        self._jobs = jobs
+
+    def is_set(self) -> bool:
+        return all(job.cancel_event.is_set() for job in self._jobs)

@@ -142,7 +142,7 @@ async def test_stats_show_how_the_bot_is_doing(world):
     stats = await admin.slash(channel, "music stats")
     values = {f.name: f.value for f in stats.response.embeds[0].fields}
     assert (values["Served"], values["Failed"], values["Cancelled"]) == ("1", "1", "0")
-    assert values["Loaded model"] == "debug"
+    assert values["Loaded models"] == "debug"
     assert values["Median generation"].endswith(" s")
     assert values["Queued"] == "0 here, 0 in all"
     assert "Memory (process)" in values

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import io
 
+import discord
+import numpy as np
 import pytest
 from PIL import Image
+
+from generation.audio_input import AudioLimits, decode_audio
+from generation.store import JobStore
 
 from .bot_helpers import buttons, fields, job_id, make_bot, mp3_of, private_reply, seconds
 from .helpers import encode_tone
@@ -57,6 +62,7 @@ async def test_every_result_has_a_waveform_and_the_buttons(alice, channel):
         "Re-roll": f"musicgen:reroll:{number}",
         "Continue": f"musicgen:continue:{number}",
         "Edit": f"musicgen:edit:{number}",
+        "Variations": f"musicgen:variations:{number}",
     }
     (png,) = [a for a in message.attachments if a.filename == "waveform.png"]
     assert message.embeds[0].image.url.endswith("waveform.png")
@@ -192,3 +198,58 @@ async def test_buttons_work_after_a_restart(simcord_env, alice, bob, channel, da
     assert fields(done.response)["Continuation of"] == "2.0 s intro"
     shown = await bob.click(original, label="Edit")
     assert text_inputs(shown)["musicgen:prompt"] == "before the restart"
+
+
+async def test_variations_are_several_takes_delivered_together(alice, bob, channel, database):
+    original = await track(alice, channel, prompt="lofi loop", duration=1.5, seed=20)
+    clicked = await bob.click(original, label="Variations")
+    reply = clicked.response
+    assert reply.content.startswith(f"<@{bob.id}>, your tracks are ready.")
+    mp3s = [a for a in reply.attachments if a.filename.endswith(".mp3")]
+    assert len(mp3s) == 4
+    seeds = [int(seed) for seed in fields(reply)["Seeds"].split(", ")]
+    assert seeds == [seeds[0] + take for take in range(4)] and seeds[0] != 20
+    assert [a.filename for a in mp3s] == [f"lofi-loop-{seed}.mp3" for seed in seeds]
+    takes = [decode_audio(await a.read(), AudioLimits()).samples for a in mp3s]
+    assert all(seconds(take) == pytest.approx(1.5, abs=0.1) for take in takes)
+    assert not np.allclose(takes[0], takes[1], atol=1e-3)  # different seeds, different music
+    (png,) = [a for a in reply.attachments if a.filename == "waveform.png"]
+    assert Image.open(io.BytesIO(await png.read())).size == (800, 4 * 160)
+
+    number = job_id(reply)
+    shown = await alice.click(reply, custom_id=f"musicgen:continue:{number}:2")
+    assert list(buttons(reply))[-4:] == ["Continue 1", "Continue 2", "Continue 3", "Continue 4"]
+    done = await alice.submit_modal(shown, {"musicgen:prompt": "third", "musicgen:length": "1"})
+    assert fields(done.response)["Continuation of"] == "1.5 s intro"
+    store = await JobStore.open(database)
+    try:
+        variations = await store.get(number)
+        continued = await store.get(job_id(done.response))
+        take_3, _ = await store.load_result(variations, take=2)
+    finally:
+        await store.close()
+    np.testing.assert_allclose(continued.request.continuation.samples, take_3, atol=1e-6)
+
+
+async def test_a_button_press_counts_against_the_pressers_limits(
+    simcord_env, guild, alice, bob, channel
+):
+    original = await track(alice, channel)
+    mods = guild.create_role("Mods", permissions=discord.Permissions(manage_guild=True))
+    admin = guild.add_member(simcord_env.create_user("mod"), roles=[mods])
+    await admin.slash(channel, "music admin pause")
+    for _ in range(3):
+        queued = await bob.click(original, label="Re-roll")
+        assert "Re-roll of job" in queued.response.content
+    refused = await bob.click(original, label="Variations")
+    assert "already have 3 jobs" in private_reply(refused)
+
+
+async def test_use_as_melody_without_any_melody_model_allowed(alice, guild, simcord_env, channel):
+    mods = guild.create_role("Mods", permissions=discord.Permissions(manage_guild=True))
+    admin = guild.add_member(simcord_env.create_user("mod"), roles=[mods])
+    await admin.slash(channel, "music admin settings", allowed_models="debug, debug-stereo")
+    upload = await alice.send(channel, "tune", attachments=[("tune.wav", b"RIFF" * 100)])
+    shown = await alice.context_menu(channel, "Use as melody", upload)
+    refused = await alice.submit_modal(shown, {"musicgen:prompt": "x", "musicgen:duration": "2"})
+    assert private_reply(refused).startswith("**model**: No model allowed in this server")

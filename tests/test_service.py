@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from generation.errors import QueueFull
+from generation.errors import InvalidOption, QueueFull
 from generation.queue import Job, JobStatus, QueueLimits
 from generation.request import GenerationRequest
 from generation.service import JobService, RateLimited
@@ -86,7 +86,7 @@ async def test_a_finished_result_not_yet_delivered_is_delivered_after_a_restart(
     recorder = Recorder()
 
     class DiesWhileDelivering(Recorder):
-        async def job_finished(self, job, result):
+        async def job_finished(self, job, results):
             raise ConnectionError("the process died here")
 
     service = await open_service(engine, database, DiesWhileDelivering())
@@ -97,7 +97,7 @@ async def test_a_finished_result_not_yet_delivered_is_delivered_after_a_restart(
     service = await open_service(engine, database, recorder)
     await service.shutdown(grace=10)
     assert recorder.events == [("finished", job.id)]
-    assert recorder.results[job.id].audio.shape == (1, 32_000)
+    assert recorder.results[job.id][0].audio.shape == (1, 32_000)
 
     again = Recorder()
     service = await open_service(engine, database, again)  # delivered exactly once
@@ -117,7 +117,7 @@ async def test_shutdown_stops_a_long_job_and_it_runs_again_after_the_restart(eng
 
     second = Recorder()
     service = await open_service(engine, database, second)
-    (resumed,) = service.queue.service_order() or [service.queue.running]
+    (resumed,) = service.queue.service_order() or service.queue.running
     assert resumed.id == job.id and resumed.attempts == 0
     service.worker.cancel(resumed)  # no need to wait for a minute of audio here
     await service.worker.join()
@@ -170,3 +170,22 @@ async def test_queue_limits_hold_between_submit_and_release(engine, database):
         await service.submit(REQUEST, guild_id=1, channel_id=1, user_id=1)
     await service.release(job, None)
     await service.shutdown(grace=10)
+
+
+async def test_takes_are_checked_and_kept_with_the_job(engine, database):
+    service = await open_service(engine, database, Recorder())
+    service.pause(1)
+    with pytest.raises(InvalidOption) as caught:
+        await service.submit(REQUEST, guild_id=1, channel_id=1, user_id=1, takes=5)
+    assert caught.value.option == "takes"
+    job = await service.submit(
+        replace(REQUEST, seed=None), guild_id=1, channel_id=1, user_id=1, takes=2
+    )
+    await service.release(job, None)
+    await service.shutdown(grace=10)
+
+    store = await JobStore.open(database)
+    (kept,) = await store.pending()
+    await store.close()
+    assert kept.takes == 2
+    assert kept.request.seed == job.request.seed is not None  # fixed when submitted

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from generation.waveform import HEIGHT, WIDTH, render_waveform
+from generation.waveform import BACKGROUND, HEIGHT, WIDTH, render_waveforms
 
 from .helpers import sine
 
@@ -15,12 +15,12 @@ from .helpers import sine
 def drawn_columns(png: bytes) -> np.ndarray:
     """How many pixels of each column are drawn (not background)."""
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    return (pixels != pixels[0, 0]).any(axis=-1).sum(axis=0)
+    return (pixels != BACKGROUND).any(axis=-1).sum(axis=0)
 
 
 def test_the_picture_follows_the_loudness_of_the_audio():
     quiet_then_loud = np.concatenate([sine(1.0, 440.0) * 0.1, sine(1.0, 440.0)], axis=-1)
-    png = render_waveform(quiet_then_loud)
+    png = render_waveforms([quiet_then_loud])
     image = Image.open(io.BytesIO(png))
     assert (image.format, image.size) == ("PNG", (WIDTH, HEIGHT))
     heights = drawn_columns(png)
@@ -29,5 +29,13 @@ def test_the_picture_follows_the_loudness_of_the_audio():
 
 
 def test_stereo_silence_and_very_short_audio_render():
-    assert render_waveform(np.zeros((2, 32_000), np.float32))
-    assert len(drawn_columns(render_waveform(np.ones((1, 10), np.float32)))) == WIDTH
+    assert render_waveforms([np.zeros((2, 32_000), np.float32)])
+    assert len(drawn_columns(render_waveforms([np.ones((1, 10), np.float32)]))) == WIDTH
+
+
+def test_takes_are_drawn_one_under_the_other():
+    png = render_waveforms([sine(1.0, 440.0) * 0.01, np.zeros((1, 32_000), np.float32)])
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert pixels.shape[:2] == (2 * HEIGHT, WIDTH)
+    drawn = (pixels != BACKGROUND).any(axis=-1).sum(axis=1)
+    assert drawn[:HEIGHT].sum() > 10 * drawn[HEIGHT:].sum()  # quiet audio still fills its row

@@ -6,8 +6,10 @@ import asyncio
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
+from generation.audio_output import normalise_loudness
 from generation.engine import GenerationResult
 from generation.errors import GenerationError
 from generation.queue import FairQueue, Job, JobStatus
@@ -23,7 +25,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.events: list[tuple[str, int]] = []
-        self.results: dict[int, GenerationResult] = {}
+        self.results: dict[int, list[GenerationResult]] = {}
         self.errors: dict[int, GenerationError] = {}
 
     async def job_started(self, job: Job) -> None:
@@ -32,9 +34,9 @@ class Recorder:
     async def job_progress(self, job: Job) -> None:
         self.events.append(("progress", job.id))
 
-    async def job_finished(self, job: Job, result: GenerationResult) -> str:
+    async def job_finished(self, job: Job, results: list[GenerationResult]) -> str:
         self.events.append(("finished", job.id))
-        self.results[job.id] = result
+        self.results[job.id] = results
         return f"https://example.invalid/{job.id}"
 
     async def job_failed(self, job: Job, error: GenerationError) -> None:
@@ -112,8 +114,8 @@ async def test_each_job_is_reported_started_progressing_and_finished(
     assert "progress" in kinds
     assert job.status is JobStatus.DONE
     assert job.progress[0] == job.progress[1] > 0
-    assert recorder.results[job.id].audio.shape == (1, 32_000)
-    assert worker.queue.running is None
+    assert recorder.results[job.id][0].audio.shape == (1, 32_000)
+    assert worker.queue.running == []
 
 
 async def test_a_running_job_can_be_cancelled(worker, queue, recorder, submit):
@@ -136,7 +138,7 @@ async def test_a_running_job_can_be_cancelled(worker, queue, recorder, submit):
 async def test_a_queued_job_leaves_the_queue_at_once(worker, queue, submit):
     job = await submit()
     assert worker.cancel(job) is True
-    assert queue.next_job() is None
+    assert queue.runnable() == []
 
 
 async def test_a_failing_job_fails_alone(worker, queue, recorder, submit):
@@ -180,6 +182,67 @@ async def test_the_rate_is_learnt_from_finished_jobs(worker, queue, recorder, su
     job = await submit()
     worker.wake()
     await worker.join()
-    result = recorder.results[job.id]
+    (result,) = recorder.results[job.id]
     expected = result.generation_seconds / result.seconds * REQUEST.duration
     assert worker.rate.seconds_for(REQUEST) == pytest.approx(expected)
+
+
+async def test_compatible_jobs_of_several_servers_share_each_step_and_arrive_apart(
+    engine, worker, recorder, submit
+):
+    jobs = [await submit(replace(REQUEST, prompt=f"tune {n}", seed=n), guild=n) for n in (1, 2, 3)]
+    batch_sizes: list[int] = []
+    hook = engine.load("debug").lm.transformer.register_forward_hook(
+        lambda module, args, output: batch_sizes.append(args[0].shape[0])
+    )
+    try:
+        worker.wake()
+        await worker.join()
+    finally:
+        hook.remove()
+    assert set(batch_sizes) == {2 * 3}  # three requests and their guidance twins, every step
+    for job in jobs:
+        assert job.status is JobStatus.DONE
+        (result,) = recorder.results[job.id]
+        assert result.request == job.request
+        alone = normalise_loudness(engine.generate(job.request).audio, 32_000)
+        np.testing.assert_allclose(result.audio, alone, atol=1e-4)
+    assert sorted(job_id for kind, job_id in recorder.events if kind == "finished") == [
+        job.id for job in jobs
+    ]
+
+
+async def test_a_job_with_takes_gets_a_result_per_seed_kept_for_later(
+    worker, queue, store, recorder
+):
+    job = await store.add(Job(0, REQUEST, 1, 1, 1, takes=3))
+    queue.add(job)
+    worker.wake()
+    await worker.join()
+    results = recorder.results[job.id]
+    assert [result.request.seed for result in results] == [1, 2, 3]
+    assert not np.allclose(results[0].audio, results[1].audio, atol=1e-3)
+    stored = await worker.stored_results(job)
+    for kept, delivered in zip(stored, results, strict=True):
+        assert kept.request == delivered.request
+        np.testing.assert_allclose(kept.audio, delivered.audio, atol=1e-6)  # 24-bit FLAC
+
+
+async def test_cancelling_one_job_of_a_batch_lets_the_others_finish(
+    worker, queue, recorder, submit
+):
+    stopped = await submit(replace(REQUEST, duration=3.0))
+    kept = await submit(replace(REQUEST, duration=3.0, seed=2), guild=2)
+
+    async def cancel_once_started() -> None:
+        while stopped.progress[0] < 5:
+            await asyncio.sleep(0.01)
+        assert worker.cancel(stopped) is False
+        assert queue.running == [stopped, kept]
+
+    worker.wake()
+    await asyncio.gather(cancel_once_started(), worker.join())
+    assert stopped.status is JobStatus.CANCELLED
+    assert ("cancelled", stopped.id) in recorder.events
+    assert kept.status is JobStatus.DONE
+    assert kept.progress[0] == kept.progress[1]

@@ -10,6 +10,7 @@ import asyncio
 import io
 import logging
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 import discord
@@ -116,17 +117,10 @@ class Jams(commands.Cog):
         async with self._turns.setdefault(jam.thread_id, asyncio.Lock()):
             turns = await self._turns_of(jam)
             latest = self._latest_finished(turns)
-            request = GenerationRequest(prompt=prompt, model="", duration=length)
-            prepare = None
-            if latest is not None:
-                request = GenerationRequest(prompt=prompt, model=latest.request.model)
-
-                async def prepare(request: GenerationRequest) -> GenerationRequest:
-                    stored = await self.store.load_result(latest)
-                    if stored is None:
-                        raise GenerationError(f"The track of job #{latest.id} is no longer kept.")
-                    return continue_request(request, intro_clip(*stored), length)
-
+            # The jam keeps its first turn's model (the server's default then).
+            model = latest.request.model if latest is not None else ""
+            request = GenerationRequest(prompt=prompt, model=model, duration=length)
+            prepare = None if latest is None else partial(self._carry_on, latest, length)
             note = f"Turn {len(turns) + 1} of the jam" + (
                 f", carrying on job #{latest.id}." if latest else "."
             )
@@ -135,6 +129,15 @@ class Jams(commands.Cog):
                 return
             await self.store.add_segment(jam, job)
         await self._update_timeline(jam)
+
+    async def _carry_on(
+        self, latest: Job, length: float, request: GenerationRequest
+    ) -> GenerationRequest:
+        """``request`` as a continuation of the end of ``latest``'s track."""
+        stored = await self.store.load_result(latest)
+        if stored is None:
+            raise GenerationError(f"The track of job #{latest.id} is no longer kept.")
+        return continue_request(request, intro_clip(*stored), length)
 
     async def export(self, interaction: discord.Interaction, with_segments: bool) -> None:
         jam = await self._jam(interaction)

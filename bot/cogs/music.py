@@ -11,7 +11,6 @@ from discord import app_commands
 from discord.ext import commands
 
 from generation.audio_input import AudioLimits, check_size, decode_audio
-from generation.engine import GenerationResult
 from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
 from generation.models import resolve_model
 from generation.queue import Job, JobStatus, ReplyAddress
@@ -92,13 +91,15 @@ class Music(commands.Cog):
         *,
         prepare: Callable[[GenerationRequest], Awaitable[GenerationRequest]] | None = None,
         note: str = "",
+        takes: int = 1,
     ) -> Job | None:
         """Check a request against the server's settings and the member's limits, and queue it.
 
         Everything that can be checked at once is, so a mistake gets a private answer;
         ``prepare`` then completes the request (it may defer the response and read audio),
-        and the result is checked again. ``note`` is added to the queued message. Returns the
-        job, or None when the member was told why it was not queued.
+        and the result is checked again. ``note`` is added to the queued message; ``takes``
+        variations are generated together. Returns the job, or None when the member was told
+        why it was not queued.
         """
         guild_id, channel_id = interaction.guild_id, interaction.channel_id
         assert guild_id is not None and channel_id is not None
@@ -119,6 +120,7 @@ class Music(commands.Cog):
                 channel_id=channel_id,
                 user_id=user_id,
                 per_user_limit=settings.max_jobs_per_user,
+                takes=takes,
             )
         except GenerationError as error:
             await reply_privately(interaction, user_message(error))
@@ -220,11 +222,10 @@ class Music(commands.Cog):
     async def show_queue(self, interaction: discord.Interaction) -> None:
         guild_id = interaction.guild_id
         queue, worker = self.service.queue, self.service.worker
-        running = queue.running
-        if running is not None and running.guild_id != guild_id:
-            running = None
         queued = [(job, queue.position(job), worker.eta(job)) for job in queue.queued(guild_id)]
-        embed = presentation.queue_embed(running, queued, queue.is_paused(guild_id))
+        embed = presentation.queue_embed(
+            queue.running_in(guild_id), queued, queue.is_paused(guild_id)
+        )
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     @music.command(name="cancel", description="Cancel your queued or running job")
@@ -259,9 +260,7 @@ class Music(commands.Cog):
 
     def _live_jobs(self, guild_id: int | None) -> list[Job]:
         queue = self.service.queue
-        running = queue.running
-        live = [running] if running is not None and running.guild_id == guild_id else []
-        return live + queue.queued(guild_id or 0)
+        return queue.running_in(guild_id or 0) + queue.queued(guild_id or 0)
 
     @music.command(name="history", description="Your recent tracks in this server")
     async def history(self, interaction: discord.Interaction) -> None:
@@ -278,17 +277,16 @@ class Music(commands.Cog):
             raise JobNotFound(f"There is no job #{job} in this server.")
         if found.status is not JobStatus.DONE:
             raise JobNotFound(f"Job #{job} has no track: it is {found.status.value}.")
-        stored = await self.store.load_result(found)
-        if stored is None:
-            raise JobNotFound(f"The track of job #{job} is no longer kept.")
+        try:
+            results = await self.service.worker.stored_results(found)
+        except GenerationError as error:
+            raise JobNotFound(f"The track of job #{job} is no longer kept.") from error
         await interaction.response.defer(thinking=True)
-        audio, sample_rate = stored
-        result = GenerationResult(found.request, audio, sample_rate, found.generation_seconds or 0)
-        posted = await result_message(found, result, interaction.filesize_limit)
+        posted = await result_message(found, results, interaction.filesize_limit)
         await interaction.followup.send(
             content=f"Job #{found.id} by <@{found.user_id}>",
             embed=posted.embed,
-            files=posted.files(),
+            files=posted.files,
             view=posted.view,
         )
 
@@ -393,7 +391,7 @@ class Music(commands.Cog):
             await self.store.stats(guild_id),
             queued_here=len(queue.queued(guild_id)),
             queued_everywhere=len(queue.service_order()),
-            loaded_model=self.bot.engine.loaded_model,
+            loaded_models=self.bot.engine.loaded_models,
             memory=self.bot.engine.memory_in_use(),
         )
         await interaction.response.send_message(embed=embed, ephemeral=True)

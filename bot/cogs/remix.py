@@ -1,8 +1,8 @@
 """Playing with results: the buttons under each one, and the context menus on any audio.
 
-Re-roll, Continue and Edit start from a job in the store; "Continue this track" and "Use as
-melody" start from any message with an audio attachment. Each makes a new job for the member
-who asked, through the same checks and limits as /music generate.
+Re-roll, Continue, Edit and Variations start from a job in the store; "Continue this track"
+and "Use as melody" start from any message with an audio attachment. Each makes a new job for
+the member who asked, through the same checks and limits as /music generate.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from generation.audio_input import check_size
 from generation.continuation import MAX_INTRO_SECONDS, continue_request, intro_clip
 from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
 from generation.models import resolve_model
-from generation.queue import Job, JobStatus
+from generation.queue import MAX_TAKES, Job, JobStatus
 from generation.request import TEMPERATURE_RANGE, AudioClip, GenerationRequest
 
 from ..errors import UNEXPECTED, reply_privately, user_message
@@ -38,11 +38,13 @@ log = logging.getLogger(__name__)
 
 #: Seconds of new music a continuation adds unless the member says otherwise.
 DEFAULT_ADDED_SECONDS = 10.0
+#: Takes the Variations button asks for.
+VARIATIONS = MAX_TAKES
 AUDIO_SUFFIXES = {".wav", ".mp3", ".ogg", ".oga", ".opus", ".flac", ".m4a", ".aac", ".webm"}
 
 
 class Remix(commands.Cog):
-    """Re-roll, Continue and Edit buttons; "Continue this track" and "Use as melody"."""
+    """Re-roll, Continue, Edit and Variations; "Continue this track" and "Use as melody"."""
 
     def __init__(self, bot: MusicGenBot) -> None:
         self.bot = bot
@@ -76,34 +78,47 @@ class Remix(commands.Cog):
     # Buttons
 
     async def reroll(self, interaction: discord.Interaction, job_id: int) -> None:
-        """The same request with a new seed."""
+        """The same request (as many takes) with a new seed."""
         async with answering(interaction):
             source = await self._finished_job(interaction, job_id)
             await self.music.queue_request(
                 interaction,
                 replace(source.request, seed=None),
                 note=f"Re-roll of job #{source.id} with a new seed.",
+                takes=source.takes,
             )
 
-    async def ask_continue(self, interaction: discord.Interaction, job_id: int) -> None:
+    async def variations(self, interaction: discord.Interaction, job_id: int) -> None:
+        """:data:`VARIATIONS` takes of the job's request, new seeds, generated together."""
         async with answering(interaction):
             source = await self._finished_job(interaction, job_id)
-            fields = [prompt_field(source.request.prompt), self._length_field()]
-            submit = partial(self._continue_job, job_id=source.id)
-            await interaction.response.send_modal(
-                Form(f"Continue job #{source.id}", fields, submit)
+            await self.music.queue_request(
+                interaction,
+                replace(source.request, seed=None),
+                note=f"{VARIATIONS} variations of job #{source.id}, generated together.",
+                takes=VARIATIONS,
             )
 
+    async def ask_continue(self, interaction: discord.Interaction, job_id: int, take: int) -> None:
+        async with answering(interaction):
+            source = await self._finished_job(interaction, job_id)
+            if not 0 <= take < source.takes:
+                raise JobNotFound(f"Job #{job_id} has no take {take + 1}.")
+            fields = [prompt_field(source.request.prompt), self._length_field()]
+            submit = partial(self._continue_job, job_id=source.id, take=take)
+            form = Form(f"Continue job #{source.id}", fields, submit)
+            await interaction.response.send_modal(form)
+
     async def _continue_job(
-        self, interaction: discord.Interaction, values: dict[str, str], *, job_id: int
+        self, interaction: discord.Interaction, values: dict[str, str], *, job_id: int, take: int
     ) -> None:
-        """A continuation whose intro is the end of the job's stored result."""
+        """A continuation whose intro is the end of the take's stored result."""
         async with answering(interaction):
             added = self._length(values)
             source = await self._finished_job(interaction, job_id)
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
-                stored = await self.store.load_result(source)
+                stored = await self.store.load_result(source, take)
                 if stored is None:
                     raise JobNotFound(f"The track of job #{job_id} is no longer kept.")
                 return continue_request(request, intro_clip(*stored), added)
@@ -145,7 +160,10 @@ class Remix(commands.Cog):
                 source.request, prompt=values["prompt"], duration=duration, temperature=temperature
             )
             await self.music.queue_request(
-                interaction, request, note=f"Edit of job #{source.id}, same seed."
+                interaction,
+                request,
+                note=f"Edit of job #{source.id}, same seed.",
+                takes=source.takes,
             )
 
     # Context menus

@@ -1,0 +1,141 @@
+"""Several requests in one pass of audiocraft's model, on the tiny random-weight models."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from generation.engine import MusicGenEngine, batch_key, model_bytes
+from generation.request import AudioClip, GenerationRequest
+
+from .helpers import sine
+from .test_engine import count_lm_calls
+
+SR = 32_000
+BASE = GenerationRequest(prompt="lo-fi hip hop beat", model="debug", duration=1.0, seed=1)
+
+
+def assert_same_music(batched: np.ndarray, alone: np.ndarray) -> None:
+    # The same tokens decode to the same audio, up to float rounding of the batched codec.
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+
+
+def test_each_request_in_a_batch_gets_the_music_its_seed_gives_alone(engine):
+    requests = [BASE, replace(BASE, seed=2), replace(BASE, prompt="calm piano", seed=3)]
+    results = engine.generate_batch(requests)
+    assert [result.request for result in results] == requests
+    for result in results:
+        assert_same_music(result.audio, engine.generate(result.request).audio)
+    assert not np.allclose(results[0].audio, results[1].audio, atol=1e-3)
+
+
+def test_the_order_of_a_batch_does_not_change_anyones_music(engine):
+    first, second = BASE, replace(BASE, prompt="calm piano", seed=9)
+    forward = engine.generate_batch([first, second])
+    backward = engine.generate_batch([second, first])
+    assert_same_music(forward[0].audio, backward[1].audio)
+    assert_same_music(forward[1].audio, backward[0].audio)
+
+
+def test_a_batch_decodes_every_request_in_one_forward_pass_per_step(engine):
+    lm = engine.load("debug").lm
+    batch_sizes: list[int] = []
+    hook = lm.transformer.register_forward_hook(
+        lambda module, args, output: batch_sizes.append(args[0].shape[0])
+    )
+    try:
+        engine.generate_batch([replace(BASE, seed=seed) for seed in range(3)])
+    finally:
+        hook.remove()
+    alone = count_lm_calls(engine, BASE)
+    assert len(batch_sizes) == len(alone)
+    assert set(batch_sizes) == {2 * 3}  # each request and its classifier-free-guidance twin
+
+
+def test_melody_and_continuation_requests_batch_with_their_own_kind(engine):
+    melody = AudioClip(sine(1.0, 220.0), SR)
+    melodic = replace(BASE, model="debug-melody", melody=melody)
+    results = engine.generate_batch([melodic, replace(melodic, prompt="jazz", seed=4)])
+    for result in results:
+        assert_same_music(result.audio, engine.generate(result.request).audio)
+
+    intro = AudioClip(sine(0.5, 330.0), SR)
+    extending = replace(BASE, duration=1.5, continuation=intro)
+    results = engine.generate_batch([extending, replace(extending, seed=7)])
+    assert [result.audio.shape for result in results] == [(1, int(1.5 * SR))] * 2
+    for result in results:
+        assert_same_music(result.audio, engine.generate(result.request).audio)
+
+
+def test_extended_generation_runs_as_a_batch(engine):
+    long = replace(BASE, duration=32.0, extend_stride=28.0, temperature=0.0)
+    results = engine.generate_batch([long, replace(long, prompt="calm piano")])
+    assert [result.audio.shape for result in results] == [(1, 32 * SR)] * 2
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"duration": 2.0},
+        {"model": "debug-stereo"},
+        {"temperature": 0.5},
+        {"top_k": 10},
+        {"top_p": 0.5},
+        {"cfg_coef": 1.0},
+        {"use_sampling": False},
+        {"two_step_cfg": True},
+        {"extend_stride": 10.0},
+        {"continuation": AudioClip(sine(0.5, 330.0), SR)},
+    ],
+)
+def test_requests_that_audiocraft_cannot_run_together_have_different_batch_keys(engine, change):
+    other = replace(BASE, **change)
+    assert batch_key(other) != batch_key(BASE)
+    with pytest.raises(ValueError, match="same batch key"):
+        engine.generate_batch([BASE, other])
+
+
+def test_what_audiocraft_can_run_together_shares_a_batch_key():
+    assert batch_key(replace(BASE, prompt="jazz", seed=None)) == batch_key(BASE)
+    # A temperature of 0 is greedy whatever the sampling flag says.
+    greedy = replace(BASE, temperature=0.0)
+    assert batch_key(greedy) == batch_key(replace(greedy, use_sampling=False))
+    melody = replace(BASE, model="debug-melody", melody=AudioClip(sine(1.0, 220.0), SR))
+    other_tune = replace(melody, melody=AudioClip(sine(1.0, 440.0), SR))
+    longer_tune = replace(melody, melody=AudioClip(sine(2.0, 220.0), SR))
+    assert batch_key(other_tune) == batch_key(melody)
+    assert batch_key(longer_tune) != batch_key(melody)
+
+
+def test_out_of_memory_in_a_batch_falls_back_to_one_request_at_a_time(engine):
+    requests = [BASE, replace(BASE, seed=2)]
+    runs = failures = 0
+
+    def out_of_memory_twice(done: int, total: int) -> None:
+        nonlocal runs, failures
+        runs += done == 1
+        if failures < 2:
+            failures += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    results = engine.generate_batch(requests, progress=out_of_memory_twice)
+    assert runs == 4  # the batch failed twice, then each request ran alone
+    for result in results:
+        assert_same_music(result.audio, engine.generate(result.request).audio)
+
+
+def test_models_stay_loaded_within_the_memory_budget():
+    probe = MusicGenEngine(device="cpu")
+    sizes = {name: model_bytes(probe.load(name)) for name in ("debug", "debug-stereo")}
+    roomy = MusicGenEngine(device="cpu", memory_budget_gb=1.1 * sum(sizes.values()) / 1e9)
+    for model in ("debug", "debug-stereo", "debug"):
+        roomy.generate(replace(BASE, model=model, duration=0.1))
+    assert roomy.loaded_models == ("debug-stereo", "debug")  # the most recently used last
+
+    tight = MusicGenEngine(device="cpu", memory_budget_gb=1.1 * max(sizes.values()) / 1e9)
+    tight.load("debug")
+    tight.load("debug-stereo")
+    assert tight.loaded_models == ("debug-stereo",)  # the least recently used went
