@@ -7,6 +7,7 @@ import io
 import discord
 import mutagen.id3
 import pytest
+import simcord
 
 from generation.audio_input import AudioLimits, decode_audio
 
@@ -131,6 +132,9 @@ async def test_jam_commands_outside_a_jam_are_explained(alice, channel):
     assert private_reply(refused) == "Start a jam in a text channel, not in a thread."
     empty = await alice.slash(thread, "music jam export")
     assert "Nothing to export yet" in private_reply(empty)
+    with pytest.raises(simcord.OptionError) as caught:  # a turn fits one model window
+        await alice.slash(thread, "music jam add", prompt="x", length=16.0)
+    assert caught.value.code == "option-range"
 
 
 async def test_a_jam_goes_on_after_a_restart(simcord_env, alice, bob, channel, database):

@@ -19,10 +19,16 @@ from discord import app_commands
 from discord.ext import commands
 
 from generation.audio_output import encode_mp3_within, mp3_filename, request_tags
-from generation.continuation import continue_request, intro_clip, new_part, stitch
+from generation.continuation import (
+    MAX_INTRO_SECONDS,
+    continue_request,
+    intro_clip,
+    new_part,
+    stitch,
+)
 from generation.errors import GenerationError
 from generation.queue import Job, JobStatus
-from generation.request import GenerationRequest
+from generation.request import WINDOW_SECONDS, GenerationRequest
 from generation.store import Jam, Segment
 
 from .. import presentation
@@ -36,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: Discord's limit on files in one message.
 FILES_PER_MESSAGE = 10
+#: The most a turn adds: with its intro, it fits in one window of the model (no extending).
+MAX_TURN_SECONDS = WINDOW_SECONDS - MAX_INTRO_SECONDS
 LIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
@@ -61,7 +69,7 @@ class JamCommands(app_commands.Group):
         self,
         interaction: discord.Interaction,
         prompt: app_commands.Range[str, 1, 1000],
-        length: app_commands.Range[float, 1.0, 30.0] = DEFAULT_ADDED_SECONDS,
+        length: app_commands.Range[float, 1.0, MAX_TURN_SECONDS] = DEFAULT_ADDED_SECONDS,
     ) -> None:
         await self.cog.add(interaction, prompt, length)
 

@@ -168,7 +168,9 @@ class Remix(commands.Cog):
 
     # Context menus
 
-    async def continue_track(self, interaction: discord.Interaction, message: discord.Message):
+    async def continue_track(
+        self, interaction: discord.Interaction, message: discord.Message
+    ) -> None:
         attachment = self._audio_attachment(message, "continuation")
         fields = [prompt_field(), self._length_field()]
         submit = partial(self._continue_upload, attachment=attachment)
@@ -193,7 +195,9 @@ class Remix(commands.Cog):
                 interaction, request, prepare=with_intro, note=f"Continuing {attachment.filename}."
             )
 
-    async def use_as_melody(self, interaction: discord.Interaction, message: discord.Message):
+    async def use_as_melody(
+        self, interaction: discord.Interaction, message: discord.Message
+    ) -> None:
         attachment = self._audio_attachment(message, "melody")
         default = f"{min(DEFAULT_ADDED_SECONDS, self.music.max_duration):g}"
         fields = [prompt_field(), Field("duration", "Duration in seconds", default)]
