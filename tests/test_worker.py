@@ -246,3 +246,14 @@ async def test_cancelling_one_job_of_a_batch_lets_the_others_finish(
     assert ("cancelled", stopped.id) in recorder.events
     assert kept.status is JobStatus.DONE
     assert kept.progress[0] == kept.progress[1]
+
+
+async def test_a_job_that_breaks_its_batch_fails_alone(worker, recorder, submit):
+    broken = await submit(replace(REQUEST, prompt="x" * 5000))  # past the prompt limit
+    fine = await submit(guild=2)
+    worker.wake()
+    await worker.join()
+    assert broken.status is JobStatus.FAILED
+    assert "prompt" in recorder.errors[broken.id].args[0].lower()
+    assert fine.status is JobStatus.DONE
+    assert broken.attempts == fine.attempts == 1
