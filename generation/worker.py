@@ -233,6 +233,7 @@ class Worker:
         return results
 
     async def _drain(self) -> None:
+        await asyncio.sleep(self.batch_policy.window)
         while self.accepting:
             batch = plan_batch(
                 self.queue.runnable(),

@@ -257,3 +257,16 @@ async def test_a_job_that_breaks_its_batch_fails_alone(worker, recorder, submit)
     assert "prompt" in recorder.errors[broken.id].args[0].lower()
     assert fine.status is JobStatus.DONE
     assert broken.attempts == fine.attempts == 1
+
+
+async def test_requests_sent_together_to_an_idle_worker_share_the_first_batch(
+    worker, recorder, submit
+):
+    first = await submit()
+    worker.wake()  # as the job service does for each job it queues
+    await asyncio.sleep(0)
+    later = [await submit(replace(REQUEST, seed=seed), guild=seed) for seed in (2, 3)]
+    for _ in later:
+        worker.wake()
+    await worker.join()
+    assert {job.started_at for job in [first, *later]} == {first.started_at}
