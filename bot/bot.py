@@ -43,7 +43,7 @@ class MusicGenBot(commands.Bot):
         )
 
     async def setup_hook(self) -> None:
-        queue = self.config.queue
+        queue, generation = self.config.queue, self.config.generation
         store = await JobStore.open(self.config.storage.database)
         self.service = JobService(
             self.engine,
@@ -54,7 +54,9 @@ class MusicGenBot(commands.Bot):
             max_attempts=queue.max_attempts,
             progress_interval=queue.progress_interval,
             job_timeout=queue.job_timeout,
-            batch_policy=BatchPolicy(self.config.generation.max_batch, queue.max_model_wait),
+            batch_policy=BatchPolicy(
+                generation.max_batch, queue.max_model_wait, generation.batch_window
+            ),
         )
         self.tree.on_error = on_app_command_error
         for extension in EXTENSIONS:

@@ -45,6 +45,8 @@ class GenerationConfig:
     #: Requests decoded together in one pass of the model (a batch costs little more per
     #: step than one request).
     max_batch: int = 4
+    #: Seconds an idle worker waits for more requests before it starts a batch.
+    batch_window: float = 0.25
     #: Memory the loaded models may take together, in GB; 0 keeps only the model in use.
     memory_budget_gb: float = 0.0
 
@@ -196,6 +198,8 @@ def _check_values(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: generation.max_upload_mib must be above 0.")
     if generation.max_batch < 1:
         raise ConfigError(f"{source}: generation.max_batch must be at least 1.")
+    if not 0 <= generation.batch_window <= 10:
+        raise ConfigError(f"{source}: generation.batch_window must be 0 to 10 seconds.")
     if generation.memory_budget_gb < 0:
         raise ConfigError(f"{source}: generation.memory_budget_gb must be 0 or more.")
     if queue.max_model_wait < 0:

@@ -18,10 +18,13 @@ class BatchPolicy:
             each); a batch costs little more per step than one request.
         max_model_wait: Seconds a job for a model not in memory may be passed over by jobs
             for a loaded model, so the model is not swapped back and forth.
+        window: Seconds an idle worker waits after the first job arrives, so that requests
+            sent together share the first batch (later ones gather while a batch runs).
     """
 
     max_rows: int = 4
     max_model_wait: float = 120.0
+    window: float = 0.25
 
 
 def plan_batch(

@@ -233,6 +233,7 @@ class Worker:
         return results
 
     async def _drain(self) -> None:
+        await asyncio.sleep(self.batch_policy.window)
         while self.accepting:
             batch = plan_batch(
                 self.queue.runnable(),
@@ -321,8 +322,17 @@ class Worker:
                 await self._stopped(job)
             return {}
         except Exception as error:
-            for job in jobs:
-                await self._failed(job, error)
+            if len(jobs) > 1:  # find the job at fault: each runs alone, and fails alone
+                log.warning(
+                    "batch=%s event=failed error=%r (running its jobs one by one)",
+                    ",".join(str(job.id) for job in jobs),
+                    error,
+                )
+                alone: dict[int, list[GenerationResult]] = {}
+                for job in jobs:
+                    alone |= await self._generate([job])
+                return alone
+            await self._failed(jobs[0], error)
             return {}
         self.rate.observe(results[0])
         outcomes = {}

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from audiocraft.utils.export import export_encodec, export_lm
 from omegaconf import OmegaConf
 
 from generation.debug_models import build_debug_model, debug_config
 from generation.engine import MusicGenEngine
 from generation.errors import ModelLoadError
+from generation.export import export_checkpoint
 from generation.loading import load_model
 from generation.models import ModelSpec, resolve_model
 from generation.request import GenerationRequest
@@ -22,24 +22,7 @@ from generation.request import GenerationRequest
 
 def export_checkpoint_folder(name: str, folder: Path) -> Path:
     """Export a debug model as audiocraft's exporters write released checkpoints."""
-    model = build_debug_model(name)
-    cfg = OmegaConf.to_container(debug_config(name))
-    training = folder / "training"
-    training.mkdir(parents=True)
-    # What a training run saves; audiocraft's exporters turn it into a release checkpoint.
-    torch.save(
-        {"xp.cfg": cfg, "best_state": {"model": model.lm.state_dict()}, "fsdp_best_state": None},
-        training / "lm.th",
-    )
-    codec = model.compression_model
-    torch.save(
-        {"xp.cfg": cfg, "best_state": {"model": getattr(codec, "model", codec).state_dict()}},
-        training / "codec.th",
-    )
-    release = folder / name
-    export_lm(training / "lm.th", release / "state_dict.bin")
-    export_encodec(training / "codec.th", release / "compression_state_dict.bin")
-    return release
+    return export_checkpoint(build_debug_model(name), debug_config(name), folder)
 
 
 def test_a_checkpoint_folder_loads_and_generates_like_the_model_it_came_from(tmp_path):

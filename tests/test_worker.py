@@ -246,3 +246,27 @@ async def test_cancelling_one_job_of_a_batch_lets_the_others_finish(
     assert ("cancelled", stopped.id) in recorder.events
     assert kept.status is JobStatus.DONE
     assert kept.progress[0] == kept.progress[1]
+
+
+async def test_a_job_that_breaks_its_batch_fails_alone(worker, recorder, submit):
+    broken = await submit(replace(REQUEST, prompt="x" * 5000))  # past the prompt limit
+    fine = await submit(guild=2)
+    worker.wake()
+    await worker.join()
+    assert broken.status is JobStatus.FAILED
+    assert "prompt" in recorder.errors[broken.id].args[0].lower()
+    assert fine.status is JobStatus.DONE
+    assert broken.attempts == fine.attempts == 1
+
+
+async def test_requests_sent_together_to_an_idle_worker_share_the_first_batch(
+    worker, recorder, submit
+):
+    first = await submit()
+    worker.wake()  # as the job service does for each job it queues
+    await asyncio.sleep(0)
+    later = [await submit(replace(REQUEST, seed=seed), guild=seed) for seed in (2, 3)]
+    for _ in later:
+        worker.wake()
+    await worker.join()
+    assert {job.started_at for job in [first, *later]} == {first.started_at}

@@ -1,0 +1,146 @@
+"""The bot's own path around generation: the job service, its queue and worker, the store,
+MP3 encoding at the upload limit and an upload, with the bot's real code.
+
+The upload goes to an HTTP endpoint on this machine (a multipart POST, as discord.py sends
+files), so it counts the bot's work to send a file, not the network's time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from bot.delivery import encode_for_upload
+from generation.engine import GenerationResult, MusicGenEngine
+from generation.errors import GenerationError
+from generation.queue import Job, QueueLimits
+from generation.request import GenerationRequest
+from generation.scheduling import BatchPolicy
+from generation.service import JobService
+from generation.store import JobStore
+
+UPLOAD_LIMIT = 25 * 2**20  # Discord's default for bots
+
+
+@dataclass(frozen=True)
+class QueueRun:
+    """How ``requests`` concurrent jobs went through the bot, from submission to upload."""
+
+    requests: int
+    wall_seconds: float
+    generation_seconds: float  # the engine's own time, summed over batches
+
+    @property
+    def overhead(self) -> float:
+        """The bot's time around generation, as a share of generation time."""
+        return (self.wall_seconds - self.generation_seconds) / self.generation_seconds
+
+
+class _Uploader:
+    """A JobListener that delivers as the bot does: MP3 at the upload limit, then a POST."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session, self.url = session, url
+        self.delivered: dict[int, float] = {}
+
+    async def job_started(self, job: Job) -> None:
+        pass
+
+    async def job_progress(self, job: Job) -> None:
+        pass
+
+    async def job_finished(self, job: Job, results: list[GenerationResult]) -> str:
+        files, _ = await encode_for_upload(results, UPLOAD_LIMIT)
+        form = aiohttp.FormData()
+        for index, file in enumerate(files):
+            form.add_field(f"files[{index}]", file.fp.read(), filename=file.filename)
+        async with self.session.post(self.url, data=form) as response:
+            response.raise_for_status()
+        self.delivered[job.id] = time.perf_counter()
+        return self.url
+
+    async def job_failed(self, job: Job, error: GenerationError) -> None:
+        raise RuntimeError(f"job {job.id} failed: {error}")
+
+    async def job_cancelled(self, job: Job) -> None:
+        raise RuntimeError(f"job {job.id} was cancelled")
+
+
+async def _receive(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(text="ok")
+
+
+async def run_through_queue(
+    engine: MusicGenEngine, request: GenerationRequest, count: int, max_batch: int
+) -> QueueRun:
+    """Submit ``count`` copies of ``request`` (other prompts and seeds) from ``count`` servers
+    at once, and time them until every MP3 is uploaded. The model is loaded beforehand, as
+    the bot does at start-up."""
+    engine.load(request.model)
+    app = web.Application(client_max_size=2 * UPLOAD_LIMIT)
+    app.router.add_post("/upload", _receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    endpoint = socket.socket()
+    endpoint.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, endpoint).start()
+    port = endpoint.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        async with aiohttp.ClientSession() as session:
+            listener = _Uploader(session, f"http://127.0.0.1:{port}/upload")
+            store = await JobStore.open(Path(folder) / "bench.sqlite3")
+            service = JobService(
+                engine,
+                store,
+                listener,
+                limits=QueueLimits(per_user=count, per_guild=count),
+                batch_policy=BatchPolicy(max_rows=max_batch),
+            )
+            await service.start()
+            started = time.perf_counter()
+            jobs = []
+            for index in range(count):
+                job = await service.submit(
+                    replace(request, prompt=f"{request.prompt} {index}", seed=None),
+                    guild_id=index + 1,
+                    channel_id=1,
+                    user_id=1,
+                )
+                await service.release(job, None)
+                jobs.append(job)
+            await service.worker.join()
+            await service.shutdown(grace=0)
+    await runner.cleanup()
+    finished = max(listener.delivered.values())
+    # The jobs of a batch share its start and its generation time: count each batch once.
+    batches = {job.started_at: job.generation_seconds or 0.0 for job in jobs}
+    return QueueRun(count, finished - started, sum(batches.values()))
+
+
+def median_run(
+    engine: MusicGenEngine, request: GenerationRequest, count: int, max_batch: int, repeats: int
+) -> QueueRun:
+    """The run with the median wall time of ``repeats``."""
+    runs = [
+        asyncio.run(run_through_queue(engine, request, count, max_batch)) for _ in range(repeats)
+    ]
+    return sorted(runs, key=lambda run: run.wall_seconds)[len(runs) // 2]
+
+
+if __name__ == "__main__":  # a quick look on a debug model: python -m bench.bot_path
+    engine = MusicGenEngine(device="cpu")
+    base = GenerationRequest(prompt="lo-fi", model="debug", duration=10.0)
+    for count in (1, 4):
+        run = median_run(engine, base, count, max_batch=4, repeats=3)
+        print(
+            f"{count} x 10 s: wall {run.wall_seconds:.2f} s, generation "
+            f"{run.generation_seconds:.2f} s, overhead {run.overhead:.1%}"
+        )
