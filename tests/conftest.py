@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real audiocraft models, and audio files made with ffmpeg."""
+"""Shared fixtures: tiny real audiocraft models, audio files made with ffmpeg, and a SimCord
+server with members."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from collections.abc import Callable
 from pathlib import Path
 
+import discord
 import pytest
 
 from generation.engine import MusicGenEngine
@@ -45,3 +47,29 @@ def database(tmp_path: Path) -> Path:
 def simcord_bot(database: Path):
     """A fresh, unstarted bot for SimCord's ``simcord_env``."""
     return make_bot(database)
+
+
+@pytest.fixture
+def guild(simcord_env):
+    return simcord_env.create_guild("Jam Session")
+
+
+@pytest.fixture
+def channel(guild):
+    return guild.create_text_channel("music")
+
+
+@pytest.fixture
+def alice(simcord_env, guild):
+    return guild.add_member(simcord_env.create_user("alice"))
+
+
+@pytest.fixture
+def bob(simcord_env, guild):
+    return guild.add_member(simcord_env.create_user("bob"))
+
+
+@pytest.fixture
+def admin(simcord_env, guild):
+    mods = guild.create_role("Mods", permissions=discord.Permissions(manage_guild=True))
+    return guild.add_member(simcord_env.create_user("mod"), roles=[mods])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import discord
 import numpy as np
 import pytest
 import simcord
@@ -19,32 +18,6 @@ from .helpers import encode_tone
 # Debug-model jobs take well under a second, but the first melody model build imports
 # demucs and compiles librosa's filters.
 pytestmark = pytest.mark.simcord(settle_timeout=60)
-
-
-@pytest.fixture
-def guild(simcord_env):
-    return simcord_env.create_guild("Jam Session")
-
-
-@pytest.fixture
-def channel(guild):
-    return guild.create_text_channel("music")
-
-
-@pytest.fixture
-def alice(simcord_env, guild):
-    return guild.add_member(simcord_env.create_user("alice"))
-
-
-@pytest.fixture
-def bob(simcord_env, guild):
-    return guild.add_member(simcord_env.create_user("bob"))
-
-
-@pytest.fixture
-def admin(simcord_env, guild):
-    mods = guild.create_role("Mods", permissions=discord.Permissions(manage_guild=True))
-    return guild.add_member(simcord_env.create_user("mod"), roles=[mods])
 
 
 def tone_bytes(tmp_path, name: str, **kwargs) -> bytes:

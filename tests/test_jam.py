@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 
-import discord
 import mutagen.id3
 import pytest
 import simcord
@@ -14,32 +13,6 @@ from generation.audio_input import AudioLimits, decode_audio
 from .bot_helpers import fields, job_id, make_bot, mp3_of, private_reply, seconds
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
-
-
-@pytest.fixture
-def guild(simcord_env):
-    return simcord_env.create_guild("Jam Session")
-
-
-@pytest.fixture
-def channel(guild):
-    return guild.create_text_channel("music")
-
-
-@pytest.fixture
-def alice(simcord_env, guild):
-    return guild.add_member(simcord_env.create_user("alice"))
-
-
-@pytest.fixture
-def bob(simcord_env, guild):
-    return guild.add_member(simcord_env.create_user("bob"))
-
-
-@pytest.fixture
-def admin(simcord_env, guild):
-    mods = guild.create_role("Mods", permissions=discord.Permissions(manage_guild=True))
-    return guild.add_member(simcord_env.create_user("mod"), roles=[mods])
 
 
 async def start_jam(member, channel, title="Friday jam"):

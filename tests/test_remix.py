@@ -18,26 +18,6 @@ from .helpers import encode_tone
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
 
-@pytest.fixture
-def guild(simcord_env):
-    return simcord_env.create_guild("Jam Session")
-
-
-@pytest.fixture
-def channel(guild):
-    return guild.create_text_channel("music")
-
-
-@pytest.fixture
-def alice(simcord_env, guild):
-    return guild.add_member(simcord_env.create_user("alice"))
-
-
-@pytest.fixture
-def bob(simcord_env, guild):
-    return guild.add_member(simcord_env.create_user("bob"))
-
-
 async def track(member, channel, prompt="warm synthwave", **options):
     """A result message, made by ``member``."""
     options = {"duration": 2.0, **options}
