@@ -8,13 +8,14 @@ from audiocraft.models import MusicGen
 from audiocraft.modules.transformer import StreamingMultiheadAttention
 
 from generation.debug_models import build_debug_model
-from generation.decoding import optimise_for_decoding
+from generation.decoding import linear, optimise_for_decoding
+
+PROMPTS = ["lo-fi hip hop beat", "fast drum and bass"]
 
 
-def greedy_tokens(model: MusicGen, **params) -> torch.Tensor:
+def greedy_tokens(model: MusicGen, prompts: int = 1, **params) -> torch.Tensor:
     model.set_generation_params(use_sampling=False, duration=params.pop("duration", 1.0), **params)
-    torch.manual_seed(0)
-    _, tokens = model.generate(["lo-fi hip hop beat", "fast drum and bass"], return_tokens=True)
+    _, tokens = model.generate(PROMPTS[:prompts], return_tokens=True)
     return tokens
 
 
@@ -26,13 +27,34 @@ def cross_attentions(model: MusicGen) -> list[StreamingMultiheadAttention]:
     ]
 
 
-@pytest.mark.parametrize("name", ["debug", "debug-stereo"])
-@pytest.mark.parametrize("two_step_cfg", [False, True])
-def test_greedy_tokens_are_those_of_unmodified_audiocraft(name: str, two_step_cfg: bool):
+# Rows per forward pass: 2 (one prompt and its CFG twin: the 2-row path), 4, 1 and 2.
+@pytest.mark.parametrize(
+    ("name", "prompts", "two_step_cfg"),
+    [
+        ("debug", 1, False),
+        ("debug", 2, False),
+        ("debug", 1, True),
+        ("debug", 2, True),
+        ("debug-stereo", 1, False),
+    ],
+)
+def test_greedy_tokens_are_those_of_unmodified_audiocraft(
+    name: str, prompts: int, two_step_cfg: bool
+):
     plain, fast = build_debug_model(name), build_debug_model(name)
     optimise_for_decoding(fast)
-    expected = greedy_tokens(plain, two_step_cfg=two_step_cfg)
-    assert torch.equal(greedy_tokens(fast, two_step_cfg=two_step_cfg), expected)
+    expected = greedy_tokens(plain, prompts, two_step_cfg=two_step_cfg)
+    assert torch.equal(greedy_tokens(fast, prompts, two_step_cfg=two_step_cfg), expected)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_linear_matches_torch_to_float32_rounding(rows: int):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(rows, 1, 1024), torch.randn(3072, 1024), torch.randn(3072)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    result = linear(x, weight, bias)
+    assert result.shape == expected.shape
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_extended_generation_matches_too():
