@@ -13,6 +13,7 @@ The peer is transformers' ``MusicgenForCausalLM`` decoder of the same size.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -74,15 +75,38 @@ def build_small_musicgen(device: str = "cpu", seed: int = 0) -> MusicGen:
 
 def build_small_peer(device: str = "cpu", seed: int = 0) -> torch.nn.Module:
     """transformers' MusicGen decoder (with its LM heads) of the same size, random weights."""
+    return _peer(_SMALL_LM, device, seed)
+
+
+def build_peer(model: str) -> torch.nn.Module:
+    """The transformers peer of ``model`` ("small" or "debug")."""
+    if model == "small":
+        return build_small_peer()
+    return _peer(dict(debug_config("debug").transformer_lm), "cpu", 0)
+
+
+def build_plain_and_optimised(model: str) -> tuple[MusicGen, MusicGen]:
+    """``model`` ("small" or "debug") twice, sharing weights: as built, and optimised."""
+    from generation.debug_models import build_debug_model
+    from generation.decoding import optimise_for_decoding
+
+    plain = build_small_musicgen() if model == "small" else build_debug_model("debug")
+    shared = {id(t): t for t in (*plain.lm.parameters(), *plain.lm.buffers())}
+    fast = MusicGen(plain.name, plain.compression_model, copy.deepcopy(plain.lm, shared))
+    optimise_for_decoding(fast)
+    return plain, fast
+
+
+def _peer(lm: dict[str, Any], device: str, seed: int) -> torch.nn.Module:
     from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
 
     config = MusicgenDecoderConfig(
-        vocab_size=_SMALL_LM["card"],
-        num_hidden_layers=_SMALL_LM["num_layers"],
-        num_attention_heads=_SMALL_LM["num_heads"],
-        hidden_size=_SMALL_LM["dim"],
-        ffn_dim=_SMALL_LM["dim"] * _SMALL_LM["hidden_scale"],
-        num_codebooks=_SMALL_LM["n_q"],
+        vocab_size=lm["card"],
+        num_hidden_layers=lm["num_layers"],
+        num_attention_heads=lm["num_heads"],
+        hidden_size=lm["dim"],
+        ffn_dim=lm["dim"] * lm["hidden_scale"],
+        num_codebooks=lm["n_q"],
         activation_function="gelu",
         dropout=0.0,
         attn_implementation="sdpa",
