@@ -164,23 +164,43 @@ def section_rss(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> No
     """(d) Peak RSS of a fresh process that loads the model, optimises it and generates."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        peak = pool.apply(_rss_child, (args.model, args.rss_seconds, args.threads))
+        loaded, generating, peak = pool.apply(
+            _rss_child, (args.model, args.rss_seconds, args.threads)
+        )
     table(
-        "(d) peak resident memory, one process",
-        ["model", "generated s", "peak RSS GiB"],
-        [[args.model, args.rss_seconds, peak / 2**30]],
+        "(d) resident memory of one process that loads the model and generates, GiB",
+        ["model", "generated s", "loaded", "peak while generating", "peak (ru_maxrss)"],
+        [[args.model, args.rss_seconds, loaded / 2**30, generating / 2**30, peak / 2**30]],
     )
 
 
-def _rss_child(model: str, seconds: float, threads: int | None) -> int:
+def _rss_child(model: str, seconds: float, threads: int | None) -> tuple[int, int, int]:
+    import gc
+    import threading
+
+    from generation.decoding import optimise_for_decoding
+    from generation.engine import _resident_bytes
+
     if threads:
         torch.set_num_threads(threads)
-    from generation.decoding import optimise_for_decoding
-
     music = _build_one(model)
     optimise_for_decoding(music)
+    gc.collect()
+    loaded = _resident_bytes()
+    samples = [loaded]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            samples.append(_resident_bytes())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     generate_seconds(music, 1, seconds)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    done.set()
+    sampler.join()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return loaded, max(samples), peak
 
 
 def _build_one(model: str) -> MusicGen:

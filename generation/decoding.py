@@ -31,6 +31,8 @@ from torch.nn import functional as F
 _MARK = "_musicgen_bot_cached_kv"
 # Streaming-state keys (no dots: audiocraft joins module names with them).
 _SOURCE, _KEYS, _VALUES = "cross_source", "cross_keys", "cross_values"
+_KEY_BUFFER, _VALUE_BUFFER = "key_buffer", "value_buffer"
+_KV_ROOM = 256  # steps of room in the self-attention's key/value buffers (5 s of audio)
 
 
 def optimise_for_decoding(model: MusicGen) -> None:
@@ -139,8 +141,53 @@ def _self_attention(
     projected = linear(query, attention.in_proj_weight, attention.in_proj_bias)
     packed = rearrange(projected, "b t (p h d) -> b h p t d", p=3, h=heads)
     q, k, v = packed.unbind(dim=2)
-    k, v = attention._complete_kv(k, v)
+    if attention.past_context is None and "past_keys" in attention._streaming_state:
+        k, v = _append_kv(attention._streaming_state, k, v)
+    else:
+        k, v = attention._complete_kv(k, v)
     return _attend(attention, q, k, v, query.dtype)
+
+
+def _append_kv(
+    state: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """audiocraft's ``_complete_kv`` without its ``torch.cat`` of the whole past at each step.
+
+    That copy grows with the context and the batch, and rivals the attention itself late in
+    a window of several requests. The past lives in buffers with room for ``_KV_ROOM`` more
+    steps; ``past_keys`` and ``past_values`` stay audiocraft's ``[B, H, T, D]``, as views.
+    """
+    past = state["past_keys"], state["past_values"]
+    buffers = state.get(_KEY_BUFFER), state.get(_VALUE_BUFFER)
+    steps = past[0].shape[2]
+    if any(
+        b is None or not _views_start_of(p, b) or b.shape[2] == steps
+        for p, b in zip(past, buffers, strict=True)
+    ):
+        buffers = tuple(_with_room(p) for p in past)
+    for buffer, new in zip(buffers, (k, v), strict=True):
+        buffer[:, :, steps : steps + 1] = new
+    keys, values = (b[:, :, : steps + 1] for b in buffers)
+    state.update(
+        {
+            "past_keys": keys,
+            "past_values": values,
+            _KEY_BUFFER: buffers[0],
+            _VALUE_BUFFER: buffers[1],
+        }
+    )
+    return keys, values
+
+
+def _views_start_of(view: torch.Tensor, buffer: torch.Tensor) -> bool:
+    return view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride()
+
+
+def _with_room(past: torch.Tensor) -> torch.Tensor:
+    b, h, t, d = past.shape
+    buffer = past.new_empty(b, h, t + _KV_ROOM, d)
+    buffer[:, :, :t] = past
+    return buffer
 
 
 def _cross_attention(

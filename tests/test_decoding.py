@@ -90,3 +90,23 @@ def test_keys_and_values_are_projected_once_per_generation():
     assert len(sources) == 1
     assert len(steps) > 20
     assert len(projected) == 2 * len(cross_attentions(model))
+
+
+def test_past_keys_and_values_grow_in_place():
+    model = build_debug_model("debug")
+    optimise_for_decoding(model)
+    attention = model.lm.transformer.layers[0].self_attn
+    seen: list[tuple[int, int]] = []
+
+    def record(module, args, output):
+        state = module._streaming_state
+        if "key_buffer" in state:
+            keys = state["past_keys"]
+            assert keys.data_ptr() == state["key_buffer"].data_ptr()
+            seen.append((keys.shape[2], state["key_buffer"].shape[2]))
+
+    attention.register_forward_hook(record)
+    greedy_tokens(model, duration=6.0)  # 300 frames: the buffer grows once
+    lengths = [length for length, _ in seen]
+    assert lengths == list(range(lengths[0], lengths[0] + len(lengths)))
+    assert len({capacity for _, capacity in seen}) == 2
