@@ -1,6 +1,7 @@
 """Faster step-by-step decoding for audiocraft's MusicGen, without forking audiocraft.
 
-Two costs dominate a decoding step on a CPU, both in reading weights:
+A decoding step on a CPU is mostly memory traffic (matrix products with 2 rows a request:
+87-91% of a step), and audiocraft spends some of it for nothing:
 
 - audiocraft's cross-attention projects the text conditioning to keys and values again at
   every step (its own TODO: "when streaming, we could actually save k, v"), although the
@@ -13,6 +14,8 @@ Two costs dominate a decoding step on a CPU, both in reading weights:
   1024-wide inputs of MusicGen-small). Only on the CPU, outside autocast, and only for 2 or 3
   rows: the sum runs in another order, so results differ from audiocraft's in the last bits of
   float32 (greedy tokens stay the same); GPU numerics are left as audiocraft's.
+- The self-attention's past keys and values are copied whole (``torch.cat``) at every step;
+  they now grow in place in buffers with room for more steps (same values, bit for bit).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from audiocraft.modules.transformer import StreamingMultiheadAttention
 from einops import rearrange
 from torch.nn import functional as F
 
-_MARK = "_musicgen_bot_cached_kv"
+_MARK = "_musicgen_bot_optimised"
 # Streaming-state keys (no dots: audiocraft joins module names with them).
 _SOURCE, _KEYS, _VALUES = "cross_source", "cross_keys", "cross_values"
 _KEY_BUFFER, _VALUE_BUFFER = "key_buffer", "value_buffer"
