@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory of generation on this machine (see README, "Benchmark")."""

@@ -1,0 +1,97 @@
+"""Per-step timing: the wall and CPU time of each decoding step, the same way for every model.
+
+A step is one forward pass with its CFG twin (2 rows per request) and top-k sampling. Times
+are medians over ``steps`` steps after a few warm-up ones, taken from the first steps of a
+generation (a short context, so attention over past steps weighs less than at step 500).
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from audiocraft.models import MusicGen
+from audiocraft.modules.conditioners import ConditioningAttributes
+
+PROMPT = "lo-fi hip hop beat with mellow piano chords, soft vinyl crackle and a slow groove"
+WARMUP_STEPS = 3
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Median seconds per decoding step: wall clock, and CPU time of this process."""
+
+    wall: float
+    cpu: float
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, float]] = []
+
+    def __call__(self, *_: int) -> None:
+        self.marks.append((time.perf_counter(), time.process_time()))
+
+    def median(self) -> StepTime:
+        marks = self.marks[WARMUP_STEPS:]
+        pairs = list(itertools.pairwise(marks))
+        return StepTime(
+            wall=statistics.median(b[0] - a[0] for a, b in pairs),
+            cpu=statistics.median(b[1] - a[1] for a, b in pairs),
+        )
+
+
+def audiocraft_step(model: MusicGen, batch: int, steps: int) -> StepTime:
+    """Decode ``steps`` steps of ``batch`` requests through audiocraft's ``LMModel.generate``."""
+    clock = _Clock()
+    attributes = [ConditioningAttributes(text={"description": PROMPT}) for _ in range(batch)]
+    with torch.no_grad(), model.autocast:
+        model.lm.generate(
+            None,
+            attributes,
+            max_gen_len=steps + WARMUP_STEPS + 1,
+            use_sampling=True,
+            top_k=250,
+            cfg_coef=3.0,
+            callback=clock,
+        )
+    return clock.median()
+
+
+def peer_step(peer: torch.nn.Module, batch: int, steps: int, text_tokens: int) -> StepTime:
+    """Decode ``steps`` steps of ``batch`` requests with transformers' MusicGen decoder.
+
+    Its own KV caches (self and cross attention), CFG over 2 rows a request and top-k
+    sampling, as ``MusicgenForConditionalGeneration.generate`` does; ``text_tokens`` is the
+    length of the encoder output it cross-attends to.
+    """
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    config = peer.config
+    device = next(peer.parameters()).device
+    rows = 2 * batch
+    encoder = torch.randn(rows, text_tokens, config.hidden_size, device=device)
+    codes = torch.full((rows * config.num_codebooks, 1), config.bos_token_id, device=device)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    clock = _Clock()
+    with torch.no_grad():
+        for _ in range(steps + WARMUP_STEPS + 1):
+            out = peer(
+                input_ids=codes,
+                encoder_hidden_states=encoder,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1].view(rows, config.num_codebooks, -1)
+            cond, uncond = logits.split(batch)
+            probs = torch.softmax(uncond + (cond - uncond) * 3.0, dim=-1)
+            top, index = probs.topk(250, dim=-1)
+            picked = torch.multinomial(top.flatten(0, 1), 1).view(batch, -1, 1)
+            token = index.gather(-1, picked)
+            codes = token.repeat(2, 1, 1).view(-1, 1)
+            clock()
+    return clock.median()

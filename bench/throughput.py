@@ -1,0 +1,319 @@
+"""Generation speed and memory on this machine: ``./dev python bench/throughput.py [--quick]``.
+
+Every ratio is against a baseline measured in the same run: plain audiocraft (unmodified
+``MusicGen``), one ``generate`` call per request, in sequence. Sections (each a function, so
+more can be added, e.g. one through the bot's queue):
+
+- ``steps``: per-step latency for 1, 2, 4, 8 requests a step: plain audiocraft, audiocraft
+  with :func:`generation.decoding.optimise_for_decoding`, and transformers' MusicGen decoder.
+- ``throughput``: aggregate throughput of N concurrent requests of ``--seconds`` each.
+- ``duration``: time against duration (beyond 30 s, extended generation).
+- ``rss``: peak resident memory of a process that loads the model and generates.
+- ``output``: the bot's own work on a finished clip (loudness, MP3).
+- ``cuda``: real-time factor for 1 and 4 requests and GPU memory, when a GPU is present.
+
+Times on a shared machine are noisy: sections interleave what they compare and print medians
+(wall clock, and CPU time of this process, which other processes disturb less).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from audiocraft.models import MusicGen
+
+from bench.models import build_peer, build_plain_and_optimised
+from bench.steps import PROMPT, audiocraft_step, peer_step
+
+TEXT_TOKENS = 18  # about what T5 makes of PROMPT; the peer cross-attends to this many
+
+
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print an aligned table."""
+    cells = [[str(c) for c in header]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n## {title}")
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def section_steps(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
+    """(a) Median ms per decoding step for each batch size, three implementations."""
+    peer = build_peer(args.model)
+    runs: dict[tuple[int, str], list] = {}
+    runners = {
+        "plain": lambda b: audiocraft_step(plain, b, args.steps),
+        "optimised": lambda b: audiocraft_step(fast, b, args.steps),
+        "transformers": lambda b: peer_step(peer, b, args.steps, TEXT_TOKENS),
+    }
+    for _ in range(args.repeats):
+        for batch in args.batches:
+            for name, run in runners.items():
+                runs.setdefault((batch, name), []).append(run(batch))
+    rows = []
+    for batch in args.batches:
+        wall = {n: statistics.median(t.wall for t in runs[batch, n]) for n in _NAMES}
+        cpu = {n: statistics.median(t.cpu for t in runs[batch, n]) for n in _NAMES}
+        rows.append(
+            [batch]
+            + [1000 * wall[n] for n in _NAMES]
+            + [1000 * cpu[n] for n in _NAMES]
+            + [wall["optimised"] / wall["plain"], wall["transformers"] / wall["plain"]]
+            + [wall["optimised"] / wall["transformers"]]
+        )
+    table(
+        f"(a) ms per step, median of {args.repeats} runs x {args.steps} steps "
+        f"(first steps of a generation, {torch.get_num_threads()} threads)",
+        [
+            "requests",
+            *_NAMES,
+            *(f"cpu {n}" for n in _NAMES),
+            "optimised/plain",
+            "transformers/plain",
+            "optimised/transformers",
+        ],
+        rows,
+    )
+
+
+_NAMES = ("plain", "optimised", "transformers")
+
+
+def generate_seconds(model: MusicGen, requests: int, seconds: float) -> float:
+    """Wall seconds of one ``generate`` call for ``requests`` prompts of ``seconds`` each."""
+    model.set_generation_params(duration=seconds, use_sampling=True, top_k=250, extend_stride=18)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    model.generate([PROMPT] * requests)
+    return time.perf_counter() - started
+
+
+def section_throughput(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
+    """(b) Aggregate throughput of N concurrent requests against sequential plain calls.
+
+    Sequential plain = N x the median of single plain calls (each call is independent).
+    """
+    single = [generate_seconds(plain, 1, args.seconds) for _ in range(args.repeats)]
+    baseline_one = statistics.median(single)
+    rows = []
+    for n in args.concurrency:
+        sequential = n * baseline_one
+        timings = {
+            "optimised, in sequence": n * generate_seconds(fast, 1, args.seconds),
+            "plain, one batched call": generate_seconds(plain, n, args.seconds),
+            "optimised, one batched call": generate_seconds(fast, n, args.seconds),
+        }
+        rows.append(
+            [n, "plain, in sequence (baseline)", sequential, n * args.seconds / sequential, 1.0]
+        )
+        for name, wall in timings.items():
+            rows.append([n, name, wall, n * args.seconds / wall, sequential / wall])
+    table(
+        f"(b) {args.seconds:g} s requests, N at once",
+        ["N", "how", "wall s", "audio s per s", "x baseline"],
+        rows,
+    )
+
+
+def section_duration(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
+    """(c) Time against duration for one request (optimised; plain too with --plain-durations)."""
+    rows = []
+    for seconds in args.durations:
+        steps = _count_steps(fast, seconds)
+        wall = generate_seconds(fast, 1, seconds)
+        row = [seconds, steps, wall, wall / seconds, 1000 * wall / steps]
+        if args.plain_durations:
+            base = generate_seconds(plain, 1, seconds)
+            row += [base, base / wall]
+        rows.append(row)
+    header = ["seconds", "steps", "wall s", "real-time factor", "ms per step"]
+    if args.plain_durations:
+        header += ["plain wall s", "x plain"]
+    table("(c) one request, optimised, against duration", header, rows)
+
+
+def _count_steps(model: MusicGen, seconds: float) -> int:
+    from generation.engine import planned_steps
+    from generation.request import GenerationRequest
+
+    request = GenerationRequest(prompt=PROMPT, model=model.name, duration=seconds)
+    return planned_steps(model, request)
+
+
+def section_rss(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
+    """(d) Peak RSS of a fresh process that loads the model, optimises it and generates."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        loaded, generating, peak = pool.apply(
+            _rss_child, (args.model, args.rss_seconds, args.threads)
+        )
+    table(
+        "(d) resident memory of one process that loads the model and generates, GiB",
+        ["model", "generated s", "loaded", "peak while generating", "peak (ru_maxrss)"],
+        [[args.model, args.rss_seconds, loaded / 2**30, generating / 2**30, peak / 2**30]],
+    )
+
+
+def _rss_child(model: str, seconds: float, threads: int | None) -> tuple[int, int, int]:
+    import gc
+    import threading
+
+    from generation.decoding import optimise_for_decoding
+    from generation.engine import _resident_bytes
+
+    if threads:
+        torch.set_num_threads(threads)
+    music = _build_one(model)
+    optimise_for_decoding(music)
+    gc.collect()
+    loaded = _resident_bytes()
+    samples = [loaded]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            samples.append(_resident_bytes())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    generate_seconds(music, 1, seconds)
+    done.set()
+    sampler.join()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return loaded, max(samples), peak
+
+
+def _build_one(model: str) -> MusicGen:
+    if model == "debug":
+        from generation.debug_models import build_debug_model
+
+        return build_debug_model("debug")
+    from bench.models import build_small_musicgen
+
+    return build_small_musicgen()
+
+
+def section_output(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
+    """(e) The bot's own work on a finished clip: loudness and MP3, against generating it."""
+    import numpy as np
+
+    from generation.audio_output import encode_mp3, normalise_loudness
+
+    sample_rate = fast.sample_rate
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal((1, int(args.seconds * sample_rate)))).astype(np.float32)
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        encode_mp3(normalise_loudness(audio, sample_rate), sample_rate)
+        times.append(time.perf_counter() - started)
+    encode = statistics.median(times)
+    generation = generate_seconds(fast, 1, args.seconds)
+    table(
+        f"(e) bot work on a {args.seconds:g} s clip (queue and upload: see the worker's section)",
+        ["loudness + MP3 s", "generation s (optimised)", "share"],
+        [[encode, generation, encode / generation]],
+    )
+
+
+def section_cuda(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
+    """(f) On a GPU: real-time factor for 1 and 4 requests, under audiocraft's fp16 autocast."""
+    if not torch.cuda.is_available():
+        print("\n## (f) CUDA: no GPU here, skipped")
+        return
+    from generation.decoding import optimise_for_decoding
+
+    model = _build_one(args.model) if args.model == "debug" else None
+    if model is None:
+        from bench.models import build_small_musicgen
+
+        model = build_small_musicgen("cuda")
+    optimise_for_decoding(model)
+    rows = []
+    for n in (1, 4):
+        torch.cuda.reset_peak_memory_stats()
+        generate_seconds(model, n, 1.0)  # warm-up
+        torch.cuda.synchronize()
+        wall = generate_seconds(model, n, args.seconds)
+        torch.cuda.synchronize()
+        rows.append([n, wall, wall / args.seconds, torch.cuda.max_memory_allocated() / 2**30])
+    table(
+        f"(f) CUDA {torch.cuda.get_device_name()}, fp16 autocast, {args.seconds:g} s requests",
+        ["requests", "wall s", "real-time factor", "max GPU GiB"],
+        rows,
+    )
+
+
+SECTIONS: dict[str, Callable[[MusicGen, MusicGen, argparse.Namespace], None]] = {
+    "steps": section_steps,
+    "throughput": section_throughput,
+    "duration": section_duration,
+    "rss": section_rss,
+    "output": section_output,
+    "cuda": section_cuda,
+}
+
+
+def _numbers(kind: type) -> Callable[[str], list]:
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short run: fewer steps, 1 s clips")
+    parser.add_argument("--model", choices=["small", "debug"], default="small")
+    parser.add_argument("--sections", type=_numbers(str), default=list(SECTIONS))
+    parser.add_argument("--batches", type=_numbers(int), default=[1, 2, 4, 8])
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per run in (a)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per median")
+    parser.add_argument("--concurrency", type=_numbers(int), default=[1, 2, 4, 8])
+    parser.add_argument("--seconds", type=float, default=10.0, help="clip length in (b), (e)")
+    parser.add_argument("--durations", type=_numbers(float), default=[10, 30, 45, 60])
+    parser.add_argument("--plain-durations", action="store_true", help="plain runs in (c)")
+    parser.add_argument("--rss-seconds", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats, args.seconds, args.rss_seconds = 5, 1, 1.0, 1.0
+        args.batches, args.concurrency, args.durations = [1, 4], [1, 4], [1.0, 2.0]
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(
+        f"model {args.model}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"sections {', '.join(args.sections)}"
+    )
+    plain, fast = build_plain_and_optimised(args.model)
+    for name in args.sections:
+        SECTIONS[name](plain, fast, args)
+
+
+if __name__ == "__main__":
+    main()
