@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from audiocraft.models import MusicGen
 
+from .decoding import optimise_for_decoding
 from .errors import GenerationCancelled, GenerationError
 from .loading import default_device, load_model
 from .models import ModelSpec, resolve_model
@@ -238,6 +239,7 @@ class MusicGenEngine:
         expected = (spec.vram_gb if self.device.startswith("cuda") else spec.ram_gb) * GB
         self._make_room(expected)
         model = load_model(spec, self.device)
+        optimise_for_decoding(model)
         self._models[spec.name] = model
         self._make_room(0)
         self._loaded = tuple(self._models)

@@ -110,3 +110,14 @@ def test_past_keys_and_values_grow_in_place():
     lengths = [length for length, _ in seen]
     assert lengths == list(range(lengths[0], lengths[0] + len(lengths)))
     assert len({capacity for _, capacity in seen}) == 2
+
+
+def test_the_engine_decodes_every_model_it_loads_with_the_speed_ups():
+    from generation.engine import MusicGenEngine
+
+    model = MusicGenEngine(device="cpu").load("debug-melody")
+    assert cross_attentions(model) == []  # melody models prepend: self-attention only
+    reference = build_debug_model("debug-melody")
+    for ours, theirs in zip(model.lm.modules(), reference.lm.modules(), strict=True):
+        if isinstance(ours, torch.nn.Linear | StreamingMultiheadAttention):
+            assert ours.forward.__func__ is not type(theirs).forward  # replaced
