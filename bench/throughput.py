@@ -10,6 +10,8 @@ more can be added, e.g. one through the bot's queue):
 - ``duration``: time against duration (beyond 30 s, extended generation).
 - ``rss``: peak resident memory of a process that loads the model and generates.
 - ``output``: the bot's own work on a finished clip (loudness, MP3).
+- ``queue``: N concurrent requests through the bot's job service, queue, worker, store, MP3
+  encoding and upload (``bench/bot_path.py``), and the bot's time around generation.
 - ``cuda``: real-time factor for 1 and 4 requests and GPU memory, when a GPU is present.
 
 Times on a shared machine are noisy: sections interleave what they compare and print medians
@@ -108,13 +110,21 @@ def generate_seconds(model: MusicGen, requests: int, seconds: float) -> float:
     return time.perf_counter() - started
 
 
-def section_throughput(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
-    """(b) Aggregate throughput of N concurrent requests against sequential plain calls.
+_plain_single: dict[float, float] = {}
 
-    Sequential plain = N x the median of single plain calls (each call is independent).
-    """
-    single = [generate_seconds(plain, 1, args.seconds) for _ in range(args.repeats)]
-    baseline_one = statistics.median(single)
+
+def plain_single_seconds(plain: MusicGen, args: argparse.Namespace) -> float:
+    """The median of ``args.repeats`` single plain calls of ``args.seconds``, measured once a
+    run: N requests in sequence take N times this (each call is independent)."""
+    if args.seconds not in _plain_single:
+        runs = [generate_seconds(plain, 1, args.seconds) for _ in range(args.repeats)]
+        _plain_single[args.seconds] = statistics.median(runs)
+    return _plain_single[args.seconds]
+
+
+def section_throughput(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
+    """(b) Aggregate throughput of N concurrent requests against sequential plain calls."""
+    baseline_one = plain_single_seconds(plain, args)
     rows = []
     for n in args.concurrency:
         sequential = n * baseline_one
@@ -264,6 +274,54 @@ def section_cuda(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> N
     )
 
 
+def section_queue(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
+    """(g) N concurrent requests through the bot, against sequential plain calls.
+
+    The plain model is exported as a checkpoint folder and loaded by the bot's engine through
+    ``MusicGen.get_pretrained`` (which applies the decoding speed-ups), as a released model is.
+    """
+    import asyncio
+    import tempfile
+
+    from bench.bot_path import run_through_queue
+    from generation.engine import MusicGenEngine
+    from generation.export import export_checkpoint
+    from generation.request import GenerationRequest
+
+    baseline_one = plain_single_seconds(plain, args)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = export_checkpoint(plain, plain.lm.cfg, Path(folder))
+        engine = MusicGenEngine(device="cpu")
+        request = GenerationRequest(prompt=PROMPT, model=str(checkpoint), duration=args.seconds)
+        for n in args.concurrency:
+            run = asyncio.run(run_through_queue(engine, request, n, args.max_batch))
+            sequential = n * baseline_one
+            rows.append(
+                [
+                    n,
+                    sequential,
+                    run.wall_seconds,
+                    n * args.seconds / run.wall_seconds,
+                    sequential / run.wall_seconds,
+                    run.overhead,
+                ]
+            )
+    table(
+        f"(g) {args.seconds:g} s requests from N servers at once, through the bot "
+        f"(generation.max_batch {args.max_batch}): submitted until every MP3 is uploaded",
+        [
+            "N",
+            "plain in sequence s",
+            "bot wall s",
+            "audio s per s",
+            "x baseline",
+            "bot overhead / generation",
+        ],
+        rows,
+    )
+
+
 SECTIONS: dict[str, Callable[[MusicGen, MusicGen, argparse.Namespace], None]] = {
     "steps": section_steps,
     "throughput": section_throughput,
@@ -271,6 +329,7 @@ SECTIONS: dict[str, Callable[[MusicGen, MusicGen, argparse.Namespace], None]] = 
     "rss": section_rss,
     "output": section_output,
     "cuda": section_cuda,
+    "queue": section_queue,
 }
 
 
@@ -292,6 +351,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plain-durations", action="store_true", help="plain runs in (c)")
     parser.add_argument("--rss-seconds", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--max-batch", type=int, default=8, help="the bot's batch size in (g)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats, args.seconds, args.rss_seconds = 5, 1, 1.0, 1.0
