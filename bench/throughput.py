@@ -171,12 +171,21 @@ def _count_steps(model: MusicGen, seconds: float) -> int:
 
 
 def section_rss(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
-    """(d) Peak RSS of a fresh process that loads the model, optimises it and generates."""
+    """(d) Resident memory of a fresh process that serves as the bot does: its engine loads
+    the model from a checkpoint folder (the plain model, exported) and generates."""
+    import tempfile
+
+    from generation.export import export_checkpoint
+
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        loaded, generating, peak = pool.apply(
-            _rss_child, (args.model, args.rss_seconds, args.threads)
-        )
+    with tempfile.TemporaryDirectory() as folder:
+        model = "debug"
+        if args.model == "small":
+            model = str(export_checkpoint(plain, plain.lm.cfg, Path(folder)))
+        with context.Pool(1) as pool:
+            loaded, generating, peak = pool.apply(
+                _rss_child, (model, args.rss_seconds, args.threads)
+            )
     table(
         "(d) resident memory of one process that loads the model and generates, GiB",
         ["model", "generated s", "loaded", "peak while generating", "peak (ru_maxrss)"],
@@ -188,13 +197,13 @@ def _rss_child(model: str, seconds: float, threads: int | None) -> tuple[int, in
     import gc
     import threading
 
-    from generation.decoding import optimise_for_decoding
-    from generation.engine import _resident_bytes
+    from generation.engine import MusicGenEngine, _resident_bytes
+    from generation.request import GenerationRequest
 
     if threads:
         torch.set_num_threads(threads)
-    music = _build_one(model)
-    optimise_for_decoding(music)
+    engine = MusicGenEngine(device="cpu")
+    engine.load(model)
     gc.collect()
     loaded = _resident_bytes()
     samples = [loaded]
@@ -206,7 +215,7 @@ def _rss_child(model: str, seconds: float, threads: int | None) -> tuple[int, in
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    generate_seconds(music, 1, seconds)
+    engine.generate(GenerationRequest(prompt=PROMPT, model=model, duration=seconds))
     done.set()
     sampler.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -65,7 +65,8 @@ class MusicGenBot(commands.Bot):
         await self.service.start()
 
     async def close(self) -> None:
-        """Stop taking jobs, let the running one finish (or queue it again), close the store."""
+        """Stop taking jobs, let the running batch finish (or queue its jobs again), close
+        the store."""
         if hasattr(self, "service"):
             await self.service.shutdown(self.config.queue.shutdown_grace)
         await super().close()

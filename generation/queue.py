@@ -100,11 +100,11 @@ class QueueLimits:
 
 
 class FairQueue:
-    """One FIFO per server; :meth:`next_job` serves the servers in turn.
+    """One FIFO per server; :meth:`runnable` lists the jobs with the servers in turn.
 
     The next job comes from the server served least recently (a server never served, or
     back after a while, goes first), so a busy server delays another server's job by at
-    most the one job running now.
+    most the batch running now.
     """
 
     def __init__(self, limits: QueueLimits | None = None) -> None:

@@ -162,7 +162,7 @@ class JobService:
         self.worker.wake()
 
     async def shutdown(self, grace: float) -> None:
-        """Stop taking jobs, give the running one ``grace`` seconds, and close the store."""
+        """Stop taking jobs, give the running batch ``grace`` seconds, and close the store."""
         await self.worker.stop(grace)
         self.worker.close()
         await self.store.close()
