@@ -138,9 +138,9 @@ class MusicGenEngine:
         requests = [request.with_seed() for request in requests]
         if not requests or len({batch_key(request) for request in requests}) != 1:
             raise ValueError("A batch needs one or more requests with the same batch key.")
-        spec = resolve_model(requests[0].model)
+        spec = resolve_model(requests[0].model)  # one model for all: the batch key says so
         for request in requests:
-            self.validate(request)
+            validate_request(request, spec, max_duration=self.max_duration)
         with self._lock:
             model = self._load(spec)
             self._configure(model, requests[0])
