@@ -10,7 +10,7 @@ import simcord
 
 from generation.audio_input import AudioLimits, decode_audio
 
-from .bot_helpers import fields, job_id, make_bot, mp3_of, private_reply, seconds
+from .bot_helpers import fields, job_id, make_bot, mp3_of, outcome, private_reply, seconds
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
@@ -25,8 +25,7 @@ async def start_jam(member, channel, title="Friday jam"):
 
 async def take_turn(member, thread, prompt, length=2.0):
     result = await member.slash(thread, "music jam add", prompt=prompt, length=length)
-    assert result.response.attachments, result.response.content
-    return result.response
+    return outcome(result)
 
 
 def timeline(thread) -> list[str]:
@@ -90,8 +89,8 @@ async def test_members_take_turns(alice, bob, admin, channel):
     )
     assert timeline(thread)[-1].endswith("(queued)")
     await admin.slash(channel, "music admin resume")
-    assert waiting.response.attachments
-    assert timeline(thread)[-1].endswith(f"(job #{job_id(waiting.response)})")
+    assert outcome(waiting).attachments
+    assert timeline(thread)[-1].endswith(f"(job #{job_id(outcome(waiting))})")
     turn = await take_turn(bob, thread, "now", length=1.0)
     assert fields(turn)["Continuation of"] == "1.0 s intro"
 
@@ -118,4 +117,4 @@ async def test_a_jam_goes_on_after_a_restart(simcord_env, alice, bob, channel, d
     assert fields(second)["Continuation of"] == "2.0 s intro"
     assert len(timeline(thread)) == 3
     clicked = await bob.click(first, label="Re-roll")
-    assert clicked.response.attachments
+    assert outcome(clicked).attachments

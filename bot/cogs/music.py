@@ -27,7 +27,8 @@ from generation.store import GuildSettings
 
 from .. import presentation
 from ..delivery import result_message
-from ..errors import reply_privately, user_message
+from ..errors import answering, reply_privately, user_message
+from ..views import CancelButton, status_view
 
 if TYPE_CHECKING:
     from ..bot import MusicGenBot
@@ -63,9 +64,13 @@ class Music(commands.Cog):
         self.admin.add_command(settings_command(self))
 
     async def cog_load(self) -> None:
+        self.bot.add_dynamic_items(CancelButton)
         # Load the default model now, so the first member does not wait for it.
         preload = self.service.worker.run_blocking(lambda: self.bot.engine.load(self.models[0]))
         preload.add_done_callback(_log_preload_failure)
+
+    async def cog_unload(self) -> None:
+        self.bot.remove_dynamic_items(CancelButton)
 
     # /music generate
 
@@ -82,7 +87,9 @@ class Music(commands.Cog):
             clips = await self._read_uploads_in_time(interaction, request, uploads)
             return replace(request, **clips)
 
-        await self.queue_request(interaction, request, prepare=with_uploads)
+        await self.queue_request(
+            interaction, request, prepare=with_uploads, melody=uploads.get("melody") is not None
+        )
 
     async def queue_request(
         self,
@@ -92,14 +99,16 @@ class Music(commands.Cog):
         prepare: Callable[[GenerationRequest], Awaitable[GenerationRequest]] | None = None,
         note: str = "",
         takes: int = 1,
+        melody: bool = False,
     ) -> Job | None:
         """Check a request against the server's settings and the member's limits, and queue it.
 
         Everything that can be checked at once is, so a mistake gets a private answer;
         ``prepare`` then completes the request (it may defer the response and read audio),
         and the result is checked again. ``note`` is added to the queued message; ``takes``
-        variations are generated together. Returns the job, or None when the member was told
-        why it was not queued.
+        variations are generated together; ``melody``: ``prepare`` adds a melody, so the
+        model must follow one (with no model picked, the server's melody model is used).
+        Returns the job, or None when the member was told why it was not queued.
         """
         guild_id, channel_id = interaction.guild_id, interaction.channel_id
         assert guild_id is not None and channel_id is not None
@@ -109,6 +118,9 @@ class Music(commands.Cog):
         home = channel.parent_id if isinstance(channel, discord.Thread) else channel_id
         try:
             settings = await self.store.guild_settings(guild_id)
+            if melody:
+                request, picked = self._with_melody_model(request, settings)
+                note = " ".join(part for part in (picked, note) if part)
             request = self._apply_settings(request, settings, home).with_seed()
             self.service.check_room(guild_id, user_id, settings.max_jobs_per_user)
             if prepare is not None:
@@ -132,6 +144,45 @@ class Music(commands.Cog):
             await self.service.release(job, reply)
         return job
 
+    def _with_melody_model(
+        self, request: GenerationRequest, settings: GuildSettings
+    ) -> tuple[GenerationRequest, str]:
+        """``request`` with a model that follows a melody: with none picked, the server's
+        default if it can, else its first allowed model that can, and a note saying so.
+
+        Raises:
+            InvalidOption: the model picked cannot follow a melody (the advice names the
+                models this server allows that can), or no allowed model can.
+        """
+        allowed = settings.allowed_models or self.models
+        melody_models = [name for name in allowed if resolve_model(name).melody]
+        if not melody_models:
+            raise InvalidOption(
+                "model",
+                "No model allowed in this server can follow a melody: an admin can allow one "
+                "with `/music admin settings`.",
+            )
+        if request.model:
+            check_audio_options(
+                resolve_model(request.model),
+                melody=True,
+                continuation=False,
+                melody_models=melody_models,
+            )
+            return request, ""
+        default = self._default_model(settings)
+        if resolve_model(default).melody:
+            return replace(request, model=default), ""
+        model = melody_models[0]
+        note = f"{default} cannot follow a melody, so this uses {model}."
+        return replace(request, model=model), note
+
+    def _default_model(self, settings: GuildSettings) -> str:
+        """The model a request without one gets in this server."""
+        allowed = settings.allowed_models or self.models
+        default = settings.default_model or self.models[0]
+        return default if default in allowed else allowed[0]
+
     def _apply_settings(
         self, request: GenerationRequest, settings: GuildSettings, channel_id: int
     ) -> GenerationRequest:
@@ -141,8 +192,7 @@ class Music(commands.Cog):
             raise GenerationError(f"In this server, music is made in {channels}.")
         allowed = settings.allowed_models or self.models
         if not request.model:
-            default = settings.default_model or self.models[0]
-            request = replace(request, model=default if default in allowed else allowed[0])
+            request = replace(request, model=self._default_model(settings))
         if request.model not in allowed:
             raise InvalidOption("model", f"This server allows these models: {', '.join(allowed)}.")
         if settings.max_duration is not None and request.duration > settings.max_duration:
@@ -196,18 +246,20 @@ class Music(commands.Cog):
     async def _acknowledge(
         self, interaction: discord.Interaction, job: Job, note: str = ""
     ) -> ReplyAddress:
-        """Answer with the job's place in the queue; returns where to reach the member."""
-        queue = self.service.queue
-        status = presentation.queued_text(
-            job, queue.position(job), self.service.worker.eta(job), queue.is_paused(job.guild_id)
-        )
+        """Answer with the job's place in the queue and a Cancel button; returns where to
+        reach the member."""
+        estimate = self.service.worker.estimate(job)
+        status = presentation.queued_text(estimate)
         if note:
             status = f"{note}\n{status}"
+        view = status_view(job.id)
         if interaction.response.is_done():
-            message_id = (await interaction.edit_original_response(content=status)).id
+            message = await interaction.edit_original_response(content=status, view=view)
+            message_id = message.id
         else:
-            callback = await interaction.response.send_message(status)
+            callback = await interaction.response.send_message(status, view=view)
             message_id = callback.message_id
+        self.bot.reporter.acknowledged(job, note, status)
         return ReplyAddress(
             application_id=interaction.application_id,
             token=interaction.token,
@@ -221,8 +273,12 @@ class Music(commands.Cog):
     @music.command(name="queue", description="This server's queue and the job running now")
     async def show_queue(self, interaction: discord.Interaction) -> None:
         guild_id = interaction.guild_id
-        queue, worker = self.service.queue, self.service.worker
-        queued = [(job, queue.position(job), worker.eta(job)) for job in queue.queued(guild_id)]
+        queue = self.service.queue
+        queued = [
+            estimate
+            for estimate in self.service.worker.forecast()
+            if estimate.job.guild_id == guild_id
+        ]
         embed = presentation.queue_embed(
             queue.running_in(guild_id), queued, queue.is_paused(guild_id)
         )
@@ -233,7 +289,15 @@ class Music(commands.Cog):
     async def cancel(
         self, interaction: discord.Interaction, job: app_commands.Range[int, 1] | None = None
     ) -> None:
-        target = self._job_to_cancel(interaction, job)
+        await self._cancel(interaction, job)
+
+    async def cancel_from_button(self, interaction: discord.Interaction, job_id: int) -> None:
+        """The Cancel button under a job's status message."""
+        async with answering(interaction):
+            await self._cancel(interaction, job_id)
+
+    async def _cancel(self, interaction: discord.Interaction, job_id: int | None) -> None:
+        target = self._job_to_cancel(interaction, job_id)
         if await self.service.cancel(target):
             message = f"Cancelled job #{target.id}."
         else:
@@ -250,10 +314,7 @@ class Music(commands.Cog):
         job = self.service.queue.get(job_id)
         if job.guild_id != interaction.guild_id:
             raise JobNotFound(f"There is no queued or running job #{job_id} in this server.")
-        if job.user_id != mine and not interaction.permissions.manage_guild:
-            raise JobNotFound(
-                f"Job #{job_id} is not yours: only members with Manage Server can cancel it."
-            )
+        _check_may_cancel(interaction, job)
         if job.status is JobStatus.RUNNING and job.cancel_event.is_set():
             raise JobNotFound(f"Job #{job_id} is already stopping.")
         return job
@@ -485,6 +546,18 @@ def settings_command(cog: Music) -> app_commands.Command:
         )
 
     return settings
+
+
+def _check_may_cancel(interaction: discord.Interaction, job: Job) -> None:
+    """The requester may cancel their job, and members with Manage Server anyone's.
+
+    Raises:
+        JobNotFound: the member may not.
+    """
+    if job.user_id != interaction.user.id and not interaction.permissions.manage_guild:
+        raise JobNotFound(
+            f"Job #{job.id} is not yours: only members with Manage Server can cancel it."
+        )
 
 
 def _log_preload_failure(future: "asyncio.Future[object]") -> None:

@@ -7,9 +7,7 @@ the member who asked, through the same checks and limits as /music generate.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from functools import partial
 from pathlib import PurePath
@@ -22,11 +20,10 @@ from discord.ext import commands
 from generation.audio_input import check_size
 from generation.continuation import MAX_INTRO_SECONDS, continue_request, intro_clip
 from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
-from generation.models import resolve_model
 from generation.queue import MAX_TAKES, Job, JobStatus
 from generation.request import TEMPERATURE_RANGE, AudioClip, GenerationRequest
 
-from ..errors import UNEXPECTED, reply_privately, user_message
+from ..errors import answering
 from ..modals import Field, Form, number, prompt_field
 from ..views import BUTTONS
 
@@ -213,33 +210,19 @@ class Remix(commands.Cog):
     ) -> None:
         async with answering(interaction):
             duration = number(values, "duration", 1.0, self.music.max_duration)
-            model, note = await self._melody_model(interaction.guild_id or 0)
 
             async def with_melody(request: GenerationRequest) -> GenerationRequest:
                 return replace(request, melody=await self._read(interaction, attachment, "melody"))
 
-            request = GenerationRequest(prompt=values["prompt"], model=model, duration=duration)
-            note = f"{note} Following the melody of {attachment.filename}.".strip()
-            await self.music.queue_request(interaction, request, prepare=with_melody, note=note)
-
-    async def _melody_model(self, guild_id: int) -> tuple[str, str]:
-        """The server's default model if it takes a melody, else the first allowed one that
-        does; and a note saying so when it is not the default."""
-        settings = await self.store.guild_settings(guild_id)
-        allowed = settings.allowed_models or self.music.models
-        default = settings.default_model or self.music.models[0]
-        if default not in allowed:
-            default = allowed[0]
-        if resolve_model(default).melody:
-            return default, ""
-        for name in allowed:
-            if resolve_model(name).melody:
-                return name, f"{default} cannot follow a melody, so this uses {name}."
-        raise InvalidOption(
-            "model",
-            "No model allowed in this server can follow a melody: an admin can allow one "
-            "with `/music admin settings`.",
-        )
+            # No model: the server's default, or its first allowed melody model (said so).
+            request = GenerationRequest(prompt=values["prompt"], model="", duration=duration)
+            await self.music.queue_request(
+                interaction,
+                request,
+                prepare=with_melody,
+                note=f"Following the melody of {attachment.filename}.",
+                melody=True,
+            )
 
     # Helpers
 
@@ -277,20 +260,6 @@ class Remix(commands.Cog):
 
     def _length(self, values: dict[str, str]) -> float:
         return number(values, "length", 1.0, self.music.max_duration - 1.0)
-
-
-@contextlib.asynccontextmanager
-async def answering(interaction: discord.Interaction) -> AsyncIterator[None]:
-    """Turn an error in a button or form into a private answer (the tree's error handler
-    only sees slash commands and context menus)."""
-    try:
-        yield
-    except GenerationError as error:
-        await reply_privately(interaction, user_message(error))
-    except Exception:
-        log.exception("a button or form failed")
-        with contextlib.suppress(discord.HTTPException):
-            await reply_privately(interaction, UNEXPECTED)
 
 
 async def setup(bot: MusicGenBot) -> None:
