@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import discord
@@ -52,7 +53,7 @@ class StatusMessages:
         """Record that the message says ``content`` (the interaction's response), so that
         the next change is the next edit, and not before ``interval``."""
         status = self._statuses.setdefault(job.id, _Status())
-        status.sent, status.edited_at = content, asyncio.get_running_loop().time()
+        status.sent, status.edited_at = content, _now()
 
     def update(self, job: Job, content: str) -> None:
         """Show ``content`` soon: now if the message was not edited within ``interval``,
@@ -63,14 +64,16 @@ class StatusMessages:
         if content == (status.wanted if status.wanted is not None else status.sent):
             return
         status.wanted = content
+        wait = status.edited_at + self.interval - _now()
         if status.timer is not None:
-            return  # the edit already planned will send the latest text
-        loop = asyncio.get_running_loop()
-        delay = status.edited_at + self.interval - loop.time()
-        if delay <= 0:
+            if wait > 0:
+                return  # the edit already planned will send the latest text
+            status.timer.cancel()  # overdue: the loop was busy
+            status.timer = None
+        if wait <= 0:
             self._edit_soon(job)
         else:
-            status.timer = loop.call_later(delay, self._edit_soon, job)
+            status.timer = asyncio.get_running_loop().call_later(wait, self._edit_soon, job)
 
     async def replace(self, job: Job, content: str, *, final: bool = False) -> str | None:
         """Show ``content`` now, after any edit under way, dropping the planned ones (e.g.
@@ -93,7 +96,7 @@ class StatusMessages:
             except discord.HTTPException as error:
                 log.info("job=%d event=status-not-updated error=%s", job.id, error)
                 return None
-            status.sent, status.edited_at = content, asyncio.get_running_loop().time()
+            status.sent, status.edited_at = content, _now()
         return jump_url(job, message.id)
 
     def forget(self, job: Job) -> None:
@@ -117,7 +120,7 @@ class StatusMessages:
             reply = live_reply(job)
             if content is None or content == status.sent or reply is None:
                 return
-            status.edited_at = asyncio.get_running_loop().time()
+            status.edited_at = _now()
             try:
                 await self.webhook(reply).edit_message(reply.message_id, content=content)
             except discord.HTTPException as error:
@@ -127,6 +130,11 @@ class StatusMessages:
 
     def webhook(self, reply: ReplyAddress) -> discord.Webhook:
         return discord.Webhook.partial(reply.application_id, reply.token, client=self.client)
+
+
+def _now() -> float:
+    """Seconds on a steady clock: how long ago a message was edited."""
+    return time.perf_counter()
 
 
 def live_reply(job: Job) -> ReplyAddress | None:
