@@ -405,6 +405,13 @@ class JobStore:
         )
         return Jam(*rows[0]) if rows else None
 
+    async def jams_started_by(self, guild_id: int, user_id: int) -> list[int]:
+        """The threads of the jams a member started in a server."""
+        rows = await self._db.execute_fetchall(
+            "SELECT thread_id FROM jams WHERE guild_id = ? AND user_id = ?", (guild_id, user_id)
+        )
+        return [row[0] for row in rows]
+
     async def jam_of_job(self, job_id: int) -> Jam | None:
         """The jam that ``job_id`` is a turn of, if any."""
         rows = await self._db.execute_fetchall(
