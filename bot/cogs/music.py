@@ -276,7 +276,7 @@ class Music(commands.Cog):
         rules = await self.bot.access.rules(interaction.guild_id or 0)
         specs = [resolve_model(name) for name in rules.models]
         await interaction.response.send_message(
-            embed=presentation.models_embed(specs, rules.default_model), ephemeral=True
+            embed=presentation.models_embed(specs, rules.default_model or ""), ephemeral=True
         )
 
     @music.command(name="help", description="What each option does, and tips")

@@ -303,6 +303,8 @@ def check_fits(added: float, intro_seconds: float, longest: float) -> None:
     """
     if intro_seconds + added <= longest:
         return
+    if not intro_seconds:
+        raise InvalidOption("length", f"{added:g} s is longer than the {longest:g} s allowed here.")
     most = math.floor((longest - intro_seconds) * 10) / 10
     fix = f"add at most {most:g} s" if most >= 1 else "there is no room to add more"
     raise InvalidOption(
