@@ -11,7 +11,13 @@ from discord import app_commands
 from discord.ext import commands
 
 from generation.audio_input import AudioLimits, check_size, decode_upload
-from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
+from generation.errors import (
+    AudioInputError,
+    DamagedResult,
+    GenerationError,
+    InvalidOption,
+    JobNotFound,
+)
 from generation.models import resolve_model
 from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import (
@@ -276,6 +282,8 @@ class Music(commands.Cog):
             raise JobNotFound(f"Job #{job} has no track: it is {found.status.value}.")
         try:
             results = await self.service.worker.stored_results(found)
+        except DamagedResult:
+            raise
         except GenerationError as error:
             raise JobNotFound(f"The track of job #{job} is no longer kept.") from error
         await interaction.response.defer(thinking=True)
