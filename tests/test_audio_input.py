@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,6 +155,7 @@ def peak_rss_of_decoding(path, **limits) -> dict:
         text=True,
         check=True,
         env={"OMP_NUM_THREADS": "1", "PATH": ""},
+        cwd=Path(__file__).parents[1],
     )
     return json.loads(run.stdout)
 
