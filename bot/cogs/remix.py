@@ -120,7 +120,7 @@ class Remix(commands.Cog):
         async with answering(interaction):
             source = await self._finished_job(interaction, job_id)
             longest = (await self.bot.access.rules(source.guild_id)).max_duration
-            added = _added_seconds(values, longest)
+            added = number(values, "length", 1.0, longest)
             check_fits(added, min(MAX_INTRO_SECONDS, source.request.duration), longest)
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
@@ -193,7 +193,7 @@ class Remix(commands.Cog):
     ) -> None:
         async with answering(interaction):
             longest = (await self.bot.access.rules(interaction.guild_id or 0)).max_duration
-            added = _added_seconds(values, longest)
+            added = number(values, "length", 1.0, longest)
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
                 clip = await self._read(interaction, attachment, "continuation")
@@ -288,10 +288,6 @@ def _length_field(intro_seconds: float, longest: float) -> Field:
     most = max(1.0, longest - intro_seconds)
     default = min(DEFAULT_ADDED_SECONDS, most)
     return Field("length", f"Seconds of new music to add (1-{most:g})", f"{default:g}")
-
-
-def _added_seconds(values: dict[str, str], longest: float) -> float:
-    return number(values, "length", 1.0, longest)
 
 
 def check_fits(added: float, intro_seconds: float, longest: float) -> None:
