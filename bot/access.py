@@ -18,9 +18,9 @@ from generation.store import GuildSettings, JobStore
 from . import limits
 from .config import Config
 
-#: What the bot needs where it posts a result: the channel message (a job that outlives its
-#: interaction), the MP3 and the waveform.
-BOT_POSTS = ("send_messages", "attach_files", "embed_links")
+#: What the bot needs, besides sending messages, where it posts a result: the MP3 and the
+#: embed with the waveform (a job that outlives its interaction is posted as the bot).
+RESULT_PERMISSIONS = ("attach_files", "embed_links")
 PERMISSION_NAMES = {
     "send_messages": "Send Messages",
     "send_messages_in_threads": "Send Messages in Threads",
@@ -112,7 +112,8 @@ def rules_for(settings: GuildSettings, config: Config) -> Rules:
 class Access:
     """Reads a server's rules and checks an interaction against them.
 
-    Call :meth:`check` first thing in every slash command, button, form and menu.
+    Every slash command, button, form and menu that posts in a channel or opens a thread
+    calls :meth:`check` before it does anything; the others read :meth:`rules`.
     """
 
     def __init__(self, store: JobStore, config: Config) -> None:
@@ -149,8 +150,7 @@ class Access:
                 raise AccessDenied(f"In this server, music is made in {channels}.")
             send = "send_messages_in_threads" if in_thread else "send_messages"
             _require(interaction.permissions, [send], member=True)
-            bot = [send, *BOT_POSTS[1:]] if in_thread else list(BOT_POSTS)
-            _require(interaction.app_permissions, bot, member=False)
+            _require(interaction.app_permissions, [send, *RESULT_PERMISSIONS], member=False)
         if threads:
             _require(interaction.permissions, ["create_public_threads"], member=True)
             _require(

@@ -133,3 +133,12 @@ async def test_continue_is_bounded_by_what_fits_with_the_intro(alice, channel):
         "**length**: 59 s after the 2.0 s intro makes 61.0 s, and tracks here are at most "
         "60 s: add at most 58 s."
     )
+
+
+async def test_the_bot_says_what_it_needs_to_post_a_track_here(guild, alice):
+    bot_role = guild.roles["TestBot"]
+    closed = guild.create_text_channel(
+        "no-files", overwrites={bot_role: discord.PermissionOverwrite(attach_files=False)}
+    )
+    refused = await alice.slash(closed, "music generate", prompt="x", duration=1.0)
+    assert private_reply(refused).startswith("I need **Attach Files** in this channel")

@@ -135,12 +135,15 @@ def test_an_exported_jam_of_300_players_fits():
 def test_settings_with_500_channels_and_every_model_fit():
     config = Config(generation=GenerationConfig(models=("debug", "debug-melody", "debug-stereo")))
     settings = GuildSettings(
-        1, allowed_channels=tuple(range(10**18, 10**18 + 500)), allowed_models=("x" * 250,) * 25
+        1,
+        allowed_channels=tuple(range(10**18, 10**18 + 500)),
+        allowed_models=tuple(f"{n}" + "x" * 250 for n in range(25)),
     )
     embed = presentation.settings_embed(settings, rules_for(settings, config), config)
     check_embed(embed)
     values = {field.name: field.value for field in embed.fields}
     assert values["Channels"].endswith(" more")
+    assert values["No longer enabled (ignored)"].endswith(" more")
 
 
 def test_history_of_long_prompts_fits():
