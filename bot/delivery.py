@@ -28,7 +28,7 @@ from generation.estimates import Estimate
 from generation.queue import Job
 from generation.waveform import render_waveforms
 
-from . import presentation
+from . import limits, presentation
 from .status import StatusMessages, jump_url, live_reply
 from .views import result_view
 
@@ -64,7 +64,7 @@ class JobReporter:
     def queued_text(self, estimate: Estimate) -> str:
         text = presentation.queued_text(estimate)
         note = self._notes.get(estimate.job.id)
-        return f"{note}\n{text}" if note else text
+        return limits.fit_content(f"{note}\n{text}") if note else text
 
     def queue_moved(self, estimates: Sequence[Estimate]) -> None:
         for estimate in estimates:
@@ -112,7 +112,10 @@ class JobReporter:
             try:
                 extra = await _attachments(attach, reply.max_upload_bytes)
                 message = await self.status.webhook(reply).send(
-                    content=content, allowed_mentions=_mention(job), wait=True, **extra
+                    content=limits.fit_content(content),
+                    allowed_mentions=_mention(job),
+                    wait=True,
+                    **extra,
                 )
                 return jump_url(job, message.id)
             except discord.HTTPException as error:
@@ -123,7 +126,7 @@ class JobReporter:
                 )
         extra = await _attachments(attach, self._channel_upload_limit(job))
         message = await self._channel(job).send(
-            content=content, allowed_mentions=_mention(job), **extra
+            content=limits.fit_content(content), allowed_mentions=_mention(job), **extra
         )
         return jump_url(job, message.id)
 

@@ -10,8 +10,14 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from generation.audio_input import AudioLimits, check_size, decode_audio
-from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
+from generation.audio_input import AudioLimits, check_size, decode_upload
+from generation.errors import (
+    AudioInputError,
+    DamagedResult,
+    GenerationError,
+    InvalidOption,
+    JobNotFound,
+)
 from generation.models import resolve_model
 from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import (
@@ -25,7 +31,8 @@ from generation.request import (
 )
 from generation.store import GuildSettings
 
-from .. import presentation
+from .. import limits, presentation
+from ..access import Rules, may_manage, rules_for
 from ..delivery import result_message
 from ..errors import answering, reply_privately, user_message
 from ..views import CancelButton, status_view
@@ -110,28 +117,24 @@ class Music(commands.Cog):
         model must follow one (with no model picked, the server's melody model is used).
         Returns the job, or None when the member was told why it was not queued.
         """
-        guild_id, channel_id = interaction.guild_id, interaction.channel_id
-        assert guild_id is not None and channel_id is not None
         user_id = interaction.user.id
-        # A thread (a relay jam's) is allowed where its channel is.
-        channel = interaction.channel
-        home = channel.parent_id if isinstance(channel, discord.Thread) else channel_id
         try:
-            settings = await self.store.guild_settings(guild_id)
+            rules = await self.bot.access.check(interaction)
+            guild_id, channel_id = interaction.guild_id or 0, interaction.channel_id or 0
             if melody:
-                request, picked = self._with_melody_model(request, settings)
+                request, picked = _with_melody_model(request, rules)
                 note = " ".join(part for part in (picked, note) if part)
-            request = self._apply_settings(request, settings, home).with_seed()
-            self.service.check_room(guild_id, user_id, settings.max_jobs_per_user)
+            request = _apply_rules(request, rules).with_seed()
+            self.service.check_room(guild_id, user_id, rules.max_jobs_per_user)
             if prepare is not None:
-                request = self._apply_settings(await prepare(request), settings, home)
+                request = _apply_rules(await prepare(request), rules)
             self.bot.engine.validate(request)
             job = await self.service.submit(
                 request,
                 guild_id=guild_id,
                 channel_id=channel_id,
                 user_id=user_id,
-                per_user_limit=settings.max_jobs_per_user,
+                per_user_limit=rules.max_jobs_per_user,
                 takes=takes,
             )
         except GenerationError as error:
@@ -143,63 +146,6 @@ class Music(commands.Cog):
         finally:
             await self.service.release(job, reply)
         return job
-
-    def _with_melody_model(
-        self, request: GenerationRequest, settings: GuildSettings
-    ) -> tuple[GenerationRequest, str]:
-        """``request`` with a model that follows a melody: with none picked, the server's
-        default if it can, else its first allowed model that can, and a note saying so.
-
-        Raises:
-            InvalidOption: the model picked cannot follow a melody (the advice names the
-                models this server allows that can), or no allowed model can.
-        """
-        allowed = settings.allowed_models or self.models
-        melody_models = [name for name in allowed if resolve_model(name).melody]
-        if not melody_models:
-            raise InvalidOption(
-                "model",
-                "No model allowed in this server can follow a melody: an admin can allow one "
-                "with `/music admin settings`.",
-            )
-        if request.model:
-            check_audio_options(
-                resolve_model(request.model),
-                melody=True,
-                continuation=False,
-                melody_models=melody_models,
-            )
-            return request, ""
-        default = self._default_model(settings)
-        if resolve_model(default).melody:
-            return replace(request, model=default), ""
-        model = melody_models[0]
-        note = f"{default} cannot follow a melody, so this uses {model}."
-        return replace(request, model=model), note
-
-    def _default_model(self, settings: GuildSettings) -> str:
-        """The model a request without one gets in this server."""
-        allowed = settings.allowed_models or self.models
-        default = settings.default_model or self.models[0]
-        return default if default in allowed else allowed[0]
-
-    def _apply_settings(
-        self, request: GenerationRequest, settings: GuildSettings, channel_id: int
-    ) -> GenerationRequest:
-        """The server's default model, and its limits on models, durations and channels."""
-        if settings.allowed_channels and channel_id not in settings.allowed_channels:
-            channels = ", ".join(f"<#{channel}>" for channel in settings.allowed_channels)
-            raise GenerationError(f"In this server, music is made in {channels}.")
-        allowed = settings.allowed_models or self.models
-        if not request.model:
-            request = replace(request, model=self._default_model(settings))
-        if request.model not in allowed:
-            raise InvalidOption("model", f"This server allows these models: {', '.join(allowed)}.")
-        if settings.max_duration is not None and request.duration > settings.max_duration:
-            raise InvalidOption(
-                "duration", f"This server allows tracks of up to {settings.max_duration:g} s."
-            )
-        return request
 
     async def _read_uploads_in_time(
         self,
@@ -228,13 +174,10 @@ class Music(commands.Cog):
     async def read_uploads(self, uploads: dict[str, discord.Attachment]) -> dict[str, AudioClip]:
         """Read each attachment at once (their URLs expire) and decode it off the loop."""
         clips = {}
-        loop = asyncio.get_running_loop()
         for option, attachment in uploads.items():
             try:
                 data = await attachment.read()
-                clips[option] = await loop.run_in_executor(
-                    None, decode_audio, data, self.upload_limits, option
-                )
+                clips[option] = await decode_upload(data, self.upload_limits, option)
             except AudioInputError as error:
                 raise InvalidOption(option, str(error)) from error
             except discord.HTTPException as error:
@@ -251,7 +194,7 @@ class Music(commands.Cog):
         estimate = self.service.worker.estimate(job)
         status = presentation.queued_text(estimate)
         if note:
-            status = f"{note}\n{status}"
+            status = limits.fit_content(f"{note}\n{status}")
         view = status_view(job.id)
         if interaction.response.is_done():
             message = await interaction.edit_original_response(content=status, view=view)
@@ -314,7 +257,10 @@ class Music(commands.Cog):
         job = self.service.queue.get(job_id)
         if job.guild_id != interaction.guild_id:
             raise JobNotFound(f"There is no queued or running job #{job_id} in this server.")
-        _check_may_cancel(interaction, job)
+        if not may_manage(interaction, job.user_id):
+            raise JobNotFound(
+                f"Job #{job_id} is not yours: only members with Manage Server can cancel it."
+            )
         if job.status is JobStatus.RUNNING and job.cancel_event.is_set():
             raise JobNotFound(f"Job #{job_id} is already stopping.")
         return job
@@ -333,6 +279,7 @@ class Music(commands.Cog):
     @music.command(name="show", description="Post a past track again, with its parameters")
     @app_commands.describe(job="The job number (see /music history)")
     async def show(self, interaction: discord.Interaction, job: app_commands.Range[int, 1]) -> None:
+        await self.bot.access.check(interaction)
         found = await self.store.get(job)
         if found is None or found.guild_id != interaction.guild_id:
             raise JobNotFound(f"There is no job #{job} in this server.")
@@ -340,6 +287,8 @@ class Music(commands.Cog):
             raise JobNotFound(f"Job #{job} has no track: it is {found.status.value}.")
         try:
             results = await self.service.worker.stored_results(found)
+        except DamagedResult:
+            raise
         except GenerationError as error:
             raise JobNotFound(f"The track of job #{job} is no longer kept.") from error
         await interaction.response.defer(thinking=True)
@@ -355,12 +304,10 @@ class Music(commands.Cog):
 
     @music.command(name="models", description="The models you can pick, and what each can do")
     async def show_models(self, interaction: discord.Interaction) -> None:
-        settings = await self.store.guild_settings(interaction.guild_id)
-        names = [name for name in self.models if name in (settings.allowed_models or self.models)]
-        default = settings.default_model or self.models[0]
-        specs = [resolve_model(name) for name in names]
+        rules = await self.bot.access.rules(interaction.guild_id or 0)
+        specs = [resolve_model(name) for name in rules.models]
         await interaction.response.send_message(
-            embed=presentation.models_embed(specs, default), ephemeral=True
+            embed=presentation.models_embed(specs, rules.default_model or ""), ephemeral=True
         )
 
     @music.command(name="help", description="What each option does, and tips")
@@ -407,7 +354,9 @@ class Music(commands.Cog):
             await self.store.save_guild_settings(settings)
             log.info("guild %d settings changed by %d", guild_id, interaction.user.id)
         await interaction.response.send_message(
-            embed=presentation.settings_embed(settings, self.models, self.bot.config),
+            embed=presentation.settings_embed(
+                settings, rules_for(settings, self.bot.config), self.bot.config
+            ),
             ephemeral=True,
         )
 
@@ -436,8 +385,10 @@ class Music(commands.Cog):
         if (channel := changes.pop("disallow_channel", None)) is not None:
             channels = [existing for existing in channels if existing != channel.id]
         settings = replace(settings, allowed_channels=tuple(dict.fromkeys(channels)), **changes)
-        allowed = settings.allowed_models or self.models
-        if settings.default_model is not None and settings.default_model not in allowed:
+        if (
+            settings.default_model is not None
+            and settings.default_model not in rules_for(settings, self.bot.config).models
+        ):
             raise InvalidOption(
                 "default_model", "The default model must be one of the allowed models."
             )
@@ -548,16 +499,38 @@ def settings_command(cog: Music) -> app_commands.Command:
     return settings
 
 
-def _check_may_cancel(interaction: discord.Interaction, job: Job) -> None:
-    """The requester may cancel their job, and members with Manage Server anyone's.
+def _apply_rules(request: GenerationRequest, rules: Rules) -> GenerationRequest:
+    """The server's default model when the request names none; its limits on models and
+    durations."""
+    request = replace(request, model=rules.model(request.model))
+    rules.check_duration(request.duration)
+    return request
+
+
+def _with_melody_model(request: GenerationRequest, rules: Rules) -> tuple[GenerationRequest, str]:
+    """``request`` with a model that follows a melody: with none picked, the server's default
+    if it can, else its first allowed model that can, and a note saying so.
 
     Raises:
-        JobNotFound: the member may not.
+        InvalidOption: the model picked cannot follow a melody (the advice names the models
+            this server allows that can), or no allowed model can.
     """
-    if job.user_id != interaction.user.id and not interaction.permissions.manage_guild:
-        raise JobNotFound(
-            f"Job #{job.id} is not yours: only members with Manage Server can cancel it."
+    melody_models = [name for name in rules.models if resolve_model(name).melody]
+    if not melody_models:
+        raise InvalidOption(
+            "model",
+            "No model allowed in this server can follow a melody: an admin can allow one "
+            "with `/music admin settings`.",
         )
+    if request.model:
+        spec = resolve_model(request.model)
+        check_audio_options(spec, melody=True, continuation=False, melody_models=melody_models)
+        return request, ""
+    default = rules.model("")
+    if resolve_model(default).melody:
+        return replace(request, model=default), ""
+    model = melody_models[0]
+    return replace(request, model=model), f"{default} cannot follow a melody, so this uses {model}."
 
 
 def _log_preload_failure(future: "asyncio.Future[object]") -> None:
