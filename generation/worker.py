@@ -239,11 +239,11 @@ class Worker:
             if not batch:
                 return
             self.queue.take(batch)
-            self.queue_changed()
             await self._run(batch)
 
     async def _run(self, batch: list[Job]) -> None:
         self.queue.running = batch
+        self.queue_changed()  # the jobs behind moved up, and wait for this batch
         claimed: list[Job] = []
         outcomes: dict[int, list[GenerationResult]] = {}
         try:

@@ -185,6 +185,17 @@ async def test_eta_adds_up_the_jobs_ahead(worker, queue, submit):
     assert [e.position for e in worker.forecast()] == [1, 2]
 
 
+async def test_the_jobs_behind_hear_where_they_stand_as_a_batch_starts(worker, recorder, submit):
+    worker.rates.load({("debug", 1): 2.0})
+    first = await submit(replace(REQUEST, duration=2.0))
+    second = await submit(replace(REQUEST, duration=1.0), guild=2)
+    worker.wake()
+    await worker.join()
+    # Taken: the second is next, after all of the first (2 s of work per second of audio).
+    assert recorder.moves[0] == [(second.id, 1, pytest.approx(4.0 + 2.0))]
+    assert first.status is second.status is JobStatus.DONE
+
+
 async def test_the_rate_is_learnt_from_finished_jobs_and_kept(worker, store, recorder, submit):
     job = await submit()
     worker.wake()
