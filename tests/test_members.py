@@ -42,7 +42,7 @@ def sent(env, text: str) -> list[str]:
     return [content for content in contents if text in content]
 
 
-async def test_a_result_is_a_new_message_that_pings_only_the_requester(alice, channel):
+async def test_a_result_is_a_new_message_that_pings_only_the_requester(simcord_env, alice, channel):
     result = await alice.slash(channel, "music generate", prompt="ping me", duration=1.0)
     track = outcome(result)  # a follow-up: a new message, so Discord notifies
     assert track.content == f"<@{alice.id}>, your track is ready."
@@ -52,6 +52,11 @@ async def test_a_result_is_a_new_message_that_pings_only_the_requester(alice, ch
     assert status.content.startswith("Job #") and "ping me" in status.content
     assert LINK.search(status.content)[0] == track.message.jump_url
     assert buttons(status) == {}  # its Cancel button went with the job
+    # Edited only when its text changed: no edit repeats the queued text it answered with.
+    assert edits(simcord_env, status) == [
+        "Starting job #1: **ping me** with debug, 1 s.",
+        status.content,
+    ]
 
 
 async def test_a_failure_pings_the_requester_too(alice, channel):
