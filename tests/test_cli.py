@@ -21,7 +21,7 @@ from mutagen.wave import WAVE
 
 from bot.cli import main
 
-from .helpers import encode_tone
+from .helpers import encode_titled_tone, encode_tone, ima_adpcm_wav, wav_without_decoder
 
 # The examples of "AudioCraft MusicGen Options", with their model replaced by a debug model
 # (those that name none get --model debug) and a default duration where they have none.
@@ -137,6 +137,35 @@ def test_invalid_values_exit_with_one_line_naming_the_flag(workdir, capsys, args
     assert not list(workdir.glob("*.mp3"))
 
 
+@pytest.mark.parametrize(
+    ("flag", "data", "expected"),
+    [
+        ("--melody", wav_without_decoder(), "audio codec is not one we can decode"),
+        ("--continuation", ima_adpcm_wav(sample_rate=8), "sample rate is 8 Hz"),
+        ("--continuation", b"RIFF" + bytes(100), "not audio we can read"),
+    ],
+    ids=["no-decoder", "tiny-rate", "garbage"],
+)
+def test_an_upload_that_cannot_be_decoded_exits_with_one_line_naming_the_flag(
+    workdir, capsys, flag, data, expected
+):
+    (workdir / "upload.wav").write_bytes(data)
+    argv = ["generate", "--prompt", "x", "--model", "debug-melody", flag, "upload.wav"]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"musicgen-bot generate: error: {flag}: ") and expected in err
+
+
+def test_an_upload_titled_in_latin_1_is_extended(workdir):
+    encode_titled_tone(workdir / "cafe.wav", "Café".encode("latin-1"), seconds=2.0)
+    argv = ["generate", "--prompt", "x", "--model", "debug", "--duration", "3"]
+    assert main([*argv, "--continuation", "cafe.wav", "--output", "out.mp3"]) == 0
+    assert MP3(workdir / "out.mp3").info.length == pytest.approx(3.0, abs=0.1)
+
+
 # Runs the installed ``musicgen-bot`` script, then reports which heavy packages it loaded.
 ENTRY_POINT_PROBE = """
 import runpy, sys
@@ -149,7 +178,7 @@ finally:
 """
 
 
-def run_entry_point(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_main(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     script = shutil.which("musicgen-bot", path=str(Path(sys.executable).parent))
     assert script is not None
     return subprocess.run(
@@ -176,7 +205,7 @@ def run_entry_point(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     ],
 )
 def test_help_and_argument_errors_load_neither_torch_nor_discord(tmp_path, args, status):
-    result = run_entry_point(*shlex.split(args), cwd=tmp_path)
+    result = run_main(*shlex.split(args), cwd=tmp_path)
     assert result.returncode == status, result.stderr
     *message, loaded = result.stderr.splitlines()
     assert loaded == "loaded: "
