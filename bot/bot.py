@@ -79,7 +79,11 @@ class MusicGenBot(commands.Bot):
         guilds = self.config.discord.guilds
         if not guilds:
             synced = await self.tree.sync()
-            log.info("synced %d commands globally", len(synced))
+            log.info(
+                "synced %d commands globally: Discord can take up to an hour to show them; "
+                "list your servers in discord.guilds to have them at once",
+                len(synced),
+            )
             return
         for guild_id in guilds:
             guild = discord.Object(guild_id)
