@@ -2,8 +2,9 @@
 
 One connection does all the writing; WAL lets readers in while it does. The schema carries its
 version in ``PRAGMA user_version`` and is migrated forward at start-up. Uploaded audio is kept
-in the database with its job; results are FLAC files in a folder beside it, which the store
-owns.
+in the database once per content (FLAC, named by its hash), shared by the jobs that use it;
+results are FLAC files in a folder beside it, which the store owns. :meth:`JobStore.prune`
+applies the retention policy; interaction tokens are cleared once they are of no more use.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import sqlite3
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -23,9 +25,48 @@ import soundfile
 from .errors import GenerationError
 from .queue import Job, JobStatus, ReplyAddress
 from .request import AudioClip, GenerationRequest
+from .stored_audio import StoredClip, to_grid
 
-#: Each entry migrates the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (
+#: A migration written in Python, run inside the migration's transaction.
+Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
+
+
+async def _store_uploads_once(db: aiosqlite.Connection) -> None:
+    """Version 4: each upload kept once, as FLAC, named by its content hash; jobs refer to
+    it. Every version-3 upload (float32 PCM, one copy per job) moves over, one at a time."""
+    for statement in (
+        "ALTER TABLE uploads RENAME TO uploads_v3",
+        """CREATE TABLE uploads (
+               hash TEXT PRIMARY KEY,
+               exponent INTEGER NOT NULL,
+               flac BLOB NOT NULL
+           )""",
+        """CREATE TABLE job_uploads (
+               job_id INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+               option TEXT NOT NULL,
+               hash TEXT NOT NULL,
+               PRIMARY KEY (job_id, option)
+           )""",
+        "CREATE INDEX job_uploads_by_hash ON job_uploads (hash)",
+        "ALTER TABLE jobs ADD COLUMN result_expired_at REAL",
+        "ALTER TABLE jobs ADD COLUMN uploads_expired_at REAL",
+        "CREATE INDEX jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL",
+        "CREATE INDEX jobs_with_token ON jobs (reply_expires_at) WHERE reply_token IS NOT NULL",
+    ):
+        await db.execute(statement)
+    for job_id, option in await db.execute_fetchall("SELECT job_id, option FROM uploads_v3"):
+        ((sample_rate, channels, samples),) = await db.execute_fetchall(
+            "SELECT sample_rate, channels, samples FROM uploads_v3 WHERE job_id = ? AND option = ?",
+            (job_id, option),
+        )
+        pcm = np.frombuffer(samples, dtype="<f4").reshape(channels, -1)
+        stored, digest = await asyncio.to_thread(_on_grid, AudioClip(pcm, sample_rate))
+        await _keep_upload(db, job_id, option, stored, digest)
+    await db.execute("DROP TABLE uploads_v3")
+
+
+#: Each entry migrates the schema from version i to i + 1: a script, or a :data:`Migration`.
+MIGRATIONS: tuple[str | Migration, ...] = (
     """
     CREATE TABLE jobs (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -82,6 +123,7 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (thread_id, position)
     );
     """,
+    _store_uploads_once,
 )
 
 _AUDIO_OPTIONS = ("melody", "continuation")
@@ -177,7 +219,19 @@ class JobStore:
     # Jobs
 
     async def add(self, job: Job) -> Job:
-        """Record a new job (with its uploaded audio) and give it its id."""
+        """Record a new job (with its uploaded audio) and give it its id.
+
+        Each clip is put on the store's 24-bit grid first, and the job runs that clip, so what
+        is kept is exactly what ran; a clip the store already holds is not stored again.
+        """
+        uploads = {}
+        for option in _AUDIO_OPTIONS:
+            clip: AudioClip | None = getattr(job.request, option)
+            if clip is not None:
+                uploads[option] = await asyncio.to_thread(_on_grid, clip)
+        job.request = replace(
+            job.request, **{option: stored.clip for option, (stored, _) in uploads.items()}
+        )
         async with self._transaction():
             cursor = await self._db.execute(
                 """INSERT INTO jobs (guild_id, channel_id, user_id, request, takes, status,
@@ -197,19 +251,8 @@ class JobStore:
                 ),
             )
             job.id = cursor.lastrowid
-            for option in _AUDIO_OPTIONS:
-                clip: AudioClip | None = getattr(job.request, option)
-                if clip is not None:
-                    await self._db.execute(
-                        "INSERT INTO uploads VALUES (?, ?, ?, ?, ?)",
-                        (
-                            job.id,
-                            option,
-                            clip.sample_rate,
-                            clip.channels,
-                            clip.samples.astype("<f4").tobytes(),
-                        ),
-                    )
+            for option, (stored, digest) in uploads.items():
+                await _keep_upload(self._db, job.id, option, stored, digest)
         return job
 
     async def set_reply(self, job: Job, reply: ReplyAddress) -> None:
@@ -446,13 +489,14 @@ class JobStore:
 
     async def _with_uploads(self, job_id: int, request: GenerationRequest) -> GenerationRequest:
         rows = await self._db.execute_fetchall(
-            "SELECT option, sample_rate, channels, samples FROM uploads WHERE job_id = ?",
+            """SELECT job_uploads.option, uploads.exponent, uploads.flac
+               FROM job_uploads JOIN uploads ON uploads.hash = job_uploads.hash
+               WHERE job_uploads.job_id = ?""",
             (job_id,),
         )
         clips = {}
-        for option, sample_rate, channels, samples in rows:
-            pcm = np.frombuffer(samples, dtype="<f4").reshape(channels, -1)
-            clips[option] = AudioClip(pcm.astype(np.float32), sample_rate)
+        for option, exponent, flac in rows:
+            clips[option] = await asyncio.to_thread(_decoded, flac, exponent)
         return replace(request, **clips) if clips else request
 
 
@@ -504,10 +548,45 @@ async def _migrate(connection: aiosqlite.Connection, path: Path) -> None:
             f"The database {path} has schema version {version}, newer than this bot knows "
             f"({len(MIGRATIONS)}): upgrade the bot."
         )
-    for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        await connection.executescript(
-            f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {target}; COMMIT;"
+    for target, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+        if isinstance(migration, str):
+            await connection.executescript(
+                f"BEGIN IMMEDIATE; {migration}; PRAGMA user_version = {target}; COMMIT;"
+            )
+            continue
+        await connection.execute("BEGIN IMMEDIATE")
+        try:
+            await migration(connection)
+            await connection.execute(f"PRAGMA user_version = {target}")
+        except BaseException:
+            await connection.execute("ROLLBACK")
+            raise
+        await connection.execute("COMMIT")
+
+
+def _decoded(flac: bytes, exponent: int) -> AudioClip:
+    return StoredClip.from_flac(flac, exponent).clip
+
+
+def _on_grid(clip: AudioClip) -> tuple[StoredClip, str]:
+    """``clip`` as the store keeps it, and its content hash (CPU work: run it in a thread)."""
+    stored = to_grid(clip)
+    return stored, stored.content_hash
+
+
+async def _keep_upload(
+    db: aiosqlite.Connection, job_id: int, option: str, stored: StoredClip, digest: str
+) -> None:
+    """Make ``stored`` the job's ``option`` clip, storing its FLAC unless already there (in
+    the caller's transaction, so a prune cannot delete it in between)."""
+    known = await db.execute_fetchall("SELECT 1 FROM uploads WHERE hash = ?", (digest,))
+    if not known:
+        flac = await asyncio.to_thread(stored.flac)
+        await db.execute(
+            "INSERT INTO uploads (hash, exponent, flac) VALUES (?, ?, ?)",
+            (digest, stored.exponent, flac),
         )
+    await db.execute("INSERT INTO job_uploads VALUES (?, ?, ?)", (job_id, option, digest))
 
 
 def _request_json(request: GenerationRequest) -> str:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import AudioClip, GenerationRequest
 from generation.store import MIGRATIONS, GuildSettings, Jam, JobStore, Segment, StoreError
+from generation.stored_audio import content_hash
 
 from .helpers import sine
 
@@ -45,7 +49,9 @@ async def test_a_job_keeps_every_request_field_its_audio_and_its_reply_address(s
     assert (loaded.guild_id, loaded.channel_id, loaded.user_id) == (1, 2, 3)
     assert loaded.reply == reply
     assert loaded.request.top_p == 0.5 and loaded.request.seed == 3
-    np.testing.assert_array_equal(loaded.request.melody.samples, melody.samples)
+    # The job runs the clip as the store keeps it (24-bit), and that is what comes back.
+    np.testing.assert_array_equal(loaded.request.melody.samples, job.request.melody.samples)
+    np.testing.assert_allclose(loaded.request.melody.samples, melody.samples, atol=2**-23)
     assert loaded.request.melody.sample_rate == 44_100
     assert "secret" not in repr(loaded)
 
@@ -160,3 +166,82 @@ async def test_a_jam_keeps_its_turns_in_order(store):
     assert await store.segments(50) == [Segment(1, first.id, 3), Segment(2, second.id, 4)]
     assert await store.jam_of_job(second.id) == jam
     assert await store.jam(51) is None and await store.jam_of_job(999) is None
+
+
+def upload_rows(path) -> tuple[int, int]:
+    """(stored clips, job references to them) in the database at ``path``."""
+    connection = sqlite3.connect(path)
+    counts = tuple(
+        connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        for table in ("uploads", "job_uploads")
+    )
+    connection.close()
+    return counts
+
+
+async def test_re_rolls_of_a_job_with_a_melody_store_the_melody_once(store, tmp_path):
+    """Each Re-roll records the source job's request again: the melody must not be."""
+    melody = AudioClip(sine(20.0, 440.0, 32_000, channels=2), 32_000)
+    first = await store.add(Job(0, replace(REQUEST, melody=melody), 1, 2, 3))
+    database = tmp_path / "bot.sqlite3"
+    size_after_first = database.stat().st_size + Path(f"{database}-wal").stat().st_size
+    for _ in range(5):
+        source = await store.get(first.id)
+        await store.add(Job(0, replace(source.request, seed=None), 1, 2, 3))
+    assert upload_rows(database) == (1, 6)
+    size = database.stat().st_size + Path(f"{database}-wal").stat().st_size
+    melody_bytes = melody.samples.nbytes  # 5 MB of float32: what each re-roll used to add
+    assert size - size_after_first < melody_bytes / 10
+    for job in await store.pending():
+        np.testing.assert_array_equal(job.request.melody.samples, first.request.melody.samples)
+
+
+async def test_a_clip_is_kept_without_loss_and_loud_ones_without_clipping(store):
+    loud = sine(1.0, 220.0, 32_000, channels=2) * 6.0  # peaks at 1.8: a decoder can do that
+    noisy = np.random.default_rng(1).normal(0, 0.3, (1, 32_000)).astype(np.float32)
+    for samples in (loud, noisy):
+        job = await store.add(
+            Job(0, replace(REQUEST, continuation=AudioClip(samples, 32_000)), 1, 1, 1)
+        )
+        kept = job.request.continuation.samples
+        np.testing.assert_allclose(kept, samples, atol=2.0 * 2**-23)
+        loaded = (await store.get(job.id)).request.continuation
+        np.testing.assert_array_equal(loaded.samples, kept)
+        assert content_hash(loaded) == content_hash(AudioClip(samples, 32_000))
+
+
+async def test_version_3_uploads_move_to_the_shared_store(tmp_path):
+    """A database written by the previous version, with one melody used by two jobs."""
+    path = tmp_path / "bot.sqlite3"
+    connection = sqlite3.connect(path)
+    for version, script in enumerate(MIGRATIONS[:3], start=1):
+        connection.executescript(f"{script}; PRAGMA user_version = {version};")
+    melody = sine(3.0, 330.0, 32_000, channels=2)
+    intro = sine(2.0, 550.0, 32_000)
+    rows = [(1, "melody", melody), (2, "melody", melody), (3, "continuation", intro)]
+    for job_id, option, samples in rows:
+        connection.execute(
+            """INSERT INTO jobs (id, guild_id, channel_id, user_id, request, status, submitted_at)
+               VALUES (?, 1, 2, 3, ?, 'queued', 0)""",
+            (job_id, json.dumps({"prompt": f"job {job_id}", "model": "debug", "seed": 1})),
+        )
+        connection.execute(
+            "INSERT INTO uploads VALUES (?, ?, 32000, ?, ?)",
+            (job_id, option, samples.shape[0], samples.astype("<f4").tobytes()),
+        )
+    connection.commit()
+    connection.close()
+
+    store = await JobStore.open(path)
+    jobs = {job.id: job for job in await store.pending()}
+    await store.close()
+    assert upload_rows(path) == (2, 3)
+    np.testing.assert_allclose(jobs[1].request.melody.samples, melody, atol=2**-23)
+    np.testing.assert_array_equal(jobs[2].request.melody.samples, jobs[1].request.melody.samples)
+    np.testing.assert_allclose(jobs[3].request.continuation.samples, intro, atol=2**-23)
+    assert jobs[3].request.melody is None and jobs[1].request.prompt == "job 1"
+    connection = sqlite3.connect(path)
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    connection.close()
+    assert "uploads_v3" not in tables
