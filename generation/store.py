@@ -14,7 +14,7 @@ import json
 import sqlite3
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -130,8 +130,58 @@ _AUDIO_OPTIONS = ("melody", "continuation")
 _FINISHED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+#: Seconds in a day, for retention periods.
+DAY = 86_400.0
+#: A finished job whose requester has been told: the retention policy may apply to it.
+_SETTLED = "status IN ('done', 'failed', 'cancelled') AND delivered = 1"
+
+
 class StoreError(GenerationError):
     """The database cannot be opened or used; the message says what to do."""
+
+
+class Expired(GenerationError):
+    """What a job left behind (its track, or the audio it was given) was deleted by the
+    retention policy; the message says when."""
+
+    @classmethod
+    def track(cls, job: Job) -> Expired:
+        return cls(
+            f"The track of job #{job.id} expired on {_date(job.result_expired_at)} and is no "
+            "longer kept (old tracks are deleted to save space)."
+        )
+
+    @classmethod
+    def uploads(cls, job: Job) -> Expired:
+        return cls(
+            f"The audio job #{job.id} was given (its melody or intro) expired on "
+            f"{_date(job.uploads_expired_at)} and is no longer kept: upload it again with "
+            "`/music generate`."
+        )
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How many days the store keeps what finished jobs leave behind; 0 keeps it forever.
+
+    The days count from when a job finished. Live jobs and outcomes not yet delivered are
+    never touched, and a clip is kept while any job within ``uploads_days`` uses it.
+    """
+
+    results_days: float = 30.0
+    uploads_days: float = 30.0
+    jobs_days: float = 365.0
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What :meth:`JobStore.prune` deleted: jobs' results, stored clips, jobs, and
+    interaction tokens (expired ones)."""
+
+    results: int
+    uploads: int
+    jobs: int
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -309,12 +359,23 @@ class JobStore:
             )
 
     async def mark_delivered(self, job: Job, result_url: str | None = None) -> None:
-        job.delivered, job.result_url = True, result_url
+        """Record that the requester was told; their interaction token is forgotten."""
+        job.delivered, job.result_url, job.reply = True, result_url, None
         async with self._transaction():
             await self._db.execute(
-                "UPDATE jobs SET delivered = 1, result_url = ? WHERE id = ?",
+                "UPDATE jobs SET delivered = 1, result_url = ?, reply_token = NULL WHERE id = ?",
                 (result_url, job.id),
             )
+
+    async def clear_expired_tokens(self, now: float | None = None) -> int:
+        """Forget the interaction tokens that expired; returns how many."""
+        async with self._transaction():
+            cursor = await self._db.execute(
+                """UPDATE jobs SET reply_token = NULL
+                   WHERE reply_token IS NOT NULL AND reply_expires_at <= ?""",
+                (time.time() if now is None else now,),
+            )
+        return cursor.rowcount
 
     async def get(self, job_id: int) -> Job | None:
         rows = await self._jobs("WHERE id = ?", (job_id,))
@@ -367,7 +428,7 @@ class JobStore:
     # Results
 
     def result_path(self, job: Job, take: int = 0) -> Path:
-        return self.results / (f"{job.id}.flac" if take == 0 else f"{job.id}-{take}.flac")
+        return self._result_file(job.id, take)
 
     async def save_result(
         self, job: Job, audio: np.ndarray, sample_rate: int, take: int = 0
@@ -382,7 +443,14 @@ class JobStore:
         return path
 
     async def load_result(self, job: Job, take: int = 0) -> tuple[np.ndarray, int] | None:
-        """One take of a job's audio (``[channels, samples]``) and its sample rate."""
+        """One take of a job's audio (``[channels, samples]``) and its sample rate; None when
+        the file is missing.
+
+        Raises:
+            Expired: the retention policy deleted it.
+        """
+        if job.result_expired_at is not None:
+            raise Expired.track(job)
         path = self.result_path(job, take)
         if not path.exists():
             return None
@@ -390,6 +458,85 @@ class JobStore:
             soundfile.read, path, dtype="float32", always_2d=True
         )
         return np.ascontiguousarray(audio.T), sample_rate
+
+    # Retention
+
+    async def prune(self, retention: Retention, now: float | None = None) -> Pruned:
+        """Delete what ``retention`` no longer keeps, and expired interaction tokens.
+
+        A job whose result or uploads were deleted keeps its row (history, and the date for
+        :class:`Expired`); a job past ``jobs_days`` goes with its files, and a relay jam goes
+        once all its turns have. Files are deleted on a worker thread.
+        """
+        now = time.time() if now is None else now
+        tokens = await self.clear_expired_tokens(now)
+        results = jobs = 0
+        if retention.jobs_days:
+            jobs = await self._delete_jobs(now - retention.jobs_days * DAY)
+        if retention.results_days:
+            results = await self._expire_results(now - retention.results_days * DAY, now)
+        if retention.uploads_days:
+            async with self._transaction():
+                await self._db.execute(
+                    f"""UPDATE jobs SET uploads_expired_at = ?
+                        WHERE {_SETTLED} AND finished_at < ? AND uploads_expired_at IS NULL
+                        AND id IN (SELECT job_id FROM job_uploads)""",
+                    (now, now - retention.uploads_days * DAY),
+                )
+        async with self._transaction():
+            cursor = await self._db.execute(
+                """DELETE FROM uploads WHERE hash NOT IN (
+                       SELECT job_uploads.hash FROM job_uploads
+                       JOIN jobs ON jobs.id = job_uploads.job_id
+                       WHERE jobs.uploads_expired_at IS NULL)"""
+            )
+        return Pruned(results=results, uploads=cursor.rowcount, jobs=jobs, tokens=tokens)
+
+    async def _expire_results(self, cutoff: float, now: float) -> int:
+        rows = await self._db.execute_fetchall(
+            f"""SELECT id, takes FROM jobs WHERE {_SETTLED} AND status = 'done'
+                AND finished_at < ? AND result_expired_at IS NULL""",
+            (cutoff,),
+        )
+        await asyncio.to_thread(self._delete_result_files, rows)
+        async with self._transaction():
+            await self._db.executemany(
+                "UPDATE jobs SET result_expired_at = ? WHERE id = ?",
+                [(now, job_id) for job_id, _ in rows],
+            )
+        return len(rows)
+
+    async def _delete_jobs(self, cutoff: float) -> int:
+        """Delete the settled jobs that finished before ``cutoff``, and the jams all of whose
+        turns did."""
+        async with self._transaction():
+            await self._db.execute(
+                f"""DELETE FROM jams WHERE created_at < :cutoff AND NOT EXISTS (
+                        SELECT 1 FROM jam_segments JOIN jobs ON jobs.id = jam_segments.job_id
+                        WHERE jam_segments.thread_id = jams.thread_id
+                        AND NOT ({_SETTLED} AND finished_at < :cutoff))""",
+                {"cutoff": cutoff},
+            )
+        rows = await self._db.execute_fetchall(
+            f"""SELECT id, takes FROM jobs WHERE {_SETTLED} AND finished_at < ?
+                AND id NOT IN (SELECT job_id FROM jam_segments)""",
+            (cutoff,),
+        )
+        await asyncio.to_thread(self._delete_result_files, rows)
+        async with self._transaction():
+            await self._db.executemany(
+                "DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id, _ in rows]
+            )
+        return len(rows)
+
+    def _delete_result_files(self, jobs: Iterable[tuple[int, int]]) -> None:
+        """Delete the result files of ``(job id, takes)`` (blocking: run it in a thread)."""
+        for job_id, takes in jobs:
+            for take in range(takes):
+                self._result_file(job_id, take).unlink(missing_ok=True)
+
+    def _result_file(self, job_id: int, take: int) -> Path:
+        return self.results / (f"{job_id}.flac" if take == 0 else f"{job_id}-{take}.flac")
 
     # Server settings
 
@@ -625,4 +772,10 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
         error=row["error"],
         delivered=bool(row["delivered"]),
         result_url=row["result_url"],
+        result_expired_at=row["result_expired_at"],
+        uploads_expired_at=row["uploads_expired_at"],
     )
+
+
+def _date(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d (UTC)", time.gmtime(timestamp))
