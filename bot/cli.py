@@ -1,4 +1,5 @@
-"""``musicgen-bot``: ``run`` starts the Discord bot; ``generate`` makes one track offline."""
+"""``musicgen-bot``: ``run`` starts the Discord bot; ``generate`` makes one track offline;
+``prune`` applies the retention policy to the database now."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from pathlib import Path
 import discord
 
 from generation import cli as generation_cli
-from generation.store import JobStore, StoreError
+from generation.retention import Retention
+from generation.store import JobStore, Pruned, StoreError
 
 from .config import TOKEN_VARIABLE, ConfigError, load_config
+from .log_redaction import redact_logs
 
 NO_TOKEN = f"""\
 musicgen-bot: no Discord bot token.
@@ -57,12 +60,57 @@ def run_bot(args: argparse.Namespace) -> int:
     except StoreError as error:
         print(f"musicgen-bot: error: {error}", file=sys.stderr)
         return 1
-    # INFO, never DEBUG: below it discord.py and aiosqlite log URLs and SQL with tokens in them.
     discord.utils.setup_logging(level=logging.INFO, root=True)
+    # At DEBUG, discord.py and aiosqlite log URLs, events and SQL with tokens in them.
+    redact_logs(config.discord.token)
     # discord.py closes cleanly on KeyboardInterrupt; treat `docker stop` (SIGTERM) the same.
     signal.signal(signal.SIGTERM, _interrupt)
     create_bot(config).run(config.discord.token, log_handler=None)
     return 0
+
+
+def add_prune_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "prune",
+        help="delete what the retention policy no longer keeps",
+        description="Delete the tracks, uploads and jobs older than the [storage] keep_* "
+        "settings allow, and expired interaction tokens (the running bot also does it on "
+        "its own, every few minutes).",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the TOML configuration (see config.example.toml)",
+    )
+    parser.set_defaults(handler=prune_storage, command_parser=parser)
+
+
+def prune_storage(args: argparse.Namespace) -> int:
+    """Prune the configured database once; safe while the bot runs."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        args.command_parser.error(f"--config: {error}")
+    try:
+        pruned = asyncio.run(_prune(config.storage.database, config.storage.retention))
+    except StoreError as error:
+        print(f"musicgen-bot: error: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"Deleted {pruned.jobs} jobs, the tracks of {pruned.results}, {pruned.uploads} "
+        f"uploaded clips and {pruned.tokens} expired interaction tokens."
+    )
+    return 0
+
+
+async def _prune(path: Path, retention: Retention) -> Pruned:
+    store = await JobStore.open(path)
+    try:
+        return await store.prune(retention)
+    finally:
+        await store.close()
 
 
 async def _check_database(path: Path) -> None:
@@ -75,7 +123,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return generation_cli.main(argv, adders=[add_run_command])
+    return generation_cli.main(argv, adders=[add_run_command, add_prune_command])
 
 
 if __name__ == "__main__":

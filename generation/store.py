@@ -25,6 +25,7 @@ import soundfile
 from .errors import GenerationError
 from .queue import Job, JobStatus, ReplyAddress
 from .request import AudioClip, GenerationRequest
+from .retention import DAY, Retention
 from .stored_audio import StoredClip, to_grid
 
 #: A migration written in Python, run inside the migration's transaction.
@@ -130,8 +131,6 @@ _AUDIO_OPTIONS = ("melody", "continuation")
 _FINISHED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-#: Seconds in a day, for retention periods.
-DAY = 86_400.0
 #: A finished job whose requester has been told: the retention policy may apply to it.
 _SETTLED = "status IN ('done', 'failed', 'cancelled') AND delivered = 1"
 
@@ -158,19 +157,6 @@ class Expired(GenerationError):
             f"{_date(job.uploads_expired_at)} and is no longer kept: upload it again with "
             "`/music generate`."
         )
-
-
-@dataclass(frozen=True)
-class Retention:
-    """How many days the store keeps what finished jobs leave behind; 0 keeps it forever.
-
-    The days count from when a job finished. Live jobs and outcomes not yet delivered are
-    never touched, and a clip is kept while any job within ``uploads_days`` uses it.
-    """
-
-    results_days: float = 30.0
-    uploads_days: float = 30.0
-    jobs_days: float = 365.0
 
 
 @dataclass(frozen=True)

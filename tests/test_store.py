@@ -14,15 +14,14 @@ import pytest
 
 from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import AudioClip, GenerationRequest
+from generation.retention import DAY, Retention
 from generation.store import (
-    DAY,
     MIGRATIONS,
     Expired,
     GuildSettings,
     Jam,
     JobStore,
     Pruned,
-    Retention,
     Segment,
     StoreError,
 )

@@ -23,7 +23,7 @@ from generation.request import (
     GenerationRequest,
     check_audio_options,
 )
-from generation.store import GuildSettings
+from generation.store import Expired, GuildSettings
 
 from .. import presentation
 from ..delivery import result_message
@@ -279,6 +279,8 @@ class Music(commands.Cog):
             raise JobNotFound(f"Job #{job} has no track: it is {found.status.value}.")
         try:
             results = await self.service.worker.stored_results(found)
+        except Expired:  # it says when
+            raise
         except GenerationError as error:
             raise JobNotFound(f"The track of job #{job} is no longer kept.") from error
         await interaction.response.defer(thinking=True)
