@@ -32,7 +32,20 @@ def database_bytes(database) -> int:
     return database.stat().st_size
 
 
-async def test_re_rolls_of_a_job_with_a_melody_add_the_melody_once(alice, channel, tone, database):
+async def prune(tmp_path, database, setting: str) -> None:
+    """Run `musicgen-bot prune` with ``setting`` under [storage], as an operator would, while
+    the bot runs (the command runs its own event loop, so on a thread here)."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[generation]\nmodels = ["debug"]\n[storage]\ndatabase = "{database}"\n{setting}\n'
+    )
+    await asyncio.sleep(0.1)  # 0.000001 days
+    assert await asyncio.to_thread(main, ["prune", "--config", str(config)]) == 0
+
+
+async def test_re_rolls_of_a_job_with_a_melody_add_the_melody_once(
+    simcord_env, alice, channel, tone, database, tmp_path
+):
     melody = tone("melody.wav", seconds=4.0, channels=2).read_bytes()
     first = await alice.slash(
         channel,
@@ -52,6 +65,15 @@ async def test_re_rolls_of_a_job_with_a_melody_add_the_melody_once(alice, channe
     assert query(database, "SELECT COUNT(DISTINCT hash), COUNT(*) FROM job_uploads") == [(1, 4)]
     # 4 s of stereo float32 PCM (1 MiB) was stored again for each re-roll before.
     assert database_bytes(database) - before < 100_000
+
+    # Once no job within keep_uploads_days uses it, the melody goes, and Re-roll says so.
+    await prune(tmp_path, database, "keep_uploads_days = 0.000001")
+    assert query(database, "SELECT COUNT(*) FROM uploads") == [(0,)]
+    await simcord_env.restart_bot(make_bot(database))
+    clicked = await alice.click(original, custom_id=f"musicgen:reroll:{job_id(original)}")
+    assert private_reply(clicked).startswith(
+        f"The audio job #{job_id(original)} was given (its melody or intro) expired on "
+    )
 
 
 async def test_tokens_leave_the_database_and_never_reach_the_logs(
@@ -80,14 +102,7 @@ async def test_tokens_leave_the_database_and_never_reach_the_logs(
 async def test_show_says_when_a_track_expired(simcord_env, alice, channel, database, tmp_path):
     result = await alice.slash(channel, "music generate", prompt="short-lived", duration=1.0)
     number = job_id(result.response)
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f'[generation]\nmodels = ["debug"]\n[storage]\ndatabase = "{database}"\n'
-        "keep_results_days = 0.000001\n"  # 0.09 s
-    )
-    await asyncio.sleep(0.1)
-    # The command, while the bot runs (it has an event loop of its own).
-    assert await asyncio.to_thread(main, ["prune", "--config", str(config)]) == 0
+    await prune(tmp_path, database, "keep_results_days = 0.000001")
     assert not list((tmp_path / "bot-results").glob(f"{number}*.flac"))
     await simcord_env.restart_bot(make_bot(database))
     shown = await alice.slash(channel, "music show", job=number)
