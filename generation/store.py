@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import statistics
 import time
@@ -22,11 +23,13 @@ import aiosqlite
 import numpy as np
 import soundfile
 
-from .errors import GenerationError
+from .errors import DamagedResult, GenerationError
 from .queue import Job, JobStatus, ReplyAddress
 from .request import AudioClip, GenerationRequest
 from .retention import DAY, Retention
 from .stored_audio import StoredClip, to_grid
+
+log = logging.getLogger(__name__)
 
 #: A migration written in Python, run inside the migration's transaction.
 Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
@@ -385,14 +388,17 @@ class JobStore:
             with_audio=False,
         )
 
-    async def submitted_since(self, guild_id: int, user_id: int, since: float) -> list[float]:
-        """When a member submitted each job in a server since ``since`` (oldest first)."""
+    async def submitted_since(
+        self, guild_id: int, user_id: int, since: float
+    ) -> list[tuple[float, int]]:
+        """When a member submitted each job in a server since ``since``, and its takes
+        (oldest first)."""
         rows = await self._db.execute_fetchall(
-            """SELECT submitted_at FROM jobs WHERE guild_id = ? AND user_id = ?
+            """SELECT submitted_at, takes FROM jobs WHERE guild_id = ? AND user_id = ?
                AND submitted_at >= ? ORDER BY submitted_at""",
             (guild_id, user_id, since),
         )
-        return [row[0] for row in rows]
+        return [(row[0], row[1]) for row in rows]
 
     async def stats(self, guild_id: int) -> Stats:
         rows = await self._db.execute_fetchall(
@@ -429,20 +435,25 @@ class JobStore:
         return path
 
     async def load_result(self, job: Job, take: int = 0) -> tuple[np.ndarray, int] | None:
-        """One take of a job's audio (``[channels, samples]``) and its sample rate; None when
-        the file is missing.
+        """One take of a job's audio (``[channels, samples]``) and its sample rate; None
+        when it is not kept.
 
         Raises:
             Expired: the retention policy deleted it.
+            DamagedResult: the file is there but cannot be read.
         """
         if job.result_expired_at is not None:
             raise Expired.track(job)
         path = self.result_path(job, take)
         if not path.exists():
             return None
-        audio, sample_rate = await asyncio.to_thread(
-            soundfile.read, path, dtype="float32", always_2d=True
-        )
+        try:
+            audio, sample_rate = await asyncio.to_thread(
+                soundfile.read, path, dtype="float32", always_2d=True
+            )
+        except soundfile.SoundFileError as error:
+            log.warning("job=%d event=result-damaged path=%s error=%s", job.id, path, error)
+            raise DamagedResult(job.id) from error
         return np.ascontiguousarray(audio.T), sample_rate
 
     # Retention
@@ -577,6 +588,13 @@ class JobStore:
             (thread_id,),
         )
         return Jam(*rows[0]) if rows else None
+
+    async def jams_started_by(self, guild_id: int, user_id: int) -> list[int]:
+        """The threads of the jams a member started in a server."""
+        rows = await self._db.execute_fetchall(
+            "SELECT thread_id FROM jams WHERE guild_id = ? AND user_id = ?", (guild_id, user_id)
+        )
+        return [row[0] for row in rows]
 
     async def jam_of_job(self, job_id: int) -> Jam | None:
         """The jam that ``job_id`` is a turn of, if any."""
