@@ -1,4 +1,5 @@
-"""``musicgen-bot``: ``run`` starts the Discord bot; ``generate`` makes one track offline.
+"""``musicgen-bot``: ``run`` starts the Discord bot; ``generate`` makes one track offline;
+``prune`` applies the retention policy to the database now.
 
 Only the standard library and light modules load before the arguments are read: ``--help``
 and argument errors answer at once, without discord.py, torch or audiocraft.
@@ -13,10 +14,16 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from generation import cli as generation_cli
+from generation.retention import Retention
 
 from .config import TOKEN_VARIABLE, ConfigError, load_config
+from .log_redaction import redact_logs
+
+if TYPE_CHECKING:
+    from generation.store import Pruned
 
 EXAMPLE_CONFIG = "config.example.toml"
 
@@ -75,6 +82,8 @@ def run_bot(args: argparse.Namespace) -> int:
     except StoreError as error:
         return _fail(str(error))
     _setup_logging()
+    # At DEBUG, discord.py and aiosqlite log URLs, events and SQL with tokens in them.
+    redact_logs(config.discord.token)
     # discord.py closes cleanly on KeyboardInterrupt; treat `docker stop` (SIGTERM) the same.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -111,6 +120,53 @@ def _fail(message: str) -> int:
     return 1
 
 
+def add_prune_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "prune",
+        help="delete what the retention policy no longer keeps",
+        description="Delete the tracks, uploads and jobs older than the [storage] keep_* "
+        "settings allow, and expired interaction tokens (the running bot also does it on "
+        "its own, every few minutes).",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the TOML configuration (see config.example.toml)",
+    )
+    parser.set_defaults(handler=prune_storage, command_parser=parser)
+
+
+def prune_storage(args: argparse.Namespace) -> int:
+    """Prune the configured database once; safe while the bot runs."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        args.command_parser.error(f"--config: {error}")
+    from generation.store import StoreError
+
+    try:
+        pruned = asyncio.run(_prune(config.storage.database, config.storage.retention))
+    except StoreError as error:
+        return _fail(str(error))
+    print(
+        f"Deleted {pruned.jobs} jobs, the tracks of {pruned.results}, {pruned.uploads} "
+        f"uploaded clips and {pruned.tokens} expired interaction tokens."
+    )
+    return 0
+
+
+async def _prune(path: Path, retention: Retention) -> Pruned:
+    from generation.store import JobStore
+
+    store = await JobStore.open(path)
+    try:
+        return await store.prune(retention)
+    finally:
+        await store.close()
+
+
 async def _check_database(path: Path) -> None:
     from generation.store import JobStore
 
@@ -123,7 +179,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return generation_cli.main(argv, adders=[add_run_command])
+    return generation_cli.main(argv, adders=[add_run_command, add_prune_command])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ it never appears in ``repr``, logs or messages.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from typing import Any
 from generation.errors import InvalidOption
 from generation.models import catalogue_name, resolve_model
 from generation.request import DEFAULT_MAX_DURATION
+from generation.retention import Retention
 
 TOKEN_VARIABLE = "DISCORD_TOKEN"
 
@@ -59,6 +61,17 @@ class GenerationConfig:
 class StorageConfig:
     #: The SQLite file that holds jobs, server settings and history.
     database: Path = Path("data/musicgen-bot.sqlite3")
+    #: Days after a job finished that its track (the result files) is kept; 0 = forever.
+    keep_results_days: float = Retention.results_days
+    #: Days after a job finished that the audio it was given (melody, intro) is kept, unless
+    #: a newer job uses the same audio; 0 = forever.
+    keep_uploads_days: float = Retention.uploads_days
+    #: Days after a job finished that it stays in the database (history, stats); 0 = forever.
+    keep_jobs_days: float = Retention.jobs_days
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(self.keep_results_days, self.keep_uploads_days, self.keep_jobs_days)
 
 
 @dataclass(frozen=True)
@@ -216,6 +229,13 @@ def _check_keys(values: dict[str, Any], cls: type, source: str, prefix: str) -> 
 
 def _check_values(config: Config, source: str) -> None:
     generation, queue = config.generation, config.queue
+    for key in ("keep_results_days", "keep_uploads_days", "keep_jobs_days"):
+        days = getattr(config.storage, key)
+        if not (math.isfinite(days) and days >= 0):
+            raise ConfigError(
+                f"{source}: storage.{key} must be a number of days, 0 or more (0 keeps "
+                f"forever), not {days!r}."
+            )
     if not generation.models:
         raise ConfigError(f"{source}: generation.models must name at least one model.")
     for name in generation.models:

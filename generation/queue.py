@@ -67,6 +67,9 @@ class Job:
     #: Whether the requester has been told how the job ended, and where the result is.
     delivered: bool = False
     result_url: str | None = None
+    #: When the retention policy deleted the job's result files, and the uploads it used.
+    result_expired_at: float | None = None
+    uploads_expired_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     #: Why ``cancel_event`` was set: "cancelled", "timeout" or "shutdown".
     stop_reason: str | None = None

@@ -61,6 +61,10 @@ def test_the_token_never_shows_in_repr():
         ({"queue": {"max_jobs_per_user": 2.5}}, "must be a whole number"),
         ({"discord": {"guilds": ["123"]}}, "list of server ids"),
         ({"storage": {"database": ""}}, "a file path"),
+        ({"storage": {"keep_results_days": -1}}, r"storage.keep_results_days .* 0 or more"),
+        ({"storage": {"keep_uploads_days": float("nan")}}, "storage.keep_uploads_days"),
+        ({"storage": {"keep_jobs_days": float("inf")}}, "0 keeps forever"),
+        ({"storage": {"keep_jobs_days": "1y"}}, "storage.keep_jobs_days must be a number"),
         ({"extra": {}}, "unknown key extra"),
     ],
 )

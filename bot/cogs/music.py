@@ -29,7 +29,7 @@ from generation.request import (
     GenerationRequest,
     check_audio_options,
 )
-from generation.store import GuildSettings
+from generation.store import Expired, GuildSettings
 
 from .. import limits, presentation
 from ..access import Rules, may_manage, rules_for
@@ -261,7 +261,7 @@ class Music(commands.Cog):
             raise JobNotFound(f"Job #{job} has no track: it is {found.status.value}.")
         try:
             results = await self.service.worker.stored_results(found)
-        except DamagedResult:
+        except (DamagedResult, Expired):  # they say what happened to it
             raise
         except GenerationError as error:
             raise JobNotFound(f"The track of job #{job} is no longer kept.") from error

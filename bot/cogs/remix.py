@@ -26,6 +26,7 @@ from generation.errors import AudioInputError, GenerationError, InvalidOption, J
 from generation.models import resolve_model
 from generation.queue import MAX_TAKES, Job, JobStatus
 from generation.request import TEMPERATURE_RANGE, AudioClip, GenerationRequest
+from generation.store import Expired
 
 from ..errors import UNEXPECTED, reply_privately, user_message
 from ..modals import Field, Form, number, prompt_field
@@ -103,7 +104,7 @@ class Remix(commands.Cog):
 
     async def ask_continue(self, interaction: discord.Interaction, job_id: int, take: int) -> None:
         async with answering(interaction):
-            source = await self._finished_job(interaction, job_id)
+            source = await self._finished_job(interaction, job_id, with_uploads=False)
             if not 0 <= take < source.takes:
                 raise JobNotFound(f"Job #{job_id} has no take {take + 1}.")
             rules = await self.bot.access.check(interaction)
@@ -118,7 +119,7 @@ class Remix(commands.Cog):
     ) -> None:
         """A continuation whose intro is the end of the take's stored result."""
         async with answering(interaction):
-            source = await self._finished_job(interaction, job_id)
+            source = await self._finished_job(interaction, job_id, with_uploads=False)
             longest = (await self.bot.access.rules(source.guild_id)).max_duration
             added = number(values, "length", 1.0, longest)
             check_fits(added, min(MAX_INTRO_SECONDS, source.request.duration), longest)
@@ -254,12 +255,18 @@ class Remix(commands.Cog):
 
     # Helpers
 
-    async def _finished_job(self, interaction: discord.Interaction, job_id: int) -> Job:
+    async def _finished_job(
+        self, interaction: discord.Interaction, job_id: int, *, with_uploads: bool = True
+    ) -> Job:
+        """A finished job of this server; ``with_uploads``: its melody or intro is still kept
+        (its request is made again)."""
         job = await self.store.get(job_id)
         if job is None or job.guild_id != interaction.guild_id:
             raise JobNotFound(f"There is no job #{job_id} in this server.")
         if job.status is not JobStatus.DONE:
             raise JobNotFound(f"Job #{job_id} has no track: it is {job.status.value}.")
+        if with_uploads and job.uploads_expired_at is not None:
+            raise Expired.uploads(job)
         return job
 
     def _audio_attachment(self, message: discord.Message, label: str) -> discord.Attachment:
