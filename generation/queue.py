@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from .errors import JobNotFound, QueueFull
+from .origin import Origin
 from .request import MAX_SEED, GenerationRequest
 
 #: The most takes (variations of one request, each with its own seed) a job may ask for.
@@ -53,6 +54,8 @@ class Job:
     user_id: int
     #: Variations of the request generated together; take ``k`` uses seed ``seed + k``.
     takes: int = 1
+    #: What the job was made from (a re-roll of another job...), if anything.
+    origin: Origin | None = None
     status: JobStatus = JobStatus.QUEUED
     reply: ReplyAddress | None = None
     #: Times the job has been started (a crash or a shutdown can make it run again).

@@ -21,6 +21,7 @@ import numpy as np
 import soundfile
 
 from .errors import GenerationError
+from .origin import Origin
 from .queue import Job, JobStatus, ReplyAddress
 from .request import AudioClip, GenerationRequest
 
@@ -81,6 +82,11 @@ MIGRATIONS: tuple[str, ...] = (
         user_id INTEGER NOT NULL,
         PRIMARY KEY (thread_id, position)
     );
+    """,
+    """
+    ALTER TABLE jobs ADD COLUMN origin TEXT;
+    CREATE INDEX jobs_by_member ON jobs (guild_id, user_id, status, id);
+    CREATE INDEX jobs_by_guild ON jobs (guild_id, status, id);
     """,
 )
 
@@ -180,15 +186,17 @@ class JobStore:
         """Record a new job (with its uploaded audio) and give it its id."""
         async with self._transaction():
             cursor = await self._db.execute(
-                """INSERT INTO jobs (guild_id, channel_id, user_id, request, takes, status,
-                       reply_application_id, reply_token, reply_expires_at, submitted_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                """INSERT INTO jobs (guild_id, channel_id, user_id, request, takes, origin,
+                       status, reply_application_id, reply_token, reply_expires_at,
+                       submitted_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     job.guild_id,
                     job.channel_id,
                     job.user_id,
                     _request_json(job.request),
                     job.takes,
+                    job.origin.to_json() if job.origin else None,
                     job.status.value,
                     job.reply.application_id if job.reply else None,
                     job.reply.token if job.reply else None,
@@ -292,6 +300,19 @@ class JobStore:
         return await self._jobs(
             "WHERE guild_id = ? AND user_id = ? ORDER BY id DESC LIMIT ?",
             (guild_id, user_id, limit),
+            with_audio=False,
+        )
+
+    async def finished_jobs(
+        self, guild_id: int, user_id: int | None = None, limit: int = 25
+    ) -> list[Job]:
+        """The most recent finished (done) jobs in a server, a member's only if ``user_id``
+        is given; newest first, read through an index and without their audio."""
+        member = "AND user_id = ?" if user_id is not None else ""
+        parameters = (guild_id,) if user_id is None else (guild_id, user_id)
+        return await self._jobs(
+            f"WHERE guild_id = ? {member} AND status = 'done' ORDER BY id DESC LIMIT ?",
+            (*parameters, limit),
             with_audio=False,
         )
 
@@ -533,6 +554,7 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
         id=row["id"],
         request=GenerationRequest(**json.loads(row["request"])),
         takes=row["takes"],
+        origin=Origin.from_json(row["origin"]),
         guild_id=row["guild_id"],
         channel_id=row["channel_id"],
         user_id=row["user_id"],
