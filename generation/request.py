@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -34,6 +36,15 @@ class AudioClip:
     @property
     def seconds(self) -> float:
         return self.samples.shape[-1] / self.sample_rate
+
+    @cached_property
+    def sha256(self) -> str:
+        """A content hash of the decoded clip (rate, channels and float32 samples): it names
+        the exact audio a result was made from, whatever file it came in. Reading it hashes
+        the samples (milliseconds per minute of audio) the first time."""
+        digest = hashlib.sha256(f"{self.sample_rate}:{self.channels}:".encode())
+        digest.update(np.ascontiguousarray(self.samples, dtype="<f4").tobytes())
+        return digest.hexdigest()
 
 
 @dataclass(frozen=True)
