@@ -430,6 +430,24 @@ class JobStore:
         )
         return await self.jam(rows[0][0]) if rows else None
 
+    async def turn_of_job(self, job_id: int) -> tuple[int, int] | None:
+        """The jam (its thread) and the turn that ``job_id`` is, if it is a jam's turn."""
+        rows = await self._db.execute_fetchall(
+            "SELECT thread_id, position FROM jam_segments WHERE job_id = ?", (job_id,)
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def replace_segment(self, jam: Jam, position: int, job: Job) -> Segment:
+        """Make ``job`` (another take of it) the jam's turn ``position``."""
+        segment = Segment(position, job.id, job.user_id)
+        async with self._transaction():
+            await self._db.execute(
+                """UPDATE jam_segments SET job_id = ?, user_id = ?
+                   WHERE thread_id = ? AND position = ?""",
+                (job.id, job.user_id, jam.thread_id, position),
+            )
+        return segment
+
     async def add_segment(self, jam: Jam, job: Job) -> Segment:
         """Make ``job`` the jam's next turn."""
         async with self._transaction():

@@ -24,7 +24,7 @@ def tone_bytes(tmp_path, name: str, **kwargs) -> bytes:
     return encode_tone(tmp_path / name, **kwargs).read_bytes()
 
 
-async def test_generate_replies_with_an_mp3_and_every_parameter(alice, channel):
+async def test_generate_replies_with_an_mp3_and_what_sets_it_apart(alice, channel):
     result = await alice.slash(
         channel, "music generate", prompt="lo-fi hip hop beat", duration=2.0, seed=7
     )
@@ -33,16 +33,20 @@ async def test_generate_replies_with_an_mp3_and_every_parameter(alice, channel):
     audio = await mp3_of(message)
     assert audio.shape[0] == 1
     assert audio.shape[1] / 32_000 == pytest.approx(2.0, abs=0.1)
-    values = fields(message)
-    assert values["Model"] == "debug"
-    assert values["Seed"] == "7"
-    assert values["Temperature"] == "1"
-    assert values["Top-k"] == "250"
-    assert "Generated in" in values
-    assert message.embeds[0].title == "lo-fi hip hop beat"
+    embed = message.embeds[0]
+    assert embed.title == "lo-fi hip hop beat"
+    assert embed.description == f"Requested by <@{alice.id}>"
+    # Only the model, duration and seed: every other option has its default.
+    assert fields(message) == {"Model": "debug", "Duration": "2.0 s", "Seed": "7"}
+
+    changed = await alice.slash(
+        channel, "music generate", prompt="x", duration=1.0, top_k=50, no_sampling=True
+    )
+    assert list(fields(changed.response))[3:] == ["Top-k", "Sampling"]
 
 
 async def test_every_option_reaches_the_engine(alice, channel, engine):
+    """(The embed shows each option given here, as none is the default.)"""
     options = dict(
         duration=3.0,
         temperature=0.7,

@@ -13,6 +13,7 @@ from discord.ext import commands
 from generation.audio_input import AudioLimits, check_size, decode_audio
 from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
 from generation.models import resolve_model
+from generation.origin import Origin
 from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import (
     MAX_CFG_COEF,
@@ -92,13 +93,15 @@ class Music(commands.Cog):
         prepare: Callable[[GenerationRequest], Awaitable[GenerationRequest]] | None = None,
         note: str = "",
         takes: int = 1,
+        origin: Origin | None = None,
     ) -> Job | None:
         """Check a request against the server's settings and the member's limits, and queue it.
 
         Everything that can be checked at once is, so a mistake gets a private answer;
         ``prepare`` then completes the request (it may defer the response and read audio),
         and the result is checked again. ``note`` is added to the queued message; ``takes``
-        variations are generated together. Returns the job, or None when the member was told
+        variations are generated together; ``origin`` says what the job was made from.
+        Returns the job, or None when the member was told
         why it was not queued.
         """
         guild_id, channel_id = interaction.guild_id, interaction.channel_id
@@ -121,6 +124,7 @@ class Music(commands.Cog):
                 user_id=user_id,
                 per_user_limit=settings.max_jobs_per_user,
                 takes=takes,
+                origin=origin,
             )
         except GenerationError as error:
             await reply_privately(interaction, user_message(error))
@@ -282,7 +286,7 @@ class Music(commands.Cog):
         except GenerationError as error:
             raise JobNotFound(f"The track of job #{job} is no longer kept.") from error
         await interaction.response.defer(thinking=True)
-        posted = await result_message(found, results, interaction.filesize_limit)
+        posted = await result_message(found, results, interaction.filesize_limit, complete=True)
         await interaction.followup.send(
             content=f"Job #{found.id} by <@{found.user_id}>",
             embed=posted.embed,

@@ -23,11 +23,13 @@ from generation.audio_input import check_size
 from generation.continuation import MAX_INTRO_SECONDS, continue_request, intro_clip
 from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
 from generation.models import resolve_model
+from generation.origin import Origin, OriginKind
 from generation.queue import MAX_TAKES, Job, JobStatus
 from generation.request import TEMPERATURE_RANGE, AudioClip, GenerationRequest
 
 from ..errors import UNEXPECTED, reply_privately, user_message
-from ..modals import Field, Form, number, prompt_field
+from ..modals import Drafts, Field, Form, Submit, prompt_field, read_form
+from ..presentation import adoptable_turn
 from ..views import BUTTONS
 
 if TYPE_CHECKING:
@@ -49,6 +51,7 @@ class Remix(commands.Cog):
     def __init__(self, bot: MusicGenBot) -> None:
         self.bot = bot
         self.store = bot.service.store
+        self.drafts = Drafts()
         guild_only = app_commands.AppCommandContext(guild=True)
         self.menus = (
             app_commands.ContextMenu(
@@ -86,6 +89,7 @@ class Remix(commands.Cog):
                 replace(source.request, seed=None),
                 note=f"Re-roll of job #{source.id} with a new seed.",
                 takes=source.takes,
+                origin=await self._origin(OriginKind.REROLL, source),
             )
 
     async def variations(self, interaction: discord.Interaction, job_id: int) -> None:
@@ -97,6 +101,7 @@ class Remix(commands.Cog):
                 replace(source.request, seed=None),
                 note=f"{VARIATIONS} variations of job #{source.id}, generated together.",
                 takes=VARIATIONS,
+                origin=await self._origin(OriginKind.VARIATIONS, source),
             )
 
     async def ask_continue(self, interaction: discord.Interaction, job_id: int, take: int) -> None:
@@ -106,12 +111,18 @@ class Remix(commands.Cog):
                 raise JobNotFound(f"Job #{job_id} has no take {take + 1}.")
             fields = [prompt_field(source.request.prompt), self._length_field()]
             submit = partial(self._continue_job, job_id=source.id, take=take)
-            form = Form(f"Continue job #{source.id}", fields, submit)
+            form = self._form(
+                interaction,
+                f"Continue job #{source.id}",
+                fields,
+                submit,
+                ("continue", job_id, take),
+            )
             await interaction.response.send_modal(form)
 
     async def _continue_job(
         self, interaction: discord.Interaction, values: dict[str, str], *, job_id: int, take: int
-    ) -> None:
+    ) -> bool:
         """A continuation whose intro is the end of the take's stored result."""
         async with answering(interaction):
             added = self._length(values)
@@ -131,9 +142,15 @@ class Remix(commands.Cog):
                 melody=None,
                 continuation=None,
             )
-            await self.music.queue_request(
-                interaction, request, prepare=with_intro, note=f"Continuing job #{source.id}."
+            job = await self.music.queue_request(
+                interaction,
+                request,
+                prepare=with_intro,
+                note=f"Continuing job #{source.id}.",
+                origin=await self._origin(OriginKind.CONTINUATION, source, take),
             )
+            return job is not None
+        return False
 
     async def ask_edit(self, interaction: discord.Interaction, job_id: int) -> None:
         async with answering(interaction):
@@ -145,26 +162,32 @@ class Remix(commands.Cog):
                 Field("temperature", "Temperature (0-2)", f"{request.temperature:g}"),
             ]
             submit = partial(self._edit_job, job_id=source.id)
-            await interaction.response.send_modal(Form(f"Edit job #{source.id}", fields, submit))
+            form = self._form(
+                interaction, f"Edit job #{source.id}", fields, submit, ("edit", job_id)
+            )
+            await interaction.response.send_modal(form)
 
     async def _edit_job(
         self, interaction: discord.Interaction, values: dict[str, str], *, job_id: int
-    ) -> None:
+    ) -> bool:
         """The job's request with the new prompt, duration and temperature; the seed stays,
         so the change is what makes the difference (Re-roll for a new seed)."""
         async with answering(interaction):
-            duration = number(values, "duration", 1.0, self.music.max_duration)
-            temperature = number(values, "temperature", *TEMPERATURE_RANGE)
-            source = await self._finished_job(interaction, job_id)
-            request = replace(
-                source.request, prompt=values["prompt"], duration=duration, temperature=temperature
+            numbers = read_form(
+                values,
+                {"duration": (1.0, self.music.max_duration), "temperature": TEMPERATURE_RANGE},
             )
-            await self.music.queue_request(
+            source = await self._finished_job(interaction, job_id)
+            request = replace(source.request, prompt=values["prompt"], **numbers)
+            job = await self.music.queue_request(
                 interaction,
                 request,
                 note=f"Edit of job #{source.id}, same seed.",
                 takes=source.takes,
+                origin=await self._origin(OriginKind.EDIT, source),
             )
+            return job is not None
+        return False
 
     # Context menus
 
@@ -174,7 +197,10 @@ class Remix(commands.Cog):
         attachment = self._audio_attachment(message, "continuation")
         fields = [prompt_field(), self._length_field()]
         submit = partial(self._continue_upload, attachment=attachment)
-        await interaction.response.send_modal(Form("Continue this track", fields, submit))
+        form = self._form(
+            interaction, "Continue this track", fields, submit, ("continue", message.id)
+        )
+        await interaction.response.send_modal(form)
 
     async def _continue_upload(
         self,
@@ -182,7 +208,7 @@ class Remix(commands.Cog):
         values: dict[str, str],
         *,
         attachment: discord.Attachment,
-    ) -> None:
+    ) -> bool:
         async with answering(interaction):
             added = self._length(values)
 
@@ -191,9 +217,15 @@ class Remix(commands.Cog):
                 return continue_request(request, intro_clip(clip.samples, clip.sample_rate), added)
 
             request = GenerationRequest(prompt=values["prompt"], model="", duration=added)
-            await self.music.queue_request(
-                interaction, request, prepare=with_intro, note=f"Continuing {attachment.filename}."
+            job = await self.music.queue_request(
+                interaction,
+                request,
+                prepare=with_intro,
+                note=f"Continuing {attachment.filename}.",
+                origin=Origin(OriginKind.UPLOAD_CONTINUATION, filename=attachment.filename),
             )
+            return job is not None
+        return False
 
     async def use_as_melody(
         self, interaction: discord.Interaction, message: discord.Message
@@ -202,7 +234,8 @@ class Remix(commands.Cog):
         default = f"{min(DEFAULT_ADDED_SECONDS, self.music.max_duration):g}"
         fields = [prompt_field(), Field("duration", "Duration in seconds", default)]
         submit = partial(self._melody_upload, attachment=attachment)
-        await interaction.response.send_modal(Form("Use as melody", fields, submit))
+        form = self._form(interaction, "Use as melody", fields, submit, ("melody", message.id))
+        await interaction.response.send_modal(form)
 
     async def _melody_upload(
         self,
@@ -210,9 +243,9 @@ class Remix(commands.Cog):
         values: dict[str, str],
         *,
         attachment: discord.Attachment,
-    ) -> None:
+    ) -> bool:
         async with answering(interaction):
-            duration = number(values, "duration", 1.0, self.music.max_duration)
+            duration = read_form(values, {"duration": (1.0, self.music.max_duration)})["duration"]
             model, note = await self._melody_model(interaction.guild_id or 0)
 
             async def with_melody(request: GenerationRequest) -> GenerationRequest:
@@ -220,7 +253,15 @@ class Remix(commands.Cog):
 
             request = GenerationRequest(prompt=values["prompt"], model=model, duration=duration)
             note = f"{note} Following the melody of {attachment.filename}.".strip()
-            await self.music.queue_request(interaction, request, prepare=with_melody, note=note)
+            job = await self.music.queue_request(
+                interaction,
+                request,
+                prepare=with_melody,
+                note=note,
+                origin=Origin(OriginKind.UPLOAD_MELODY, filename=attachment.filename),
+            )
+            return job is not None
+        return False
 
     async def _melody_model(self, guild_id: int) -> tuple[str, str]:
         """The server's default model if it takes a melody, else the first allowed one that
@@ -242,6 +283,28 @@ class Remix(commands.Cog):
         )
 
     # Helpers
+
+    def _form(
+        self,
+        interaction: discord.Interaction,
+        title: str,
+        fields: list[Field],
+        submit: Submit,
+        key: tuple[object, ...],
+    ) -> Form:
+        """A form that shows what the member typed when it was last refused, if it was."""
+        return Form(title, fields, submit, member=interaction.user.id, drafts=self.drafts, key=key)
+
+    async def _origin(self, kind: OriginKind, source: Job, take: int = 0) -> Origin:
+        """``kind`` of ``source``; with the jam turn that ``source`` is, or is another take
+        of, so a re-roll or an edit of a turn can take its place (see ``Jams.adopt``)."""
+        turn = await self.store.turn_of_job(source.id)
+        was = source.origin
+        was_turn = was is not None and (was.kind is OriginKind.JAM_TURN or adoptable_turn(source))
+        if turn is None and was is not None and was_turn and was.turn is not None:
+            turn = was.jam or 0, was.turn  # a turn that was replaced, or another take of one
+        jam, number = turn if turn is not None else (None, None)
+        return Origin(kind, source.id, take, jam=jam, turn=number)
 
     async def _finished_job(self, interaction: discord.Interaction, job_id: int) -> Job:
         job = await self.store.get(job_id)
@@ -276,7 +339,7 @@ class Remix(commands.Cog):
         return Field("length", "Seconds of new music to add", f"{max(default, 1.0):g}")
 
     def _length(self, values: dict[str, str]) -> float:
-        return number(values, "length", 1.0, self.music.max_duration - 1.0)
+        return read_form(values, {"length": (1.0, self.music.max_duration - 1.0)})["length"]
 
 
 @contextlib.asynccontextmanager
