@@ -76,6 +76,30 @@ def job_summary(job: Job) -> str:
     return f"#{job.id} <@{job.user_id}>: {short(request.prompt)} ({details})"
 
 
+#: Discord's limits on autocomplete: choices, and characters in a choice's name.
+MAX_CHOICES, CHOICE_NAME_CHARS = 25, 100
+
+
+def matching_jobs(jobs: Sequence[Job], typed: str) -> list[Job]:
+    """The jobs (at most :data:`MAX_CHOICES`) whose number starts with what was typed (a
+    leading '#' allowed), or whose prompt holds it."""
+    typed = typed.strip().removeprefix("#").strip().lower()
+    found = [
+        job
+        for job in jobs
+        if str(job.id).startswith(typed)
+        or (not typed.isdigit() and typed in job.request.prompt.lower())
+    ]
+    return found[:MAX_CHOICES]
+
+
+def job_choice(job: Job, owner: str | None = None) -> str:
+    """An autocomplete choice for a job: '#12 lo-fi beat (done)', with whose if not yours."""
+    status = job.status.value if owner is None else f"{job.status.value}, {short(owner, 32)}'s"
+    head, tail = f"#{job.id} ", f" ({status})"
+    return head + short(job.request.prompt, CHOICE_NAME_CHARS - len(head) - len(tail)) + tail
+
+
 def queued_text(job: Job, position: int, eta: float, paused: bool) -> str:
     text = (
         f"Queued as job #{job.id}: **{short(job.request.prompt, 100)}**, position {position}, "

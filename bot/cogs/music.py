@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 DEFAULTS = GenerationRequest(prompt="", model="")
 HISTORY_LENGTH = 10
+#: Recent jobs an autocomplete looks through for what the member typed.
+CHOICES_SCANNED = 100
 
 
 class Music(commands.Cog):
@@ -244,6 +246,17 @@ class Music(commands.Cog):
             message = f"Stopping job #{target.id}..."
         await interaction.response.send_message(message, ephemeral=True)
 
+    @cancel.autocomplete("job")
+    async def cancel_choices(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[int]]:
+        """The member's queued and running jobs (Manage Server: everyone's) matching what
+        they typed."""
+        jobs = self._live_jobs(interaction.guild_id)
+        if not interaction.permissions.manage_guild:
+            jobs = [job for job in jobs if job.user_id == interaction.user.id]
+        return self._choices(interaction, jobs, current)
+
     def _job_to_cancel(self, interaction: discord.Interaction, job_id: int | None) -> Job:
         mine = interaction.user.id
         if job_id is None:
@@ -293,6 +306,33 @@ class Music(commands.Cog):
             files=posted.files,
             view=posted.view,
         )
+
+    @show.autocomplete("job")
+    async def show_choices(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[int]]:
+        """The member's recent tracks (Manage Server: the server's) matching what they typed;
+        one indexed query of at most :data:`CHOICES_SCANNED` rows."""
+        member = None if interaction.permissions.manage_guild else interaction.user.id
+        jobs = await self.store.finished_jobs(interaction.guild_id or 0, member, CHOICES_SCANNED)
+        return self._choices(interaction, jobs, current)
+
+    @staticmethod
+    def _choices(
+        interaction: discord.Interaction, jobs: list[Job], current: str
+    ) -> list[app_commands.Choice[int]]:
+        guild = interaction.guild
+
+        def owner(user_id: int) -> str | None:
+            if user_id == interaction.user.id:
+                return None
+            member = guild.get_member(user_id) if guild is not None else None
+            return member.display_name if member is not None else "another member"
+
+        return [
+            app_commands.Choice(name=presentation.job_choice(job, owner(job.user_id)), value=job.id)
+            for job in presentation.matching_jobs(jobs, current)
+        ]
 
     # Information
 
