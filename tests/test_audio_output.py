@@ -134,11 +134,27 @@ def test_nothing_fits_says_so():
         encode_mp3_within(sine(60.0, 440.0), SR, 50_000)
 
 
-def test_request_tags_record_audio_inputs_by_length():
+def test_request_tags_record_audio_inputs_by_length_hash_and_source():
+    from generation.origin import Origin, OriginKind
     from generation.request import AudioClip
 
-    request = replace(
-        GenerationRequest(prompt="p", model="debug-melody", seed=1),
-        melody=AudioClip(sine(2.0, 440.0), SR),
+    intro = AudioClip(sine(2.0, 440.0), SR)
+    request = replace(GenerationRequest(prompt="p", model="debug", seed=1), continuation=intro)
+    tags = request_tags(request, Origin(OriginKind.CONTINUATION, job_id=4, take=2))
+    assert tags["musicgen_continuation"] == "2.0 s"
+    assert (tags["musicgen_origin"], tags["musicgen_source_job"]) == ("continuation", "4")
+    assert tags["musicgen_source_take"] == "3"
+    # The hash names the exact samples: a copy matches, one changed sample does not.
+    same = AudioClip(intro.samples.copy(), SR)
+    changed = AudioClip(intro.samples.copy(), SR)
+    changed.samples[0, 100] += 1e-3
+    assert tags["musicgen_continuation_sha256"] == same.sha256 != changed.sha256
+    assert AudioClip(intro.samples, 44_100).sha256 != same.sha256
+    melody = replace(GenerationRequest(prompt="p", model="debug-melody"), melody=intro)
+    upload = Origin(OriginKind.UPLOAD_MELODY, filename="hum.wav")
+    tags = request_tags(melody, upload)
+    assert (tags["musicgen_source_file"], tags["musicgen_melody_sha256"]) == (
+        "hum.wav",
+        same.sha256,
     )
-    assert request_tags(request)["musicgen_melody"] == "2.0 s"
+    assert "musicgen_source_job" not in tags
