@@ -375,7 +375,8 @@ def help_embed() -> discord.Embed:
         "the server may use them on anyone's track: each makes your own job, counted against "
         "your limits.\n`/music jam start` opens a thread for a relay jam; there, "
         "`/music jam add` carries the track on with your prompt, and `/music jam export` "
-        "posts it whole (`segments` for each turn too).",
+        "posts it whole (`segments` for each turn too). Re-roll or Edit on a turn makes "
+        "another take of it, which its **Adopt as turn N** button puts in the jam.",
         inline=False,
     )
     embed.add_field(
