@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import statistics
 import time
@@ -20,10 +21,12 @@ import aiosqlite
 import numpy as np
 import soundfile
 
-from .errors import GenerationError
+from .errors import DamagedResult, GenerationError
 from .origin import Origin
 from .queue import Job, JobStatus, ReplyAddress
 from .request import AudioClip, GenerationRequest
+
+log = logging.getLogger(__name__)
 
 #: Each entry migrates the schema from version i to i + 1.
 MIGRATIONS: tuple[str, ...] = (
@@ -360,13 +363,22 @@ class JobStore:
         return path
 
     async def load_result(self, job: Job, take: int = 0) -> tuple[np.ndarray, int] | None:
-        """One take of a job's audio (``[channels, samples]``) and its sample rate."""
+        """One take of a job's audio (``[channels, samples]``) and its sample rate; None
+        when it is not kept.
+
+        Raises:
+            DamagedResult: the file is there but cannot be read.
+        """
         path = self.result_path(job, take)
         if not path.exists():
             return None
-        audio, sample_rate = await asyncio.to_thread(
-            soundfile.read, path, dtype="float32", always_2d=True
-        )
+        try:
+            audio, sample_rate = await asyncio.to_thread(
+                soundfile.read, path, dtype="float32", always_2d=True
+            )
+        except soundfile.SoundFileError as error:
+            log.warning("job=%d event=result-damaged path=%s error=%s", job.id, path, error)
+            raise DamagedResult(job.id) from error
         return np.ascontiguousarray(audio.T), sample_rate
 
     # Server settings

@@ -8,9 +8,10 @@ import pytest
 from mutagen.id3 import ID3
 from mutagen.mp3 import MP3
 
+from bot.cli import main as entry_point
 from generation.cli import main
 
-from .helpers import encode_tone
+from .helpers import encode_titled_tone, encode_tone, ima_adpcm_wav, wav_without_decoder
 
 # The examples of "AudioCraft MusicGen Options", with their model replaced by a debug model
 # (those that name none get --model debug) and a default duration where they have none.
@@ -124,3 +125,32 @@ def test_invalid_values_exit_with_one_line_naming_the_flag(workdir, capsys, args
     assert flag in err
     assert "Traceback" not in err
     assert not list(workdir.glob("*.mp3"))
+
+
+@pytest.mark.parametrize(
+    ("flag", "data", "expected"),
+    [
+        ("--melody", wav_without_decoder(), "audio codec is not one we can decode"),
+        ("--continuation", ima_adpcm_wav(sample_rate=8), "sample rate is 8 Hz"),
+        ("--continuation", b"RIFF" + bytes(100), "not audio we can read"),
+    ],
+    ids=["no-decoder", "tiny-rate", "garbage"],
+)
+def test_an_upload_that_cannot_be_decoded_exits_with_one_line_naming_the_flag(
+    workdir, capsys, flag, data, expected
+):
+    (workdir / "upload.wav").write_bytes(data)
+    argv = ["generate", "--prompt", "x", "--model", "debug-melody", flag, "upload.wav"]
+    with pytest.raises(SystemExit) as exited:
+        entry_point(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"musicgen-bot generate: error: {flag}: ") and expected in err
+
+
+def test_an_upload_titled_in_latin_1_is_extended(workdir):
+    encode_titled_tone(workdir / "cafe.wav", "Café".encode("latin-1"), seconds=2.0)
+    argv = ["generate", "--prompt", "x", "--model", "debug", "--duration", "3"]
+    assert entry_point([*argv, "--continuation", "cafe.wav", "--output", "out.mp3"]) == 0
+    assert MP3(workdir / "out.mp3").info.length == pytest.approx(3.0, abs=0.1)

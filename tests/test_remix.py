@@ -15,7 +15,7 @@ from generation.store import JobStore
 from generation.waveform import GAP, HEIGHT, MARKER, WIDTH
 
 from .bot_helpers import buttons, fields, job_id, make_bot, mp3_of, private_reply, seconds
-from .helpers import encode_tone
+from .helpers import encode_titled_tone, encode_tone, wav_without_decoder
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
@@ -238,6 +238,24 @@ async def test_a_bad_upload_gets_a_clear_error_after_the_form(alice, channel):
     shown = await alice.context_menu(channel, "Continue this track", upload)
     refused = await alice.submit_modal(shown, {"musicgen:prompt": "x", "musicgen:length": "2"})
     assert "not audio we can read" in private_reply(refused)
+
+
+async def test_an_upload_without_a_decoder_is_named_after_the_menu(alice, channel):
+    upload = await alice.send(channel, "odd", attachments=[("odd.wav", wav_without_decoder())])
+    shown = await alice.context_menu(channel, "Use as melody", upload)
+    refused = await alice.submit_modal(shown, {"musicgen:prompt": "x", "musicgen:duration": "2"})
+    assert private_reply(refused) == (
+        "**melody**: The melody file's audio codec is not one we can decode: "
+        "upload WAV, MP3, OGG/Opus, FLAC or M4A."
+    )
+
+
+async def test_use_as_melody_on_an_upload_titled_in_latin_1(alice, channel, tmp_path):
+    tune = encode_titled_tone(tmp_path / "cafe.flac", "Café".encode("latin-1"), seconds=2.0)
+    upload = await alice.send(channel, "hum", attachments=[("cafe.flac", tune.read_bytes())])
+    shown = await alice.context_menu(channel, "Use as melody", upload)
+    done = await alice.submit_modal(shown, {"musicgen:prompt": "strings", "musicgen:duration": "1"})
+    assert fields(done.response)["Melody"] == "2.0 s clip"
 
 
 async def test_buttons_work_after_a_restart(simcord_env, alice, bob, channel, database):

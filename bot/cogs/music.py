@@ -10,8 +10,14 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from generation.audio_input import AudioLimits, check_size, decode_audio
-from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
+from generation.audio_input import AudioLimits, check_size, decode_upload
+from generation.errors import (
+    AudioInputError,
+    DamagedResult,
+    GenerationError,
+    InvalidOption,
+    JobNotFound,
+)
 from generation.models import resolve_model
 from generation.origin import Origin
 from generation.queue import Job, JobStatus, ReplyAddress
@@ -184,13 +190,10 @@ class Music(commands.Cog):
     async def read_uploads(self, uploads: dict[str, discord.Attachment]) -> dict[str, AudioClip]:
         """Read each attachment at once (their URLs expire) and decode it off the loop."""
         clips = {}
-        loop = asyncio.get_running_loop()
         for option, attachment in uploads.items():
             try:
                 data = await attachment.read()
-                clips[option] = await loop.run_in_executor(
-                    None, decode_audio, data, self.upload_limits, option
-                )
+                clips[option] = await decode_upload(data, self.upload_limits, option)
             except AudioInputError as error:
                 raise InvalidOption(option, str(error)) from error
             except discord.HTTPException as error:
@@ -296,6 +299,8 @@ class Music(commands.Cog):
             raise JobNotFound(f"Job #{job} has no track: it is {found.status.value}.")
         try:
             results = await self.service.worker.stored_results(found)
+        except DamagedResult:
+            raise
         except GenerationError as error:
             raise JobNotFound(f"The track of job #{job} is no longer kept.") from error
         await interaction.response.defer(thinking=True)
