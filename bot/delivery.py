@@ -162,7 +162,7 @@ async def result_message(
     files.append(discord.File(io.BytesIO(waveform), WAVEFORM_NAME))
     embed = presentation.result_embed(job, results, bitrate, complete=complete)
     embed.set_image(url=f"attachment://{WAVEFORM_NAME}")
-    view = result_view(job.id, job.takes, presentation.adoptable_turn(job))
+    view = result_view(job.id, job.takes, job.adoptable_turn)
     return ResultMessage(embed, files, view)
 
 

@@ -189,23 +189,12 @@ def origin_text(job: Job) -> str | None:
         return text + (f", continues #{origin.job_id}" if origin.job_id is not None else "")
     if origin.turn is None:
         return text
-    if adoptable_turn(job) is not None:
+    if job.adoptable_turn is not None:
         return (
             f"{text} (turn {origin.turn} of the jam): another take of that turn, not in the "
             f"jam unless adopted with **Adopt as turn {origin.turn}**."
         )
     return f"{text} (turn {origin.turn} of the jam): not a turn of the jam."
-
-
-def adoptable_turn(job: Job) -> int | None:
-    """The jam turn that ``job`` is another take of (a re-roll or an edit of that turn), if
-    any: the jam can adopt it in the turn's place."""
-    origin = job.origin
-    if origin is None or origin.turn is None or job.takes != 1:
-        return None
-    if origin.kind in (OriginKind.REROLL, OriginKind.EDIT):
-        return origin.turn
-    return None
 
 
 def plural(count: int, noun: str) -> str:

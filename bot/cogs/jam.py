@@ -227,7 +227,7 @@ class Jams(commands.Cog):
             job = await self.store.get(job_id)
             if job is None or job.guild_id != interaction.guild_id:
                 raise JobNotFound(f"There is no job #{job_id} in this server.")
-            if presentation.adoptable_turn(job) != turn or job.origin is None:
+            if job.adoptable_turn != turn or job.origin is None:
                 raise GenerationError(f"Job #{job_id} is not another take of a jam's turn.")
             if job.status is not JobStatus.DONE:
                 raise GenerationError(f"Job #{job_id} has no track: it is {job.status.value}.")

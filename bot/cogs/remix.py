@@ -29,7 +29,6 @@ from generation.request import TEMPERATURE_RANGE, AudioClip, GenerationRequest
 
 from ..errors import UNEXPECTED, reply_privately, user_message
 from ..modals import Drafts, Field, Form, Submit, prompt_field, read_form
-from ..presentation import adoptable_turn
 from ..views import BUTTONS
 
 if TYPE_CHECKING:
@@ -298,11 +297,8 @@ class Remix(commands.Cog):
     async def _origin(self, kind: OriginKind, source: Job, take: int = 0) -> Origin:
         """``kind`` of ``source``; with the jam turn that ``source`` is, or is another take
         of, so a re-roll or an edit of a turn can take its place (see ``Jams.adopt``)."""
-        turn = await self.store.turn_of_job(source.id)
-        was = source.origin
-        was_turn = was is not None and (was.kind is OriginKind.JAM_TURN or adoptable_turn(source))
-        if turn is None and was is not None and was_turn and was.turn is not None:
-            turn = was.jam or 0, was.turn  # a turn that was replaced, or another take of one
+        # A turn now, else a turn since replaced by another take, or another take of one.
+        turn = await self.store.turn_of_job(source.id) or source.jam_turn
         jam, number = turn if turn is not None else (None, None)
         return Origin(kind, source.id, take, jam=jam, turn=number)
 
