@@ -13,6 +13,7 @@ from generation.scheduling import BatchPolicy
 from generation.service import JobService
 from generation.store import JobStore
 
+from .access import Access
 from .config import Config
 from .delivery import JobReporter
 from .errors import on_app_command_error
@@ -26,6 +27,7 @@ class MusicGenBot(commands.Bot):
     """Slash commands only: it needs no privileged intents."""
 
     service: JobService
+    access: Access
 
     def __init__(self, config: Config) -> None:
         super().__init__(
@@ -58,6 +60,7 @@ class MusicGenBot(commands.Bot):
                 generation.max_batch, queue.max_model_wait, generation.batch_window
             ),
         )
+        self.access = Access(store, self.config)
         self.tree.on_error = on_app_command_error
         for extension in EXTENSIONS:
             await self.load_extension(extension)

@@ -83,11 +83,19 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class JamsConfig:
+    #: Relay jams one member may have open (their thread neither archived nor deleted) in a
+    #: server; each is a public thread.
+    max_open_per_user: int = 3
+
+
+@dataclass(frozen=True)
 class Config:
     discord: DiscordConfig = DiscordConfig()
     generation: GenerationConfig = GenerationConfig()
     storage: StorageConfig = StorageConfig()
     queue: QueueConfig = QueueConfig()
+    jams: JamsConfig = JamsConfig()
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -210,5 +218,7 @@ def _check_values(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: queue.max_jobs_per_user_per_hour must be 0 or more.")
     if queue.job_timeout <= 0 or queue.shutdown_grace < 0:
         raise ConfigError(f"{source}: queue.job_timeout must be above 0, shutdown_grace 0 or more.")
+    if config.jams.max_open_per_user < 1:
+        raise ConfigError(f"{source}: jams.max_open_per_user must be at least 1.")
     if queue.progress_interval < 1:
         raise ConfigError(f"{source}: queue.progress_interval must be at least 1 second.")

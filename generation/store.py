@@ -319,14 +319,17 @@ class JobStore:
             with_audio=False,
         )
 
-    async def submitted_since(self, guild_id: int, user_id: int, since: float) -> list[float]:
-        """When a member submitted each job in a server since ``since`` (oldest first)."""
+    async def submitted_since(
+        self, guild_id: int, user_id: int, since: float
+    ) -> list[tuple[float, int]]:
+        """When a member submitted each job in a server since ``since``, and its takes
+        (oldest first)."""
         rows = await self._db.execute_fetchall(
-            """SELECT submitted_at FROM jobs WHERE guild_id = ? AND user_id = ?
+            """SELECT submitted_at, takes FROM jobs WHERE guild_id = ? AND user_id = ?
                AND submitted_at >= ? ORDER BY submitted_at""",
             (guild_id, user_id, since),
         )
-        return [row[0] for row in rows]
+        return [(row[0], row[1]) for row in rows]
 
     async def stats(self, guild_id: int) -> Stats:
         rows = await self._db.execute_fetchall(
@@ -434,6 +437,13 @@ class JobStore:
             (thread_id,),
         )
         return Jam(*rows[0]) if rows else None
+
+    async def jams_started_by(self, guild_id: int, user_id: int) -> list[int]:
+        """The threads of the jams a member started in a server."""
+        rows = await self._db.execute_fetchall(
+            "SELECT thread_id FROM jams WHERE guild_id = ? AND user_id = ?", (guild_id, user_id)
+        )
+        return [row[0] for row in rows]
 
     async def jam_of_job(self, job_id: int) -> Jam | None:
         """The jam that ``job_id`` is a turn of, if any."""

@@ -119,7 +119,7 @@ async def test_continue_refuses_a_bad_length(alice, channel):
     original = await track(alice, channel)
     shown = await alice.click(original, custom_id=f"musicgen:continue:{job_id(original)}")
     refused = await alice.submit_modal(shown, {"musicgen:prompt": "x", "musicgen:length": "long"})
-    assert private_reply(refused) == "**length**: Enter a number between 1 and 59."
+    assert private_reply(refused) == "**length**: Enter a number between 1 and 60."
 
 
 async def test_edit_runs_again_with_the_new_prompt_duration_and_temperature(alice, channel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from functools import partial
@@ -29,6 +30,7 @@ from generation.request import TEMPERATURE_RANGE, AudioClip, GenerationRequest
 
 from ..errors import UNEXPECTED, reply_privately, user_message
 from ..modals import Drafts, Field, Form, Submit, prompt_field, read_form
+from ..presentation import short
 from ..views import BUTTONS
 
 if TYPE_CHECKING:
@@ -108,7 +110,9 @@ class Remix(commands.Cog):
             source = await self._finished_job(interaction, job_id)
             if not 0 <= take < source.takes:
                 raise JobNotFound(f"Job #{job_id} has no take {take + 1}.")
-            fields = [prompt_field(source.request.prompt), self._length_field()]
+            rules = await self.bot.access.check(interaction)
+            intro = min(MAX_INTRO_SECONDS, source.request.duration)
+            fields = [prompt_field(source.request.prompt), _length_field(intro, rules.max_duration)]
             submit = partial(self._continue_job, job_id=source.id, take=take)
             form = self._form(
                 interaction,
@@ -124,14 +128,16 @@ class Remix(commands.Cog):
     ) -> bool:
         """A continuation whose intro is the end of the take's stored result."""
         async with answering(interaction):
-            added = self._length(values)
             source = await self._finished_job(interaction, job_id)
+            longest = (await self.bot.access.rules(source.guild_id)).max_duration
+            added = read_form(values, {"length": (1.0, longest)})["length"]
+            check_fits(added, min(MAX_INTRO_SECONDS, source.request.duration), longest)
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
                 stored = await self.store.load_result(source, take)
                 if stored is None:
                     raise JobNotFound(f"The track of job #{job_id} is no longer kept.")
-                return continue_request(request, intro_clip(*stored), added)
+                return carry_on(request, intro_clip(*stored), added, longest)
 
             request = replace(
                 source.request,
@@ -154,6 +160,7 @@ class Remix(commands.Cog):
     async def ask_edit(self, interaction: discord.Interaction, job_id: int) -> None:
         async with answering(interaction):
             source = await self._finished_job(interaction, job_id)
+            await self.bot.access.check(interaction)
             request = source.request
             fields = [
                 prompt_field(request.prompt),
@@ -193,8 +200,9 @@ class Remix(commands.Cog):
     async def continue_track(
         self, interaction: discord.Interaction, message: discord.Message
     ) -> None:
+        rules = await self.bot.access.check(interaction)
         attachment = self._audio_attachment(message, "continuation")
-        fields = [prompt_field(), self._length_field()]
+        fields = [prompt_field(), _length_field(MAX_INTRO_SECONDS, rules.max_duration)]
         submit = partial(self._continue_upload, attachment=attachment)
         form = self._form(
             interaction, "Continue this track", fields, submit, ("continue", message.id)
@@ -209,18 +217,20 @@ class Remix(commands.Cog):
         attachment: discord.Attachment,
     ) -> bool:
         async with answering(interaction):
-            added = self._length(values)
+            longest = (await self.bot.access.rules(interaction.guild_id or 0)).max_duration
+            added = read_form(values, {"length": (1.0, longest)})["length"]
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
                 clip = await self._read(interaction, attachment, "continuation")
-                return continue_request(request, intro_clip(clip.samples, clip.sample_rate), added)
+                intro = intro_clip(clip.samples, clip.sample_rate)
+                return carry_on(request, intro, added, longest)
 
             request = GenerationRequest(prompt=values["prompt"], model="", duration=added)
             job = await self.music.queue_request(
                 interaction,
                 request,
                 prepare=with_intro,
-                note=f"Continuing {attachment.filename}.",
+                note=f"Continuing {short(attachment.filename, 100)}.",
                 origin=Origin(OriginKind.UPLOAD_CONTINUATION, filename=attachment.filename),
             )
             return job is not None
@@ -229,8 +239,9 @@ class Remix(commands.Cog):
     async def use_as_melody(
         self, interaction: discord.Interaction, message: discord.Message
     ) -> None:
+        rules = await self.bot.access.check(interaction)
         attachment = self._audio_attachment(message, "melody")
-        default = f"{min(DEFAULT_ADDED_SECONDS, self.music.max_duration):g}"
+        default = f"{min(DEFAULT_ADDED_SECONDS, rules.max_duration):g}"
         fields = [prompt_field(), Field("duration", "Duration in seconds", default)]
         submit = partial(self._melody_upload, attachment=attachment)
         form = self._form(interaction, "Use as melody", fields, submit, ("melody", message.id))
@@ -251,7 +262,7 @@ class Remix(commands.Cog):
                 return replace(request, melody=await self._read(interaction, attachment, "melody"))
 
             request = GenerationRequest(prompt=values["prompt"], model=model, duration=duration)
-            note = f"{note} Following the melody of {attachment.filename}.".strip()
+            note = f"{note} Following the melody of {short(attachment.filename, 100)}.".strip()
             job = await self.music.queue_request(
                 interaction,
                 request,
@@ -265,14 +276,11 @@ class Remix(commands.Cog):
     async def _melody_model(self, guild_id: int) -> tuple[str, str]:
         """The server's default model if it takes a melody, else the first allowed one that
         does; and a note saying so when it is not the default."""
-        settings = await self.store.guild_settings(guild_id)
-        allowed = settings.allowed_models or self.music.models
-        default = settings.default_model or self.music.models[0]
-        if default not in allowed:
-            default = allowed[0]
+        rules = await self.bot.access.rules(guild_id)
+        default = rules.model("")
         if resolve_model(default).melody:
             return default, ""
-        for name in allowed:
+        for name in rules.models:
             if resolve_model(name).melody:
                 return name, f"{default} cannot follow a melody, so this uses {name}."
         raise InvalidOption(
@@ -330,12 +338,40 @@ class Remix(commands.Cog):
         clips = await self.music.read_uploads({label: attachment})
         return clips[label]
 
-    def _length_field(self) -> Field:
-        default = min(DEFAULT_ADDED_SECONDS, self.music.max_duration - MAX_INTRO_SECONDS)
-        return Field("length", "Seconds of new music to add", f"{max(default, 1.0):g}")
 
-    def _length(self, values: dict[str, str]) -> float:
-        return read_form(values, {"length": (1.0, self.music.max_duration - 1.0)})["length"]
+def _length_field(intro_seconds: float, longest: float) -> Field:
+    """The form's length, with the most that fits after an intro of ``intro_seconds``."""
+    most = max(1.0, longest - intro_seconds)
+    default = min(DEFAULT_ADDED_SECONDS, most)
+    return Field("length", f"Seconds of new music to add (1-{most:g})", f"{default:g}")
+
+
+def check_fits(added: float, intro_seconds: float, longest: float) -> None:
+    """Refuse ``added`` seconds after an intro of ``intro_seconds`` when the track would be
+    longer than ``longest``, naming what the member typed.
+
+    Raises:
+        InvalidOption: for the ``length`` option.
+    """
+    if intro_seconds + added <= longest:
+        return
+    if not intro_seconds:
+        raise InvalidOption("length", f"{added:g} s is longer than the {longest:g} s allowed here.")
+    most = math.floor((longest - intro_seconds) * 10) / 10
+    fix = f"add at most {most:g} s" if most >= 1 else "there is no room to add more"
+    raise InvalidOption(
+        "length",
+        f"{added:g} s after the {intro_seconds:.1f} s intro makes "
+        f"{intro_seconds + added:.1f} s, and tracks here are at most {longest:g} s: {fix}.",
+    )
+
+
+def carry_on(
+    request: GenerationRequest, intro: AudioClip, added: float, longest: float
+) -> GenerationRequest:
+    """``request`` continuing ``intro`` by ``added`` seconds, if that fits in ``longest``."""
+    check_fits(added, intro.seconds, longest)
+    return continue_request(request, intro, added)
 
 
 @contextlib.asynccontextmanager
