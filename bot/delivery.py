@@ -19,6 +19,7 @@ import discord
 from generation.audio_output import encode_mp3_within, mp3_filename, request_tags
 from generation.engine import GenerationResult
 from generation.errors import GenerationError, OutputTooLarge
+from generation.origin import Origin
 from generation.queue import Job, ReplyAddress
 from generation.waveform import render_waveforms
 
@@ -146,35 +147,45 @@ class ResultMessage:
 
 
 async def result_message(
-    job: Job, results: list[GenerationResult], max_bytes: int
+    job: Job, results: list[GenerationResult], max_bytes: int, *, complete: bool = False
 ) -> ResultMessage:
-    """Render the waveforms and encode the MP3s so that they fit ``max_bytes`` together."""
-    waveform = await asyncio.to_thread(render_waveforms, [result.audio for result in results])
-    files, bitrate = await encode_for_upload(results, max_bytes - len(waveform))
+    """Render the waveforms and encode the MP3s so that they fit ``max_bytes`` together;
+    ``complete`` shows every option in the embed (see :func:`presentation.result_embed`)."""
+    intro = job.request.continuation
+    waveform = await asyncio.to_thread(
+        render_waveforms,
+        [result.audio for result in results],
+        results[0].sample_rate,
+        intro_seconds=intro.seconds if intro is not None else 0.0,
+    )
+    files, bitrate = await encode_for_upload(job, results, max_bytes - len(waveform))
     files.append(discord.File(io.BytesIO(waveform), WAVEFORM_NAME))
-    embed = presentation.result_embed(job, results, bitrate)
+    embed = presentation.result_embed(job, results, bitrate, complete=complete)
     embed.set_image(url=f"attachment://{WAVEFORM_NAME}")
-    return ResultMessage(embed, files, result_view(job.id, job.takes))
+    view = result_view(job.id, job.takes, job.adoptable_turn)
+    return ResultMessage(embed, files, view)
 
 
 async def encode_for_upload(
-    results: list[GenerationResult], max_bytes: int
+    job: Job, results: list[GenerationResult], max_bytes: int
 ) -> tuple[list[discord.File], int]:
     """An MP3 file per result, together within ``max_bytes``, and the (lowest) bitrate used."""
     loop = asyncio.get_running_loop()
     files, bitrates = [], []
     for result in results:
-        encode = partial(
-            encode_mp3_within,
-            result.audio,
-            result.sample_rate,
-            max_bytes // len(results),
-            tags=request_tags(result.request),
-        )
+        encode = partial(_encode_mp3, result, max_bytes // len(results), job.origin)
         data, bitrate = await loop.run_in_executor(None, encode)
         files.append(discord.File(io.BytesIO(data), mp3_filename(result.request)))
         bitrates.append(bitrate)
     return files, min(bitrates)
+
+
+def _encode_mp3(
+    result: GenerationResult, max_bytes: int, origin: Origin | None
+) -> tuple[bytes, int]:
+    """Blocking (the tags hash the audio inputs): run it off the event loop."""
+    tags = request_tags(result.request, origin)
+    return encode_mp3_within(result.audio, result.sample_rate, max_bytes, tags=tags)
 
 
 def _jump_url(job: Job, message_id: int) -> str:
