@@ -25,6 +25,7 @@ from generation.audio_output import encode_mp3_within, mp3_filename, request_tag
 from generation.engine import GenerationResult
 from generation.errors import GenerationError, OutputTooLarge
 from generation.estimates import Estimate
+from generation.origin import Origin
 from generation.queue import Job
 from generation.waveform import render_waveforms
 
@@ -40,7 +41,8 @@ WAVEFORM_NAME = "waveform.png"
 class JobReporter:
     """The worker's :class:`generation.worker.JobListener`, speaking Discord.
 
-    Cogs hear of each job's end through the ``on_job_ended(job)`` event.
+    Cogs hear of each job's end through the ``on_job_ended(job)`` event, once its outcome
+    is posted (``job.result_url`` links to it).
 
     Args:
         client: The bot.
@@ -78,27 +80,32 @@ class JobReporter:
         self.status.update(job, presentation.running_text(job))
 
     async def job_finished(self, job: Job, results: list[GenerationResult]) -> str | None:
-        self.client.dispatch("job_ended", job)
         content = f"<@{job.user_id}>, your track{'s are' if len(results) > 1 else ' is'} ready."
         try:
             url = await self._announce(job, content, partial(result_message, job, results))
         except OutputTooLarge as error:
             url = await self._announce(job, f"<@{job.user_id}>, job #{job.id} is done, but {error}")
+        self._ended(job, url)
         await self._end(job, presentation.outcome_text(job, "is ready", url))
         return url
 
     async def job_failed(self, job: Job, error: GenerationError) -> str | None:
-        self.client.dispatch("job_ended", job)
         url = await self._announce(job, f"<@{job.user_id}>, job #{job.id} failed: {error}")
+        self._ended(job, url)
         await self._end(job, presentation.outcome_text(job, "failed", url))
         return url
 
     async def job_cancelled(self, job: Job) -> str | None:
-        self.client.dispatch("job_ended", job)
         url = await self._end(job, f"Job #{job.id} was cancelled.")
         if url is None:  # its status message cannot be edited any more
             url = await self._announce(job, f"<@{job.user_id}>, job #{job.id} was cancelled.")
+        self._ended(job, url)
         return url
+
+    def _ended(self, job: Job, url: str | None) -> None:
+        """Tell the cogs (``on_job_ended``) that ``job`` ended and where that is told."""
+        job.result_url = url
+        self.client.dispatch("job_ended", job)
 
     async def _announce(self, job: Job, content: str, attach: Attach | None = None) -> str:
         """Post a new message that mentions the requester (and no one else), with what
@@ -167,35 +174,45 @@ async def _attachments(attach: Attach | None, max_bytes: int) -> dict[str, Any]:
 
 
 async def result_message(
-    job: Job, results: list[GenerationResult], max_bytes: int
+    job: Job, results: list[GenerationResult], max_bytes: int, *, complete: bool = False
 ) -> ResultMessage:
-    """Render the waveforms and encode the MP3s so that they fit ``max_bytes`` together."""
-    waveform = await asyncio.to_thread(render_waveforms, [result.audio for result in results])
-    files, bitrate = await encode_for_upload(results, max_bytes - len(waveform))
+    """Render the waveforms and encode the MP3s so that they fit ``max_bytes`` together;
+    ``complete`` shows every option in the embed (see :func:`presentation.result_embed`)."""
+    intro = job.request.continuation
+    waveform = await asyncio.to_thread(
+        render_waveforms,
+        [result.audio for result in results],
+        results[0].sample_rate,
+        intro_seconds=intro.seconds if intro is not None else 0.0,
+    )
+    files, bitrate = await encode_for_upload(job, results, max_bytes - len(waveform))
     files.append(discord.File(io.BytesIO(waveform), WAVEFORM_NAME))
-    embed = presentation.result_embed(job, results, bitrate)
+    embed = presentation.result_embed(job, results, bitrate, complete=complete)
     embed.set_image(url=f"attachment://{WAVEFORM_NAME}")
-    return ResultMessage(embed, files, result_view(job.id, job.takes))
+    view = result_view(job.id, job.takes, job.adoptable_turn)
+    return ResultMessage(embed, files, view)
 
 
 async def encode_for_upload(
-    results: list[GenerationResult], max_bytes: int
+    job: Job, results: list[GenerationResult], max_bytes: int
 ) -> tuple[list[discord.File], int]:
     """An MP3 file per result, together within ``max_bytes``, and the (lowest) bitrate used."""
     loop = asyncio.get_running_loop()
     files, bitrates = [], []
     for result in results:
-        encode = partial(
-            encode_mp3_within,
-            result.audio,
-            result.sample_rate,
-            max_bytes // len(results),
-            tags=request_tags(result.request),
-        )
+        encode = partial(_encode_mp3, result, max_bytes // len(results), job.origin)
         data, bitrate = await loop.run_in_executor(None, encode)
         files.append(discord.File(io.BytesIO(data), mp3_filename(result.request)))
         bitrates.append(bitrate)
     return files, min(bitrates)
+
+
+def _encode_mp3(
+    result: GenerationResult, max_bytes: int, origin: Origin | None
+) -> tuple[bytes, int]:
+    """Blocking (the tags hash the audio inputs): run it off the event loop."""
+    tags = request_tags(result.request, origin)
+    return encode_mp3_within(result.audio, result.sample_rate, max_bytes, tags=tags)
 
 
 def _mention(job: Job) -> discord.AllowedMentions:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import discord
 from discord import app_commands
 
-from generation.errors import GenerationError, InvalidOption
+from generation.errors import GenerationError, InvalidOption, InvalidOptions
 
 from .limits import fit_content
 from .presentation import option_name
@@ -23,6 +23,8 @@ def user_message(error: Exception) -> str:
     """What to tell the member; never a traceback, never internal details."""
     if isinstance(error, InvalidOption):
         return f"**{option_name(error.option)}**: {error.message}"
+    if isinstance(error, InvalidOptions):
+        return "\n".join(user_message(each) for each in error.errors)
     if isinstance(error, GenerationError):
         return str(error)
     if isinstance(error, app_commands.MissingPermissions):

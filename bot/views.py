@@ -1,5 +1,5 @@
-"""The buttons under every result (Re-roll, Continue, Edit, Variations) and under a live
-job's status message (Cancel).
+"""The buttons under every result (Re-roll, Continue, Edit, Variations, and Adopt) and under
+a live job's status message (Cancel).
 
 Each button's ``custom_id`` carries the job id, and everything else is read from the store,
 so buttons keep working after a restart (the bot registers them with
@@ -110,7 +110,35 @@ class ContinueButton(
         await remix.ask_continue(interaction, self.job_id, self.take or 0)
 
 
-BUTTONS = (ReRollButton, EditButton, VariationsButton, ContinueButton)
+class AdoptButton(
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=r"musicgen:adopt:(?P<job>[0-9]+):(?P<turn>[0-9]+)",
+):
+    """Make a re-roll (or an edit) of a relay jam's turn that turn, in the jam's timeline."""
+
+    def __init__(self, job_id: int, turn: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=f"Adopt as turn {turn}",
+                emoji="📌",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"musicgen:adopt:{job_id}:{turn}",
+            )
+        )
+        self.job_id, self.turn = job_id, turn
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /
+    ) -> AdoptButton:
+        return cls(int(match["job"]), int(match["turn"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        jams = interaction.client.get_cog("Jams")  # type: ignore[attr-defined]
+        await jams.adopt(interaction, self.job_id, self.turn)
+
+
+BUTTONS = (ReRollButton, EditButton, VariationsButton, ContinueButton, AdoptButton)
 
 
 class CancelButton(JobButton, action="cancel"):
@@ -131,8 +159,9 @@ def status_view(job_id: int) -> discord.ui.View:
     return view
 
 
-def result_view(job_id: int, takes: int = 1) -> discord.ui.View:
-    """The buttons for a result of job ``job_id``: one Continue per take."""
+def result_view(job_id: int, takes: int = 1, adopt_turn: int | None = None) -> discord.ui.View:
+    """The buttons for a result of job ``job_id``: one Continue per take, and Adopt when the
+    job is another take of a jam's turn ``adopt_turn``."""
     view = discord.ui.View(timeout=None)
     view.add_item(ReRollButton(job_id))
     if takes == 1:
@@ -142,4 +171,6 @@ def result_view(job_id: int, takes: int = 1) -> discord.ui.View:
     if takes > 1:
         for take in range(takes):
             view.add_item(ContinueButton(job_id, take))
+    if adopt_turn is not None:
+        view.add_item(AdoptButton(job_id, adopt_turn))
     return view

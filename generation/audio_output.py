@@ -1,4 +1,5 @@
-"""Writing results: loudness-normalised MP3 with the request in its ID3 tags."""
+"""Writing results: loudness-normalised (true-peak limited) MP3, or WAV, FLAC, OGG, with
+the request in its tags."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ from functools import cache
 
 import numpy as np
 import pyloudnorm
+from mutagen.id3 import TIT2, TPE1, TXXX, Encoding
+from mutagen.wave import WAVE
+from scipy.ndimage import minimum_filter1d, uniform_filter1d
+from scipy.signal import resample_poly
 
 from .errors import OutputTooLarge
-from .request import GenerationRequest
+from .origin import Origin
+from .request import AudioClip, GenerationRequest
+from .stored_audio import content_hash
 
 with warnings.catch_warnings():
     # pydub warns at import when no ffmpeg is on PATH; _configure_ffmpeg supplies one.
@@ -21,8 +28,15 @@ with warnings.catch_warnings():
 
 #: Loudness of every result, in LUFS (the level streaming services normalise to).
 TARGET_LOUDNESS = -14.0
-#: Highest sample peak after normalisation, in dBFS, to leave the MP3 encoder headroom.
-PEAK_CEILING = -1.0
+#: Highest true peak after normalisation, in dBTP, to leave the MP3 encoder headroom.
+TRUE_PEAK_CEILING = -1.0
+#: How a true peak is found: the signal oversampled this many times.
+OVERSAMPLING = 4
+#: The limiter's ramps (look-ahead before a peak, release after it) and hold, in seconds.
+LIMITER_RAMP = 0.02
+LIMITER_HOLD = 0.05
+#: Gain-then-limit passes to reach the target loudness.
+LOUDNESS_PASSES = 4
 #: MPEG-1 Layer III bitrates, highest first, in kbit/s.
 MP3_BITRATES = (320, 256, 224, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 32)
 DEFAULT_BITRATE = 192
@@ -45,9 +59,20 @@ def mp3_filename(request: GenerationRequest) -> str:
     return f"{slug}-{request.seed}.mp3"
 
 
-def request_tags(request: GenerationRequest) -> dict[str, str]:
-    """ID3 tags that make a result reproducible: the prompt as title, every option as TXXX."""
+def request_tags(request: GenerationRequest, origin: Origin | None = None) -> dict[str, str]:
+    """ID3 tags that make a result reproducible: the prompt as title, every option as TXXX,
+    and for a melody or an intro its content hash and, from ``origin``, its source (the job
+    and take whose end was continued, or the uploaded file's name).
+
+    Blocking for long audio inputs (hashing them): run it off the event loop.
+    """
     parameters = request.parameters()
+    for option in ("melody", "continuation"):
+        clip: AudioClip | None = getattr(request, option)
+        if clip is not None:
+            parameters[f"{option}_sha256"] = content_hash(clip)
+    if origin is not None:
+        parameters.update(origin.tags())
     tags = {
         "title": request.prompt,
         "artist": "musicgen-bot",
@@ -58,9 +83,15 @@ def request_tags(request: GenerationRequest) -> dict[str, str]:
 
 
 def normalise_loudness(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Scale ``audio`` ([channels, samples]) to :data:`TARGET_LOUDNESS`, peaks capped.
+    """Bring ``audio`` ([channels, samples]) to :data:`TARGET_LOUDNESS` (integrated, as
+    ITU-R BS.1770 measures it), its true peaks limited to :data:`TRUE_PEAK_CEILING`.
 
+    A gain sets the loudness, then :func:`limit_true_peaks` turns down only the few
+    milliseconds around peaks that would pass the ceiling, so one loud transient does not
+    make the whole track quieter; as limiting lowers the loudness a little, the two steps
+    repeat (up to :data:`LOUDNESS_PASSES` times) until the loudness is within 0.1 LU.
     Silence, and clips too short to measure (under 0.4 s), are returned unchanged.
+    Blocking (a few hundred milliseconds a minute of audio): run it off the event loop.
     """
     meter = pyloudnorm.Meter(sample_rate)
     if audio.shape[-1] < int(meter.block_size * sample_rate):
@@ -68,12 +99,49 @@ def normalise_loudness(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     loudness = meter.integrated_loudness(audio.T.astype(np.float64))
     if not np.isfinite(loudness):
         return audio
-    gain = 10 ** ((TARGET_LOUDNESS - loudness) / 20)
-    peak = float(np.abs(audio).max()) * gain
-    ceiling = 10 ** (PEAK_CEILING / 20)
-    if peak > ceiling:
-        gain *= ceiling / peak
-    return (audio * gain).astype(np.float32)
+    out = audio.astype(np.float64)
+    for _ in range(LOUDNESS_PASSES):
+        gain = 10 ** ((TARGET_LOUDNESS - loudness) / 20)
+        out = limit_true_peaks(out * gain, sample_rate)
+        loudness = meter.integrated_loudness(out.T)
+        if abs(loudness - TARGET_LOUDNESS) < 0.1:
+            break
+    return out.astype(np.float32)
+
+
+def true_peaks(audio: np.ndarray) -> np.ndarray:
+    """Each sample's true peak: the highest magnitude, over the channels, of the signal
+    :data:`OVERSAMPLING` times oversampled between it and its neighbours (as BS.1770)."""
+    upsampled = np.abs(resample_poly(audio, OVERSAMPLING, 1, axis=-1)).max(axis=0)
+    per_sample = upsampled[: audio.shape[-1] * OVERSAMPLING].reshape(-1, OVERSAMPLING).max(axis=1)
+    # The signal between samples n - 1 and n counts for both.
+    return np.maximum(per_sample, np.concatenate([per_sample[:1], per_sample[:-1]]))
+
+
+def limit_true_peaks(
+    audio: np.ndarray, sample_rate: int, ceiling_db: float = TRUE_PEAK_CEILING
+) -> np.ndarray:
+    """Turn ``audio`` down where its true peaks pass ``ceiling_db`` dBTP, and only there.
+
+    A look-ahead limiter: the gain a sample needs is held for :data:`LIMITER_HOLD` s
+    after it and reached over :data:`LIMITER_RAMP` s before it and after the hold (a
+    minimum filter, then a moving average, so the smoothed gain never exceeds what any
+    sample needs).
+    """
+    ceiling = 10 ** (ceiling_db / 20)
+    needed = np.minimum(1.0, ceiling / np.maximum(true_peaks(audio), 1e-12))
+    if needed.min() >= 1.0:
+        return audio
+    ramp = max(1, int(LIMITER_RAMP * sample_rate))
+    hold = int(LIMITER_HOLD * sample_rate)
+    # Each sample's gain is the least needed from ``hold`` samples before it to ``ramp``
+    # after it; averaging the last ``ramp`` of those keeps every sample's own need.
+    window = hold + ramp
+    held = minimum_filter1d(needed, window, origin=hold - window // 2, mode="nearest")
+    gain = uniform_filter1d(held, ramp, origin=ramp // 2 - ramp + 1, mode="nearest")
+    limited = audio * gain
+    overshoot = true_peaks(limited).max() / ceiling  # between samples, after the gain
+    return limited / overshoot if overshoot > 1.0 else limited
 
 
 def encode_mp3(
@@ -88,14 +156,18 @@ def encode_mp3(
     ``tags`` become ID3v2 frames: ``title``, ``artist``, ``comment`` and the other standard
     names map to their frames, any other key to a ``TXXX`` frame of that name.
     """
+    out = io.BytesIO()
+    _segment(audio, sample_rate).export(out, format="mp3", bitrate=f"{bitrate}k", tags=tags or {})
+    return out.getvalue()
+
+
+def _segment(audio: np.ndarray, sample_rate: int) -> AudioSegment:
+    """Float ``audio`` ([channels, samples]) as 16-bit PCM, ready for ffmpeg."""
     _configure_ffmpeg()
     pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
-    segment = AudioSegment(
+    return AudioSegment(
         pcm.T.tobytes(), frame_rate=sample_rate, sample_width=2, channels=audio.shape[0]
     )
-    out = io.BytesIO()
-    segment.export(out, format="mp3", bitrate=f"{bitrate}k", tags=tags or {})
-    return out.getvalue()
 
 
 def estimated_mp3_bytes(seconds: float, bitrate: int) -> int:
@@ -139,3 +211,48 @@ def encode_mp3_within(
         f"{seconds:.0f} s of audio does not fit in {max_bytes / 2**20:.2f} MiB even at "
         f"{MP3_BITRATES[-1]} kbit/s: ask for a shorter duration."
     )
+
+
+#: ffmpeg's codec and settings for each format but MP3 (16-bit PCM for WAV and FLAC, and
+#: Vorbis at quality 6, about 190 kbit/s, in OGG).
+_FFMPEG_FORMATS = {
+    "wav": {"codec": None, "parameters": None},
+    "flac": {"codec": "flac", "parameters": None},
+    "ogg": {"codec": "libvorbis", "parameters": ["-q:a", "6"]},
+}
+#: ID3 frames for the tags with a standard frame; every other tag is a TXXX frame, as ffmpeg
+#: writes them in an MP3.
+_ID3_FRAMES = {"title": TIT2, "artist": TPE1}
+
+
+def encode_audio(
+    audio: np.ndarray, sample_rate: int, audio_format: str, *, tags: dict[str, str] | None = None
+) -> bytes:
+    """Encode float ``audio`` ([channels, samples]) as "mp3", "wav", "flac" or "ogg".
+
+    ``tags`` go where each format keeps them: ID3 in MP3 and WAV (an ``id3`` chunk), Vorbis
+    comments in FLAC and OGG, under the same names.
+    """
+    if audio_format == "mp3":
+        return encode_mp3(audio, sample_rate, tags=tags)
+    settings = _FFMPEG_FORMATS[audio_format]
+    out = io.BytesIO()
+    # ffmpeg writes Vorbis comments for any tag, but only a few fixed ones in a WAV.
+    ffmpeg_tags = None if audio_format == "wav" else tags
+    _segment(audio, sample_rate).export(out, format=audio_format, tags=ffmpeg_tags, **settings)
+    if audio_format == "wav" and tags:
+        _add_id3_chunk(out, tags)
+    return out.getvalue()
+
+
+def _add_id3_chunk(wav: io.BytesIO, tags: dict[str, str]) -> None:
+    """Tag a WAV file in place with the ID3 frames an MP3 of the same result has."""
+    wave = WAVE(wav)
+    wave.add_tags()
+    for key, value in tags.items():
+        if key in _ID3_FRAMES:
+            wave.tags.add(_ID3_FRAMES[key](encoding=Encoding.UTF8, text=value))
+        else:
+            wave.tags.add(TXXX(encoding=Encoding.UTF8, desc=key, text=value))
+    wav.seek(0)
+    wave.save(wav)

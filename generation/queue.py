@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from .errors import JobNotFound, QueueFull
+from .origin import Origin, OriginKind
 from .request import MAX_SEED, GenerationRequest
 
 #: The most takes (variations of one request, each with its own seed) a job may ask for.
@@ -53,6 +54,8 @@ class Job:
     user_id: int
     #: Variations of the request generated together; take ``k`` uses seed ``seed + k``.
     takes: int = 1
+    #: What the job was made from (a re-roll of another job...), if anything.
+    origin: Origin | None = None
     status: JobStatus = JobStatus.QUEUED
     reply: ReplyAddress | None = None
     #: Times the job has been started (a crash or a shutdown can make it run again).
@@ -67,6 +70,9 @@ class Job:
     #: Whether the requester has been told how the job ended, and where the result is.
     delivered: bool = False
     result_url: str | None = None
+    #: When the retention policy deleted the job's result files, and the uploads it used.
+    result_expired_at: float | None = None
+    uploads_expired_at: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     #: Why ``cancel_event`` was set: "cancelled", "timeout" or "shutdown".
     stop_reason: str | None = None
@@ -84,6 +90,25 @@ class Job:
             replace(request, seed=(request.seed + take) % (MAX_SEED + 1))
             for take in range(self.takes)
         ]
+
+    @property
+    def adoptable_turn(self) -> int | None:
+        """The relay jam turn this job is another take of (a re-roll or an edit of that
+        turn), which the jam can adopt in the turn's place; None for any other job."""
+        origin = self.origin
+        if origin is None or origin.turn is None or self.takes != 1:
+            return None
+        return origin.turn if origin.kind in (OriginKind.REROLL, OriginKind.EDIT) else None
+
+    @property
+    def jam_turn(self) -> tuple[int, int] | None:
+        """The relay jam (its thread) and turn this job was made as, or as another take of."""
+        origin = self.origin
+        if origin is None or origin.jam is None or origin.turn is None:
+            return None
+        if origin.kind is OriginKind.JAM_TURN or self.adoptable_turn is not None:
+            return origin.jam, origin.turn
+        return None
 
     @property
     def fraction_done(self) -> float:

@@ -8,6 +8,7 @@ import logging
 import time
 
 from .errors import InvalidOption, QueueFull
+from .origin import Origin
 from .queue import MAX_TAKES, FairQueue, Job, JobStatus, QueueLimits, ReplyAddress
 from .request import GenerationRequest
 from .scheduling import BatchPolicy
@@ -104,8 +105,10 @@ class JobService:
         user_id: int,
         per_user_limit: int | None = None,
         takes: int = 1,
+        origin: Origin | None = None,
     ) -> Job:
-        """Record and queue a request (``takes`` variations of it, generated together).
+        """Record and queue a request (``takes`` variations of it, generated together), made
+        from ``origin`` if given.
 
         Raises:
             InvalidOption: ``takes`` is out of range.
@@ -118,7 +121,7 @@ class JobService:
         async with self._submitting:
             self.queue.check_room(guild_id, user_id, per_user_limit)
             await self._check_hourly_limit(guild_id, user_id, takes)
-            job = Job(0, request, guild_id, channel_id, user_id, takes=takes)
+            job = Job(0, request, guild_id, channel_id, user_id, takes=takes, origin=origin)
             job = await self.store.add(job)
             self.queue.hold(job)
         log.info(

@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import simcord
 
+from bot.presentation import job_choice, matching_jobs
 from generation.audio_input import AudioLimits, decode_audio
 from generation.audio_output import encode_mp3_within, normalise_loudness, request_tags
+from generation.queue import Job
 from generation.request import GenerationRequest
 
 from .bot_helpers import fields, mp3_of, outcome, private_reply
+from .bot_helpers import job_id as job_number
 from .helpers import encode_tone, ima_adpcm_wav, wav_without_decoder
 
 # Debug-model jobs take well under a second, but the first melody model build imports
@@ -24,7 +27,7 @@ def tone_bytes(tmp_path, name: str, **kwargs) -> bytes:
     return encode_tone(tmp_path / name, **kwargs).read_bytes()
 
 
-async def test_generate_replies_with_an_mp3_and_every_parameter(alice, channel):
+async def test_generate_replies_with_an_mp3_and_what_sets_it_apart(alice, channel):
     result = await alice.slash(
         channel, "music generate", prompt="lo-fi hip hop beat", duration=2.0, seed=7
     )
@@ -33,16 +36,20 @@ async def test_generate_replies_with_an_mp3_and_every_parameter(alice, channel):
     audio = await mp3_of(message)
     assert audio.shape[0] == 1
     assert audio.shape[1] / 32_000 == pytest.approx(2.0, abs=0.1)
-    values = fields(message)
-    assert values["Model"] == "debug"
-    assert values["Seed"] == "7"
-    assert values["Temperature"] == "1"
-    assert values["Top-k"] == "250"
-    assert "Generated in" in values
-    assert message.embeds[0].title == "lo-fi hip hop beat"
+    embed = message.embeds[0]
+    assert embed.title == "lo-fi hip hop beat"
+    assert embed.description == f"Requested by <@{alice.id}>"
+    # Only the model, duration and seed: every other option has its default.
+    assert fields(message) == {"Model": "debug", "Duration": "2.0 s", "Seed": "7"}
+
+    changed = await alice.slash(
+        channel, "music generate", prompt="x", duration=1.0, top_k=50, no_sampling=True
+    )
+    assert list(fields(outcome(changed)))[3:] == ["Top-k", "Sampling"]
 
 
 async def test_every_option_reaches_the_engine(alice, channel, engine):
+    """(The embed shows each option given here, as none is the default.)"""
     options = dict(
         duration=3.0,
         temperature=0.7,
@@ -330,3 +337,57 @@ async def test_fairness_between_two_servers(simcord_env, alice, bob, channel, ca
         record.args[0] for record in caplog.records if record.msg.startswith("job=%d event=started")
     ]
     assert [prompt_of[job_id] for job_id in started] == ["a1", "b1", "a2", "a3"]
+
+
+async def test_show_autocompletes_the_members_recent_tracks(alice, bob, admin, channel):
+    made = []
+    for prompt in ("lofi rain", "dark techno"):
+        result = await alice.slash(channel, "music generate", prompt=prompt, duration=1.0)
+        made.append(job_number(outcome(result)))
+    bobs = job_number(
+        outcome(await bob.slash(channel, "music generate", prompt="bob's", duration=1.0))
+    )
+    await alice.slash(channel, "music generate", prompt="failing", model="facebook/musicgen-small")
+
+    choices = await alice.autocomplete(channel, "music show", "job", "")
+    assert choices == [  # alice's tracks, newest first; not bob's, nor the failed job
+        {"name": f"#{made[1]} dark techno (done)", "value": made[1]},
+        {"name": f"#{made[0]} lofi rain (done)", "value": made[0]},
+    ]
+    assert [c["value"] for c in await alice.autocomplete(channel, "music show", "job", "rain")] == [
+        made[0]
+    ]
+    typed = f"#{made[0]}"
+    assert made[0] in [
+        c["value"] for c in await alice.autocomplete(channel, "music show", "job", typed)
+    ]
+    everyone = await admin.autocomplete(channel, "music show", "job", "")
+    assert [c["value"] for c in everyone] == [bobs, made[1], made[0]]
+    assert everyone[0]["name"] == f"#{bobs} bob's (done, another member's)"
+
+
+async def test_cancel_autocompletes_live_jobs(alice, bob, admin, channel):
+    await admin.slash(channel, "music admin pause")
+    queued = []
+    for member, prompt in ((alice, "one"), (bob, "two"), (alice, "three")):
+        result = await member.slash(channel, "music generate", prompt=prompt, duration=1.0)
+        queued.append(int(result.response.content.split("job #")[1].split(":")[0]))
+    mine = await alice.autocomplete(channel, "music cancel", "job", "")
+    assert [c["value"] for c in mine] == [queued[0], queued[2]]
+    assert mine[0]["name"] == f"#{queued[0]} one (queued)"
+    assert [
+        c["value"] for c in await admin.autocomplete(channel, "music cancel", "job", "")
+    ] == queued
+    cancelled = await alice.slash(channel, "music cancel", job=mine[0]["value"])
+    assert cancelled.response.content == f"Cancelled job #{queued[0]}."
+    await admin.slash(channel, "music admin resume")
+
+
+def test_autocomplete_offers_at_most_25_short_choices():
+    jobs = [
+        Job(number, GenerationRequest(prompt="a very long prompt " * 20, model="debug"), 1, 1, 1)
+        for number in range(100, 0, -1)
+    ]
+    names = [job_choice(job, "someone with a long name " * 5) for job in matching_jobs(jobs, "")]
+    assert len(names) == 25 and all(len(name) <= 100 for name in names)
+    assert [job.id for job in matching_jobs(jobs, "#1")][:3] == [100, 19, 18]

@@ -128,7 +128,15 @@ async def test_history_lists_past_jobs_and_show_posts_one_again(world):
     shown = await alice.slash(channel, "music show", job=job_id)
     posted = shown.response
     assert posted.embeds[0].title == "keeper"
-    assert {f.name: f.value for f in posted.embeds[0].fields}["Seed"] == "5"
+    values = {f.name: f.value for f in posted.embeds[0].fields}
+    assert values["Seed"] == "5"
+    # /music show gives every option, defaults too, and how it was made.
+    assert (values["Top-k"], values["Two-step CFG"], values["Extend stride"]) == (
+        "250",
+        "off",
+        "18 s",
+    )
+    assert "Generated in" in values and values["MP3"].endswith("kbit/s")
     assert posted.attachments[0].filename.endswith(".mp3")
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 
 import discord
+import mutagen.id3
 import numpy as np
 import pytest
 from PIL import Image
 
 from generation.audio_input import AudioLimits, decode_audio
 from generation.store import JobStore
+from generation.stored_audio import content_hash
+from generation.waveform import GAP, HEIGHT, MARKER, WIDTH
 
 from .bot_helpers import (
     buttons,
@@ -32,6 +35,15 @@ async def track(member, channel, prompt="warm synthwave", **options):
     options = {"duration": 2.0, **options}
     result = await member.slash(channel, "music generate", prompt=prompt, **options)
     return outcome(result)
+
+
+async def mp3(message) -> bytes:
+    (attachment,) = [a for a in message.attachments if a.filename.endswith(".mp3")]
+    return await attachment.read()
+
+
+def id3(data: bytes) -> dict[str, str]:
+    return {frame.desc: frame.text[0] for frame in mutagen.id3.ID3(io.BytesIO(data)).getall("TXXX")}
 
 
 def text_inputs(shown) -> dict[str, str | None]:
@@ -67,14 +79,20 @@ async def test_re_roll_is_the_same_request_with_a_new_seed_for_whoever_clicks(al
     assert reply.content.startswith(f"<@{bob.id}>")  # bob's job, delivered to bob
     before, after = fields(original), fields(reply)
     assert reply.embeds[0].title == "warm synthwave"
-    for name in ("Model", "Duration", "Temperature", "Top-k", "CFG coef"):
+    assert reply.embeds[0].description == (
+        f"Re-roll of #{job_id(original)}\nRequested by <@{bob.id}>"
+    )
+    assert list(after) == list(before) == ["Model", "Duration", "Seed", "Temperature"]
+    for name in ("Model", "Duration", "Temperature"):
         assert after[name] == before[name], name
     assert after["Seed"] != before["Seed"]
     assert job_id(reply) != job_id(original)
     assert buttons(reply)["Re-roll"] == f"musicgen:reroll:{job_id(reply)}"
 
 
-async def test_continue_extends_the_result_with_a_new_prompt_and_length(alice, bob, channel):
+async def test_continue_extends_the_result_with_a_new_prompt_and_length(
+    alice, bob, channel, database
+):
     original = await track(alice, channel, prompt="piano intro", duration=2.0)
     shown = await bob.click(original, custom_id=f"musicgen:continue:{job_id(original)}")
     assert text_inputs(shown) == {"musicgen:prompt": "piano intro", "musicgen:length": "10"}
@@ -83,8 +101,27 @@ async def test_continue_extends_the_result_with_a_new_prompt_and_length(alice, b
     )
     reply = outcome(done)
     assert reply.embeds[0].title == "drums come in"
+    assert reply.embeds[0].description.startswith(f"Continues #{job_id(original)}\n")
     assert fields(reply)["Continuation of"] == "2.0 s intro"
     assert seconds(await mp3_of(reply)) == pytest.approx(3.5, abs=0.1)
+    # The waveform shows where the 2 s intro ends: about 4/7 of the way.
+    (png,) = [a for a in reply.attachments if a.filename == "waveform.png"]
+    picture = np.asarray(Image.open(io.BytesIO(await png.read())).convert("RGB"))
+    marker = np.flatnonzero((picture == MARKER).all(axis=-1).sum(axis=0) >= HEIGHT - 1)
+    assert marker.size and abs(marker.mean() - WIDTH * 2.0 / 3.5) <= 0.02 * WIDTH
+    # Its tags name what it carries on: the job and take, and the exact intro's hash.
+    tags = id3(await mp3(reply))
+    assert (tags["musicgen_origin"], tags["musicgen_source_job"]) == (
+        "continuation",
+        str(job_id(original)),
+    )
+    assert tags["musicgen_source_take"] == "1"
+    store = await JobStore.open(database)
+    try:
+        continued = await store.get(job_id(reply))
+    finally:
+        await store.close()
+    assert tags["musicgen_continuation_sha256"] == content_hash(continued.request.continuation)
 
 
 async def test_continue_refuses_a_bad_length(alice, channel):
@@ -108,6 +145,7 @@ async def test_edit_runs_again_with_the_new_prompt_duration_and_temperature(alic
     )
     values = fields(outcome(done))
     assert outcome(done).embeds[0].title == "stormy"
+    assert outcome(done).embeds[0].description.startswith(f"Edit of #{job_id(original)}\n")
     assert (values["Temperature"], values["Seed"]) == ("0.5", "99")
     assert seconds(await mp3_of(outcome(done))) == pytest.approx(1.0, abs=0.1)
 
@@ -118,6 +156,30 @@ async def test_edit_runs_again_with_the_new_prompt_duration_and_temperature(alic
     assert private_reply(refused) == "**temperature**: Enter a number between 0 and 2."
 
 
+async def test_a_refused_edit_names_every_bad_field_and_keeps_what_was_typed(alice, bob, channel):
+    original = await track(alice, channel, prompt="calm", duration=2.0, seed=99)
+    typed = {
+        "musicgen:prompt": "stormy sea",
+        "musicgen:duration": "600",
+        "musicgen:temperature": "hot",
+    }
+    shown = await alice.click(original, label="Edit")
+    refused = await alice.submit_modal(shown, typed)
+    assert private_reply(refused) == (
+        "**duration**: Enter a number between 1 and 60.\n"
+        "**temperature**: Enter a number between 0 and 2."
+    )
+    reopened = await alice.click(original, label="Edit")
+    assert text_inputs(reopened) == typed  # what alice typed, to fix
+    assert text_inputs(await bob.click(original, label="Edit"))["musicgen:prompt"] == "calm"
+
+    fixed = {**typed, "musicgen:duration": "1", "musicgen:temperature": "0.5"}
+    done = await alice.submit_modal(reopened, fixed)
+    assert outcome(done).embeds[0].title == "stormy sea"
+    again = await alice.click(original, label="Edit")  # accepted: the job's values again
+    assert text_inputs(again)["musicgen:prompt"] == "calm"
+
+
 async def test_continue_this_track_on_an_uploaded_clip(alice, bob, channel, tmp_path):
     riff = encode_tone(tmp_path / "riff.m4a", seconds=1.5).read_bytes()
     upload = await alice.send(channel, "my riff", attachments=[("riff.m4a", riff)])
@@ -126,8 +188,16 @@ async def test_continue_this_track_on_an_uploaded_clip(alice, bob, channel, tmp_
     done = await bob.submit_modal(shown, {"musicgen:prompt": "guitar solo", "musicgen:length": "2"})
     reply = outcome(done)
     assert reply.content.startswith(f"<@{bob.id}>")
+    assert reply.embeds[0].description.startswith("Continues an upload (riff.m4a)\n")
     assert fields(reply)["Continuation of"] == "1.5 s intro"
     assert seconds(await mp3_of(reply)) == pytest.approx(3.5, abs=0.1)
+    tags = id3(await mp3(reply))
+    assert (tags["musicgen_origin"], tags["musicgen_source_file"]) == (
+        "upload-continuation",
+        "riff.m4a",
+    )
+    # The hash of the upload as decoded: the same clip in any file gives the same hash.
+    assert tags["musicgen_continuation_sha256"] == content_hash(decode_audio(riff, AudioLimits()))
 
 
 async def test_continue_this_track_on_a_result(alice, bob, channel):
@@ -149,6 +219,10 @@ async def test_use_as_melody_picks_a_melody_model_and_says_so(
     done = await bob.submit_modal(shown, {"musicgen:prompt": "orchestra", "musicgen:duration": "2"})
     values = fields(outcome(done))
     assert (values["Model"], values["Melody"]) == ("debug-melody", "2.0 s clip")
+    assert outcome(done).embeds[0].description.startswith("Melody from an upload (tune.wav)\n")
+    tags = id3(await mp3(outcome(done)))
+    assert (tags["musicgen_origin"], tags["musicgen_source_file"]) == ("upload-melody", "tune.wav")
+    assert len(tags["musicgen_melody_sha256"]) == 64
     queued = [
         entry.json["content"]
         for entry in simcord_env.http_requests
@@ -220,7 +294,8 @@ async def test_variations_are_several_takes_delivered_together(alice, bob, chann
     assert all(seconds(take) == pytest.approx(1.5, abs=0.1) for take in takes)
     assert not np.allclose(takes[0], takes[1], atol=1e-3)  # different seeds, different music
     (png,) = [a for a in reply.attachments if a.filename == "waveform.png"]
-    assert Image.open(io.BytesIO(await png.read())).size == (800, 4 * 160)
+    assert Image.open(io.BytesIO(await png.read())).size == (800, 4 * 160 + 3 * GAP)
+    assert reply.embeds[0].description.startswith(f"Variations of #{job_id(original)}\n")
 
     number = job_id(reply)
     shown = await alice.click(reply, custom_id=f"musicgen:continue:{number}:2")

@@ -19,6 +19,7 @@ from generation.errors import (
     JobNotFound,
 )
 from generation.models import resolve_model
+from generation.origin import Origin
 from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import (
     MAX_CFG_COEF,
@@ -29,7 +30,7 @@ from generation.request import (
     GenerationRequest,
     check_audio_options,
 )
-from generation.store import GuildSettings
+from generation.store import Expired, GuildSettings
 
 from .. import limits, presentation
 from ..access import Rules, may_manage, rules_for
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 DEFAULTS = GenerationRequest(prompt="", model="")
 HISTORY_LENGTH = 10
+#: Recent jobs an autocomplete looks through for what the member typed.
+CHOICES_SCANNED = 100
 
 
 class Music(commands.Cog):
@@ -106,6 +109,7 @@ class Music(commands.Cog):
         prepare: Callable[[GenerationRequest], Awaitable[GenerationRequest]] | None = None,
         note: str = "",
         takes: int = 1,
+        origin: Origin | None = None,
         melody: bool = False,
     ) -> Job | None:
         """Check a request against the server's settings and the member's limits, and queue it.
@@ -113,9 +117,10 @@ class Music(commands.Cog):
         Everything that can be checked at once is, so a mistake gets a private answer;
         ``prepare`` then completes the request (it may defer the response and read audio),
         and the result is checked again. ``note`` is added to the queued message; ``takes``
-        variations are generated together; ``melody``: ``prepare`` adds a melody, so the
-        model must follow one (with no model picked, the server's melody model is used).
-        Returns the job, or None when the member was told why it was not queued.
+        variations are generated together; ``origin`` says what the job was made from;
+        ``melody``: ``prepare`` adds a melody, so the model must follow one (with no model
+        picked, the server's melody model is used). Returns the job, or None when the member
+        was told why it was not queued.
         """
         user_id = interaction.user.id
         try:
@@ -136,6 +141,7 @@ class Music(commands.Cog):
                 user_id=user_id,
                 per_user_limit=rules.max_jobs_per_user,
                 takes=takes,
+                origin=origin,
             )
         except GenerationError as error:
             await reply_privately(interaction, user_message(error))
@@ -247,6 +253,19 @@ class Music(commands.Cog):
             message = f"Stopping job #{target.id}..."
         await interaction.response.send_message(message, ephemeral=True)
 
+    @cancel.autocomplete("job")
+    async def cancel_choices(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[int]]:
+        """The member's queued and running jobs (Manage Server: everyone's) matching what
+        they typed."""
+        jobs = [
+            job
+            for job in self._live_jobs(interaction.guild_id)
+            if may_manage(interaction, job.user_id)
+        ]
+        return self._choices(interaction, jobs, current)
+
     def _job_to_cancel(self, interaction: discord.Interaction, job_id: int | None) -> Job:
         mine = interaction.user.id
         if job_id is None:
@@ -287,18 +306,45 @@ class Music(commands.Cog):
             raise JobNotFound(f"Job #{job} has no track: it is {found.status.value}.")
         try:
             results = await self.service.worker.stored_results(found)
-        except DamagedResult:
+        except (DamagedResult, Expired):  # they say what happened to it
             raise
         except GenerationError as error:
             raise JobNotFound(f"The track of job #{job} is no longer kept.") from error
         await interaction.response.defer(thinking=True)
-        posted = await result_message(found, results, interaction.filesize_limit)
+        posted = await result_message(found, results, interaction.filesize_limit, complete=True)
         await interaction.followup.send(
             content=f"Job #{found.id} by <@{found.user_id}>",
             embed=posted.embed,
             files=posted.files,
             view=posted.view,
         )
+
+    @show.autocomplete("job")
+    async def show_choices(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[int]]:
+        """The member's recent tracks (Manage Server: the server's) matching what they typed;
+        one indexed query of at most :data:`CHOICES_SCANNED` rows."""
+        member = None if interaction.permissions.manage_guild else interaction.user.id
+        jobs = await self.store.finished_jobs(interaction.guild_id or 0, member, CHOICES_SCANNED)
+        return self._choices(interaction, jobs, current)
+
+    @staticmethod
+    def _choices(
+        interaction: discord.Interaction, jobs: list[Job], current: str
+    ) -> list[app_commands.Choice[int]]:
+        guild = interaction.guild
+
+        def owner(user_id: int) -> str | None:
+            if user_id == interaction.user.id:
+                return None
+            member = guild.get_member(user_id) if guild is not None else None
+            return member.display_name if member is not None else "another member"
+
+        return [
+            app_commands.Choice(name=presentation.job_choice(job, owner(job.user_id)), value=job.id)
+            for job in presentation.matching_jobs(jobs, current)
+        ]
 
     # Information
 

@@ -21,11 +21,13 @@ from discord.ext import commands
 from generation.audio_input import check_size
 from generation.continuation import MAX_INTRO_SECONDS, continue_request, intro_clip
 from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
+from generation.origin import Origin, OriginKind
 from generation.queue import MAX_TAKES, Job, JobStatus
 from generation.request import TEMPERATURE_RANGE, AudioClip, GenerationRequest
+from generation.store import Expired
 
 from ..errors import answering
-from ..modals import Field, Form, number, prompt_field
+from ..modals import Drafts, Field, Form, Submit, prompt_field, read_form
 from ..presentation import short
 from ..views import BUTTONS
 
@@ -48,6 +50,7 @@ class Remix(commands.Cog):
     def __init__(self, bot: MusicGenBot) -> None:
         self.bot = bot
         self.store = bot.service.store
+        self.drafts = Drafts()
         guild_only = app_commands.AppCommandContext(guild=True)
         self.menus = (
             app_commands.ContextMenu(
@@ -85,6 +88,7 @@ class Remix(commands.Cog):
                 replace(source.request, seed=None),
                 note=f"Re-roll of job #{source.id} with a new seed.",
                 takes=source.takes,
+                origin=await self._origin(OriginKind.REROLL, source),
             )
 
     async def variations(self, interaction: discord.Interaction, job_id: int) -> None:
@@ -96,28 +100,35 @@ class Remix(commands.Cog):
                 replace(source.request, seed=None),
                 note=f"{VARIATIONS} variations of job #{source.id}, generated together.",
                 takes=VARIATIONS,
+                origin=await self._origin(OriginKind.VARIATIONS, source),
             )
 
     async def ask_continue(self, interaction: discord.Interaction, job_id: int, take: int) -> None:
         async with answering(interaction):
-            source = await self._finished_job(interaction, job_id)
+            source = await self._finished_job(interaction, job_id, with_uploads=False)
             if not 0 <= take < source.takes:
                 raise JobNotFound(f"Job #{job_id} has no take {take + 1}.")
             rules = await self.bot.access.check(interaction)
             intro = min(MAX_INTRO_SECONDS, source.request.duration)
             fields = [prompt_field(source.request.prompt), _length_field(intro, rules.max_duration)]
             submit = partial(self._continue_job, job_id=source.id, take=take)
-            form = Form(f"Continue job #{source.id}", fields, submit)
+            form = self._form(
+                interaction,
+                f"Continue job #{source.id}",
+                fields,
+                submit,
+                ("continue", job_id, take),
+            )
             await interaction.response.send_modal(form)
 
     async def _continue_job(
         self, interaction: discord.Interaction, values: dict[str, str], *, job_id: int, take: int
-    ) -> None:
+    ) -> bool:
         """A continuation whose intro is the end of the take's stored result."""
         async with answering(interaction):
-            source = await self._finished_job(interaction, job_id)
+            source = await self._finished_job(interaction, job_id, with_uploads=False)
             longest = (await self.bot.access.rules(source.guild_id)).max_duration
-            added = number(values, "length", 1.0, longest)
+            added = read_form(values, {"length": (1.0, longest)})["length"]
             check_fits(added, min(MAX_INTRO_SECONDS, source.request.duration), longest)
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
@@ -134,9 +145,15 @@ class Remix(commands.Cog):
                 melody=None,
                 continuation=None,
             )
-            await self.music.queue_request(
-                interaction, request, prepare=with_intro, note=f"Continuing job #{source.id}."
+            job = await self.music.queue_request(
+                interaction,
+                request,
+                prepare=with_intro,
+                note=f"Continuing job #{source.id}.",
+                origin=await self._origin(OriginKind.CONTINUATION, source, take),
             )
+            return job is not None
+        return False
 
     async def ask_edit(self, interaction: discord.Interaction, job_id: int) -> None:
         async with answering(interaction):
@@ -149,26 +166,32 @@ class Remix(commands.Cog):
                 Field("temperature", "Temperature (0-2)", f"{request.temperature:g}"),
             ]
             submit = partial(self._edit_job, job_id=source.id)
-            await interaction.response.send_modal(Form(f"Edit job #{source.id}", fields, submit))
+            form = self._form(
+                interaction, f"Edit job #{source.id}", fields, submit, ("edit", job_id)
+            )
+            await interaction.response.send_modal(form)
 
     async def _edit_job(
         self, interaction: discord.Interaction, values: dict[str, str], *, job_id: int
-    ) -> None:
+    ) -> bool:
         """The job's request with the new prompt, duration and temperature; the seed stays,
         so the change is what makes the difference (Re-roll for a new seed)."""
         async with answering(interaction):
-            duration = number(values, "duration", 1.0, self.music.max_duration)
-            temperature = number(values, "temperature", *TEMPERATURE_RANGE)
-            source = await self._finished_job(interaction, job_id)
-            request = replace(
-                source.request, prompt=values["prompt"], duration=duration, temperature=temperature
+            numbers = read_form(
+                values,
+                {"duration": (1.0, self.music.max_duration), "temperature": TEMPERATURE_RANGE},
             )
-            await self.music.queue_request(
+            source = await self._finished_job(interaction, job_id)
+            request = replace(source.request, prompt=values["prompt"], **numbers)
+            job = await self.music.queue_request(
                 interaction,
                 request,
                 note=f"Edit of job #{source.id}, same seed.",
                 takes=source.takes,
+                origin=await self._origin(OriginKind.EDIT, source),
             )
+            return job is not None
+        return False
 
     # Context menus
 
@@ -179,7 +202,10 @@ class Remix(commands.Cog):
         attachment = self._audio_attachment(message, "continuation")
         fields = [prompt_field(), _length_field(MAX_INTRO_SECONDS, rules.max_duration)]
         submit = partial(self._continue_upload, attachment=attachment)
-        await interaction.response.send_modal(Form("Continue this track", fields, submit))
+        form = self._form(
+            interaction, "Continue this track", fields, submit, ("continue", message.id)
+        )
+        await interaction.response.send_modal(form)
 
     async def _continue_upload(
         self,
@@ -187,10 +213,10 @@ class Remix(commands.Cog):
         values: dict[str, str],
         *,
         attachment: discord.Attachment,
-    ) -> None:
+    ) -> bool:
         async with answering(interaction):
             longest = (await self.bot.access.rules(interaction.guild_id or 0)).max_duration
-            added = number(values, "length", 1.0, longest)
+            added = read_form(values, {"length": (1.0, longest)})["length"]
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
                 clip = await self._read(interaction, attachment, "continuation")
@@ -198,12 +224,15 @@ class Remix(commands.Cog):
                 return carry_on(request, intro, added, longest)
 
             request = GenerationRequest(prompt=values["prompt"], model="", duration=added)
-            await self.music.queue_request(
+            job = await self.music.queue_request(
                 interaction,
                 request,
                 prepare=with_intro,
                 note=f"Continuing {short(attachment.filename, 100)}.",
+                origin=Origin(OriginKind.UPLOAD_CONTINUATION, filename=attachment.filename),
             )
+            return job is not None
+        return False
 
     async def use_as_melody(
         self, interaction: discord.Interaction, message: discord.Message
@@ -213,7 +242,8 @@ class Remix(commands.Cog):
         default = f"{min(DEFAULT_ADDED_SECONDS, rules.max_duration):g}"
         fields = [prompt_field(), Field("duration", "Duration in seconds", default)]
         submit = partial(self._melody_upload, attachment=attachment)
-        await interaction.response.send_modal(Form("Use as melody", fields, submit))
+        form = self._form(interaction, "Use as melody", fields, submit, ("melody", message.id))
+        await interaction.response.send_modal(form)
 
     async def _melody_upload(
         self,
@@ -221,31 +251,59 @@ class Remix(commands.Cog):
         values: dict[str, str],
         *,
         attachment: discord.Attachment,
-    ) -> None:
+    ) -> bool:
         async with answering(interaction):
-            duration = number(values, "duration", 1.0, self.music.max_duration)
+            duration = read_form(values, {"duration": (1.0, self.music.max_duration)})["duration"]
 
             async def with_melody(request: GenerationRequest) -> GenerationRequest:
                 return replace(request, melody=await self._read(interaction, attachment, "melody"))
 
             # No model: the server's default, or its first allowed melody model (said so).
             request = GenerationRequest(prompt=values["prompt"], model="", duration=duration)
-            await self.music.queue_request(
+            job = await self.music.queue_request(
                 interaction,
                 request,
                 prepare=with_melody,
                 note=f"Following the melody of {short(attachment.filename, 100)}.",
+                origin=Origin(OriginKind.UPLOAD_MELODY, filename=attachment.filename),
                 melody=True,
             )
+            return job is not None
+        return False
 
     # Helpers
 
-    async def _finished_job(self, interaction: discord.Interaction, job_id: int) -> Job:
+    def _form(
+        self,
+        interaction: discord.Interaction,
+        title: str,
+        fields: list[Field],
+        submit: Submit,
+        key: tuple[object, ...],
+    ) -> Form:
+        """A form that shows what the member typed when it was last refused, if it was."""
+        return Form(title, fields, submit, member=interaction.user.id, drafts=self.drafts, key=key)
+
+    async def _origin(self, kind: OriginKind, source: Job, take: int = 0) -> Origin:
+        """``kind`` of ``source``; with the jam turn that ``source`` is, or is another take
+        of, so a re-roll or an edit of a turn can take its place (see ``Jams.adopt``)."""
+        # A turn now, else a turn since replaced by another take, or another take of one.
+        turn = await self.store.turn_of_job(source.id) or source.jam_turn
+        jam, number = turn if turn is not None else (None, None)
+        return Origin(kind, source.id, take, jam=jam, turn=number)
+
+    async def _finished_job(
+        self, interaction: discord.Interaction, job_id: int, *, with_uploads: bool = True
+    ) -> Job:
+        """A finished job of this server; ``with_uploads``: its melody or intro is still kept
+        (its request is made again)."""
         job = await self.store.get(job_id)
         if job is None or job.guild_id != interaction.guild_id:
             raise JobNotFound(f"There is no job #{job_id} in this server.")
         if job.status is not JobStatus.DONE:
             raise JobNotFound(f"Job #{job_id} has no track: it is {job.status.value}.")
+        if with_uploads and job.uploads_expired_at is not None:
+            raise Expired.uploads(job)
         return job
 
     def _audio_attachment(self, message: discord.Message, label: str) -> discord.Attachment:
