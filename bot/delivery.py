@@ -64,8 +64,11 @@ class JobReporter:
         self.status.shown(job, content)
 
     def queued_text(self, estimate: Estimate) -> str:
+        """A queued job's status message: its note (after a restart, where it came from),
+        then its place in the queue."""
         text = presentation.queued_text(estimate)
-        note = self._notes.get(estimate.job.id)
+        job = estimate.job
+        note = self._notes.get(job.id) or presentation.origin_text(job)
         return limits.fit_content(f"{note}\n{text}") if note else text
 
     def queue_moved(self, estimates: Sequence[Estimate]) -> None:

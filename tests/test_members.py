@@ -183,3 +183,15 @@ async def test_no_allowed_melody_model_is_explained(alice, admin, channel, tmp_p
         channel, "music generate", prompt="x", duration=1.0, melody=("tune.wav", tune)
     )
     assert private_reply(refused).startswith("**model**: No model allowed in this server")
+
+
+async def test_a_queued_message_says_where_the_job_came_from_after_a_restart(
+    simcord_env, alice, bob, admin, channel, database
+):
+    original = outcome(await alice.slash(channel, "music generate", prompt="a", duration=1.0))
+    await admin.slash(channel, "music admin pause")
+    queued = await bob.click(original, label="Re-roll")
+    await simcord_env.restart_bot(make_bot(database))
+    await admin.slash(channel, "music admin resume")
+    waiting = [text for text in edits(simcord_env, queued.response) if "Queued as" in text]
+    assert waiting and all(text.startswith("Re-roll of #1\nQueued as job #2") for text in waiting)
