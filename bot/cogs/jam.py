@@ -29,7 +29,8 @@ from generation.store import Jam, Segment
 
 from .. import limits, presentation
 from ..access import Rules, may_manage
-from .remix import DEFAULT_ADDED_SECONDS, answering, carry_on, check_fits
+from ..errors import answering
+from .remix import DEFAULT_ADDED_SECONDS, carry_on, check_fits
 
 if TYPE_CHECKING:
     from ..bot import MusicGenBot
