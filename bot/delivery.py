@@ -1,9 +1,12 @@
 """Telling members how their jobs are doing, and delivering the MP3.
 
-Each job's answer to its slash command is its status message: queued, progress, then the
-result. It is reached through the interaction's webhook (application id, token and message
-id, kept with the job), so it works after a restart too. The token dies after 15 minutes; a
-job that ends later is delivered as a channel message that mentions the requester.
+Each job's answer to its slash command is its status message: queued (kept current as the
+queue moves), starting, progress, then a link to the outcome. A track or a failure is posted
+as a new message that mentions the requester, so Discord notifies them (it does not for an
+edit); a cancellation, which someone chose, only updates the status message. Both go through
+the interaction's webhook (application id, token and message id, kept with the job), so they
+work after a restart too. The token dies after 15 minutes: later, outcomes are posted in the
+channel, mentioning the requester.
 """
 
 from __future__ import annotations
@@ -11,123 +14,139 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import discord
 
 from generation.audio_output import encode_mp3_within, mp3_filename, request_tags
 from generation.engine import GenerationResult
 from generation.errors import GenerationError, OutputTooLarge
+from generation.estimates import Estimate
 from generation.origin import Origin
-from generation.queue import Job, ReplyAddress
+from generation.queue import Job
 from generation.waveform import render_waveforms
 
-from . import presentation
+from . import limits, presentation
+from .status import StatusMessages, jump_url, live_reply
 from .views import result_view
 
 log = logging.getLogger(__name__)
 
-#: Seconds before a token's expiry after which it is no longer relied on.
-EXPIRY_MARGIN = 30.0
 WAVEFORM_NAME = "waveform.png"
 
 
 class JobReporter:
     """The worker's :class:`generation.worker.JobListener`, speaking Discord.
 
-    Cogs hear of each job's end through the ``on_job_ended(job)`` event.
+    Cogs hear of each job's end through the ``on_job_ended(job)`` event, once its outcome
+    is posted (``job.result_url`` links to it).
+
+    Args:
+        client: The bot.
+        status_interval: Least time between two edits of a job's status message, in seconds.
     """
 
-    def __init__(self, client: discord.Client) -> None:
+    def __init__(self, client: discord.Client, status_interval: float = 5.0) -> None:
         self.client = client
+        self.status = StatusMessages(client, status_interval)
+        #: What each queued job's status message says above its place in the queue
+        #: ("Re-roll of job #1 with a new seed."), by job id.
+        self._notes: dict[int, str] = {}
+
+    def acknowledged(self, job: Job, note: str, content: str) -> None:
+        """The job's status message says ``content``; keep ``note`` at its top while the
+        job waits."""
+        if note:
+            self._notes[job.id] = note
+        self.status.shown(job, content)
+
+    def queued_text(self, estimate: Estimate) -> str:
+        """A queued job's status message: its note (after a restart, where it came from),
+        then its place in the queue."""
+        text = presentation.queued_text(estimate)
+        job = estimate.job
+        note = self._notes.get(job.id) or presentation.origin_text(job)
+        return limits.fit_content(f"{note}\n{text}") if note else text
+
+    def queue_moved(self, estimates: Sequence[Estimate]) -> None:
+        for estimate in estimates:
+            self.status.update(estimate.job, self.queued_text(estimate))
 
     async def job_started(self, job: Job) -> None:
-        await self._edit_status(job, presentation.running_text(job))
+        self._notes.pop(job.id, None)
+        await self.status.replace(job, presentation.running_text(job))
 
     async def job_progress(self, job: Job) -> None:
-        await self._edit_status(job, presentation.running_text(job))
+        self.status.update(job, presentation.running_text(job))
 
     async def job_finished(self, job: Job, results: list[GenerationResult]) -> str | None:
-        self.client.dispatch("job_ended", job)
         content = f"<@{job.user_id}>, your track{'s are' if len(results) > 1 else ' is'} ready."
-        reply = self._live_reply(job)
         try:
-            if reply is not None:
-                try:
-                    posted = await result_message(job, results, reply.max_upload_bytes)
-                    message = await self._webhook(reply).edit_message(
-                        reply.message_id,
-                        content=content,
-                        embed=posted.embed,
-                        attachments=posted.files,
-                        view=posted.view,
-                    )
-                    return _jump_url(job, message.id)
-                except discord.HTTPException as error:
-                    log.info(
-                        "job=%d event=reply-expired error=%s (posting in the channel)",
-                        job.id,
-                        error,
-                    )
-            posted = await result_message(job, results, self._channel_upload_limit(job))
+            url = await self._announce(job, content, partial(result_message, job, results))
         except OutputTooLarge as error:
-            return await self._say(job, f"Job #{job.id} is done, but {error}")
-        message = await self._channel(job).send(
-            content=content,
-            embed=posted.embed,
-            files=posted.files,
-            view=posted.view,
-            allowed_mentions=_mention(job),
-        )
-        return _jump_url(job, message.id)
+            url = await self._announce(job, f"<@{job.user_id}>, job #{job.id} is done, but {error}")
+        self._ended(job, url)
+        await self._end(job, presentation.outcome_text(job, "is ready", url))
+        return url
 
     async def job_failed(self, job: Job, error: GenerationError) -> str | None:
-        self.client.dispatch("job_ended", job)
-        return await self._say(job, f"Job #{job.id} failed: {error}")
+        url = await self._announce(job, f"<@{job.user_id}>, job #{job.id} failed: {error}")
+        self._ended(job, url)
+        await self._end(job, presentation.outcome_text(job, "failed", url))
+        return url
 
     async def job_cancelled(self, job: Job) -> str | None:
+        url = await self._end(job, f"Job #{job.id} was cancelled.")
+        if url is None:  # its status message cannot be edited any more
+            url = await self._announce(job, f"<@{job.user_id}>, job #{job.id} was cancelled.")
+        self._ended(job, url)
+        return url
+
+    def _ended(self, job: Job, url: str | None) -> None:
+        """Tell the cogs (``on_job_ended``) that ``job`` ended and where that is told."""
+        job.result_url = url
         self.client.dispatch("job_ended", job)
-        return await self._say(job, f"Job #{job.id} was cancelled.")
 
-    async def _edit_status(self, job: Job, content: str) -> None:
-        reply = self._live_reply(job)
-        if reply is None:
-            return
-        try:
-            await self._webhook(reply).edit_message(reply.message_id, content=content)
-        except discord.HTTPException as error:
-            log.info("job=%d event=status-not-updated error=%s", job.id, error)
+    async def _announce(self, job: Job, content: str, attach: Attach | None = None) -> str:
+        """Post a new message that mentions the requester (and no one else), with what
+        ``attach`` makes for the upload limit; returns a link to it.
 
-    async def _say(self, job: Job, content: str) -> str | None:
-        """Put ``content`` in the job's status message, or post it in the channel."""
-        reply = self._live_reply(job)
+        While the token is good it is the interaction's follow-up, which needs no permission
+        in the channel; then it is a channel message.
+        """
+        reply = live_reply(job)
         if reply is not None:
             try:
-                message = await self._webhook(reply).edit_message(
-                    reply.message_id, content=content, embed=None
+                extra = await _attachments(attach, reply.max_upload_bytes)
+                message = await self.status.webhook(reply).send(
+                    content=limits.fit_content(content),
+                    allowed_mentions=_mention(job),
+                    wait=True,
+                    **extra,
                 )
-                return _jump_url(job, message.id)
+                return jump_url(job, message.id)
             except discord.HTTPException as error:
                 log.info(
-                    "job=%d event=reply-expired error=%s (posting in the channel)", job.id, error
+                    "job=%d event=follow-up-failed error=%s (posting in the channel)",
+                    job.id,
+                    error,
                 )
+        extra = await _attachments(attach, self._channel_upload_limit(job))
         message = await self._channel(job).send(
-            content=f"<@{job.user_id}>, {content[0].lower()}{content[1:]}",
-            allowed_mentions=_mention(job),
+            content=limits.fit_content(content), allowed_mentions=_mention(job), **extra
         )
-        return _jump_url(job, message.id)
+        return jump_url(job, message.id)
 
-    def _live_reply(self, job: Job) -> ReplyAddress | None:
-        """The job's interaction webhook, while its token is good."""
-        reply = job.reply
-        now = discord.utils.utcnow().timestamp()
-        if reply is None or now >= reply.expires_at - EXPIRY_MARGIN:
-            return None
-        return reply
-
-    def _webhook(self, reply: ReplyAddress) -> discord.Webhook:
-        return discord.Webhook.partial(reply.application_id, reply.token, client=self.client)
+    async def _end(self, job: Job, content: str) -> str | None:
+        """The status message's last text (its Cancel button goes); a link to it, or None."""
+        self._notes.pop(job.id, None)
+        try:
+            return await self.status.replace(job, content, final=True)
+        finally:
+            self.status.forget(job)
 
     def _channel(self, job: Job) -> discord.PartialMessageable:
         return self.client.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
@@ -144,6 +163,17 @@ class ResultMessage:
     embed: discord.Embed
     files: list[discord.File]
     view: discord.ui.View
+
+
+#: Makes a result's message for an upload limit in bytes.
+Attach = Callable[[int], Awaitable[ResultMessage]]
+
+
+async def _attachments(attach: Attach | None, max_bytes: int) -> dict[str, Any]:
+    if attach is None:
+        return {}
+    posted = await attach(max_bytes)
+    return {"embed": posted.embed, "files": posted.files, "view": posted.view}
 
 
 async def result_message(
@@ -186,11 +216,6 @@ def _encode_mp3(
     """Blocking (the tags hash the audio inputs): run it off the event loop."""
     tags = request_tags(result.request, origin)
     return encode_mp3_within(result.audio, result.sample_rate, max_bytes, tags=tags)
-
-
-def _jump_url(job: Job, message_id: int) -> str:
-    """A link to a message (webhook messages do not know their server, so build it here)."""
-    return f"https://discord.com/channels/{job.guild_id}/{job.channel_id}/{message_id}"
 
 
 def _mention(job: Job) -> discord.AllowedMentions:

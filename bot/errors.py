@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import discord
 from discord import app_commands
@@ -61,3 +62,17 @@ async def on_app_command_error(
         await reply_privately(interaction, user_message(cause))
     except discord.HTTPException:
         log.warning("could not tell the member about an error")
+
+
+@contextlib.asynccontextmanager
+async def answering(interaction: discord.Interaction) -> AsyncIterator[None]:
+    """Turn an error in a button or form into a private answer (the tree's error handler
+    only sees slash commands and context menus)."""
+    try:
+        yield
+    except GenerationError as error:
+        await reply_privately(interaction, user_message(error))
+    except Exception:
+        log.exception("a button or form failed")
+        with contextlib.suppress(discord.HTTPException):
+            await reply_privately(interaction, UNEXPECTED)

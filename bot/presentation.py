@@ -10,6 +10,7 @@ import discord
 
 from generation.audio_output import MP3_BITRATES
 from generation.engine import GenerationResult
+from generation.estimates import Estimate
 from generation.models import ModelSpec
 from generation.origin import OriginKind
 from generation.queue import Job, JobStatus
@@ -102,23 +103,33 @@ def job_choice(job: Job, owner: str | None = None) -> str:
     return head + short(job.request.prompt, CHOICE_NAME_CHARS - len(head) - len(tail)) + tail
 
 
-def queued_text(job: Job, position: int, eta: float, paused: bool) -> str:
-    text = (
-        f"Queued as job #{job.id}: **{short(job.request.prompt, 100)}**, position {position}, "
-        f"ready in {duration_text(eta)}."
-    )
-    if paused:
-        text += " This server's queue is paused by an admin: it starts when they resume it."
-    return text
+def queued_text(estimate: Estimate) -> str:
+    """A queued job's status: its place and ETA, or that it waits for an admin."""
+    job = estimate.job
+    text = f"Queued as job #{job.id}: **{short(job.request.prompt, 100)}**"
+    if estimate.seconds is None:
+        return f"{text}. {PAUSED}"
+    return f"{text}, position {estimate.position}, ready in {duration_text(estimate.seconds)}."
+
+
+#: What a job of a paused server waits for.
+PAUSED = "This server's queue is paused by an admin: it waits until an admin resumes it."
 
 
 def running_text(job: Job) -> str:
+    """A running job's status: starting, then its progress."""
     request = job.request
-    return (
-        f"Generating job #{job.id}: **{short(request.prompt, 100)}** with {request.model}, "
-        f"{request.duration:g} s\n`{progress_bar(job.fraction_done)}` "
-        f"{job.fraction_done:.0%}"
-    )
+    what = f"job #{job.id}: **{short(request.prompt, 100)}** with {request.model}, "
+    what += f"{request.duration:g} s"
+    if job.progress[1] == 0:
+        return f"Starting {what}."
+    return f"Generating {what}\n`{progress_bar(job.fraction_done)}` {job.fraction_done:.0%}"
+
+
+def outcome_text(job: Job, outcome: str, url: str) -> str:
+    """A status message's last words: how the job ended and a link to the message that says
+    more ("is ready", "failed")."""
+    return f"Job #{job.id}, **{short(job.request.prompt, 100)}**, {outcome}: {url}"
 
 
 def result_embed(
@@ -260,9 +271,7 @@ def jam_filename(jam: Jam) -> str:
     return f"{slug}.mp3"
 
 
-def queue_embed(
-    running: list[Job], queued: list[tuple[Job, int, float]], paused: bool
-) -> discord.Embed:
+def queue_embed(running: list[Job], queued: list[Estimate], paused: bool) -> discord.Embed:
     """A server's queue: the running jobs, then each queued job with position and ETA."""
     embed = discord.Embed(title="Music queue", colour=COLOUR)
     for job in running:
@@ -272,8 +281,13 @@ def queue_embed(
             inline=False,
         )
     lines = [
-        f"{position}. {job_summary(job)}, ready in {duration_text(eta)}"
-        for job, position, eta in queued
+        f"{estimate.position}. {job_summary(estimate.job)}, "
+        + (
+            "waits for an admin"
+            if estimate.seconds is None
+            else f"ready in {duration_text(estimate.seconds)}"
+        )
+        for estimate in queued
     ]
     embed.description = (
         limits.fit_lines(lines, limits.DESCRIPTION) if lines else "No jobs waiting in this server."

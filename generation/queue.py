@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
@@ -197,14 +197,18 @@ class FairQueue:
         return self._in_turns(queues) + paused
 
     def _in_turns(self, queues: dict[int, list[Job]]) -> list[Job]:
-        """The jobs of ``queues`` (emptied on the way) as the servers would take turns."""
-        served_at, turn, order = dict(self._served_at), self._turn, []
-        while (guild_id := _next_guild(queues, served_at)) is not None:
-            order.append(queues[guild_id].pop(0))
-            if not queues[guild_id]:
-                del queues[guild_id]
-            turn += 1
-            served_at[guild_id] = turn
+        """The jobs of ``queues`` as the servers would take turns, in one pass: the server
+        served least recently first (those never served in the order they came), then each
+        server with jobs left goes to the back of the line."""
+        line = deque(sorted(queues, key=lambda guild: self._served_at.get(guild, -1)))
+        waiting = {guild: deque(jobs) for guild, jobs in queues.items()}
+        order = []
+        while line:
+            guild_id = line.popleft()
+            jobs = waiting[guild_id]
+            order.append(jobs.popleft())
+            if jobs:
+                line.append(guild_id)
         return order
 
     def _serving(self) -> dict[int, deque[Job]]:
@@ -257,10 +261,3 @@ class FairQueue:
         yield from self._held
         for jobs in self._queues.values():
             yield from jobs
-
-
-def _next_guild(queues: Mapping[int, Sequence[Job]], served_at: dict[int, int]) -> int | None:
-    """The server served least recently among those with jobs (first come on a tie)."""
-    if not queues:
-        return None
-    return min(queues, key=lambda guild: served_at.get(guild, -1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -137,8 +138,19 @@ def _check_range(option: str, value: float, low: float, high: float) -> None:
         raise InvalidOption(option, f"Use a value from {low:g} to {high:g}.")
 
 
-def check_audio_options(spec: ModelSpec, *, melody: bool, continuation: bool) -> None:
-    """Check which audio inputs a request has against its model, before any is read."""
+#: The released models that follow a melody: the advice where no narrower list is known.
+MELODY_MODELS = ("facebook/musicgen-melody", "facebook/musicgen-melody-large")
+
+
+def check_audio_options(
+    spec: ModelSpec,
+    *,
+    melody: bool,
+    continuation: bool,
+    melody_models: Sequence[str] = MELODY_MODELS,
+) -> None:
+    """Check which audio inputs a request has against its model, before any is read;
+    ``melody_models`` are the ones to advise instead (those the user may pick)."""
     if melody and continuation:
         raise InvalidOption(
             "melody",
@@ -148,7 +160,7 @@ def check_audio_options(spec: ModelSpec, *, melody: bool, continuation: bool) ->
         raise InvalidOption(
             "melody",
             f"{spec.name} cannot follow a melody: pick a melody model "
-            "(facebook/musicgen-melody or facebook/musicgen-melody-large).",
+            f"({' or '.join(melody_models)}).",
         )
 
 

@@ -75,6 +75,7 @@ class JobService:
     async def start(self) -> None:
         """Pick up where the last run stopped: queued jobs in their order, jobs that were
         running when it died (within ``max_attempts``), and outcomes never delivered."""
+        await self.worker.load_rates()
         for guild_id in await self.store.paused_guilds():
             self.queue.pause(guild_id)
         for job in await self.store.pending():
@@ -92,6 +93,7 @@ class JobService:
             self.queue.add(job)
         for job in await self.store.undelivered():
             await self.worker.deliver(job)
+        self.worker.queue_changed()
         self.worker.wake()
 
     async def submit(
@@ -145,6 +147,7 @@ class JobService:
         finally:
             if job.status is JobStatus.QUEUED:
                 self.queue.add(job)
+                self.worker.queue_changed()
                 self.worker.wake()
 
     async def cancel(self, job: Job) -> bool:
@@ -155,13 +158,16 @@ class JobService:
         await self.store.finish(job, JobStatus.CANCELLED)
         log.info("job=%d event=cancelled while=queued", job.id)
         self.worker.deliver_later(job)
+        self.worker.queue_changed()
         return True
 
     def pause(self, guild_id: int) -> None:
         self.queue.pause(guild_id)
+        self.worker.queue_changed()
 
     def resume(self, guild_id: int) -> None:
         self.queue.resume(guild_id)
+        self.worker.queue_changed()
         self.worker.wake()
 
     async def shutdown(self, grace: float) -> None:

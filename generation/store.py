@@ -134,6 +134,16 @@ MIGRATIONS: tuple[str | Migration, ...] = (
     CREATE INDEX jobs_by_member ON jobs (guild_id, user_id, status, id);
     CREATE INDEX jobs_by_guild ON jobs (guild_id, status, id);
     """,
+    """
+    CREATE TABLE generation_rates (
+        device TEXT NOT NULL,
+        model TEXT NOT NULL,
+        rows INTEGER NOT NULL,
+        seconds_per_second REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (device, model, rows)
+    );
+    """,
 )
 
 _AUDIO_OPTIONS = ("melody", "continuation")
@@ -584,6 +594,26 @@ class JobStore:
     async def paused_guilds(self) -> list[int]:
         rows = await self._db.execute_fetchall("SELECT guild_id, settings FROM guild_settings")
         return [row[0] for row in rows if json.loads(row[1]).get("paused")]
+
+    # Generation rates
+
+    async def generation_rates(self, device: str) -> dict[tuple[str, int], float]:
+        """Seconds of work per second of audio learnt on ``device``, by (model, batch size)."""
+        rows = await self._db.execute_fetchall(
+            "SELECT model, rows, seconds_per_second FROM generation_rates WHERE device = ?",
+            (device,),
+        )
+        return {(model, batch): rate for model, batch, rate in rows}
+
+    async def save_generation_rate(self, device: str, model: str, rows: int, rate: float) -> None:
+        async with self._transaction():
+            await self._db.execute(
+                """INSERT INTO generation_rates VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (device, model, rows) DO UPDATE SET
+                       seconds_per_second = excluded.seconds_per_second,
+                       updated_at = excluded.updated_at""",
+                (device, model, rows, rate, time.time()),
+            )
 
     # Relay jams
 

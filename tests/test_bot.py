@@ -14,7 +14,7 @@ from generation.audio_output import encode_mp3_within, normalise_loudness, reque
 from generation.queue import Job
 from generation.request import GenerationRequest
 
-from .bot_helpers import fields, mp3_of, private_reply
+from .bot_helpers import fields, mp3_of, outcome, private_reply
 from .bot_helpers import job_id as job_number
 from .helpers import encode_tone, ima_adpcm_wav, wav_without_decoder
 
@@ -31,7 +31,7 @@ async def test_generate_replies_with_an_mp3_and_what_sets_it_apart(alice, channe
     result = await alice.slash(
         channel, "music generate", prompt="lo-fi hip hop beat", duration=2.0, seed=7
     )
-    message = result.response
+    message = outcome(result)
     assert message.content.startswith(f"<@{alice.id}>")
     audio = await mp3_of(message)
     assert audio.shape[0] == 1
@@ -45,7 +45,7 @@ async def test_generate_replies_with_an_mp3_and_what_sets_it_apart(alice, channe
     changed = await alice.slash(
         channel, "music generate", prompt="x", duration=1.0, top_k=50, no_sampling=True
     )
-    assert list(fields(changed.response))[3:] == ["Top-k", "Sampling"]
+    assert list(fields(outcome(changed)))[3:] == ["Top-k", "Sampling"]
 
 
 async def test_every_option_reaches_the_engine(alice, channel, engine):
@@ -62,7 +62,7 @@ async def test_every_option_reaches_the_engine(alice, channel, engine):
         model="debug-stereo",
     )
     result = await alice.slash(channel, "music generate", prompt="ambient pads", **options)
-    values = fields(result.response)
+    values = fields(outcome(result))
     assert (values["Model"], values["Seed"], values["Top-k"]) == ("debug-stereo", "1234", "50")
     assert (values["Top-p"], values["CFG coef"], values["Temperature"]) == ("0.5", "5", "0.7")
     assert (values["Two-step CFG"], values["Extend stride"]) == ("on", "10 s")
@@ -77,7 +77,7 @@ async def test_every_option_reaches_the_engine(alice, channel, engine):
         tags=request_tags(direct.request),
     )
     np.testing.assert_allclose(
-        await mp3_of(result.response), decode_audio(data, AudioLimits()).samples, atol=1e-4
+        await mp3_of(outcome(result)), decode_audio(data, AudioLimits()).samples, atol=1e-4
     )
 
 
@@ -88,8 +88,8 @@ async def test_no_sampling_is_greedy(alice, channel):
     second = await alice.slash(
         channel, "music generate", prompt="rock", duration=1.0, no_sampling=True, seed=2
     )
-    assert fields(first.response)["Sampling"] == "off (greedy)"
-    np.testing.assert_array_equal(await mp3_of(first.response), await mp3_of(second.response))
+    assert fields(outcome(first))["Sampling"] == "off (greedy)"
+    np.testing.assert_array_equal(await mp3_of(outcome(first)), await mp3_of(outcome(second)))
 
 
 async def test_a_melody_upload_guides_a_melody_model(alice, channel, tmp_path):
@@ -102,8 +102,8 @@ async def test_a_melody_upload_guides_a_melody_model(alice, channel, tmp_path):
         duration=2.0,
         melody=("melody.ogg", melody),
     )
-    assert fields(result.response)["Melody"] == "3.0 s clip"
-    assert (await mp3_of(result.response)).shape[1] / 32_000 == pytest.approx(2.0, abs=0.1)
+    assert fields(outcome(result))["Melody"] == "3.0 s clip"
+    assert (await mp3_of(outcome(result))).shape[1] / 32_000 == pytest.approx(2.0, abs=0.1)
 
 
 async def test_a_continuation_upload_is_extended(alice, channel, tmp_path):
@@ -115,8 +115,8 @@ async def test_a_continuation_upload_is_extended(alice, channel, tmp_path):
         duration=3.0,
         continuation=("intro.m4a", intro),
     )
-    assert fields(result.response)["Continuation of"] == "1.5 s intro"
-    assert (await mp3_of(result.response)).shape[1] / 32_000 == pytest.approx(3.0, abs=0.1)
+    assert fields(outcome(result))["Continuation of"] == "1.5 s intro"
+    assert (await mp3_of(outcome(result))).shape[1] / 32_000 == pytest.approx(3.0, abs=0.1)
 
 
 @pytest.mark.parametrize(
@@ -139,7 +139,7 @@ async def test_bad_uploads_are_refused_and_the_bot_keeps_serving(
     assert expected in private_reply(rejected)
     assert "**melody**" in private_reply(rejected)
     served = await alice.slash(channel, "music generate", prompt="after", duration=1.0)
-    assert served.response.attachments
+    assert outcome(served).attachments
 
 
 async def test_melody_on_a_model_without_melody_is_refused_before_queueing(
@@ -184,13 +184,13 @@ async def test_a_job_finished_after_the_token_expired_is_posted_in_the_channel(
 async def test_pause_keeps_jobs_queued_and_resume_runs_them(alice, admin, channel):
     await admin.slash(channel, "music admin pause")
     queued = await alice.slash(channel, "music generate", prompt="waiting", duration=1.0)
-    assert "position 1" in queued.response.content
-    assert not queued.response.attachments
+    assert "waits until an admin resumes it" in queued.response.content
+    assert "ready in" not in queued.response.content and "position" not in queued.response.content
     queue = await alice.slash(channel, "music queue")
     assert "waiting" in queue.response.embeds[0].description
     assert "Paused" in queue.response.embeds[0].footer.text
     await admin.slash(channel, "music admin resume")
-    assert queued.response.attachments
+    assert outcome(queued).attachments
 
 
 @pytest.mark.parametrize("command", ["music admin pause", "music admin resume"])
@@ -234,7 +234,8 @@ async def test_queue_shows_position_requester_prompt_model_duration_and_eta(
     result = await alice.slash(channel, "music queue")
     lines = result.response.embeds[0].description.splitlines()
     assert lines[0].startswith("1. #") and f"<@{alice.id}>" in lines[0]
-    assert "first tune (debug, 2 s)" in lines[0] and "ready in about" in lines[0]
+    assert "first tune (debug, 2 s)" in lines[0]
+    assert "waits for an admin" in lines[0] and "ready in" not in lines[0]  # paused: no ETA
     assert lines[1].startswith("2. #") and "second tune (debug-stereo, 3 s)" in lines[1]
 
 
@@ -288,11 +289,11 @@ async def test_job_life_is_logged_without_secrets(alice, channel, caplog):
         duration=1.0,
         model="facebook/musicgen-small",
     )
-    assert "could not load facebook/musicgen-small" in failed.response.content.lower()
+    assert "could not load facebook/musicgen-small" in outcome(failed).content.lower()
     messages = [record.getMessage() for record in caplog.records]
     for event in ("queued", "started", "finished", "failed", "delivered"):
         assert any(f"event={event}" in message for message in messages), event
-    assert done.response.attachments
+    assert outcome(done).attachments
     # SimCord's interaction tokens start so; the bot stores them and must never log them.
     for secret in ("not-a-real-token", "simcord_interaction_"):
         assert not any(secret in message for message in messages)
@@ -302,9 +303,9 @@ async def test_a_failing_job_does_not_stop_the_next(alice, bob, channel):
     failed = await alice.slash(
         channel, "music generate", prompt="x", duration=1.0, model="facebook/musicgen-small"
     )
-    assert "failed" in failed.response.content
+    assert "failed" in outcome(failed).content
     served = await bob.slash(channel, "music generate", prompt="y", duration=1.0)
-    assert served.response.attachments
+    assert outcome(served).attachments
 
 
 async def test_fairness_between_two_servers(simcord_env, alice, bob, channel, caplog):
@@ -329,7 +330,7 @@ async def test_fairness_between_two_servers(simcord_env, alice, bob, channel, ca
     results.append(await carol.slash(other_channel, "music generate", prompt="b1", duration=1.0))
 
     prompt_of = {
-        int(r.response.embeds[0].footer.text.removeprefix("Job #")): r.response.embeds[0].title
+        int(outcome(r).embeds[0].footer.text.removeprefix("Job #")): outcome(r).embeds[0].title
         for r in results
     }
     started = [
@@ -342,9 +343,9 @@ async def test_show_autocompletes_the_members_recent_tracks(alice, bob, admin, c
     made = []
     for prompt in ("lofi rain", "dark techno"):
         result = await alice.slash(channel, "music generate", prompt=prompt, duration=1.0)
-        made.append(job_number(result.response))
+        made.append(job_number(outcome(result)))
     bobs = job_number(
-        (await bob.slash(channel, "music generate", prompt="bob's", duration=1.0)).response
+        outcome(await bob.slash(channel, "music generate", prompt="bob's", duration=1.0))
     )
     await alice.slash(channel, "music generate", prompt="failing", model="facebook/musicgen-small")
 

@@ -12,7 +12,7 @@ import simcord
 from generation.audio_input import AudioLimits, decode_audio
 from generation.store import JobStore
 
-from .bot_helpers import buttons, fields, job_id, make_bot, mp3_of, private_reply, seconds
+from .bot_helpers import buttons, fields, job_id, make_bot, mp3_of, outcome, private_reply, seconds
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
@@ -27,8 +27,7 @@ async def start_jam(member, channel, title="Friday jam"):
 
 async def take_turn(member, thread, prompt, length=2.0):
     result = await member.slash(thread, "music jam add", prompt=prompt, length=length)
-    assert result.response.attachments, result.response.content
-    return result.response
+    return outcome(result)
 
 
 def link(message) -> str:
@@ -99,8 +98,8 @@ async def test_members_take_turns(alice, bob, admin, channel):
     )
     assert timeline(thread)[-1].endswith("(queued)")
     await admin.slash(channel, "music admin resume")
-    assert waiting.response.attachments
-    assert timeline(thread)[-1].endswith(f"({link(waiting.response)})")
+    assert outcome(waiting).attachments
+    assert timeline(thread)[-1].endswith(f"({link(outcome(waiting))})")
     turn = await take_turn(bob, thread, "now", length=1.0)
     assert fields(turn)["Continuation of"] == "1.0 s intro"
 
@@ -127,7 +126,7 @@ async def test_a_jam_goes_on_after_a_restart(simcord_env, alice, bob, channel, d
     assert fields(second)["Continuation of"] == "2.0 s intro"
     assert len(timeline(thread)) == 3
     clicked = await bob.click(first, label="Re-roll")
-    assert clicked.response.attachments
+    assert outcome(clicked).attachments
 
 
 async def test_one_turn_is_a_turn(alice, channel):
@@ -145,14 +144,14 @@ async def test_a_re_rolled_turn_is_another_take_the_jam_can_adopt(
     second = await take_turn(bob, thread, "drums", length=1.0)
 
     # Bob re-rolls his turn: a take of turn 2, outside the jam until adopted.
-    rerolled = (await bob.click(second, label="Re-roll")).response
+    rerolled = outcome(await bob.click(second, label="Re-roll"))
     assert rerolled.embeds[0].description.startswith(
         f"Re-roll of #{job_id(second)} (turn 2 of the jam): another take of that turn, not in "
         "the jam unless adopted with **Adopt as turn 2**."
     )
     assert fields(rerolled)["Continuation of"] == "2.0 s intro"  # the same intro as turn 2
     assert timeline(thread)[-1] == f"2. <@{bob.id}>: *drums* ({link(second)})"
-    again = (await bob.click(rerolled, label="Re-roll")).response  # a take of a take
+    again = outcome(await bob.click(rerolled, label="Re-roll"))  # a take of a take
     assert "turn 2 of the jam" in again.embeds[0].description
 
     # Only the turn's player, the jam's starter or Manage Server choose; then it is turn 2.
@@ -185,6 +184,6 @@ async def test_a_re_rolled_turn_is_another_take_the_jam_can_adopt(
     refused = await admin.click(again, label="Adopt as turn 2")
     assert "only the latest turn can change" in private_reply(refused)
     # Variations of a turn are not turns, and say so.
-    varied = (await bob.click(first, label="Variations")).response
+    varied = outcome(await bob.click(first, label="Variations"))
     assert "(turn 1 of the jam): not a turn of the jam." in varied.embeds[0].description
     assert "Adopt as turn 1" not in [b for b in buttons(varied)]

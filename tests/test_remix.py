@@ -15,7 +15,16 @@ from generation.store import JobStore
 from generation.stored_audio import content_hash
 from generation.waveform import GAP, HEIGHT, MARKER, WIDTH
 
-from .bot_helpers import buttons, fields, job_id, make_bot, mp3_of, private_reply, seconds
+from .bot_helpers import (
+    buttons,
+    fields,
+    job_id,
+    make_bot,
+    mp3_of,
+    outcome,
+    private_reply,
+    seconds,
+)
 from .helpers import encode_titled_tone, encode_tone, wav_without_decoder
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
@@ -25,8 +34,7 @@ async def track(member, channel, prompt="warm synthwave", **options):
     """A result message, made by ``member``."""
     options = {"duration": 2.0, **options}
     result = await member.slash(channel, "music generate", prompt=prompt, **options)
-    assert result.response.attachments, result.response.content
-    return result.response
+    return outcome(result)
 
 
 async def mp3(message) -> bytes:
@@ -67,7 +75,7 @@ async def test_every_result_has_a_waveform_and_the_buttons(alice, channel):
 async def test_re_roll_is_the_same_request_with_a_new_seed_for_whoever_clicks(alice, bob, channel):
     original = await track(alice, channel, temperature=0.8, seed=11)
     clicked = await bob.click(original, custom_id=f"musicgen:reroll:{job_id(original)}")
-    reply = clicked.response
+    reply = outcome(clicked)
     assert reply.content.startswith(f"<@{bob.id}>")  # bob's job, delivered to bob
     before, after = fields(original), fields(reply)
     assert reply.embeds[0].title == "warm synthwave"
@@ -91,7 +99,7 @@ async def test_continue_extends_the_result_with_a_new_prompt_and_length(
     done = await bob.submit_modal(
         shown, {"musicgen:prompt": "drums come in", "musicgen:length": "1.5"}
     )
-    reply = done.response
+    reply = outcome(done)
     assert reply.embeds[0].title == "drums come in"
     assert reply.embeds[0].description.startswith(f"Continues #{job_id(original)}\n")
     assert fields(reply)["Continuation of"] == "2.0 s intro"
@@ -135,11 +143,11 @@ async def test_edit_runs_again_with_the_new_prompt_duration_and_temperature(alic
         shown,
         {"musicgen:prompt": "stormy", "musicgen:duration": "1", "musicgen:temperature": "0.5"},
     )
-    values = fields(done.response)
-    assert done.response.embeds[0].title == "stormy"
-    assert done.response.embeds[0].description.startswith(f"Edit of #{job_id(original)}\n")
+    values = fields(outcome(done))
+    assert outcome(done).embeds[0].title == "stormy"
+    assert outcome(done).embeds[0].description.startswith(f"Edit of #{job_id(original)}\n")
     assert (values["Temperature"], values["Seed"]) == ("0.5", "99")
-    assert seconds(await mp3_of(done.response)) == pytest.approx(1.0, abs=0.1)
+    assert seconds(await mp3_of(outcome(done))) == pytest.approx(1.0, abs=0.1)
 
     shown = await alice.click(original, custom_id=f"musicgen:edit:{job_id(original)}")
     refused = await alice.submit_modal(
@@ -167,7 +175,7 @@ async def test_a_refused_edit_names_every_bad_field_and_keeps_what_was_typed(ali
 
     fixed = {**typed, "musicgen:duration": "1", "musicgen:temperature": "0.5"}
     done = await alice.submit_modal(reopened, fixed)
-    assert done.response.embeds[0].title == "stormy sea"
+    assert outcome(done).embeds[0].title == "stormy sea"
     again = await alice.click(original, label="Edit")  # accepted: the job's values again
     assert text_inputs(again)["musicgen:prompt"] == "calm"
 
@@ -178,7 +186,7 @@ async def test_continue_this_track_on_an_uploaded_clip(alice, bob, channel, tmp_
     shown = await bob.context_menu(channel, "Continue this track", upload)
     assert set(text_inputs(shown)) == {"musicgen:prompt", "musicgen:length"}
     done = await bob.submit_modal(shown, {"musicgen:prompt": "guitar solo", "musicgen:length": "2"})
-    reply = done.response
+    reply = outcome(done)
     assert reply.content.startswith(f"<@{bob.id}>")
     assert reply.embeds[0].description.startswith("Continues an upload (riff.m4a)\n")
     assert fields(reply)["Continuation of"] == "1.5 s intro"
@@ -198,7 +206,7 @@ async def test_continue_this_track_on_a_result(alice, bob, channel):
     assert message.id == original.id
     shown = await bob.context_menu(channel, "Continue this track", message)
     done = await bob.submit_modal(shown, {"musicgen:prompt": "more bass", "musicgen:length": "1"})
-    assert fields(done.response)["Continuation of"] == "2.0 s intro"
+    assert fields(outcome(done))["Continuation of"] == "2.0 s intro"
 
 
 async def test_use_as_melody_picks_a_melody_model_and_says_so(
@@ -209,10 +217,10 @@ async def test_use_as_melody_picks_a_melody_model_and_says_so(
     shown = await bob.context_menu(channel, "Use as melody", upload)
     assert text_inputs(shown) == {"musicgen:prompt": None, "musicgen:duration": "10"}
     done = await bob.submit_modal(shown, {"musicgen:prompt": "orchestra", "musicgen:duration": "2"})
-    values = fields(done.response)
+    values = fields(outcome(done))
     assert (values["Model"], values["Melody"]) == ("debug-melody", "2.0 s clip")
-    assert done.response.embeds[0].description.startswith("Melody from an upload (tune.wav)\n")
-    tags = id3(await mp3(done.response))
+    assert outcome(done).embeds[0].description.startswith("Melody from an upload (tune.wav)\n")
+    tags = id3(await mp3(outcome(done)))
     assert (tags["musicgen_origin"], tags["musicgen_source_file"]) == ("upload-melody", "tune.wav")
     assert len(tags["musicgen_melody_sha256"]) == 64
     queued = [
@@ -256,18 +264,18 @@ async def test_use_as_melody_on_an_upload_titled_in_latin_1(alice, channel, tmp_
     upload = await alice.send(channel, "hum", attachments=[("cafe.flac", tune.read_bytes())])
     shown = await alice.context_menu(channel, "Use as melody", upload)
     done = await alice.submit_modal(shown, {"musicgen:prompt": "strings", "musicgen:duration": "1"})
-    assert fields(done.response)["Melody"] == "2.0 s clip"
+    assert fields(outcome(done))["Melody"] == "2.0 s clip"
 
 
 async def test_buttons_work_after_a_restart(simcord_env, alice, bob, channel, database):
     original = await track(alice, channel, prompt="before the restart", seed=3)
     await simcord_env.restart_bot(make_bot(database))
     rerolled = await bob.click(original, custom_id=f"musicgen:reroll:{job_id(original)}")
-    assert rerolled.response.embeds[0].title == "before the restart"
-    assert fields(rerolled.response)["Seed"] != "3"
+    assert outcome(rerolled).embeds[0].title == "before the restart"
+    assert fields(outcome(rerolled))["Seed"] != "3"
     shown = await bob.click(original, label="Continue")
     done = await bob.submit_modal(shown, {"musicgen:prompt": "after", "musicgen:length": "1"})
-    assert fields(done.response)["Continuation of"] == "2.0 s intro"
+    assert fields(outcome(done))["Continuation of"] == "2.0 s intro"
     shown = await bob.click(original, label="Edit")
     assert text_inputs(shown)["musicgen:prompt"] == "before the restart"
 
@@ -275,7 +283,7 @@ async def test_buttons_work_after_a_restart(simcord_env, alice, bob, channel, da
 async def test_variations_are_several_takes_delivered_together(alice, bob, channel, database):
     original = await track(alice, channel, prompt="lofi loop", duration=1.5, seed=20)
     clicked = await bob.click(original, label="Variations")
-    reply = clicked.response
+    reply = outcome(clicked)
     assert reply.content.startswith(f"<@{bob.id}>, your tracks are ready.")
     mp3s = [a for a in reply.attachments if a.filename.endswith(".mp3")]
     assert len(mp3s) == 4
@@ -293,11 +301,11 @@ async def test_variations_are_several_takes_delivered_together(alice, bob, chann
     shown = await alice.click(reply, custom_id=f"musicgen:continue:{number}:2")
     assert list(buttons(reply))[-4:] == ["Continue 1", "Continue 2", "Continue 3", "Continue 4"]
     done = await alice.submit_modal(shown, {"musicgen:prompt": "third", "musicgen:length": "1"})
-    assert fields(done.response)["Continuation of"] == "1.5 s intro"
+    assert fields(outcome(done))["Continuation of"] == "1.5 s intro"
     store = await JobStore.open(database)
     try:
         variations = await store.get(number)
-        continued = await store.get(job_id(done.response))
+        continued = await store.get(job_id(outcome(done)))
         take_3, _ = await store.load_result(variations, take=2)
     finally:
         await store.close()

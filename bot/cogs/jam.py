@@ -29,7 +29,8 @@ from generation.store import Jam, Segment
 
 from .. import limits, presentation
 from ..access import Rules, may_manage
-from .remix import DEFAULT_ADDED_SECONDS, answering, carry_on, check_fits
+from ..errors import answering
+from .remix import DEFAULT_ADDED_SECONDS, carry_on, check_fits
 
 if TYPE_CHECKING:
     from ..bot import MusicGenBot
@@ -282,10 +283,11 @@ class Jams(commands.Cog):
 
     @commands.Cog.listener()
     async def on_job_ended(self, job: Job) -> None:
-        """Keep the timeline of the jam a job belongs to (if any) up to date."""
+        """Keep the timeline of the jam a job belongs to (if any) up to date, linking to the
+        job's outcome (not yet in the store: the event comes as it is posted)."""
         jam = await self.store.jam_of_job(job.id)
         if jam is not None:
-            await self._update_timeline(jam)
+            await self._update_timeline(jam, ended=job)
 
     async def _jam(self, interaction: discord.Interaction) -> Jam:
         jam = await self.store.jam(interaction.channel_id or 0)
@@ -321,10 +323,14 @@ class Jams(commands.Cog):
                 return job
         return None
 
-    async def _update_timeline(self, jam: Jam) -> None:
+    async def _update_timeline(self, jam: Jam, ended: Job | None = None) -> None:
         if jam.timeline_message_id is None:
             return
-        content = presentation.jam_timeline(jam, await self._turns_of(jam))
+        turns = [
+            (segment, ended if ended is not None and job.id == ended.id else job)
+            for segment, job in await self._turns_of(jam)
+        ]
+        content = presentation.jam_timeline(jam, turns)
         message = self.bot.get_partial_messageable(
             jam.thread_id, guild_id=jam.guild_id
         ).get_partial_message(jam.timeline_message_id)

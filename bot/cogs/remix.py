@@ -7,10 +7,8 @@ the member who asked, through the same checks and limits as /music generate.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from functools import partial
 from pathlib import PurePath
@@ -23,13 +21,12 @@ from discord.ext import commands
 from generation.audio_input import check_size
 from generation.continuation import MAX_INTRO_SECONDS, continue_request, intro_clip
 from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
-from generation.models import resolve_model
 from generation.origin import Origin, OriginKind
 from generation.queue import MAX_TAKES, Job, JobStatus
 from generation.request import TEMPERATURE_RANGE, AudioClip, GenerationRequest
 from generation.store import Expired
 
-from ..errors import UNEXPECTED, reply_privately, user_message
+from ..errors import answering
 from ..modals import Drafts, Field, Form, Submit, prompt_field, read_form
 from ..presentation import short
 from ..views import BUTTONS
@@ -257,38 +254,22 @@ class Remix(commands.Cog):
     ) -> bool:
         async with answering(interaction):
             duration = read_form(values, {"duration": (1.0, self.music.max_duration)})["duration"]
-            model, note = await self._melody_model(interaction.guild_id or 0)
 
             async def with_melody(request: GenerationRequest) -> GenerationRequest:
                 return replace(request, melody=await self._read(interaction, attachment, "melody"))
 
-            request = GenerationRequest(prompt=values["prompt"], model=model, duration=duration)
-            note = f"{note} Following the melody of {short(attachment.filename, 100)}.".strip()
+            # No model: the server's default, or its first allowed melody model (said so).
+            request = GenerationRequest(prompt=values["prompt"], model="", duration=duration)
             job = await self.music.queue_request(
                 interaction,
                 request,
                 prepare=with_melody,
-                note=note,
+                note=f"Following the melody of {short(attachment.filename, 100)}.",
                 origin=Origin(OriginKind.UPLOAD_MELODY, filename=attachment.filename),
+                melody=True,
             )
             return job is not None
         return False
-
-    async def _melody_model(self, guild_id: int) -> tuple[str, str]:
-        """The server's default model if it takes a melody, else the first allowed one that
-        does; and a note saying so when it is not the default."""
-        rules = await self.bot.access.rules(guild_id)
-        default = rules.model("")
-        if resolve_model(default).melody:
-            return default, ""
-        for name in rules.models:
-            if resolve_model(name).melody:
-                return name, f"{default} cannot follow a melody, so this uses {name}."
-        raise InvalidOption(
-            "model",
-            "No model allowed in this server can follow a melody: an admin can allow one "
-            "with `/music admin settings`.",
-        )
 
     # Helpers
 
@@ -379,20 +360,6 @@ def carry_on(
     """``request`` continuing ``intro`` by ``added`` seconds, if that fits in ``longest``."""
     check_fits(added, intro.seconds, longest)
     return continue_request(request, intro, added)
-
-
-@contextlib.asynccontextmanager
-async def answering(interaction: discord.Interaction) -> AsyncIterator[None]:
-    """Turn an error in a button or form into a private answer (the tree's error handler
-    only sees slash commands and context menus)."""
-    try:
-        yield
-    except GenerationError as error:
-        await reply_privately(interaction, user_message(error))
-    except Exception:
-        log.exception("a button or form failed")
-        with contextlib.suppress(discord.HTTPException):
-            await reply_privately(interaction, UNEXPECTED)
 
 
 async def setup(bot: MusicGenBot) -> None:
