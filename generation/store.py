@@ -23,7 +23,7 @@ import aiosqlite
 import numpy as np
 import soundfile
 
-from .errors import DamagedResult, GenerationError
+from .errors import DamagedResult, GenerationError, ResultMissing
 from .origin import Origin
 from .queue import Job, JobStatus, ReplyAddress
 from .request import AudioClip, GenerationRequest
@@ -465,19 +465,19 @@ class JobStore:
         partial.replace(path)  # a crash never leaves half a result under the real name
         return path
 
-    async def load_result(self, job: Job, take: int = 0) -> tuple[np.ndarray, int] | None:
-        """One take of a job's audio (``[channels, samples]``) and its sample rate; None
-        when it is not kept.
+    async def load_result(self, job: Job, take: int = 0) -> tuple[np.ndarray, int]:
+        """One take of a job's audio (``[channels, samples]``) and its sample rate.
 
         Raises:
             Expired: the retention policy deleted it.
+            ResultMissing: the file is gone otherwise.
             DamagedResult: the file is there but cannot be read.
         """
         if job.result_expired_at is not None:
             raise Expired.track(job)
         path = self.result_path(job, take)
         if not path.exists():
-            return None
+            raise ResultMissing(job.id)
         try:
             audio, sample_rate = await asyncio.to_thread(
                 soundfile.read, path, dtype="float32", always_2d=True

@@ -174,8 +174,6 @@ class Jams(commands.Cog):
     ) -> GenerationRequest:
         """``request`` as a continuation of the end of ``latest``'s track."""
         stored = await self.store.load_result(latest)
-        if stored is None:
-            raise GenerationError(f"The track of job #{latest.id} is no longer kept.")
         return carry_on(request, intro_clip(*stored), length, longest)
 
     async def export(self, interaction: discord.Interaction, with_segments: bool) -> None:
@@ -188,10 +186,7 @@ class Jams(commands.Cog):
         parts: list[tuple[Job, np.ndarray, float]] = []
         sample_rate = 0
         for job in turns:
-            stored = await self.store.load_result(job)
-            if stored is None:
-                raise GenerationError(f"The track of job #{job.id} is no longer kept.")
-            audio, sample_rate = stored
+            audio, sample_rate = await self.store.load_result(job)
             intro = job.request.continuation.seconds if job.request.continuation else 0.0
             parts.append((job, audio, intro))
         track = await asyncio.to_thread(

@@ -13,7 +13,6 @@ from discord.ext import commands
 from generation.audio_input import AudioLimits, check_size, decode_upload
 from generation.errors import (
     AudioInputError,
-    DamagedResult,
     GenerationError,
     InvalidOption,
     JobNotFound,
@@ -30,7 +29,7 @@ from generation.request import (
     GenerationRequest,
     check_audio_options,
 )
-from generation.store import Expired, GuildSettings
+from generation.store import GuildSettings
 
 from .. import limits, presentation
 from ..access import Rules, may_manage, rules_for
@@ -304,12 +303,7 @@ class Music(commands.Cog):
             raise JobNotFound(f"There is no job #{job} in this server.")
         if found.status is not JobStatus.DONE:
             raise JobNotFound(f"Job #{job} has no track: it is {found.status.value}.")
-        try:
-            results = await self.service.worker.stored_results(found)
-        except (DamagedResult, Expired):  # they say what happened to it
-            raise
-        except GenerationError as error:
-            raise JobNotFound(f"The track of job #{job} is no longer kept.") from error
+        results = await self.service.worker.stored_results(found)
         await interaction.response.defer(thinking=True)
         posted = await result_message(found, results, interaction.filesize_limit, complete=True)
         await interaction.followup.send(

@@ -133,8 +133,6 @@ class Remix(commands.Cog):
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
                 stored = await self.store.load_result(source, take)
-                if stored is None:
-                    raise JobNotFound(f"The track of job #{job_id} is no longer kept.")
                 return carry_on(request, intro_clip(*stored), added, longest)
 
             request = replace(
