@@ -177,12 +177,12 @@ class Music(commands.Cog):
         return await self.read_uploads(given)
 
     async def read_uploads(self, uploads: dict[str, discord.Attachment]) -> dict[str, AudioClip]:
-        """Read each attachment at once (their URLs expire) and decode it off the loop."""
+        """Download each attachment at once (their URLs expire), once there is room to
+        decode it, and decode it off the loop."""
         clips = {}
         for option, attachment in uploads.items():
             try:
-                data = await attachment.read()
-                clips[option] = await decode_upload(data, self.upload_limits, option)
+                clips[option] = await decode_upload(attachment.read, self.upload_limits, option)
             except AudioInputError as error:
                 raise InvalidOption(option, str(error)) from error
             except discord.HTTPException as error:
