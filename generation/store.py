@@ -419,14 +419,18 @@ class JobStore:
             with_audio=False,
         )
 
-    async def submitted_since(
+    async def takes_since(
         self, guild_id: int, user_id: int, since: float
     ) -> list[tuple[float, int]]:
         """When a member submitted each job in a server since ``since``, and its takes
-        (oldest first)."""
+        (oldest first): the jobs that count against the hourly limit, those that made or
+        will make tracks, or ran before they were cancelled. A failed job, or one cancelled
+        before it started, cost the member nothing."""
         rows = await self._db.execute_fetchall(
             """SELECT submitted_at, takes FROM jobs WHERE guild_id = ? AND user_id = ?
-               AND submitted_at >= ? ORDER BY submitted_at""",
+               AND submitted_at >= ? AND status != 'failed'
+               AND NOT (status = 'cancelled' AND started_at IS NULL)
+               ORDER BY submitted_at""",
             (guild_id, user_id, since),
         )
         return [(row[0], row[1]) for row in rows]
