@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import unicodedata
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -16,6 +17,8 @@ TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_P_RANGE = (0.0, 1.0)
 MAX_CFG_COEF = 20.0
 MAX_PROMPT_CHARS = 1000
+#: Control characters a prompt may hold: line breaks and tabs (forms and files have them).
+ALLOWED_CONTROLS = frozenset("\n\r\t")
 MAX_SEED = 2**32 - 1
 DEFAULT_MAX_DURATION = 120.0
 
@@ -105,6 +108,7 @@ def validate_request(
         raise InvalidOption(
             "prompt", f"The prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}."
         )
+    _check_prompt_characters(prompt)
     if not 0 < request.duration <= max_duration:
         raise InvalidOption(
             "duration", f"Duration must be above 0 and at most {max_duration:g} seconds."
@@ -129,6 +133,19 @@ def validate_request(
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
         raise InvalidOption("seed", f"The seed must be between 0 and {MAX_SEED}.")
     _check_audio_inputs(request, spec)
+
+
+def _check_prompt_characters(prompt: str) -> None:
+    """Refuse control characters (a NUL breaks the MP3's tags) and lone surrogates (no UTF-8
+    can hold them), naming the first one and where it is."""
+    for position, character in enumerate(prompt, start=1):
+        kind = unicodedata.category(character)
+        if (kind == "Cc" and character not in ALLOWED_CONTROLS) or kind == "Cs":
+            raise InvalidOption(
+                "prompt",
+                f"The prompt has an invisible control character (U+{ord(character):04X}) at "
+                f"character {position}: remove it (line breaks and tabs are fine).",
+            )
 
 
 def _check_range(option: str, value: float, low: float, high: float) -> None:

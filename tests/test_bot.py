@@ -327,3 +327,11 @@ async def test_fairness_between_two_servers(simcord_env, alice, bob, channel, ca
         record.args[0] for record in caplog.records if record.msg.startswith("job=%d event=started")
     ]
     assert [prompt_of[job_id] for job_id in started] == ["a1", "b1", "a2", "a3"]
+
+
+async def test_a_prompt_with_a_nul_byte_is_refused_before_it_is_queued(alice, channel):
+    refused = await alice.slash(channel, "music generate", prompt="lo-fi\x00 beat", duration=1.0)
+    assert "**prompt**" in private_reply(refused)
+    assert "U+0000" in private_reply(refused)
+    served = await alice.slash(channel, "music generate", prompt="lo-fi beat", duration=1.0)
+    assert served.response.attachments

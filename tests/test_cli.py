@@ -124,3 +124,13 @@ def test_invalid_values_exit_with_one_line_naming_the_flag(workdir, capsys, args
     assert flag in err
     assert "Traceback" not in err
     assert not list(workdir.glob("*.mp3"))
+
+
+def test_a_prompt_with_a_control_character_exits_naming_the_flag(workdir, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--model", "debug", "--prompt", "beat\x1b[31m", "--duration", "1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--prompt" in err and "U+001B" in err
+    assert not list(workdir.glob("*.mp3"))
