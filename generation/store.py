@@ -82,6 +82,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (thread_id, position)
     );
     """,
+    # Deliveries tried and failed; why an outcome is kept for /music history undelivered.
+    """
+    ALTER TABLE jobs ADD COLUMN delivery_attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN delivery_failure TEXT;
+    """,
 )
 
 _AUDIO_OPTIONS = ("melody", "continuation")
@@ -273,6 +278,23 @@ class JobStore:
                 (result_url, job.id),
             )
 
+    async def count_failed_delivery(self, job: Job) -> None:
+        """Count a try at delivering ``job``'s outcome that failed."""
+        job.delivery_attempts += 1
+        async with self._transaction():
+            await self._db.execute(
+                "UPDATE jobs SET delivery_attempts = delivery_attempts + 1 WHERE id = ?",
+                (job.id,),
+            )
+
+    async def keep_undelivered(self, job: Job, reason: str) -> None:
+        """Stop trying to deliver ``job``'s outcome: it stays for the member's history."""
+        job.delivery_failure = reason
+        async with self._transaction():
+            await self._db.execute(
+                "UPDATE jobs SET delivery_failure = ? WHERE id = ?", (reason, job.id)
+            )
+
     async def get(self, job_id: int) -> Job | None:
         rows = await self._jobs("WHERE id = ?", (job_id,))
         return rows[0] if rows else None
@@ -282,9 +304,11 @@ class JobStore:
         return await self._jobs("WHERE status IN ('queued', 'running') ORDER BY id", ())
 
     async def undelivered(self) -> list[Job]:
-        """Jobs that ended without their requester being told."""
+        """Jobs that ended without their requester being told, and are still to be."""
         return await self._jobs(
-            "WHERE status IN ('done', 'failed', 'cancelled') AND delivered = 0 ORDER BY id", ()
+            """WHERE status IN ('done', 'failed', 'cancelled') AND delivered = 0
+               AND delivery_failure IS NULL ORDER BY id""",
+            (),
         )
 
     async def history(self, guild_id: int, user_id: int, limit: int = 10) -> list[Job]:
@@ -331,11 +355,7 @@ class JobStore:
     ) -> Path:
         """Keep one take of a job's (normalised) audio, losslessly, for delivery and reuse."""
         path = self.result_path(job, take)
-        partial = path.with_suffix(".partial")
-        await asyncio.to_thread(
-            soundfile.write, partial, audio.T, sample_rate, format="FLAC", subtype="PCM_24"
-        )
-        partial.replace(path)  # a crash never leaves half a result under the real name
+        await asyncio.to_thread(_write_flac, path, audio, sample_rate)
         return path
 
     async def load_result(self, job: Job, take: int = 0) -> tuple[np.ndarray, int] | None:
@@ -510,6 +530,14 @@ async def _migrate(connection: aiosqlite.Connection, path: Path) -> None:
         )
 
 
+def _write_flac(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+    """Write a result whole or not at all, into its folder (made again if it was deleted)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    soundfile.write(partial, audio.T, sample_rate, format="FLAC", subtype="PCM_24")
+    partial.replace(path)  # a crash never leaves half a result under the real name
+
+
 def _request_json(request: GenerationRequest) -> str:
     values = {
         f.name: getattr(request, f.name)
@@ -546,4 +574,6 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
         error=row["error"],
         delivered=bool(row["delivered"]),
         result_url=row["result_url"],
+        delivery_attempts=row["delivery_attempts"],
+        delivery_failure=row["delivery_failure"],
     )
