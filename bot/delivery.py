@@ -3,7 +3,9 @@
 Each job's answer to its slash command is its status message: queued, progress, then the
 result. It is reached through the interaction's webhook (application id, token and message
 id, kept with the job), so it works after a restart too. The token dies after 15 minutes; a
-job that ends later is delivered as a channel message that mentions the requester.
+job that ends later is delivered as a channel message that mentions the requester, or, where
+the channel refuses the bot, as a direct message; where both refuse, the worker keeps the
+outcome for the member's ``/music history``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -18,7 +21,7 @@ import discord
 
 from generation.audio_output import encode_mp3_within, mp3_filename, request_tags
 from generation.engine import GenerationResult
-from generation.errors import GenerationError, OutputTooLarge
+from generation.errors import GenerationError, OutputTooLarge, Undeliverable
 from generation.queue import Job, ReplyAddress
 from generation.waveform import render_waveforms
 
@@ -69,17 +72,14 @@ class JobReporter:
                         job.id,
                         error,
                     )
-            posted = await result_message(job, results, self._channel_upload_limit(job))
+
+            async def attachments(max_bytes: int) -> dict:
+                posted = await result_message(job, results, max_bytes)
+                return {"embed": posted.embed, "files": posted.files, "view": posted.view}
+
+            return await self._send(job, content, attachments)
         except OutputTooLarge as error:
             return await self._say(job, f"Job #{job.id} is done, but {error}")
-        message = await self._channel(job).send(
-            content=content,
-            embed=posted.embed,
-            files=posted.files,
-            view=posted.view,
-            allowed_mentions=_mention(job),
-        )
-        return _jump_url(job, message.id)
 
     async def job_failed(self, job: Job, error: GenerationError) -> str | None:
         self.client.dispatch("job_ended", job)
@@ -111,11 +111,45 @@ class JobReporter:
                 log.info(
                     "job=%d event=reply-expired error=%s (posting in the channel)", job.id, error
                 )
-        message = await self._channel(job).send(
-            content=f"<@{job.user_id}>, {content[0].lower()}{content[1:]}",
-            allowed_mentions=_mention(job),
-        )
-        return _jump_url(job, message.id)
+        return await self._send(job, f"<@{job.user_id}>, {content[0].lower()}{content[1:]}")
+
+    async def _send(
+        self,
+        job: Job,
+        content: str,
+        attachments: Callable[[int], Awaitable[dict]] | None = None,
+    ) -> str:
+        """Post ``content`` (and the ``attachments`` made for an upload limit) in the job's
+        channel, or, if the channel refuses the bot, in a direct message to the requester.
+
+        Raises:
+            Undeliverable: the member's direct messages refuse the bot too.
+        """
+        try:
+            extra = await attachments(self._channel_upload_limit(job)) if attachments else {}
+            message = await self._channel(job).send(
+                content=content, allowed_mentions=_mention(job), **extra
+            )
+            return _jump_url(job, message.id)
+        except (discord.Forbidden, discord.NotFound) as error:
+            log.warning(
+                "job=%d event=channel-refused error=%s (sending a direct message)", job.id, error
+            )
+        note = f"\n(From <#{job.channel_id}>, where I may not post this.)"
+        try:
+            extra = (
+                await attachments(discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES)
+                if attachments
+                else {}
+            )
+            extra.pop("view", None)  # its buttons act in a server, not in a direct message
+            direct = await self.client.create_dm(discord.Object(job.user_id))
+            message = await direct.send(content=content + note, **extra)
+        except (discord.Forbidden, discord.NotFound) as error:
+            raise Undeliverable(
+                f"the bot may not post it in <#{job.channel_id}> nor message you"
+            ) from error
+        return message.jump_url
 
     def _live_reply(self, job: Job) -> ReplyAddress | None:
         """The job's interaction webhook, while its token is good."""
