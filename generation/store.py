@@ -280,12 +280,12 @@ class JobStore:
 
     async def count_failed_delivery(self, job: Job) -> None:
         """Count a try at delivering ``job``'s outcome that failed."""
-        job.delivery_attempts += 1
         async with self._transaction():
             await self._db.execute(
                 "UPDATE jobs SET delivery_attempts = delivery_attempts + 1 WHERE id = ?",
                 (job.id,),
             )
+        job.delivery_attempts += 1
 
     async def keep_undelivered(self, job: Job, reason: str) -> None:
         """Stop trying to deliver ``job``'s outcome: it stays for the member's history."""
