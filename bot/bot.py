@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from dataclasses import astuple
 
 import discord
-from discord.ext import commands
+from discord.ext import commands, tasks
 
 from generation.engine import MusicGenEngine
 from generation.queue import QueueLimits
@@ -13,6 +16,7 @@ from generation.scheduling import BatchPolicy
 from generation.service import JobService
 from generation.store import JobStore
 
+from .access import Access
 from .config import Config
 from .delivery import JobReporter
 from .errors import on_app_command_error
@@ -20,12 +24,15 @@ from .errors import on_app_command_error
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ("bot.cogs.music", "bot.cogs.remix", "bot.cogs.jam")
+#: How often the running bot applies the retention policy and forgets expired tokens.
+PRUNE_INTERVAL_MINUTES = 10
 
 
 class MusicGenBot(commands.Bot):
     """Slash commands only: it needs no privileged intents."""
 
     service: JobService
+    access: Access
 
     def __init__(self, config: Config) -> None:
         super().__init__(
@@ -58,25 +65,57 @@ class MusicGenBot(commands.Bot):
                 generation.max_batch, queue.max_model_wait, generation.batch_window
             ),
         )
+        self.access = Access(store, self.config)
         self.tree.on_error = on_app_command_error
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await self.sync_commands()
         await self.service.start()
+        self.prune.start()
 
     async def close(self) -> None:
         """Stop taking jobs, let the running batch finish (or queue its jobs again), close
         the store."""
+        if self.prune.is_running():
+            self.prune.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.prune.get_task()
         if hasattr(self, "service"):
             await self.service.shutdown(self.config.queue.shutdown_grace)
         await super().close()
+
+    @tasks.loop(minutes=PRUNE_INTERVAL_MINUTES)
+    async def prune(self) -> None:
+        """Apply the retention policy (the store deletes files on a thread), at start-up and
+        then every :data:`PRUNE_INTERVAL_MINUTES`; a failure waits for the next round.
+
+        Time is Discord's (``utcnow``), the clock interaction tokens expire by."""
+        try:
+            pruned = await self.service.store.prune(
+                self.config.storage.retention, now=discord.utils.utcnow().timestamp()
+            )
+        except Exception:
+            log.exception("pruning the database failed (tried again later)")
+            return
+        if any(astuple(pruned)):
+            log.info(
+                "pruned: %d jobs, the tracks of %d, %d uploaded clips, %d expired tokens",
+                pruned.jobs,
+                pruned.results,
+                pruned.uploads,
+                pruned.tokens,
+            )
 
     async def sync_commands(self) -> None:
         """Sync to the configured servers (instant), or globally."""
         guilds = self.config.discord.guilds
         if not guilds:
             synced = await self.tree.sync()
-            log.info("synced %d commands globally", len(synced))
+            log.info(
+                "synced %d commands globally: Discord can take up to an hour to show them; "
+                "list your servers in discord.guilds to have them at once",
+                len(synced),
+            )
             return
         for guild_id in guilds:
             guild = discord.Object(guild_id)

@@ -1,4 +1,9 @@
-"""``musicgen-bot``: ``run`` starts the Discord bot; ``generate`` makes one track offline."""
+"""``musicgen-bot``: ``run`` starts the Discord bot; ``generate`` makes one track offline;
+``prune`` applies the retention policy to the database now.
+
+Only the standard library and light modules load before the arguments are read: ``--help``
+and argument errors answer at once, without discord.py, torch or audiocraft.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +14,35 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import discord
+from typing import TYPE_CHECKING
 
 from generation import cli as generation_cli
-from generation.store import JobStore, StoreError
+from generation.retention import Retention
 
 from .config import TOKEN_VARIABLE, ConfigError, load_config
+from .log_redaction import redact_logs
+
+if TYPE_CHECKING:
+    from generation.store import Pruned
+
+EXAMPLE_CONFIG = "config.example.toml"
 
 NO_TOKEN = f"""\
 musicgen-bot: no Discord bot token.
   1. Open https://discord.com/developers/applications, create an application (or pick one),
      and under "Bot" press "Reset Token" to get its token.
-  2. Give it to the bot in the {TOKEN_VARIABLE} environment variable, or as
-     token = "..." under [discord] in {{config}} (keep that file private).
+  2. Give it to the bot in the {TOKEN_VARIABLE} environment variable:
+       {TOKEN_VARIABLE}=... musicgen-bot run --config {{config}}
+     {{keep_in_file}}
   3. Invite the bot with the "bot" and "applications.commands" scopes (OAuth2 > URL Generator).
 """
+
+#: Step 2's second half: the example is tracked by git, so the token goes in a private copy.
+KEEP_IN_COPY = """\
+or keep it in your own configuration (git ignores config.toml):
+       cp config.example.toml config.toml    # then set token = "..." under [discord]
+       musicgen-bot run --config config.toml"""
+KEEP_IN_FILE = 'or set token = "..." under [discord] in {config} (keep that file private).'
 
 
 def add_run_command(commands: argparse._SubParsersAction) -> None:
@@ -36,36 +54,122 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
         type=Path,
         required=True,
         metavar="FILE",
-        help="the TOML configuration (see config.example.toml)",
+        help="the TOML configuration (see config.example.toml); "
+        "relative paths in it are relative to this file",
     )
     parser.set_defaults(handler=run_bot, command_parser=parser)
 
 
 def run_bot(args: argparse.Namespace) -> int:
     """Start the bot and run until it is stopped (Ctrl+C or SIGTERM)."""
-    from . import create_bot
-
     try:
         config = load_config(args.config)
     except ConfigError as error:
         args.command_parser.error(f"--config: {error}")
     if not config.discord.token:
-        print(NO_TOKEN.format(config=args.config), end="", file=sys.stderr)
+        print(no_token_message(args.config), end="", file=sys.stderr)
         return 2
+
+    import aiohttp
+    import discord
+
+    from generation.store import StoreError
+
+    from . import create_bot
+
     try:  # a damaged database is reported before connecting to Discord
         asyncio.run(_check_database(config.storage.database))
     except StoreError as error:
-        print(f"musicgen-bot: error: {error}", file=sys.stderr)
-        return 1
-    # INFO, never DEBUG: below it discord.py and aiosqlite log URLs and SQL with tokens in them.
-    discord.utils.setup_logging(level=logging.INFO, root=True)
+        return _fail(str(error))
+    _setup_logging()
+    # At DEBUG, discord.py and aiosqlite log URLs, events and SQL with tokens in them.
+    redact_logs(config.discord.token)
     # discord.py closes cleanly on KeyboardInterrupt; treat `docker stop` (SIGTERM) the same.
     signal.signal(signal.SIGTERM, _interrupt)
-    create_bot(config).run(config.discord.token, log_handler=None)
+    try:
+        create_bot(config).run(config.discord.token, log_handler=None)
+    except discord.LoginFailure:
+        return _fail(
+            f"Discord refused the bot token: reset it in the Developer Portal (Bot > Reset "
+            f"Token) and give the new one in {TOKEN_VARIABLE} or discord.token in {args.config}."
+        )
+    except aiohttp.ClientConnectionError as error:
+        return _fail(f"cannot reach Discord ({error}): check the network and try again.")
     return 0
 
 
+def no_token_message(config: Path) -> str:
+    """How to get a token and where to put it (never in the tracked example file)."""
+    keep = KEEP_IN_COPY if config.name == EXAMPLE_CONFIG else KEEP_IN_FILE.format(config=config)
+    return NO_TOKEN.format(config=config, keep_in_file=keep)
+
+
+def _setup_logging() -> None:
+    """One handler on the root logger, coloured on a terminal; no warnings about voice."""
+    import discord
+
+    # INFO, never DEBUG: below it discord.py and aiosqlite log URLs and SQL with tokens in them.
+    discord.utils.setup_logging(level=logging.INFO, root=True)
+    # The bot never joins a voice channel, so the voice libraries it lacks do not matter.
+    discord.VoiceClient.warn_nacl = False
+    discord.VoiceClient.warn_dave = False
+
+
+def _fail(message: str) -> int:
+    print(f"musicgen-bot: error: {message}", file=sys.stderr)
+    return 1
+
+
+def add_prune_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "prune",
+        help="delete what the retention policy no longer keeps",
+        description="Delete the tracks, uploads and jobs older than the [storage] keep_* "
+        "settings allow, and expired interaction tokens (the running bot also does it on "
+        "its own, every few minutes).",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the TOML configuration (see config.example.toml)",
+    )
+    parser.set_defaults(handler=prune_storage, command_parser=parser)
+
+
+def prune_storage(args: argparse.Namespace) -> int:
+    """Prune the configured database once; safe while the bot runs."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        args.command_parser.error(f"--config: {error}")
+    from generation.store import StoreError
+
+    try:
+        pruned = asyncio.run(_prune(config.storage.database, config.storage.retention))
+    except StoreError as error:
+        return _fail(str(error))
+    print(
+        f"Deleted {pruned.jobs} jobs, the tracks of {pruned.results}, {pruned.uploads} "
+        f"uploaded clips and {pruned.tokens} expired interaction tokens."
+    )
+    return 0
+
+
+async def _prune(path: Path, retention: Retention) -> Pruned:
+    from generation.store import JobStore
+
+    store = await JobStore.open(path)
+    try:
+        return await store.prune(retention)
+    finally:
+        await store.close()
+
+
 async def _check_database(path: Path) -> None:
+    from generation.store import JobStore
+
     store = await JobStore.open(path)
     await store.close()
 
@@ -75,7 +179,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return generation_cli.main(argv, adders=[add_run_command])
+    return generation_cli.main(argv, adders=[add_run_command, add_prune_command])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ it never appears in ``repr``, logs or messages.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from generation.errors import InvalidOption
-from generation.models import resolve_model
+from generation.models import catalogue_name, resolve_model
 from generation.request import DEFAULT_MAX_DURATION
+from generation.retention import Retention
 
 TOKEN_VARIABLE = "DISCORD_TOKEN"
 
@@ -59,6 +61,17 @@ class GenerationConfig:
 class StorageConfig:
     #: The SQLite file that holds jobs, server settings and history.
     database: Path = Path("data/musicgen-bot.sqlite3")
+    #: Days after a job finished that its track (the result files) is kept; 0 = forever.
+    keep_results_days: float = Retention.results_days
+    #: Days after a job finished that the audio it was given (melody, intro) is kept, unless
+    #: a newer job uses the same audio; 0 = forever.
+    keep_uploads_days: float = Retention.uploads_days
+    #: Days after a job finished that it stays in the database (history, stats); 0 = forever.
+    keep_jobs_days: float = Retention.jobs_days
+
+    @property
+    def retention(self) -> Retention:
+        return Retention(self.keep_results_days, self.keep_uploads_days, self.keep_jobs_days)
 
 
 @dataclass(frozen=True)
@@ -83,15 +96,23 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class JamsConfig:
+    #: Relay jams one member may have open (their thread neither archived nor deleted) in a
+    #: server; each is a public thread.
+    max_open_per_user: int = 3
+
+
+@dataclass(frozen=True)
 class Config:
     discord: DiscordConfig = DiscordConfig()
     generation: GenerationConfig = GenerationConfig()
     storage: StorageConfig = StorageConfig()
     queue: QueueConfig = QueueConfig()
+    jams: JamsConfig = JamsConfig()
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and check the TOML file at ``path``.
+    """Read and check the TOML file at ``path``; relative paths in it are relative to it.
 
     Raises:
         ConfigError: naming the file, and the key at fault.
@@ -105,17 +126,35 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         ) from error
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"Cannot read {path}: {error}") from error
-    return parse_config(raw, source=str(path), environ=os.environ)
+    return parse_config(raw, source=str(path), environ=os.environ, base_dir=path.absolute().parent)
 
 
-def parse_config(raw: dict[str, Any], *, source: str, environ: Mapping[str, str]) -> Config:
-    """Build a :class:`Config` from parsed TOML; ``environ`` may supply the token."""
+def parse_config(
+    raw: dict[str, Any],
+    *,
+    source: str,
+    environ: Mapping[str, str],
+    base_dir: Path = Path(),
+) -> Config:
+    """Build a :class:`Config` from parsed TOML; ``environ`` may supply the token.
+
+    Relative paths (the database, checkpoint folders among the models) are taken relative to
+    ``base_dir``, the configuration file's folder, not to the working directory.
+    """
     _check_keys(raw, Config, source, "")
     config = Config(
-        **{name: _section(cls, raw.get(name, {}), source, name) for name, cls in _SECTIONS.items()}
+        **{
+            name: _section(cls, raw.get(name, {}), source, name, base_dir)
+            for name, cls in _SECTIONS.items()
+        }
     )
     token = (environ.get(TOKEN_VARIABLE) or config.discord.token).strip()
-    config = replace(config, discord=replace(config.discord, token=token))
+    models = tuple(_model_path(name, base_dir) for name in config.generation.models)
+    config = replace(
+        config,
+        discord=replace(config.discord, token=token),
+        generation=replace(config.generation, models=models),
+    )
     _check_values(config, source)
     return config
 
@@ -123,21 +162,22 @@ def parse_config(raw: dict[str, Any], *, source: str, environ: Mapping[str, str]
 _SECTIONS: dict[str, type] = {f.name: type(f.default) for f in fields(Config)}
 
 
-def _section(cls: type, values: Any, source: str, name: str) -> Any:
+def _section(cls: type, values: Any, source: str, name: str, base_dir: Path) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: [{name}] must be a table.")
     _check_keys(values, cls, source, f"{name}.")
     defaults = cls()
     return cls(
         **{
-            key: _convert(value, getattr(defaults, key), source, f"{name}.{key}")
+            key: _convert(value, getattr(defaults, key), source, f"{name}.{key}", base_dir)
             for key, value in values.items()
         }
     )
 
 
-def _convert(value: Any, default: Any, source: str, key: str) -> Any:
-    """``value`` as the type of ``default``, or a ConfigError naming ``key``."""
+def _convert(value: Any, default: Any, source: str, key: str, base_dir: Path) -> Any:
+    """``value`` as the type of ``default``, or a ConfigError naming ``key``; a relative path
+    is taken relative to ``base_dir``."""
 
     def fail(expected: str) -> ConfigError:
         return ConfigError(f"{source}: {key} must be {expected}, not {value!r}.")
@@ -164,10 +204,18 @@ def _convert(value: Any, default: Any, source: str, key: str) -> Any:
     if isinstance(default, Path):
         if not isinstance(value, str) or not value:
             raise fail("a file path")
-        return Path(value)
+        return base_dir / Path(value).expanduser()
     if not isinstance(value, str):
         raise fail("a string")
     return value
+
+
+def _model_path(name: str, base_dir: Path) -> str:
+    """``name`` itself, unless it is a checkpoint folder relative to ``base_dir``."""
+    if catalogue_name(name) is not None or os.path.isabs(name):
+        return name
+    folder = base_dir / name
+    return str(folder) if folder.is_dir() else name
 
 
 def _check_keys(values: dict[str, Any], cls: type, source: str, prefix: str) -> None:
@@ -181,6 +229,13 @@ def _check_keys(values: dict[str, Any], cls: type, source: str, prefix: str) -> 
 
 def _check_values(config: Config, source: str) -> None:
     generation, queue = config.generation, config.queue
+    for key in ("keep_results_days", "keep_uploads_days", "keep_jobs_days"):
+        days = getattr(config.storage, key)
+        if not (math.isfinite(days) and days >= 0):
+            raise ConfigError(
+                f"{source}: storage.{key} must be a number of days, 0 or more (0 keeps "
+                f"forever), not {days!r}."
+            )
     if not generation.models:
         raise ConfigError(f"{source}: generation.models must name at least one model.")
     for name in generation.models:
@@ -210,5 +265,7 @@ def _check_values(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: queue.max_jobs_per_user_per_hour must be 0 or more.")
     if queue.job_timeout <= 0 or queue.shutdown_grace < 0:
         raise ConfigError(f"{source}: queue.job_timeout must be above 0, shutdown_grace 0 or more.")
+    if config.jams.max_open_per_user < 1:
+        raise ConfigError(f"{source}: jams.max_open_per_user must be at least 1.")
     if queue.progress_interval < 1:
         raise ConfigError(f"{source}: queue.progress_interval must be at least 1 second.")

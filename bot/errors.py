@@ -10,6 +10,7 @@ from discord import app_commands
 
 from generation.errors import GenerationError, InvalidOption
 
+from .limits import fit_content
 from .presentation import option_name
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ async def reply_privately(interaction: discord.Interaction, content: str) -> Non
     A public "thinking..." response cannot turn private: it is closed, the answer goes in a
     private follow-up, and the public message is deleted.
     """
+    content = fit_content(content)
     if not interaction.response.is_done():
         await interaction.response.send_message(content, ephemeral=True)
         return

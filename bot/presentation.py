@@ -12,6 +12,8 @@ from generation.models import ModelSpec
 from generation.queue import Job, JobStatus
 from generation.store import GuildSettings, Jam, Segment, Stats
 
+from . import limits
+from .access import Rules
 from .config import Config
 
 #: Request fields whose Discord option has another name.
@@ -118,12 +120,14 @@ def result_embed(job: Job, results: list[GenerationResult], bitrate: int) -> dis
     for name, value in values.items():
         embed.add_field(name=name, value=value)
     embed.set_footer(text=f"Job #{job.id}")
-    return embed
+    return limits.fit_embed(embed)
 
 
 def jam_timeline(jam: Jam, turns: list[tuple[Segment, Job]]) -> str:
-    """The thread's first message: who added which turn, in order."""
-    lines = [f"**{jam.title}**, a relay jam started by <@{jam.user_id}>. Timeline:"]
+    """The thread's first message: who added which turn, in order (the latest turns when
+    they do not all fit)."""
+    head = f"**{jam.title}**, a relay jam started by <@{jam.user_id}>. Timeline:"
+    lines = []
     for segment, job in turns:
         status = "" if job.status is JobStatus.DONE else f" ({job.status.value})"
         lines.append(
@@ -132,7 +136,19 @@ def jam_timeline(jam: Jam, turns: list[tuple[Segment, Job]]) -> str:
         )
     if not turns:
         lines.append("No turns yet: `/music jam add prompt:<your part>` takes the first.")
-    return "\n".join(lines)
+    return limits.fit_lines(lines, limits.CONTENT, head=head, newest_last=True, note=_earlier_turns)
+
+
+def _earlier_turns(count: int) -> str:
+    return f"... {count} earlier turn{'' if count == 1 else 's'}"
+
+
+def jam_exported_text(jam: Jam, jobs: list[Job], seconds: float, bitrate: int) -> str:
+    """What goes with an exported jam: its turns, players, length and bitrate."""
+    players = limits.fit_join(list(dict.fromkeys(f"<@{job.user_id}>" for job in jobs)), 1000)
+    return limits.fit_content(
+        f"**{jam.title}**: {len(jobs)} turns by {players}, {seconds:.1f} s ({bitrate} kbit/s)."
+    )
 
 
 def jam_tags(jam: Jam, jobs: list[Job]) -> dict[str, str]:
@@ -165,10 +181,12 @@ def queue_embed(
         f"{position}. {job_summary(job)}, ready in {duration_text(eta)}"
         for job, position, eta in queued
     ]
-    embed.description = "\n".join(lines) if lines else "No jobs waiting in this server."
+    embed.description = (
+        limits.fit_lines(lines, limits.DESCRIPTION) if lines else "No jobs waiting in this server."
+    )
     if paused:
         embed.set_footer(text="Paused by an admin: queued jobs wait until /music admin resume.")
-    return embed
+    return limits.fit_embed(embed)
 
 
 def models_embed(specs: list[ModelSpec], default: str) -> discord.Embed:
@@ -176,7 +194,7 @@ def models_embed(specs: list[ModelSpec], default: str) -> discord.Embed:
     for spec in specs:
         name = spec.name + (" (default)" if spec.name == default else "")
         embed.add_field(name=name, value=spec.description, inline=False)
-    return embed
+    return limits.fit_embed(embed)
 
 
 def history_embed(jobs: list[Job]) -> discord.Embed:
@@ -202,7 +220,7 @@ def history_embed(jobs: list[Job]) -> discord.Embed:
             value=f"{details}\n{status}",
             inline=False,
         )
-    return embed
+    return limits.fit_embed(embed)
 
 
 def undelivered_text(job: Job) -> str:
@@ -216,23 +234,28 @@ def undelivered_text(job: Job) -> str:
     return f"{outcome} (not delivered: {short(job.delivery_failure or '', 200)})"
 
 
-def settings_embed(
-    settings: GuildSettings, models: tuple[str, ...], config: Config
-) -> discord.Embed:
-    """A server's settings, with the bot's defaults where the server has none."""
+def settings_embed(settings: GuildSettings, rules: Rules, config: Config) -> discord.Embed:
+    """A server's settings as they apply (``rules``), with the bot's defaults where the server
+    has none."""
     embed = discord.Embed(title="Server settings", colour=COLOUR)
-    allowed = settings.allowed_models or models
+    default = rules.default_model or "none"
+    channels = [f"<#{channel}>" for channel in rules.channels]
     values = {
-        "Default model": settings.default_model or f"{models[0]} (bot default)",
-        "Allowed models": ", ".join(allowed) + ("" if settings.allowed_models else " (all)"),
-        "Longest track": f"{settings.max_duration or config.generation.max_duration:g} s",
-        "Jobs per member": str(settings.max_jobs_per_user or config.queue.max_jobs_per_user),
-        "Channels": ", ".join(f"<#{channel}>" for channel in settings.allowed_channels) or "all",
-        "Queue": "paused" if settings.paused else "running",
+        "Default model": default + ("" if settings.default_model else " (bot default)"),
+        "Allowed models": limits.fit_join(rules.models, limits.FIELD_VALUE - 8)
+        + ("" if settings.allowed_models else " (all)"),
+        "Longest track": f"{rules.max_duration:g} s",
+        "Jobs per member": str(rules.max_jobs_per_user or config.queue.max_jobs_per_user),
+        "Channels": limits.fit_join(channels, limits.FIELD_VALUE) or "all",
+        "Queue": "paused" if rules.paused else "running",
     }
+    if rules.stale_models:
+        values["No longer enabled (ignored)"] = limits.fit_join(
+            rules.stale_models, limits.FIELD_VALUE
+        )
     for name, value in values.items():
-        embed.add_field(name=name, value=value)
-    return embed
+        embed.add_field(name=name, value=value or "none")
+    return limits.fit_embed(embed)
 
 
 def stats_embed(
@@ -256,7 +279,7 @@ def stats_embed(
     values.update({f"Memory ({kind})": f"{size / 2**20:,.0f} MiB" for kind, size in memory.items()})
     for name, value in values.items():
         embed.add_field(name=name, value=value)
-    return embed
+    return limits.fit_embed(embed)
 
 
 def _seconds(value: float | None) -> str:
@@ -269,11 +292,9 @@ def help_embed() -> discord.Embed:
         colour=COLOUR,
         description="`/music generate prompt:<what you want>` and the options below.",
     )
-    embed.add_field(
-        name="Options",
-        value="\n".join(f"**{name}**: {text}" for name, text in OPTION_HELP.items()),
-        inline=False,
-    )
+    options = [f"**{name}**: {text}" for name, text in OPTION_HELP.items()]
+    for name, value in limits.line_fields("Options", options):
+        embed.add_field(name=name, value=value, inline=False)
     embed.add_field(name="Tips", value="\n".join(f"• {tip}" for tip in TIPS), inline=False)
     embed.add_field(
         name="Playing together",
@@ -293,4 +314,4 @@ def help_embed() -> discord.Embed:
         "`/music admin resume` and `/music admin settings`.",
         inline=False,
     )
-    return embed
+    return limits.fit_embed(embed)

@@ -1,4 +1,4 @@
-"""Writing results: loudness-normalised MP3 with the request in its ID3 tags."""
+"""Writing results: loudness-normalised MP3 (or WAV, FLAC, OGG) with the request in its tags."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from functools import cache
 
 import numpy as np
 import pyloudnorm
+from mutagen.id3 import TIT2, TPE1, TXXX, Encoding
+from mutagen.wave import WAVE
 
 from .errors import OutputTooLarge
 from .request import GenerationRequest
@@ -88,14 +90,18 @@ def encode_mp3(
     ``tags`` become ID3v2 frames: ``title``, ``artist``, ``comment`` and the other standard
     names map to their frames, any other key to a ``TXXX`` frame of that name.
     """
+    out = io.BytesIO()
+    _segment(audio, sample_rate).export(out, format="mp3", bitrate=f"{bitrate}k", tags=tags or {})
+    return out.getvalue()
+
+
+def _segment(audio: np.ndarray, sample_rate: int) -> AudioSegment:
+    """Float ``audio`` ([channels, samples]) as 16-bit PCM, ready for ffmpeg."""
     _configure_ffmpeg()
     pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
-    segment = AudioSegment(
+    return AudioSegment(
         pcm.T.tobytes(), frame_rate=sample_rate, sample_width=2, channels=audio.shape[0]
     )
-    out = io.BytesIO()
-    segment.export(out, format="mp3", bitrate=f"{bitrate}k", tags=tags or {})
-    return out.getvalue()
 
 
 def estimated_mp3_bytes(seconds: float, bitrate: int) -> int:
@@ -139,3 +145,48 @@ def encode_mp3_within(
         f"{seconds:.0f} s of audio does not fit in {max_bytes / 2**20:.2f} MiB even at "
         f"{MP3_BITRATES[-1]} kbit/s: ask for a shorter duration."
     )
+
+
+#: ffmpeg's codec and settings for each format but MP3 (16-bit PCM for WAV and FLAC, and
+#: Vorbis at quality 6, about 190 kbit/s, in OGG).
+_FFMPEG_FORMATS = {
+    "wav": {"codec": None, "parameters": None},
+    "flac": {"codec": "flac", "parameters": None},
+    "ogg": {"codec": "libvorbis", "parameters": ["-q:a", "6"]},
+}
+#: ID3 frames for the tags with a standard frame; every other tag is a TXXX frame, as ffmpeg
+#: writes them in an MP3.
+_ID3_FRAMES = {"title": TIT2, "artist": TPE1}
+
+
+def encode_audio(
+    audio: np.ndarray, sample_rate: int, audio_format: str, *, tags: dict[str, str] | None = None
+) -> bytes:
+    """Encode float ``audio`` ([channels, samples]) as "mp3", "wav", "flac" or "ogg".
+
+    ``tags`` go where each format keeps them: ID3 in MP3 and WAV (an ``id3`` chunk), Vorbis
+    comments in FLAC and OGG, under the same names.
+    """
+    if audio_format == "mp3":
+        return encode_mp3(audio, sample_rate, tags=tags)
+    settings = _FFMPEG_FORMATS[audio_format]
+    out = io.BytesIO()
+    # ffmpeg writes Vorbis comments for any tag, but only a few fixed ones in a WAV.
+    ffmpeg_tags = None if audio_format == "wav" else tags
+    _segment(audio, sample_rate).export(out, format=audio_format, tags=ffmpeg_tags, **settings)
+    if audio_format == "wav" and tags:
+        _add_id3_chunk(out, tags)
+    return out.getvalue()
+
+
+def _add_id3_chunk(wav: io.BytesIO, tags: dict[str, str]) -> None:
+    """Tag a WAV file in place with the ID3 frames an MP3 of the same result has."""
+    wave = WAVE(wav)
+    wave.add_tags()
+    for key, value in tags.items():
+        if key in _ID3_FRAMES:
+            wave.tags.add(_ID3_FRAMES[key](encoding=Encoding.UTF8, text=value))
+        else:
+            wave.tags.add(TXXX(encoding=Encoding.UTF8, desc=key, text=value))
+    wav.seek(0)
+    wave.save(wav)

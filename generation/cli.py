@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -14,11 +15,23 @@ from typing import NoReturn
 
 from .audio_input import AudioLimits, read_audio_file
 from .errors import AudioInputError, GenerationError, InvalidOption
-from .models import CATALOGUE, DEFAULT_MODEL
-from .request import DEFAULT_MAX_DURATION, GenerationRequest
+from .models import CATALOGUE, DEFAULT_MODEL, resolve_model
+from .request import (
+    CODEBOOK_SIZE,
+    DEFAULT_MAX_DURATION,
+    MAX_CFG_COEF,
+    MAX_SEED,
+    TEMPERATURE_RANGE,
+    TOP_P_RANGE,
+    WINDOW_SECONDS,
+    GenerationRequest,
+    validate_request,
+)
 
 #: Request fields whose flag is not simply ``--field-name``.
 _FLAG_OF = {"use_sampling": "--no-sampling"}
+#: What ``--output`` may end in, and the format (see ``audio_output.encode_audio``) each names.
+OUTPUT_FORMATS = {".mp3": "mp3", ".wav": "wav", ".flac": "flac", ".ogg": "ogg"}
 
 
 def flag_for(option: str) -> str:
@@ -37,48 +50,58 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     """Add ``generate`` and its flags to a parser's subcommands."""
     parser = commands.add_parser(
         "generate",
-        help="generate music from a prompt and write an MP3",
-        description="Generate music with MusicGen and write it as an MP3.",
+        help="generate music from a prompt and write an MP3 (or WAV, FLAC, OGG)",
+        description="Generate music with MusicGen and write it as an MP3, WAV, FLAC or OGG file.",
     )
     defaults = GenerationRequest(prompt="", model=DEFAULT_MODEL)
+    short_names = [name.removeprefix("facebook/musicgen-") for name in CATALOGUE]
     add = parser.add_argument
     add("--prompt", required=True, help="describe the music")
     add(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"one of {', '.join(CATALOGUE)}, or a local checkpoint folder "
-        f"(default: {DEFAULT_MODEL})",
+        help=f"one of {', '.join(short_names)} (or its full name, such as {DEFAULT_MODEL}), "
+        f"or a local checkpoint folder (default: {DEFAULT_MODEL})",
     )
     add(
         "--duration",
         type=float,
         default=defaults.duration,
-        help=f"seconds of audio, intro included; above 30 uses extended generation "
-        f"(default: {defaults.duration:g}, at most {DEFAULT_MAX_DURATION:g})",
+        metavar="SECONDS",
+        help=f"more than 0, at most {DEFAULT_MAX_DURATION:g}: seconds of audio, intro included; "
+        f"above {WINDOW_SECONDS:g} uses extended generation (default: {defaults.duration:g})",
     )
     add(
         "--temperature",
         type=float,
         default=defaults.temperature,
-        help="0.0-2.0: higher is more creative, lower more predictable (default: 1.0)",
+        metavar="T",
+        help=f"{_range(TEMPERATURE_RANGE)}: higher is more creative, lower more predictable "
+        f"(default: {defaults.temperature:.1f})",
     )
     add(
         "--top-k",
         type=int,
         default=defaults.top_k,
-        help="sample from the K most likely tokens (default: 250)",
+        metavar="K",
+        help=f"0 to {CODEBOOK_SIZE}: sample from the K most likely tokens; 0 for all "
+        f"(default: {defaults.top_k})",
     )
     add(
         "--top-p",
         type=float,
         default=defaults.top_p,
-        help="0.0-1.0: nucleus sampling threshold; 0 uses top-k (default: 0.0)",
+        metavar="P",
+        help=f"{_range(TOP_P_RANGE)}: nucleus sampling threshold; 0 uses top-k "
+        f"(default: {defaults.top_p:.1f})",
     )
     add(
         "--cfg-coef",
         type=float,
         default=defaults.cfg_coef,
-        help="classifier-free guidance strength (default: 3.0)",
+        metavar="COEF",
+        help=f"{_range((0.0, MAX_CFG_COEF))}: classifier-free guidance strength "
+        f"(default: {defaults.cfg_coef:.1f})",
     )
     add("--no-sampling", action="store_true", help="greedy decoding instead of sampling")
     add("--melody", type=Path, metavar="FILE", help="a melody to follow (melody models only)")
@@ -92,14 +115,22 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
         "--extend-stride",
         type=float,
         default=defaults.extend_stride,
-        help="seconds to advance each window of extended generation, below 30 (default: 18)",
+        metavar="SECONDS",
+        help=f"more than 0, less than {WINDOW_SECONDS:g}: seconds each window of extended "
+        f"generation moves on (default: {defaults.extend_stride:g})",
     )
-    add("--seed", type=int, help="make the run reproducible (default: random)")
+    add(
+        "--seed",
+        type=int,
+        metavar="N",
+        help=f"0 to {MAX_SEED}: makes the run reproducible (default: random, printed)",
+    )
     add(
         "--output",
         type=Path,
         metavar="FILE",
-        help="where to write the MP3 (default: named after the prompt and seed)",
+        help=f"where to write the result; its extension picks the format: "
+        f"{', '.join(OUTPUT_FORMATS)} (default: named after the prompt and seed, .mp3)",
     )
     add("--device", help="cpu, cuda, cuda:1... (default: the GPU if there is one)")
     add(
@@ -111,19 +142,21 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_generate, command_parser=parser)
 
 
+def _range(bounds: tuple[float, float]) -> str:
+    low, high = bounds
+    return f"{low:.1f} to {high:.1f}"
+
+
 def run_generate(args: argparse.Namespace) -> int:
-    """Run one generation; returns the exit status."""
-    # torch and audiocraft take seconds to import: wait until the arguments have been read.
-    from tqdm import tqdm
+    """Run one generation; returns the exit status.
 
-    from .audio_output import encode_mp3, mp3_filename, normalise_loudness, request_tags
-    from .engine import MusicGenEngine
-
+    Every flag is checked before torch and audiocraft load (seconds) and before generating
+    (minutes): a mistake costs nothing.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     parser: argparse.ArgumentParser = args.command_parser
-    if args.device is not None:
-        _check_device(args.device, parser)
-    engine = MusicGenEngine(device=args.device)
-    limits = AudioLimits(max_seconds=engine.max_duration)
+    output_format = _check_output(args.output, parser)
     try:
         request = GenerationRequest(
             prompt=args.prompt,
@@ -138,12 +171,21 @@ def run_generate(args: argparse.Namespace) -> int:
             extend_stride=args.extend_stride,
             seed=args.seed,
         ).with_seed()
-        engine.validate(request)
-        request = _with_audio(request, args, limits)
-        engine.validate(request)
+        spec = resolve_model(request.model)
+        validate_request(request, spec)
+        request = _with_audio(request, args, AudioLimits(max_seconds=DEFAULT_MAX_DURATION))
+        validate_request(request, spec)
     except InvalidOption as error:
         parser.error(f"{flag_for(error.option)}: {error.message}")
+    if args.device is not None:
+        _check_device(args.device, parser)
 
+    from tqdm import tqdm
+
+    from .audio_output import encode_audio, mp3_filename, normalise_loudness, request_tags
+    from .engine import MusicGenEngine
+
+    engine = MusicGenEngine(device=args.device)
     with tqdm(total=None, unit="step", desc=request.model, disable=None) as bar:
 
         def show(done: int, total: int) -> None:
@@ -158,14 +200,42 @@ def run_generate(args: argparse.Namespace) -> int:
             return 1
 
     audio = normalise_loudness(result.audio, result.sample_rate)
-    data = encode_mp3(audio, result.sample_rate, tags=request_tags(result.request))
+    tags = request_tags(result.request)
+    data = encode_audio(audio, result.sample_rate, output_format, tags=tags)
     output = args.output or Path(mp3_filename(result.request))
-    output.write_bytes(data)
+    try:
+        output.write_bytes(data)
+    except OSError as error:
+        print(f"musicgen-bot: error: --output: cannot write {output}: {error}", file=sys.stderr)
+        return 1
     print(
         f"{output}: {result.seconds:.1f} s, {result.channels} channel(s), model {request.model}, "
         f"seed {result.request.seed}, generated in {result.generation_seconds:.1f} s"
     )
     return 0
+
+
+def _check_output(output: Path | None, parser: argparse.ArgumentParser) -> str:
+    """The format ``--output`` asks for; exits naming ``--output`` when it cannot be written."""
+    if output is None:  # named after the prompt and seed, in the working directory
+        output_format, folder = "mp3", Path.cwd()
+    else:
+        if output.is_dir():
+            parser.error(f"--output: {output} is a folder: name a file in it.")
+        output_format = OUTPUT_FORMATS.get(output.suffix.lower())
+        if output_format is None:
+            parser.error(
+                f"--output: {output} does not end in a known extension: use "
+                f"{', '.join(OUTPUT_FORMATS)}."
+            )
+        folder = output.parent
+    if not folder.is_dir():
+        parser.error(f"--output: there is no folder {folder}: create it or pick another path.")
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+        output is not None and output.exists() and not os.access(output, os.W_OK)
+    ):
+        parser.error(f"--output: cannot write to {output or folder}: pick another path.")
+    return output_format
 
 
 def _with_audio(
@@ -212,8 +282,6 @@ def main(argv: Sequence[str] | None = None, *, adders: Sequence[CommandAdder] = 
     """Run ``musicgen-bot`` with ``generate`` and any further subcommands; returns the status."""
     parser = build_parser(add_generate_command, *adders)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    warnings.filterwarnings("ignore", category=FutureWarning)
     return args.handler(args)
 
 

@@ -45,6 +45,17 @@ class ModelLoadError(GenerationError):
         return cls(f"{name} is not a checkpoint that can be loaded safely (weights only).")
 
 
+class DamagedResult(GenerationError):
+    """A stored result's file is there but cannot be read back (garbage, or cut short)."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            f"The stored track of job #{job_id} is damaged and cannot be read: generate it "
+            "again (the same prompt and seed make the same track)."
+        )
+        self.job_id = job_id
+
+
 class GenerationCancelled(GenerationError):
     """The generation was cancelled while it ran."""
 

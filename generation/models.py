@@ -7,8 +7,6 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import ModelLoadError, UnknownModel
 
 #: Files of a checkpoint folder, as ``audiocraft.utils.export`` writes them.
@@ -73,17 +71,23 @@ CATALOGUE: dict[str, ModelSpec] = {
 DEFAULT_MODEL = "facebook/musicgen-small"
 
 
+def catalogue_name(name: str) -> str | None:
+    """The catalogue's name for a hub id or a short name ("small", "stereo-large"), if any."""
+    for candidate in (name, f"facebook/musicgen-{name}"):
+        if candidate in CATALOGUE:
+            return candidate
+    return None
+
+
 def resolve_model(name: str) -> ModelSpec:
     """Find a model by hub id, short name ("small", "stereo-large") or checkpoint folder.
 
     Raises:
         UnknownModel: when nothing matches.
     """
-    if name in CATALOGUE:
-        return CATALOGUE[name]
-    hub_id = f"facebook/musicgen-{name}"
-    if hub_id in CATALOGUE:
-        return CATALOGUE[hub_id]
+    known = catalogue_name(name)
+    if known is not None:
+        return CATALOGUE[known]
     if os.path.isdir(name):
         return _spec_from_checkpoint_folder(Path(name))
     raise UnknownModel(name, list(CATALOGUE))
@@ -91,6 +95,8 @@ def resolve_model(name: str) -> ModelSpec:
 
 def _spec_from_checkpoint_folder(folder: Path) -> ModelSpec:
     """Read a local checkpoint's capabilities from the training config stored beside its weights."""
+    # Here, not at the top: the catalogue must load without torch (`musicgen-bot --help`).
+    import torch
     from omegaconf import OmegaConf
 
     lm_file = folder / LM_CHECKPOINT

@@ -67,6 +67,9 @@ class Job:
     #: Whether the requester has been told how the job ended, and where the result is.
     delivered: bool = False
     result_url: str | None = None
+    #: When the retention policy deleted the job's result files, and the uploads it used.
+    result_expired_at: float | None = None
+    uploads_expired_at: float | None = None
     #: Tries at delivering the outcome that failed; why it is kept undelivered, if it is.
     delivery_attempts: int = 0
     delivery_failure: str | None = None

@@ -21,6 +21,8 @@ MAX_PROMPT_CHARS = 1000
 ALLOWED_CONTROLS = frozenset("\n\r\t")
 MAX_SEED = 2**32 - 1
 DEFAULT_MAX_DURATION = 120.0
+#: The released models' codebook size: the largest top_k.
+CODEBOOK_SIZE = 2048
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,12 +96,13 @@ def validate_request(
     spec: ModelSpec,
     *,
     max_duration: float = DEFAULT_MAX_DURATION,
-    codebook_size: int = 2048,
+    codebook_size: int = CODEBOOK_SIZE,
 ) -> None:
     """Check every option of ``request`` for ``spec``.
 
     Raises:
-        InvalidOption: naming the first option at fault, with what to change.
+        InvalidOption: naming the first option at fault in ``option``, with what to change in
+            a message that does not name it again (each front end names it its own way).
     """
     prompt = request.prompt.strip()
     if not prompt:
@@ -110,28 +113,26 @@ def validate_request(
         )
     _check_prompt_characters(prompt)
     if not 0 < request.duration <= max_duration:
-        raise InvalidOption(
-            "duration", f"Duration must be above 0 and at most {max_duration:g} seconds."
-        )
+        raise InvalidOption("duration", f"Use more than 0 and at most {max_duration:g} seconds.")
     _check_range("temperature", request.temperature, *TEMPERATURE_RANGE)
     if isinstance(request.top_k, bool) or not isinstance(request.top_k, int):
-        raise InvalidOption("top_k", "top_k must be a whole number.")
+        raise InvalidOption("top_k", "Use a whole number.")
     for flag in ("use_sampling", "two_step_cfg"):
         if not isinstance(getattr(request, flag), bool):
-            raise InvalidOption(flag, f"{flag} must be true or false.")
+            raise InvalidOption(flag, "Use true or false.")
     if request.top_k < 0 or request.top_k > codebook_size:
         raise InvalidOption(
-            "top_k", f"top_k must be between 0 and {codebook_size} (the model's codebook size)."
+            "top_k", f"Use a whole number from 0 to {codebook_size} (the model's codebook size)."
         )
     _check_range("top_p", request.top_p, *TOP_P_RANGE)
     _check_range("cfg_coef", request.cfg_coef, 0.0, MAX_CFG_COEF)
     if not 0 < request.extend_stride < WINDOW_SECONDS:
         raise InvalidOption(
             "extend_stride",
-            f"extend_stride must be above 0 and below the {WINDOW_SECONDS:g} s window.",
+            f"Use more than 0 and less than the {WINDOW_SECONDS:g} s window, in seconds.",
         )
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
-        raise InvalidOption("seed", f"The seed must be between 0 and {MAX_SEED}.")
+        raise InvalidOption("seed", f"Use a whole number from 0 to {MAX_SEED}.")
     _check_audio_inputs(request, spec)
 
 
@@ -150,7 +151,7 @@ def _check_prompt_characters(prompt: str) -> None:
 
 def _check_range(option: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:  # also rejects NaN
-        raise InvalidOption(option, f"{option} must be between {low:g} and {high:g}.")
+        raise InvalidOption(option, f"Use a value from {low:g} to {high:g}.")
 
 
 def check_audio_options(spec: ModelSpec, *, melody: bool, continuation: bool) -> None:

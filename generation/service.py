@@ -115,7 +115,7 @@ class JobService:
         request = request.with_seed()
         async with self._submitting:
             self.queue.check_room(guild_id, user_id, per_user_limit)
-            await self._check_hourly_limit(guild_id, user_id)
+            await self._check_hourly_limit(guild_id, user_id, takes)
             job = Job(0, request, guild_id, channel_id, user_id, takes=takes)
             job = await self.store.add(job)
             self.queue.hold(job)
@@ -167,15 +167,34 @@ class JobService:
         self.worker.close()
         await self.store.close()
 
-    async def _check_hourly_limit(self, guild_id: int, user_id: int) -> None:
-        if not self.hourly_limit:
+    async def _check_hourly_limit(self, guild_id: int, user_id: int, takes: int) -> None:
+        """Refuse a request whose ``takes`` would bring the member's tracks in the last hour
+        above the limit (a job of four variations is four tracks)."""
+        limit = self.hourly_limit
+        if not limit:
             return
-        recent = await self.store.submitted_since(guild_id, user_id, time.time() - HOUR)
-        if len(recent) >= self.hourly_limit:
-            retry_at = recent[-self.hourly_limit] + HOUR
-            minutes = max(1, round((retry_at - time.time()) / 60))
+        if takes > limit:
             raise RateLimited(
-                f"You can ask for {self.hourly_limit} tracks an hour here; the next one is "
-                f"possible in about {minutes} min.",
-                retry_at,
+                f"That makes {takes} tracks at once; you can ask for {limit} tracks an hour "
+                "here: ask for fewer.",
+                float("inf"),
             )
+        now = time.time()
+        recent = await self.store.submitted_since(guild_id, user_id, now - HOUR)
+        over = sum(count for _, count in recent) + takes - limit
+        if over <= 0:
+            return
+        # The request fits once the oldest tracks, ``over`` of them at least, are an hour old.
+        freed, retry_at = 0, now + HOUR
+        for submitted_at, count in recent:
+            freed += count
+            if freed >= over:
+                retry_at = submitted_at + HOUR
+                break
+        minutes = max(1, round((retry_at - now) / 60))
+        raise RateLimited(
+            f"You can ask for {limit} tracks an hour here; "
+            + ("the next one is" if takes == 1 else f"these {takes} are")
+            + f" possible in about {minutes} min.",
+            retry_at,
+        )

@@ -2,17 +2,20 @@
 
 One connection does all the writing; WAL lets readers in while it does. The schema carries its
 version in ``PRAGMA user_version`` and is migrated forward at start-up. Uploaded audio is kept
-in the database with its job; results are FLAC files in a folder beside it, which the store
-owns.
+in the database once per content (FLAC, named by its hash), shared by the jobs that use it;
+results are FLAC files in a folder beside it, which the store owns. :meth:`JobStore.prune`
+applies the retention policy; interaction tokens are cleared once they are of no more use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import statistics
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -20,12 +23,54 @@ import aiosqlite
 import numpy as np
 import soundfile
 
-from .errors import GenerationError
+from .errors import DamagedResult, GenerationError
 from .queue import Job, JobStatus, ReplyAddress
 from .request import AudioClip, GenerationRequest
+from .retention import DAY, Retention
+from .stored_audio import StoredClip, to_grid
 
-#: Each entry migrates the schema from version i to i + 1.
-MIGRATIONS: tuple[str, ...] = (
+log = logging.getLogger(__name__)
+
+#: A migration written in Python, run inside the migration's transaction.
+Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
+
+
+async def _store_uploads_once(db: aiosqlite.Connection) -> None:
+    """Version 4: each upload kept once, as FLAC, named by its content hash; jobs refer to
+    it. Every version-3 upload (float32 PCM, one copy per job) moves over, one at a time."""
+    for statement in (
+        "ALTER TABLE uploads RENAME TO uploads_v3",
+        """CREATE TABLE uploads (
+               hash TEXT PRIMARY KEY,
+               exponent INTEGER NOT NULL,
+               flac BLOB NOT NULL
+           )""",
+        """CREATE TABLE job_uploads (
+               job_id INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+               option TEXT NOT NULL,
+               hash TEXT NOT NULL,
+               PRIMARY KEY (job_id, option)
+           )""",
+        "CREATE INDEX job_uploads_by_hash ON job_uploads (hash)",
+        "ALTER TABLE jobs ADD COLUMN result_expired_at REAL",
+        "ALTER TABLE jobs ADD COLUMN uploads_expired_at REAL",
+        "CREATE INDEX jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL",
+        "CREATE INDEX jobs_with_token ON jobs (reply_expires_at) WHERE reply_token IS NOT NULL",
+    ):
+        await db.execute(statement)
+    for job_id, option in await db.execute_fetchall("SELECT job_id, option FROM uploads_v3"):
+        ((sample_rate, channels, samples),) = await db.execute_fetchall(
+            "SELECT sample_rate, channels, samples FROM uploads_v3 WHERE job_id = ? AND option = ?",
+            (job_id, option),
+        )
+        pcm = np.frombuffer(samples, dtype="<f4").reshape(channels, -1)
+        stored, digest = await asyncio.to_thread(_on_grid, AudioClip(pcm, sample_rate))
+        await _keep_upload(db, job_id, option, stored, digest)
+    await db.execute("DROP TABLE uploads_v3")
+
+
+#: Each entry migrates the schema from version i to i + 1: a script, or a :data:`Migration`.
+MIGRATIONS: tuple[str | Migration, ...] = (
     """
     CREATE TABLE jobs (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -82,6 +127,7 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (thread_id, position)
     );
     """,
+    _store_uploads_once,
     # Deliveries tried and failed; why an outcome is kept for /music history undelivered.
     """
     ALTER TABLE jobs ADD COLUMN delivery_attempts INTEGER NOT NULL DEFAULT 0;
@@ -93,8 +139,46 @@ _AUDIO_OPTIONS = ("melody", "continuation")
 _FINISHED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+#: A finished job whose requester has been told (or who could not be, so it was kept for
+#: their history): the retention policy may apply to it.
+_SETTLED = (
+    "status IN ('done', 'failed', 'cancelled') AND (delivered = 1 OR delivery_failure IS NOT NULL)"
+)
+
+
 class StoreError(GenerationError):
     """The database cannot be opened or used; the message says what to do."""
+
+
+class Expired(GenerationError):
+    """What a job left behind (its track, or the audio it was given) was deleted by the
+    retention policy; the message says when."""
+
+    @classmethod
+    def track(cls, job: Job) -> Expired:
+        return cls(
+            f"The track of job #{job.id} expired on {_date(job.result_expired_at)} and is no "
+            "longer kept (old tracks are deleted to save space)."
+        )
+
+    @classmethod
+    def uploads(cls, job: Job) -> Expired:
+        return cls(
+            f"The audio job #{job.id} was given (its melody or intro) expired on "
+            f"{_date(job.uploads_expired_at)} and is no longer kept: upload it again with "
+            "`/music generate`."
+        )
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What :meth:`JobStore.prune` deleted: jobs' results, stored clips, jobs, and
+    interaction tokens (expired ones)."""
+
+    results: int
+    uploads: int
+    jobs: int
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -182,7 +266,19 @@ class JobStore:
     # Jobs
 
     async def add(self, job: Job) -> Job:
-        """Record a new job (with its uploaded audio) and give it its id."""
+        """Record a new job (with its uploaded audio) and give it its id.
+
+        Each clip is put on the store's 24-bit grid first, and the job runs that clip, so what
+        is kept is exactly what ran; a clip the store already holds is not stored again.
+        """
+        uploads = {}
+        for option in _AUDIO_OPTIONS:
+            clip: AudioClip | None = getattr(job.request, option)
+            if clip is not None:
+                uploads[option] = await asyncio.to_thread(_on_grid, clip)
+        job.request = replace(
+            job.request, **{option: stored.clip for option, (stored, _) in uploads.items()}
+        )
         async with self._transaction():
             cursor = await self._db.execute(
                 """INSERT INTO jobs (guild_id, channel_id, user_id, request, takes, status,
@@ -202,19 +298,8 @@ class JobStore:
                 ),
             )
             job.id = cursor.lastrowid
-            for option in _AUDIO_OPTIONS:
-                clip: AudioClip | None = getattr(job.request, option)
-                if clip is not None:
-                    await self._db.execute(
-                        "INSERT INTO uploads VALUES (?, ?, ?, ?, ?)",
-                        (
-                            job.id,
-                            option,
-                            clip.sample_rate,
-                            clip.channels,
-                            clip.samples.astype("<f4").tobytes(),
-                        ),
-                    )
+            for option, (stored, digest) in uploads.items():
+                await _keep_upload(self._db, job.id, option, stored, digest)
         return job
 
     async def set_reply(self, job: Job, reply: ReplyAddress) -> None:
@@ -271,12 +356,23 @@ class JobStore:
             )
 
     async def mark_delivered(self, job: Job, result_url: str | None = None) -> None:
-        job.delivered, job.result_url = True, result_url
+        """Record that the requester was told; their interaction token is forgotten."""
+        job.delivered, job.result_url, job.reply = True, result_url, None
         async with self._transaction():
             await self._db.execute(
-                "UPDATE jobs SET delivered = 1, result_url = ? WHERE id = ?",
+                "UPDATE jobs SET delivered = 1, result_url = ?, reply_token = NULL WHERE id = ?",
                 (result_url, job.id),
             )
+
+    async def clear_expired_tokens(self, now: float | None = None) -> int:
+        """Forget the interaction tokens that expired; returns how many."""
+        async with self._transaction():
+            cursor = await self._db.execute(
+                """UPDATE jobs SET reply_token = NULL
+                   WHERE reply_token IS NOT NULL AND reply_expires_at <= ?""",
+                (time.time() if now is None else now,),
+            )
+        return cursor.rowcount
 
     async def count_failed_delivery(self, job: Job) -> None:
         """Count a try at delivering ``job``'s outcome that failed."""
@@ -288,11 +384,13 @@ class JobStore:
         job.delivery_attempts += 1
 
     async def keep_undelivered(self, job: Job, reason: str) -> None:
-        """Stop trying to deliver ``job``'s outcome: it stays for the member's history."""
-        job.delivery_failure = reason
+        """Stop trying to deliver ``job``'s outcome: it stays for the member's history (and
+        its interaction token is forgotten)."""
+        job.delivery_failure, job.reply = reason, None
         async with self._transaction():
             await self._db.execute(
-                "UPDATE jobs SET delivery_failure = ? WHERE id = ?", (reason, job.id)
+                "UPDATE jobs SET delivery_failure = ?, reply_token = NULL WHERE id = ?",
+                (reason, job.id),
             )
 
     async def get(self, job_id: int) -> Job | None:
@@ -319,14 +417,17 @@ class JobStore:
             with_audio=False,
         )
 
-    async def submitted_since(self, guild_id: int, user_id: int, since: float) -> list[float]:
-        """When a member submitted each job in a server since ``since`` (oldest first)."""
+    async def submitted_since(
+        self, guild_id: int, user_id: int, since: float
+    ) -> list[tuple[float, int]]:
+        """When a member submitted each job in a server since ``since``, and its takes
+        (oldest first)."""
         rows = await self._db.execute_fetchall(
-            """SELECT submitted_at FROM jobs WHERE guild_id = ? AND user_id = ?
+            """SELECT submitted_at, takes FROM jobs WHERE guild_id = ? AND user_id = ?
                AND submitted_at >= ? ORDER BY submitted_at""",
             (guild_id, user_id, since),
         )
-        return [row[0] for row in rows]
+        return [(row[0], row[1]) for row in rows]
 
     async def stats(self, guild_id: int) -> Stats:
         rows = await self._db.execute_fetchall(
@@ -348,7 +449,7 @@ class JobStore:
     # Results
 
     def result_path(self, job: Job, take: int = 0) -> Path:
-        return self.results / (f"{job.id}.flac" if take == 0 else f"{job.id}-{take}.flac")
+        return self._result_file(job.id, take)
 
     async def save_result(
         self, job: Job, audio: np.ndarray, sample_rate: int, take: int = 0
@@ -359,14 +460,105 @@ class JobStore:
         return path
 
     async def load_result(self, job: Job, take: int = 0) -> tuple[np.ndarray, int] | None:
-        """One take of a job's audio (``[channels, samples]``) and its sample rate."""
+        """One take of a job's audio (``[channels, samples]``) and its sample rate; None
+        when it is not kept.
+
+        Raises:
+            Expired: the retention policy deleted it.
+            DamagedResult: the file is there but cannot be read.
+        """
+        if job.result_expired_at is not None:
+            raise Expired.track(job)
         path = self.result_path(job, take)
         if not path.exists():
             return None
-        audio, sample_rate = await asyncio.to_thread(
-            soundfile.read, path, dtype="float32", always_2d=True
-        )
+        try:
+            audio, sample_rate = await asyncio.to_thread(
+                soundfile.read, path, dtype="float32", always_2d=True
+            )
+        except soundfile.SoundFileError as error:
+            log.warning("job=%d event=result-damaged path=%s error=%s", job.id, path, error)
+            raise DamagedResult(job.id) from error
         return np.ascontiguousarray(audio.T), sample_rate
+
+    # Retention
+
+    async def prune(self, retention: Retention, now: float | None = None) -> Pruned:
+        """Delete what ``retention`` no longer keeps, and expired interaction tokens.
+
+        A job whose result or uploads were deleted keeps its row (history, and the date for
+        :class:`Expired`); a job past ``jobs_days`` goes with its files, and a relay jam goes
+        once all its turns have. Files are deleted on a worker thread.
+        """
+        now = time.time() if now is None else now
+        tokens = await self.clear_expired_tokens(now)
+        results = jobs = 0
+        if retention.jobs_days:
+            jobs = await self._delete_jobs(now - retention.jobs_days * DAY)
+        if retention.results_days:
+            results = await self._expire_results(now - retention.results_days * DAY, now)
+        if retention.uploads_days:
+            async with self._transaction():
+                await self._db.execute(
+                    f"""UPDATE jobs SET uploads_expired_at = ?
+                        WHERE {_SETTLED} AND finished_at < ? AND uploads_expired_at IS NULL
+                        AND id IN (SELECT job_id FROM job_uploads)""",
+                    (now, now - retention.uploads_days * DAY),
+                )
+        async with self._transaction():
+            cursor = await self._db.execute(
+                """DELETE FROM uploads WHERE hash NOT IN (
+                       SELECT job_uploads.hash FROM job_uploads
+                       JOIN jobs ON jobs.id = job_uploads.job_id
+                       WHERE jobs.uploads_expired_at IS NULL)"""
+            )
+        return Pruned(results=results, uploads=cursor.rowcount, jobs=jobs, tokens=tokens)
+
+    async def _expire_results(self, cutoff: float, now: float) -> int:
+        rows = await self._db.execute_fetchall(
+            f"""SELECT id, takes FROM jobs WHERE {_SETTLED} AND status = 'done'
+                AND finished_at < ? AND result_expired_at IS NULL""",
+            (cutoff,),
+        )
+        await asyncio.to_thread(self._delete_result_files, rows)
+        async with self._transaction():
+            await self._db.executemany(
+                "UPDATE jobs SET result_expired_at = ? WHERE id = ?",
+                [(now, job_id) for job_id, _ in rows],
+            )
+        return len(rows)
+
+    async def _delete_jobs(self, cutoff: float) -> int:
+        """Delete the settled jobs that finished before ``cutoff``, and the jams all of whose
+        turns did."""
+        async with self._transaction():
+            await self._db.execute(
+                f"""DELETE FROM jams WHERE created_at < :cutoff AND NOT EXISTS (
+                        SELECT 1 FROM jam_segments JOIN jobs ON jobs.id = jam_segments.job_id
+                        WHERE jam_segments.thread_id = jams.thread_id
+                        AND NOT ({_SETTLED} AND finished_at < :cutoff))""",
+                {"cutoff": cutoff},
+            )
+        rows = await self._db.execute_fetchall(
+            f"""SELECT id, takes FROM jobs WHERE {_SETTLED} AND finished_at < ?
+                AND id NOT IN (SELECT job_id FROM jam_segments)""",
+            (cutoff,),
+        )
+        await asyncio.to_thread(self._delete_result_files, rows)
+        async with self._transaction():
+            await self._db.executemany(
+                "DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id, _ in rows]
+            )
+        return len(rows)
+
+    def _delete_result_files(self, jobs: Iterable[tuple[int, int]]) -> None:
+        """Delete the result files of ``(job id, takes)`` (blocking: run it in a thread)."""
+        for job_id, takes in jobs:
+            for take in range(takes):
+                self._result_file(job_id, take).unlink(missing_ok=True)
+
+    def _result_file(self, job_id: int, take: int) -> Path:
+        return self.results / (f"{job_id}.flac" if take == 0 else f"{job_id}-{take}.flac")
 
     # Server settings
 
@@ -422,6 +614,13 @@ class JobStore:
         )
         return Jam(*rows[0]) if rows else None
 
+    async def jams_started_by(self, guild_id: int, user_id: int) -> list[int]:
+        """The threads of the jams a member started in a server."""
+        rows = await self._db.execute_fetchall(
+            "SELECT thread_id FROM jams WHERE guild_id = ? AND user_id = ?", (guild_id, user_id)
+        )
+        return [row[0] for row in rows]
+
     async def jam_of_job(self, job_id: int) -> Jam | None:
         """The jam that ``job_id`` is a turn of, if any."""
         rows = await self._db.execute_fetchall(
@@ -466,13 +665,14 @@ class JobStore:
 
     async def _with_uploads(self, job_id: int, request: GenerationRequest) -> GenerationRequest:
         rows = await self._db.execute_fetchall(
-            "SELECT option, sample_rate, channels, samples FROM uploads WHERE job_id = ?",
+            """SELECT job_uploads.option, uploads.exponent, uploads.flac
+               FROM job_uploads JOIN uploads ON uploads.hash = job_uploads.hash
+               WHERE job_uploads.job_id = ?""",
             (job_id,),
         )
         clips = {}
-        for option, sample_rate, channels, samples in rows:
-            pcm = np.frombuffer(samples, dtype="<f4").reshape(channels, -1)
-            clips[option] = AudioClip(pcm.astype(np.float32), sample_rate)
+        for option, exponent, flac in rows:
+            clips[option] = await asyncio.to_thread(_decoded, flac, exponent)
         return replace(request, **clips) if clips else request
 
 
@@ -524,10 +724,45 @@ async def _migrate(connection: aiosqlite.Connection, path: Path) -> None:
             f"The database {path} has schema version {version}, newer than this bot knows "
             f"({len(MIGRATIONS)}): upgrade the bot."
         )
-    for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        await connection.executescript(
-            f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {target}; COMMIT;"
+    for target, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+        if isinstance(migration, str):
+            await connection.executescript(
+                f"BEGIN IMMEDIATE; {migration}; PRAGMA user_version = {target}; COMMIT;"
+            )
+            continue
+        await connection.execute("BEGIN IMMEDIATE")
+        try:
+            await migration(connection)
+            await connection.execute(f"PRAGMA user_version = {target}")
+        except BaseException:
+            await connection.execute("ROLLBACK")
+            raise
+        await connection.execute("COMMIT")
+
+
+def _decoded(flac: bytes, exponent: int) -> AudioClip:
+    return StoredClip.from_flac(flac, exponent).clip
+
+
+def _on_grid(clip: AudioClip) -> tuple[StoredClip, str]:
+    """``clip`` as the store keeps it, and its content hash (CPU work: run it in a thread)."""
+    stored = to_grid(clip)
+    return stored, stored.content_hash
+
+
+async def _keep_upload(
+    db: aiosqlite.Connection, job_id: int, option: str, stored: StoredClip, digest: str
+) -> None:
+    """Make ``stored`` the job's ``option`` clip, storing its FLAC unless already there (in
+    the caller's transaction, so a prune cannot delete it in between)."""
+    known = await db.execute_fetchall("SELECT 1 FROM uploads WHERE hash = ?", (digest,))
+    if not known:
+        flac = await asyncio.to_thread(stored.flac)
+        await db.execute(
+            "INSERT INTO uploads (hash, exponent, flac) VALUES (?, ?, ?)",
+            (digest, stored.exponent, flac),
         )
+    await db.execute("INSERT INTO job_uploads VALUES (?, ?, ?)", (job_id, option, digest))
 
 
 def _write_flac(path: Path, audio: np.ndarray, sample_rate: int) -> None:
@@ -574,6 +809,12 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
         error=row["error"],
         delivered=bool(row["delivered"]),
         result_url=row["result_url"],
+        result_expired_at=row["result_expired_at"],
+        uploads_expired_at=row["uploads_expired_at"],
         delivery_attempts=row["delivery_attempts"],
         delivery_failure=row["delivery_failure"],
     )
+
+
+def _date(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d (UTC)", time.gmtime(timestamp))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 from pathlib import Path
 
@@ -56,3 +57,71 @@ def sine(seconds: float, frequency: float, sample_rate: int = 32_000, channels: 
     t = np.arange(int(seconds * sample_rate)) / sample_rate
     wave = 0.3 * np.sin(2 * np.pi * frequency * t).astype(np.float32)
     return np.repeat(wave[None], channels, axis=0)
+
+
+def riff_wav(fmt: bytes, data: bytes, *chunks: bytes) -> bytes:
+    """A WAV file from its ``fmt `` chunk body, its ``data`` and any further whole chunks."""
+    body = b"WAVE" + _chunk(b"fmt ", fmt) + b"".join(chunks) + _chunk(b"data", data)
+    return _chunk(b"RIFF", body)
+
+
+def _chunk(name: bytes, body: bytes) -> bytes:
+    return name + struct.pack("<I", len(body)) + body + b"\0" * (len(body) % 2)
+
+
+def ima_adpcm_wav(sample_rate: int, block_align: int = 4096) -> bytes:
+    """One block of IMA-ADPCM: ``(block_align - 4) * 2 + 1`` samples at ``sample_rate``."""
+    per_block = (block_align - 4) * 2 + 1
+    fmt = struct.pack(
+        "<HHIIHHHH",
+        0x0011,  # WAVE_FORMAT_IMA_ADPCM
+        1,
+        sample_rate,
+        sample_rate * block_align // per_block,
+        block_align,
+        4,
+        2,
+        per_block,
+    )
+    block = bytes(4) + bytes(range(256)) * (block_align // 256)
+    return riff_wav(fmt, block[:block_align], _chunk(b"fact", struct.pack("<I", per_block)))
+
+
+def wav_without_decoder() -> bytes:
+    """A WAV whose format tag (0x9999) no decoder knows."""
+    return riff_wav(struct.pack("<HHIIHH", 0x9999, 1, 8_000, 16_000, 2, 16), bytes(1000))
+
+
+def with_id3v1(mp3: bytes, title: bytes) -> bytes:
+    """``mp3`` with an ID3v1 tag (128 bytes, its text in Latin-1 by definition) at its end
+    instead of its ID3v2 tag at its start (ffmpeg reads ID3v1 only when there is no ID3v2)."""
+    if mp3.startswith(b"ID3"):
+        mp3 = mp3[10 + sum(byte << (7 * (3 - i)) for i, byte in enumerate(mp3[6:10])) :]
+    fields = [title.ljust(30, b"\0"), bytes(30), bytes(30), b"2024", bytes(30), b"\xff"]
+    return mp3 + b"TAG" + b"".join(fields)
+
+
+def encode_titled_tone(path: Path, title: bytes, *, seconds: float = 1.0) -> Path:
+    """A tone whose title tag holds ``title``'s bytes as they are (ffmpeg copies them)."""
+    codec, container = FORMATS[path.suffix.lstrip(".")]
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency=440:duration={seconds}",
+            "-metadata",
+            b"title=" + title,
+            "-c:a",
+            codec,
+            "-f",
+            container,
+            str(path),
+        ],
+        check=True,
+    )
+    return path

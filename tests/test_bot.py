@@ -13,7 +13,7 @@ from generation.audio_output import encode_mp3_within, normalise_loudness, reque
 from generation.request import GenerationRequest
 
 from .bot_helpers import fields, mp3_of, private_reply
-from .helpers import encode_tone
+from .helpers import encode_tone, ima_adpcm_wav, wav_without_decoder
 
 # Debug-model jobs take well under a second, but the first melody model build imports
 # demucs and compiles librosa's filters.
@@ -117,6 +117,8 @@ async def test_a_continuation_upload_is_extended(alice, channel, tmp_path):
     [
         ("notes.txt", b"definitely not audio" * 50, "not audio we can read"),
         ("huge.wav", None, "the limit is 1 MiB"),
+        ("codec.wav", wav_without_decoder(), "audio codec is not one we can decode"),
+        ("tiny-rate.wav", ima_adpcm_wav(sample_rate=8), "sample rate is 8 Hz"),
     ],
 )
 async def test_bad_uploads_are_refused_and_the_bot_keeps_serving(

@@ -1,12 +1,26 @@
 from __future__ import annotations
 
+import http.server
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 
+import discord
 import pytest
 
 from bot.cli import main
 from bot.config import Config, ConfigError, load_config, parse_config
+from generation.debug_models import build_debug_model, debug_config
+from generation.export import export_checkpoint
+from generation.models import resolve_model
+
+from .bot_helpers import make_bot
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +61,10 @@ def test_the_token_never_shows_in_repr():
         ({"queue": {"max_jobs_per_user": 2.5}}, "must be a whole number"),
         ({"discord": {"guilds": ["123"]}}, "list of server ids"),
         ({"storage": {"database": ""}}, "a file path"),
+        ({"storage": {"keep_results_days": -1}}, r"storage.keep_results_days .* 0 or more"),
+        ({"storage": {"keep_uploads_days": float("nan")}}, "storage.keep_uploads_days"),
+        ({"storage": {"keep_jobs_days": float("inf")}}, "0 keeps forever"),
+        ({"storage": {"keep_jobs_days": "1y"}}, "storage.keep_jobs_days must be a number"),
         ({"extra": {}}, "unknown key extra"),
     ],
 )
@@ -62,15 +80,21 @@ def test_a_malformed_file_is_named(tmp_path):
         load_config(path)
 
 
-def test_run_without_a_token_says_how_to_get_one(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("name", ["config.example.toml", "config.toml"])
+def test_run_without_a_token_says_how_to_get_one(tmp_path, capsys, monkeypatch, name):
     monkeypatch.delenv("DISCORD_TOKEN", raising=False)
-    path = tmp_path / "config.toml"
+    path = tmp_path / name
     path.write_text('[generation]\nmodels = ["debug"]\n')
     assert main(["run", "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "DISCORD_TOKEN" in err
+    assert f"DISCORD_TOKEN=... musicgen-bot run --config {path}" in err
     assert "discord.com/developers/applications" in err
-    assert str(path) in err
+    if name == "config.example.toml":  # tracked by git: the token goes in a private copy
+        assert "in config.example.toml" not in err
+        assert "cp config.example.toml config.toml" in err
+        assert "git ignores config.toml" in err
+    else:
+        assert f'set token = "..." under [discord] in {path}' in err
 
 
 def test_run_with_a_missing_config_exits_with_one_line(tmp_path, capsys):
@@ -78,3 +102,129 @@ def test_run_with_a_missing_config_exits_with_one_line(tmp_path, capsys):
         main(["run", "--config", str(tmp_path / "missing.toml")])
     assert exited.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_relative_paths_are_relative_to_the_configuration_file(tmp_path, monkeypatch):
+    folder = tmp_path / "bot"
+    (folder / "checkpoints").mkdir(parents=True)
+    checkpoint = export_checkpoint(
+        build_debug_model("debug-stereo"), debug_config("debug-stereo"), folder / "checkpoints"
+    )
+    (folder / "config.toml").write_text(
+        '[generation]\nmodels = ["debug", "checkpoints/debug-stereo"]\n'
+        '[storage]\ndatabase = "data/jobs.sqlite3"\n'
+    )
+    monkeypatch.chdir(tmp_path)  # not the configuration's folder
+    config = load_config("bot/config.toml")
+    assert config.storage.database == folder / "data" / "jobs.sqlite3"
+    assert config.generation.models == ("debug", str(checkpoint))
+    assert resolve_model(config.generation.models[1]).stereo
+    (folder / "config.toml").write_text(f'[storage]\ndatabase = "{tmp_path}/jobs.sqlite3"\n')
+    assert load_config("bot/config.toml").storage.database == tmp_path / "jobs.sqlite3"
+
+
+async def test_a_global_sync_says_commands_can_take_an_hour(simcord_env, database, caplog):
+    caplog.set_level(logging.INFO, logger="bot")
+    await simcord_env.restart_bot(make_bot(database))  # no discord.guilds: a global sync
+    (line,) = [r.getMessage() for r in caplog.records if "synced" in r.getMessage()]
+    assert "globally" in line
+    assert "up to an hour" in line
+    assert "discord.guilds" in line
+
+
+class _RefusingDiscord(http.server.BaseHTTPRequestHandler):
+    """Discord's API as it answers a wrong bot token."""
+
+    def do_GET(self) -> None:
+        body = b'{"message": "401: Unauthorized", "code": 0}'
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+# `musicgen-bot run` with discord.py's API base URL pointed at a local server.
+RUN_AGAINST = """
+import sys
+import discord.http
+discord.http.Route.BASE = sys.argv.pop(1)
+from bot.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _bot_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "bot"
+    folder.mkdir()
+    config = folder / "config.toml"
+    config.write_text(
+        '[generation]\nmodels = ["debug"]\ndevice = "cpu"\n'
+        '[storage]\ndatabase = "data/jobs.sqlite3"\n'
+    )
+    return config
+
+
+def test_a_wrong_token_ends_the_run_with_one_line_and_each_log_line_once(tmp_path):
+    config = _bot_folder(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingDiscord)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = "MTIz.not-a-real.token"
+    base_url = f"http://127.0.0.1:{server.server_port}/api/v10"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", RUN_AGAINST, base_url, "run", "--config", str(config)],
+            cwd=elsewhere,
+            env={**os.environ, "DISCORD_TOKEN": token},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        server.shutdown()
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert result.stderr.splitlines()[-1].startswith(
+        "musicgen-bot: error: Discord refused the bot token: reset it"
+    )
+    assert "Traceback" not in output
+    assert output.count("logging in using static token") == 1  # one handler
+    assert "voice" not in output.lower()
+    assert token not in output
+    # The database was opened beside the configuration, not in the working directory.
+    assert (config.parent / "data" / "jobs.sqlite3").is_file()
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.fixture
+def process_state():
+    """Put back what ``musicgen-bot run`` sets for its process: logging and signal handlers."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    sigterm = signal.getsignal(signal.SIGTERM)
+    voice = discord.VoiceClient.warn_nacl, discord.VoiceClient.warn_dave
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    signal.signal(signal.SIGTERM, sigterm)
+    discord.VoiceClient.warn_nacl, discord.VoiceClient.warn_dave = voice
+
+
+def test_no_network_ends_the_run_with_one_line(tmp_path, capsys, monkeypatch, process_state):
+    with socket.socket() as probe:  # a port nothing listens on: the connection is refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{port}/api/v10")
+    monkeypatch.setenv("DISCORD_TOKEN", "not-a-real-token")
+    assert main(["run", "--config", str(_bot_folder(tmp_path))]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(
+        f"musicgen-bot: error: cannot reach Discord (Cannot connect to host 127.0.0.1:{port}"
+    )
+    assert "Traceback" not in err

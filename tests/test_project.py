@@ -62,3 +62,25 @@ def test_ci_runs_exactly_the_readmes_test_command():
     test_command = "./dev pytest"
     assert f"```sh\n{test_command}\n```" in readme
     assert f"exec {test_command}\n" in ci
+
+
+def test_dev_uses_the_uv_on_path_and_never_the_system_pip(tmp_path):
+    # A uv on PATH that records how it is called; /usr/bin first, as on a stock Debian or
+    # Ubuntu, whose Python refuses pip installs (PEP 668).
+    calls = tmp_path / "calls"
+    uv = tmp_path / "bin" / "uv"
+    uv.parent.mkdir()
+    uv.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    uv.chmod(0o755)
+    result = subprocess.run(
+        [str(ROOT / "dev"), "pytest", "-q"],
+        env={"PATH": f"/usr/bin:/bin:{uv.parent}", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert calls.read_text().splitlines() == [
+        f"sync --locked --quiet --project {ROOT}",
+        f"run --locked --no-sync --project {ROOT} pytest -q",
+    ]

@@ -13,7 +13,7 @@ from generation.audio_input import AudioLimits, decode_audio
 from generation.store import JobStore
 
 from .bot_helpers import buttons, fields, job_id, make_bot, mp3_of, private_reply, seconds
-from .helpers import encode_tone
+from .helpers import encode_titled_tone, encode_tone, wav_without_decoder
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
@@ -83,7 +83,7 @@ async def test_continue_refuses_a_bad_length(alice, channel):
     original = await track(alice, channel)
     shown = await alice.click(original, custom_id=f"musicgen:continue:{job_id(original)}")
     refused = await alice.submit_modal(shown, {"musicgen:prompt": "x", "musicgen:length": "long"})
-    assert private_reply(refused) == "**length**: Enter a number between 1 and 59."
+    assert private_reply(refused) == "**length**: Enter a number between 1 and 60."
 
 
 async def test_edit_runs_again_with_the_new_prompt_duration_and_temperature(alice, channel):
@@ -165,6 +165,24 @@ async def test_a_bad_upload_gets_a_clear_error_after_the_form(alice, channel):
     shown = await alice.context_menu(channel, "Continue this track", upload)
     refused = await alice.submit_modal(shown, {"musicgen:prompt": "x", "musicgen:length": "2"})
     assert "not audio we can read" in private_reply(refused)
+
+
+async def test_an_upload_without_a_decoder_is_named_after_the_menu(alice, channel):
+    upload = await alice.send(channel, "odd", attachments=[("odd.wav", wav_without_decoder())])
+    shown = await alice.context_menu(channel, "Use as melody", upload)
+    refused = await alice.submit_modal(shown, {"musicgen:prompt": "x", "musicgen:duration": "2"})
+    assert private_reply(refused) == (
+        "**melody**: The melody file's audio codec is not one we can decode: "
+        "upload WAV, MP3, OGG/Opus, FLAC or M4A."
+    )
+
+
+async def test_use_as_melody_on_an_upload_titled_in_latin_1(alice, channel, tmp_path):
+    tune = encode_titled_tone(tmp_path / "cafe.flac", "Café".encode("latin-1"), seconds=2.0)
+    upload = await alice.send(channel, "hum", attachments=[("cafe.flac", tune.read_bytes())])
+    shown = await alice.context_menu(channel, "Use as melody", upload)
+    done = await alice.submit_modal(shown, {"musicgen:prompt": "strings", "musicgen:duration": "1"})
+    assert fields(done.response)["Melody"] == "2.0 s clip"
 
 
 async def test_buttons_work_after_a_restart(simcord_env, alice, bob, channel, database):

@@ -163,6 +163,21 @@ async def test_the_hourly_limit_says_when_the_next_request_is_possible(engine, d
     await service.shutdown(grace=10)
 
 
+async def test_the_hourly_limit_counts_tracks_not_jobs(engine, database):
+    service = await open_service(
+        engine, database, Recorder(), hourly_limit=3, limits=QueueLimits(per_user=10)
+    )
+    service.pause(1)
+    await submit(service)
+    with pytest.raises(RateLimited, match=r"That makes 4 tracks at once; you can ask for 3"):
+        await service.submit(REQUEST, guild_id=1, channel_id=1, user_id=1, takes=4)
+    variations = await service.submit(REQUEST, guild_id=1, channel_id=1, user_id=1, takes=2)
+    await service.release(variations, None)
+    with pytest.raises(RateLimited, match=r"3 tracks an hour.*next one is possible in about 60"):
+        await submit(service)
+    await service.shutdown(grace=10)
+
+
 async def test_queue_limits_hold_between_submit_and_release(engine, database):
     service = await open_service(engine, database, Recorder(), limits=QueueLimits(per_user=1))
     job = await service.submit(REQUEST, guild_id=1, channel_id=1, user_id=1)

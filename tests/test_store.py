@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import AudioClip, GenerationRequest
-from generation.store import MIGRATIONS, GuildSettings, Jam, JobStore, Segment, StoreError
+from generation.retention import DAY, Retention
+from generation.store import (
+    MIGRATIONS,
+    Expired,
+    GuildSettings,
+    Jam,
+    JobStore,
+    Pruned,
+    Segment,
+    StoreError,
+)
+from generation.stored_audio import content_hash
 
 from .helpers import sine
 
@@ -45,7 +60,9 @@ async def test_a_job_keeps_every_request_field_its_audio_and_its_reply_address(s
     assert (loaded.guild_id, loaded.channel_id, loaded.user_id) == (1, 2, 3)
     assert loaded.reply == reply
     assert loaded.request.top_p == 0.5 and loaded.request.seed == 3
-    np.testing.assert_array_equal(loaded.request.melody.samples, melody.samples)
+    # The job runs the clip as the store keeps it (24-bit), and that is what comes back.
+    np.testing.assert_array_equal(loaded.request.melody.samples, job.request.melody.samples)
+    np.testing.assert_allclose(loaded.request.melody.samples, melody.samples, atol=2**-23)
     assert loaded.request.melody.sample_rate == 44_100
     assert "secret" not in repr(loaded)
 
@@ -160,3 +177,193 @@ async def test_a_jam_keeps_its_turns_in_order(store):
     assert await store.segments(50) == [Segment(1, first.id, 3), Segment(2, second.id, 4)]
     assert await store.jam_of_job(second.id) == jam
     assert await store.jam(51) is None and await store.jam_of_job(999) is None
+
+
+def upload_rows(path) -> tuple[int, int]:
+    """(stored clips, job references to them) in the database at ``path``."""
+    connection = sqlite3.connect(path)
+    counts = tuple(
+        connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        for table in ("uploads", "job_uploads")
+    )
+    connection.close()
+    return counts
+
+
+async def test_re_rolls_of_a_job_with_a_melody_store_the_melody_once(store, tmp_path):
+    """Each Re-roll records the source job's request again: the melody must not be."""
+    melody = AudioClip(sine(20.0, 440.0, 32_000, channels=2), 32_000)
+    first = await store.add(Job(0, replace(REQUEST, melody=melody), 1, 2, 3))
+    database = tmp_path / "bot.sqlite3"
+    size_after_first = database.stat().st_size + Path(f"{database}-wal").stat().st_size
+    for _ in range(5):
+        source = await store.get(first.id)
+        await store.add(Job(0, replace(source.request, seed=None), 1, 2, 3))
+    assert upload_rows(database) == (1, 6)
+    size = database.stat().st_size + Path(f"{database}-wal").stat().st_size
+    melody_bytes = melody.samples.nbytes  # 5 MB of float32: what each re-roll used to add
+    assert size - size_after_first < melody_bytes / 10
+    for job in await store.pending():
+        np.testing.assert_array_equal(job.request.melody.samples, first.request.melody.samples)
+
+
+async def test_a_clip_is_kept_without_loss_and_loud_ones_without_clipping(store):
+    loud = sine(1.0, 220.0, 32_000, channels=2) * 6.0  # peaks at 1.8: a decoder can do that
+    noisy = np.random.default_rng(1).normal(0, 0.3, (1, 32_000)).astype(np.float32)
+    for samples in (loud, noisy):
+        job = await store.add(
+            Job(0, replace(REQUEST, continuation=AudioClip(samples, 32_000)), 1, 1, 1)
+        )
+        kept = job.request.continuation.samples
+        np.testing.assert_allclose(kept, samples, atol=2.0 * 2**-23)
+        loaded = (await store.get(job.id)).request.continuation
+        np.testing.assert_array_equal(loaded.samples, kept)
+        assert content_hash(loaded) == content_hash(AudioClip(samples, 32_000))
+
+
+async def test_version_3_uploads_move_to_the_shared_store(tmp_path):
+    """A database written by the previous version, with one melody used by two jobs."""
+    path = tmp_path / "bot.sqlite3"
+    connection = sqlite3.connect(path)
+    for version, script in enumerate(MIGRATIONS[:3], start=1):
+        connection.executescript(f"{script}; PRAGMA user_version = {version};")
+    melody = sine(3.0, 330.0, 32_000, channels=2)
+    intro = sine(2.0, 550.0, 32_000)
+    rows = [(1, "melody", melody), (2, "melody", melody), (3, "continuation", intro)]
+    for job_id, option, samples in rows:
+        connection.execute(
+            """INSERT INTO jobs (id, guild_id, channel_id, user_id, request, status, submitted_at)
+               VALUES (?, 1, 2, 3, ?, 'queued', 0)""",
+            (job_id, json.dumps({"prompt": f"job {job_id}", "model": "debug", "seed": 1})),
+        )
+        connection.execute(
+            "INSERT INTO uploads VALUES (?, ?, 32000, ?, ?)",
+            (job_id, option, samples.shape[0], samples.astype("<f4").tobytes()),
+        )
+    connection.commit()
+    connection.close()
+
+    store = await JobStore.open(path)
+    jobs = {job.id: job for job in await store.pending()}
+    await store.close()
+    assert upload_rows(path) == (2, 3)
+    np.testing.assert_allclose(jobs[1].request.melody.samples, melody, atol=2**-23)
+    np.testing.assert_array_equal(jobs[2].request.melody.samples, jobs[1].request.melody.samples)
+    np.testing.assert_allclose(jobs[3].request.continuation.samples, intro, atol=2**-23)
+    assert jobs[3].request.melody is None and jobs[1].request.prompt == "job 1"
+    connection = sqlite3.connect(path)
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    connection.close()
+    assert "uploads_v3" not in tables
+
+
+def stored_tokens(path) -> dict[int, str | None]:
+    connection = sqlite3.connect(path)
+    tokens = dict(connection.execute("SELECT id, reply_token FROM jobs"))
+    connection.close()
+    return tokens
+
+
+async def test_tokens_are_forgotten_once_delivered_or_expired(store, tmp_path):
+    now = time.time()
+    jobs = []
+    for expires_at in (now + 900, now + 900, now - 1):
+        job = await store.add(Job(0, REQUEST, 1, 1, 1))
+        await store.set_reply(job, ReplyAddress(9, f"token-{job.id}", expires_at, 5, 1024))
+        jobs.append(job)
+    delivered, waiting, expired = jobs
+    await store.finish(delivered, JobStatus.DONE)
+    await store.mark_delivered(delivered)
+    assert delivered.reply is None
+    assert await store.clear_expired_tokens(now) == 1
+    assert stored_tokens(tmp_path / "bot.sqlite3") == {
+        delivered.id: None,
+        waiting.id: f"token-{waiting.id}",
+        expired.id: None,
+    }
+    assert (await store.get(waiting.id)).reply.token == f"token-{waiting.id}"
+
+
+async def finished(store, request=REQUEST, *, delivered=True, days_ago=0.0, takes=1) -> Job:
+    """A job that finished ``days_ago``, with a result file per take."""
+    job = await store.add(Job(0, request, 1, 2, 3, takes=takes))
+    await store.claim(job)
+    for take in range(takes):
+        await store.save_result(job, sine(0.5, 440.0), 32_000, take)
+    await store.finish(job, JobStatus.DONE)
+    if delivered:
+        await store.mark_delivered(job, "https://discord.com/channels/1/2/3")
+    connection = sqlite3.connect(store.path)
+    connection.execute(
+        "UPDATE jobs SET finished_at = ? WHERE id = ?", (time.time() - days_ago * DAY, job.id)
+    )
+    connection.commit()
+    connection.close()
+    return job
+
+
+async def test_pruning_deletes_what_the_policy_no_longer_keeps(store):
+    retention = Retention(results_days=30, uploads_days=30, jobs_days=365)
+    melody = replace(REQUEST, melody=AudioClip(sine(2.0, 440.0, 32_000), 32_000))
+    old = await finished(store, melody, days_ago=40, takes=2)
+    undelivered = await finished(store, melody, delivered=False, days_ago=40)
+    recent = await finished(store, days_ago=10)
+    ancient = await finished(store, days_ago=400)
+    queued = await store.add(Job(0, replace(REQUEST, melody=melody.melody), 1, 2, 3))
+
+    pruned = await store.prune(retention)
+
+    assert (pruned.results, pruned.jobs) == (1, 1)
+    assert await store.get(ancient.id) is None
+    assert not store.result_path(ancient).exists()
+    old = await store.get(old.id)
+    assert old.result_expired_at is not None and old.uploads_expired_at is not None
+    assert not store.result_path(old, 0).exists() and not store.result_path(old, 1).exists()
+    with pytest.raises(Expired, match=rf"job #{old.id} expired on \d{{4}}-\d\d-\d\d"):
+        await store.load_result(old)
+    assert await store.load_result(recent) is not None
+    assert await store.load_result(undelivered) is not None  # never pruned before delivery
+    # The melody is still used by a live job and an undelivered one: kept.
+    assert pruned.uploads == 0 and upload_rows(store.path)[0] == 1
+    assert (await store.get(queued.id)).request.melody is not None
+    assert [job.id for job in await store.history(1, 3, limit=10)] == [
+        queued.id,
+        recent.id,
+        undelivered.id,
+        old.id,
+    ]
+
+
+async def test_a_clip_goes_when_no_job_within_the_period_uses_it(store):
+    melody = replace(REQUEST, melody=AudioClip(sine(2.0, 440.0, 32_000), 32_000))
+    job = await finished(store, melody, days_ago=8)
+    assert (await store.prune(Retention(uploads_days=10))).uploads == 0
+    pruned = await store.prune(Retention(uploads_days=7))
+    assert pruned.uploads == 1 and upload_rows(store.path) == (0, 1)  # the hash stays known
+    expired = await store.get(job.id)
+    assert expired.request.melody is None and expired.uploads_expired_at is not None
+    assert (await store.load_result(expired)) is not None  # results have their own period
+
+
+async def test_zero_keeps_everything_forever(store):
+    job = await finished(store, days_ago=10_000)
+    assert await store.prune(Retention(0, 0, 0)) == Pruned(0, 0, 0, 0)
+    assert await store.load_result(await store.get(job.id)) is not None
+
+
+async def test_a_jam_goes_only_when_all_its_turns_have(store):
+    jam = Jam(50, guild_id=1, channel_id=2, user_id=3, title="Old")
+    await store.add_jam(jam)
+    first = await finished(store, days_ago=400)
+    second = await finished(store, days_ago=10)
+    await store.add_segment(jam, first)
+    await store.add_segment(jam, second)
+    connection = sqlite3.connect(store.path)
+    connection.execute("UPDATE jams SET created_at = ?", (time.time() - 500 * DAY,))
+    connection.commit()
+    connection.close()
+    assert (await store.prune(Retention(jobs_days=365))).jobs == 0
+    assert len(await store.segments(50)) == 2
+    assert (await store.prune(Retention(jobs_days=5))).jobs == 2
+    assert await store.jam(50) is None and await store.get(first.id) is None

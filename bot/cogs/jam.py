@@ -19,20 +19,16 @@ from discord import app_commands
 from discord.ext import commands
 
 from generation.audio_output import encode_mp3_within, mp3_filename, request_tags
-from generation.continuation import (
-    MAX_INTRO_SECONDS,
-    continue_request,
-    intro_clip,
-    new_part,
-    stitch,
-)
+from generation.continuation import MAX_INTRO_SECONDS, intro_clip, new_part, stitch
 from generation.errors import GenerationError
+from generation.models import resolve_model
 from generation.queue import Job, JobStatus
 from generation.request import WINDOW_SECONDS, GenerationRequest
 from generation.store import Jam, Segment
 
-from .. import presentation
-from .remix import DEFAULT_ADDED_SECONDS
+from .. import limits, presentation
+from ..access import Rules
+from .remix import DEFAULT_ADDED_SECONDS, carry_on, check_fits
 
 if TYPE_CHECKING:
     from ..bot import MusicGenBot
@@ -102,10 +98,8 @@ class Jams(commands.Cog):
         channel = interaction.channel
         if not isinstance(channel, discord.TextChannel):
             raise GenerationError("Start a jam in a text channel, not in a thread.")
-        settings = await self.store.guild_settings(channel.guild.id)
-        if settings.allowed_channels and channel.id not in settings.allowed_channels:
-            channels = ", ".join(f"<#{allowed}>" for allowed in settings.allowed_channels)
-            raise GenerationError(f"In this server, music is made in {channels}.")
+        await self.bot.access.check(interaction, threads=True)
+        await self._check_open_jams(channel.guild, interaction.user.id)
         title = title or f"Jam by {interaction.user.display_name}"
         thread = await channel.create_thread(
             name=title, type=discord.ChannelType.public_thread, auto_archive_duration=1440
@@ -120,18 +114,44 @@ class Jams(commands.Cog):
             "`/music jam add`, each carrying the track on; `/music jam export` posts it whole."
         )
 
+    async def _check_open_jams(self, guild: discord.Guild, user_id: int) -> None:
+        """Refuse a member who already has the most open jams (threads neither archived nor
+        deleted) the configuration allows."""
+        most = self.bot.config.jams.max_open_per_user
+        threads = [
+            guild.get_thread(thread)
+            for thread in await self.store.jams_started_by(guild.id, user_id)
+        ]
+        open_jams = [thread for thread in threads if thread is not None and not thread.archived]
+        if len(open_jams) >= most:
+            mentions = limits.fit_join([thread.mention for thread in open_jams], 1000)
+            raise GenerationError(
+                f"You have {len(open_jams)} open jams here ({mentions}), the most one member "
+                "may have: play in one of them, or archive one first."
+            )
+
     async def add(self, interaction: discord.Interaction, prompt: str, length: float) -> None:
         jam = await self._jam(interaction)
         async with self._turns.setdefault(jam.thread_id, asyncio.Lock()):
             turns = await self._turns_of(jam)
             latest = self._latest_finished(turns)
-            # The jam keeps its first turn's model (the server's default then).
-            model = latest.request.model if latest is not None else ""
-            request = GenerationRequest(prompt=prompt, model=model, duration=length)
-            prepare = None if latest is None else partial(self._carry_on, latest, length)
+            rules = await self.bot.access.rules(jam.guild_id)
             note = f"Turn {len(turns) + 1} of the jam" + (
                 f", carrying on job #{latest.id}." if latest else "."
             )
+            if latest is None:
+                check_fits(length, 0.0, rules.max_duration)
+                model = ""  # the server's default; later turns keep it
+                prepare = None
+            else:
+                model, switched = jam_model(latest.request.model, rules)
+                if switched:
+                    note += (
+                        f" The jam's model {latest.request.model} is not allowed here any "
+                        f"more, so this turn uses {model}."
+                    )
+                prepare = partial(self._carry_on, latest, length, rules.max_duration)
+            request = GenerationRequest(prompt=prompt, model=model, duration=length)
             job = await self.music.queue_request(interaction, request, prepare=prepare, note=note)
             if job is None:
                 return
@@ -139,16 +159,17 @@ class Jams(commands.Cog):
         await self._update_timeline(jam)
 
     async def _carry_on(
-        self, latest: Job, length: float, request: GenerationRequest
+        self, latest: Job, length: float, longest: float, request: GenerationRequest
     ) -> GenerationRequest:
         """``request`` as a continuation of the end of ``latest``'s track."""
         stored = await self.store.load_result(latest)
         if stored is None:
             raise GenerationError(f"The track of job #{latest.id} is no longer kept.")
-        return continue_request(request, intro_clip(*stored), length)
+        return carry_on(request, intro_clip(*stored), length, longest)
 
     async def export(self, interaction: discord.Interaction, with_segments: bool) -> None:
         jam = await self._jam(interaction)
+        await self.bot.access.check(interaction)
         turns = [job for _, job in await self._turns_of(jam) if job.status is JobStatus.DONE]
         if not turns:
             raise GenerationError("Nothing to export yet: take a turn with `/music jam add`.")
@@ -169,10 +190,8 @@ class Jams(commands.Cog):
         data, bitrate = await asyncio.to_thread(
             encode_mp3_within, track, sample_rate, limit, tags=presentation.jam_tags(jam, turns)
         )
-        players = ", ".join(dict.fromkeys(f"<@{job.user_id}>" for job in turns))
         await interaction.followup.send(
-            f"**{jam.title}**: {len(turns)} turns by {players}, "
-            f"{track.shape[-1] / sample_rate:.1f} s ({bitrate} kbit/s).",
+            presentation.jam_exported_text(jam, turns, track.shape[-1] / sample_rate, bitrate),
             file=discord.File(io.BytesIO(data), presentation.jam_filename(jam)),
         )
         if with_segments:
@@ -259,6 +278,29 @@ class Jams(commands.Cog):
             await message.edit(content=content)
         except discord.HTTPException as error:
             log.info("jam=%d event=timeline-not-updated error=%s", jam.thread_id, error)
+
+
+def jam_model(model: str, rules: Rules) -> tuple[str, bool]:
+    """The model to carry a jam on with: its own while the server allows it, else an allowed
+    one with as many channels (every model makes 32 kHz audio, so the turns still stitch);
+    and whether it changed.
+
+    Raises:
+        InvalidOption: no model is allowed in the server any more.
+    """
+    if model in rules.models:
+        return model, False
+    stereo = _stereo(model)
+    alike = [name for name in rules.models if stereo is not None and _stereo(name) == stereo]
+    return (alike[0] if alike else rules.model("")), True
+
+
+def _stereo(model: str) -> bool | None:
+    """Whether ``model`` makes stereo; None for a model no longer known (a removed folder)."""
+    try:
+        return resolve_model(model).stereo
+    except GenerationError:
+        return None
 
 
 async def setup(bot: MusicGenBot) -> None:

@@ -10,8 +10,14 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from generation.audio_input import AudioLimits, check_size, decode_audio
-from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
+from generation.audio_input import AudioLimits, check_size, decode_upload
+from generation.errors import (
+    AudioInputError,
+    DamagedResult,
+    GenerationError,
+    InvalidOption,
+    JobNotFound,
+)
 from generation.models import resolve_model
 from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import (
@@ -23,9 +29,10 @@ from generation.request import (
     GenerationRequest,
     check_audio_options,
 )
-from generation.store import GuildSettings
+from generation.store import Expired, GuildSettings
 
-from .. import presentation
+from .. import limits, presentation
+from ..access import Rules, may_manage, rules_for
 from ..delivery import result_message
 from ..errors import reply_privately, user_message
 
@@ -101,25 +108,21 @@ class Music(commands.Cog):
         variations are generated together. Returns the job, or None when the member was told
         why it was not queued.
         """
-        guild_id, channel_id = interaction.guild_id, interaction.channel_id
-        assert guild_id is not None and channel_id is not None
         user_id = interaction.user.id
-        # A thread (a relay jam's) is allowed where its channel is.
-        channel = interaction.channel
-        home = channel.parent_id if isinstance(channel, discord.Thread) else channel_id
         try:
-            settings = await self.store.guild_settings(guild_id)
-            request = self._apply_settings(request, settings, home).with_seed()
-            self.service.check_room(guild_id, user_id, settings.max_jobs_per_user)
+            rules = await self.bot.access.check(interaction)
+            guild_id, channel_id = interaction.guild_id or 0, interaction.channel_id or 0
+            request = _apply_rules(request, rules).with_seed()
+            self.service.check_room(guild_id, user_id, rules.max_jobs_per_user)
             if prepare is not None:
-                request = self._apply_settings(await prepare(request), settings, home)
+                request = _apply_rules(await prepare(request), rules)
             self.bot.engine.validate(request)
             job = await self.service.submit(
                 request,
                 guild_id=guild_id,
                 channel_id=channel_id,
                 user_id=user_id,
-                per_user_limit=settings.max_jobs_per_user,
+                per_user_limit=rules.max_jobs_per_user,
                 takes=takes,
             )
         except GenerationError as error:
@@ -131,25 +134,6 @@ class Music(commands.Cog):
         finally:
             await self.service.release(job, reply)
         return job
-
-    def _apply_settings(
-        self, request: GenerationRequest, settings: GuildSettings, channel_id: int
-    ) -> GenerationRequest:
-        """The server's default model, and its limits on models, durations and channels."""
-        if settings.allowed_channels and channel_id not in settings.allowed_channels:
-            channels = ", ".join(f"<#{channel}>" for channel in settings.allowed_channels)
-            raise GenerationError(f"In this server, music is made in {channels}.")
-        allowed = settings.allowed_models or self.models
-        if not request.model:
-            default = settings.default_model or self.models[0]
-            request = replace(request, model=default if default in allowed else allowed[0])
-        if request.model not in allowed:
-            raise InvalidOption("model", f"This server allows these models: {', '.join(allowed)}.")
-        if settings.max_duration is not None and request.duration > settings.max_duration:
-            raise InvalidOption(
-                "duration", f"This server allows tracks of up to {settings.max_duration:g} s."
-            )
-        return request
 
     async def _read_uploads_in_time(
         self,
@@ -178,13 +162,10 @@ class Music(commands.Cog):
     async def read_uploads(self, uploads: dict[str, discord.Attachment]) -> dict[str, AudioClip]:
         """Read each attachment at once (their URLs expire) and decode it off the loop."""
         clips = {}
-        loop = asyncio.get_running_loop()
         for option, attachment in uploads.items():
             try:
                 data = await attachment.read()
-                clips[option] = await loop.run_in_executor(
-                    None, decode_audio, data, self.upload_limits, option
-                )
+                clips[option] = await decode_upload(data, self.upload_limits, option)
             except AudioInputError as error:
                 raise InvalidOption(option, str(error)) from error
             except discord.HTTPException as error:
@@ -202,7 +183,7 @@ class Music(commands.Cog):
             job, queue.position(job), self.service.worker.eta(job), queue.is_paused(job.guild_id)
         )
         if note:
-            status = f"{note}\n{status}"
+            status = limits.fit_content(f"{note}\n{status}")
         if interaction.response.is_done():
             message_id = (await interaction.edit_original_response(content=status)).id
         else:
@@ -250,7 +231,7 @@ class Music(commands.Cog):
         job = self.service.queue.get(job_id)
         if job.guild_id != interaction.guild_id:
             raise JobNotFound(f"There is no queued or running job #{job_id} in this server.")
-        if job.user_id != mine and not interaction.permissions.manage_guild:
+        if not may_manage(interaction, job.user_id):
             raise JobNotFound(
                 f"Job #{job_id} is not yours: only members with Manage Server can cancel it."
             )
@@ -272,6 +253,7 @@ class Music(commands.Cog):
     @music.command(name="show", description="Post a past track again, with its parameters")
     @app_commands.describe(job="The job number (see /music history)")
     async def show(self, interaction: discord.Interaction, job: app_commands.Range[int, 1]) -> None:
+        await self.bot.access.check(interaction)
         found = await self.store.get(job)
         if found is None or found.guild_id != interaction.guild_id:
             raise JobNotFound(f"There is no job #{job} in this server.")
@@ -279,6 +261,8 @@ class Music(commands.Cog):
             raise JobNotFound(f"Job #{job} has no track: it is {found.status.value}.")
         try:
             results = await self.service.worker.stored_results(found)
+        except (DamagedResult, Expired):  # they say what happened to it
+            raise
         except GenerationError as error:
             raise JobNotFound(f"The track of job #{job} is no longer kept.") from error
         await interaction.response.defer(thinking=True)
@@ -294,12 +278,10 @@ class Music(commands.Cog):
 
     @music.command(name="models", description="The models you can pick, and what each can do")
     async def show_models(self, interaction: discord.Interaction) -> None:
-        settings = await self.store.guild_settings(interaction.guild_id)
-        names = [name for name in self.models if name in (settings.allowed_models or self.models)]
-        default = settings.default_model or self.models[0]
-        specs = [resolve_model(name) for name in names]
+        rules = await self.bot.access.rules(interaction.guild_id or 0)
+        specs = [resolve_model(name) for name in rules.models]
         await interaction.response.send_message(
-            embed=presentation.models_embed(specs, default), ephemeral=True
+            embed=presentation.models_embed(specs, rules.default_model or ""), ephemeral=True
         )
 
     @music.command(name="help", description="What each option does, and tips")
@@ -346,7 +328,9 @@ class Music(commands.Cog):
             await self.store.save_guild_settings(settings)
             log.info("guild %d settings changed by %d", guild_id, interaction.user.id)
         await interaction.response.send_message(
-            embed=presentation.settings_embed(settings, self.models, self.bot.config),
+            embed=presentation.settings_embed(
+                settings, rules_for(settings, self.bot.config), self.bot.config
+            ),
             ephemeral=True,
         )
 
@@ -375,8 +359,10 @@ class Music(commands.Cog):
         if (channel := changes.pop("disallow_channel", None)) is not None:
             channels = [existing for existing in channels if existing != channel.id]
         settings = replace(settings, allowed_channels=tuple(dict.fromkeys(channels)), **changes)
-        allowed = settings.allowed_models or self.models
-        if settings.default_model is not None and settings.default_model not in allowed:
+        if (
+            settings.default_model is not None
+            and settings.default_model not in rules_for(settings, self.bot.config).models
+        ):
             raise InvalidOption(
                 "default_model", "The default model must be one of the allowed models."
             )
@@ -485,6 +471,14 @@ def settings_command(cog: Music) -> app_commands.Command:
         )
 
     return settings
+
+
+def _apply_rules(request: GenerationRequest, rules: Rules) -> GenerationRequest:
+    """The server's default model when the request names none; its limits on models and
+    durations."""
+    request = replace(request, model=rules.model(request.model))
+    rules.check_duration(request.duration)
+    return request
 
 
 def _log_preload_failure(future: "asyncio.Future[object]") -> None:

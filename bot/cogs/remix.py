@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from functools import partial
@@ -25,9 +26,11 @@ from generation.errors import AudioInputError, GenerationError, InvalidOption, J
 from generation.models import resolve_model
 from generation.queue import MAX_TAKES, Job, JobStatus
 from generation.request import TEMPERATURE_RANGE, AudioClip, GenerationRequest
+from generation.store import Expired
 
 from ..errors import UNEXPECTED, reply_privately, user_message
 from ..modals import Field, Form, number, prompt_field
+from ..presentation import short
 from ..views import BUTTONS
 
 if TYPE_CHECKING:
@@ -101,10 +104,12 @@ class Remix(commands.Cog):
 
     async def ask_continue(self, interaction: discord.Interaction, job_id: int, take: int) -> None:
         async with answering(interaction):
-            source = await self._finished_job(interaction, job_id)
+            source = await self._finished_job(interaction, job_id, with_uploads=False)
             if not 0 <= take < source.takes:
                 raise JobNotFound(f"Job #{job_id} has no take {take + 1}.")
-            fields = [prompt_field(source.request.prompt), self._length_field()]
+            rules = await self.bot.access.check(interaction)
+            intro = min(MAX_INTRO_SECONDS, source.request.duration)
+            fields = [prompt_field(source.request.prompt), _length_field(intro, rules.max_duration)]
             submit = partial(self._continue_job, job_id=source.id, take=take)
             form = Form(f"Continue job #{source.id}", fields, submit)
             await interaction.response.send_modal(form)
@@ -114,14 +119,16 @@ class Remix(commands.Cog):
     ) -> None:
         """A continuation whose intro is the end of the take's stored result."""
         async with answering(interaction):
-            added = self._length(values)
-            source = await self._finished_job(interaction, job_id)
+            source = await self._finished_job(interaction, job_id, with_uploads=False)
+            longest = (await self.bot.access.rules(source.guild_id)).max_duration
+            added = number(values, "length", 1.0, longest)
+            check_fits(added, min(MAX_INTRO_SECONDS, source.request.duration), longest)
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
                 stored = await self.store.load_result(source, take)
                 if stored is None:
                     raise JobNotFound(f"The track of job #{job_id} is no longer kept.")
-                return continue_request(request, intro_clip(*stored), added)
+                return carry_on(request, intro_clip(*stored), added, longest)
 
             request = replace(
                 source.request,
@@ -138,6 +145,7 @@ class Remix(commands.Cog):
     async def ask_edit(self, interaction: discord.Interaction, job_id: int) -> None:
         async with answering(interaction):
             source = await self._finished_job(interaction, job_id)
+            await self.bot.access.check(interaction)
             request = source.request
             fields = [
                 prompt_field(request.prompt),
@@ -171,8 +179,9 @@ class Remix(commands.Cog):
     async def continue_track(
         self, interaction: discord.Interaction, message: discord.Message
     ) -> None:
+        rules = await self.bot.access.check(interaction)
         attachment = self._audio_attachment(message, "continuation")
-        fields = [prompt_field(), self._length_field()]
+        fields = [prompt_field(), _length_field(MAX_INTRO_SECONDS, rules.max_duration)]
         submit = partial(self._continue_upload, attachment=attachment)
         await interaction.response.send_modal(Form("Continue this track", fields, submit))
 
@@ -184,22 +193,28 @@ class Remix(commands.Cog):
         attachment: discord.Attachment,
     ) -> None:
         async with answering(interaction):
-            added = self._length(values)
+            longest = (await self.bot.access.rules(interaction.guild_id or 0)).max_duration
+            added = number(values, "length", 1.0, longest)
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
                 clip = await self._read(interaction, attachment, "continuation")
-                return continue_request(request, intro_clip(clip.samples, clip.sample_rate), added)
+                intro = intro_clip(clip.samples, clip.sample_rate)
+                return carry_on(request, intro, added, longest)
 
             request = GenerationRequest(prompt=values["prompt"], model="", duration=added)
             await self.music.queue_request(
-                interaction, request, prepare=with_intro, note=f"Continuing {attachment.filename}."
+                interaction,
+                request,
+                prepare=with_intro,
+                note=f"Continuing {short(attachment.filename, 100)}.",
             )
 
     async def use_as_melody(
         self, interaction: discord.Interaction, message: discord.Message
     ) -> None:
+        rules = await self.bot.access.check(interaction)
         attachment = self._audio_attachment(message, "melody")
-        default = f"{min(DEFAULT_ADDED_SECONDS, self.music.max_duration):g}"
+        default = f"{min(DEFAULT_ADDED_SECONDS, rules.max_duration):g}"
         fields = [prompt_field(), Field("duration", "Duration in seconds", default)]
         submit = partial(self._melody_upload, attachment=attachment)
         await interaction.response.send_modal(Form("Use as melody", fields, submit))
@@ -219,20 +234,17 @@ class Remix(commands.Cog):
                 return replace(request, melody=await self._read(interaction, attachment, "melody"))
 
             request = GenerationRequest(prompt=values["prompt"], model=model, duration=duration)
-            note = f"{note} Following the melody of {attachment.filename}.".strip()
+            note = f"{note} Following the melody of {short(attachment.filename, 100)}.".strip()
             await self.music.queue_request(interaction, request, prepare=with_melody, note=note)
 
     async def _melody_model(self, guild_id: int) -> tuple[str, str]:
         """The server's default model if it takes a melody, else the first allowed one that
         does; and a note saying so when it is not the default."""
-        settings = await self.store.guild_settings(guild_id)
-        allowed = settings.allowed_models or self.music.models
-        default = settings.default_model or self.music.models[0]
-        if default not in allowed:
-            default = allowed[0]
+        rules = await self.bot.access.rules(guild_id)
+        default = rules.model("")
         if resolve_model(default).melody:
             return default, ""
-        for name in allowed:
+        for name in rules.models:
             if resolve_model(name).melody:
                 return name, f"{default} cannot follow a melody, so this uses {name}."
         raise InvalidOption(
@@ -243,12 +255,18 @@ class Remix(commands.Cog):
 
     # Helpers
 
-    async def _finished_job(self, interaction: discord.Interaction, job_id: int) -> Job:
+    async def _finished_job(
+        self, interaction: discord.Interaction, job_id: int, *, with_uploads: bool = True
+    ) -> Job:
+        """A finished job of this server; ``with_uploads``: its melody or intro is still kept
+        (its request is made again)."""
         job = await self.store.get(job_id)
         if job is None or job.guild_id != interaction.guild_id:
             raise JobNotFound(f"There is no job #{job_id} in this server.")
         if job.status is not JobStatus.DONE:
             raise JobNotFound(f"Job #{job_id} has no track: it is {job.status.value}.")
+        if with_uploads and job.uploads_expired_at is not None:
+            raise Expired.uploads(job)
         return job
 
     def _audio_attachment(self, message: discord.Message, label: str) -> discord.Attachment:
@@ -271,12 +289,40 @@ class Remix(commands.Cog):
         clips = await self.music.read_uploads({label: attachment})
         return clips[label]
 
-    def _length_field(self) -> Field:
-        default = min(DEFAULT_ADDED_SECONDS, self.music.max_duration - MAX_INTRO_SECONDS)
-        return Field("length", "Seconds of new music to add", f"{max(default, 1.0):g}")
 
-    def _length(self, values: dict[str, str]) -> float:
-        return number(values, "length", 1.0, self.music.max_duration - 1.0)
+def _length_field(intro_seconds: float, longest: float) -> Field:
+    """The form's length, with the most that fits after an intro of ``intro_seconds``."""
+    most = max(1.0, longest - intro_seconds)
+    default = min(DEFAULT_ADDED_SECONDS, most)
+    return Field("length", f"Seconds of new music to add (1-{most:g})", f"{default:g}")
+
+
+def check_fits(added: float, intro_seconds: float, longest: float) -> None:
+    """Refuse ``added`` seconds after an intro of ``intro_seconds`` when the track would be
+    longer than ``longest``, naming what the member typed.
+
+    Raises:
+        InvalidOption: for the ``length`` option.
+    """
+    if intro_seconds + added <= longest:
+        return
+    if not intro_seconds:
+        raise InvalidOption("length", f"{added:g} s is longer than the {longest:g} s allowed here.")
+    most = math.floor((longest - intro_seconds) * 10) / 10
+    fix = f"add at most {most:g} s" if most >= 1 else "there is no room to add more"
+    raise InvalidOption(
+        "length",
+        f"{added:g} s after the {intro_seconds:.1f} s intro makes "
+        f"{intro_seconds + added:.1f} s, and tracks here are at most {longest:g} s: {fix}.",
+    )
+
+
+def carry_on(
+    request: GenerationRequest, intro: AudioClip, added: float, longest: float
+) -> GenerationRequest:
+    """``request`` continuing ``intro`` by ``added`` seconds, if that fits in ``longest``."""
+    check_fits(added, intro.seconds, longest)
+    return continue_request(request, intro, added)
 
 
 @contextlib.asynccontextmanager
