@@ -6,6 +6,8 @@ import shutil
 
 import discord
 import pytest
+from simcord.backend.models.channel import Overwrite
+from simcord.enums import OverwriteType
 
 from generation.store import JobStore
 
@@ -16,24 +18,40 @@ pytestmark = pytest.mark.simcord(settle_timeout=60)
 
 @pytest.fixture
 def quiet(guild):
-    """A channel where the bot may not post (answering commands there still works)."""
-    return guild.create_text_channel(
-        "quiet", overwrites={guild.me: discord.PermissionOverwrite(send_messages=False)}
+    return guild.create_text_channel("quiet")
+
+
+def deny_the_bot(simcord_env, channel, **denied: bool) -> None:
+    """A server's admin takes permissions in ``channel`` away from the bot."""
+    simcord_env.backend.set_overwrite(
+        channel.id,
+        Overwrite(
+            simcord_env.bot.user.id,
+            OverwriteType.MEMBER,
+            deny=discord.Permissions(**denied).value,
+        ),
     )
 
 
-async def generate_after_the_token_expired(simcord_env, channel, member, admin, prompt):
-    """A job that ends after its interaction's token died: it goes to the channel."""
+async def generate_after_the_token_expired(
+    simcord_env, channel, member, admin, prompt, **deny: bool
+):
+    """A job that ends after its interaction's token died: it goes to the channel, where the
+    bot loses ``deny`` permissions while the job waits."""
     await admin.slash(channel, "music admin pause")
     await member.slash(channel, "music generate", prompt=prompt, duration=1.0)
     await simcord_env.advance_time(16 * 60)
+    if deny:
+        deny_the_bot(simcord_env, channel, **deny)
     await admin.slash(channel, "music admin resume")
 
 
 async def test_a_result_the_channel_refuses_reaches_the_member_by_direct_message(
     simcord_env, quiet, alice, admin
 ):
-    await generate_after_the_token_expired(simcord_env, quiet, alice, admin, "late")
+    await generate_after_the_token_expired(
+        simcord_env, quiet, alice, admin, "late", send_messages=True
+    )
     assert not [message for message in quiet.history() if message.attachments]
     (direct,) = [m for m in alice.user.dm_channel.history() if m.attachments]
     assert direct.embeds[0].title == "late"
@@ -44,7 +62,7 @@ async def test_a_result_the_channel_refuses_reaches_the_member_by_direct_message
 
 
 async def test_an_outcome_nobody_can_receive_is_kept_for_history(
-    simcord_env, quiet, alice, admin, database
+    simcord_env, quiet, channel, alice, admin, database
 ):
     simcord_env.inject_error(
         "POST",
@@ -54,14 +72,16 @@ async def test_an_outcome_nobody_can_receive_is_kept_for_history(
         message="Cannot send messages to this user",
         times=None,
     )
-    await generate_after_the_token_expired(simcord_env, quiet, alice, admin, "kept")
+    await generate_after_the_token_expired(
+        simcord_env, quiet, alice, admin, "kept", send_messages=True
+    )
     assert alice.user.dm_channel.history() == []
     history = await alice.slash(quiet, "music history")
     (entry,) = history.response.embeds[0].fields
     number = int(entry.name.split(":")[0].removeprefix("#"))
     assert f"get it with `/music show job:{number}`" in entry.value
     assert "not delivered" in entry.value and f"<#{quiet.id}>" in entry.value
-    shown = await alice.slash(quiet, "music show", job=number)
+    shown = await alice.slash(channel, "music show", job=number)
     assert shown.response.attachments and job_id(shown.response) == number
     store = await JobStore.open(database)
     assert await store.undelivered() == []  # a restart does not try it again
