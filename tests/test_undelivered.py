@@ -12,6 +12,7 @@ from simcord.enums import OverwriteType
 from generation.store import JobStore
 
 from .bot_helpers import job_id
+from .test_storage import prune
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
@@ -62,7 +63,7 @@ async def test_a_result_the_channel_refuses_reaches_the_member_by_direct_message
 
 
 async def test_an_outcome_nobody_can_receive_is_kept_for_history(
-    simcord_env, quiet, channel, alice, admin, database
+    simcord_env, quiet, channel, alice, admin, database, tmp_path
 ):
     simcord_env.inject_error(
         "POST",
@@ -85,6 +86,10 @@ async def test_an_outcome_nobody_can_receive_is_kept_for_history(
     assert shown.response.attachments and job_id(shown.response) == number
     store = await JobStore.open(database)
     assert await store.undelivered() == []  # a restart does not try it again
+    await store.close()
+    await prune(tmp_path, database, "keep_jobs_days = 0.000001")  # and it does not pile up
+    store = await JobStore.open(database)
+    assert await store.get(number) is None
     await store.close()
 
 
