@@ -11,6 +11,7 @@ import asyncio
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from aiohttp import web
 from bot.delivery import encode_for_upload
 from generation.engine import GenerationResult, MusicGenEngine
 from generation.errors import GenerationError
+from generation.estimates import Estimate
 from generation.queue import Job, QueueLimits
 from generation.request import GenerationRequest
 from generation.scheduling import BatchPolicy
@@ -49,6 +51,9 @@ class _Uploader:
     def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
         self.session, self.url = session, url
         self.delivered: dict[int, float] = {}
+
+    def queue_moved(self, estimates: Sequence[Estimate]) -> None:
+        pass
 
     async def job_started(self, job: Job) -> None:
         pass

@@ -32,6 +32,7 @@ class MusicGenBot(commands.Bot):
     """Slash commands only: it needs no privileged intents."""
 
     service: JobService
+    reporter: JobReporter
     access: Access
 
     def __init__(self, config: Config) -> None:
@@ -52,10 +53,11 @@ class MusicGenBot(commands.Bot):
     async def setup_hook(self) -> None:
         queue, generation = self.config.queue, self.config.generation
         store = await JobStore.open(self.config.storage.database)
+        self.reporter = JobReporter(self, queue.progress_interval)
         self.service = JobService(
             self.engine,
             store,
-            JobReporter(self),
+            self.reporter,
             limits=QueueLimits(queue.max_jobs_per_user, queue.max_jobs_per_guild),
             hourly_limit=queue.max_jobs_per_user_per_hour,
             max_attempts=queue.max_attempts,

@@ -1,11 +1,13 @@
 """Telling members how their jobs are doing, and delivering the MP3.
 
-Each job's answer to its slash command is its status message: queued, progress, then the
-result. It is reached through the interaction's webhook (application id, token and message
-id, kept with the job), so it works after a restart too. The token dies after 15 minutes; a
-job that ends later is delivered as a channel message that mentions the requester, or, where
-the channel refuses the bot, as a direct message; where both refuse, the worker keeps the
-outcome for the member's ``/music history``.
+Each job's answer to its slash command is its status message: queued (kept current as the
+queue moves), starting, progress, then a link to the outcome. A track or a failure is posted
+as a new message that mentions the requester, so Discord notifies them (it does not for an
+edit); a cancellation, which someone chose, only updates the status message. Both go through
+the interaction's webhook (application id, token and message id, kept with the job), so they
+work after a restart too. The token dies after 15 minutes: later, outcomes are posted in the
+channel, mentioning the requester, or, where the channel refuses the bot, in a direct
+message; where both refuse, the worker keeps the outcome for the member's ``/music history``.
 """
 
 from __future__ import annotations
@@ -13,154 +15,164 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import discord
 
 from generation.audio_output import encode_mp3_within, mp3_filename, request_tags
 from generation.engine import GenerationResult
 from generation.errors import GenerationError, OutputTooLarge, Undeliverable
-from generation.queue import Job, ReplyAddress
+from generation.estimates import Estimate
+from generation.origin import Origin
+from generation.queue import Job
 from generation.waveform import render_waveforms
 
-from . import presentation
+from . import limits, presentation
+from .status import StatusMessages, jump_url, live_reply
 from .views import result_view
 
 log = logging.getLogger(__name__)
 
-#: Seconds before a token's expiry after which it is no longer relied on.
-EXPIRY_MARGIN = 30.0
 WAVEFORM_NAME = "waveform.png"
 
 
 class JobReporter:
     """The worker's :class:`generation.worker.JobListener`, speaking Discord.
 
-    Cogs hear of each job's end through the ``on_job_ended(job)`` event.
+    Cogs hear of each job's end through the ``on_job_ended(job)`` event, once its outcome
+    is posted (``job.result_url`` links to it).
+
+    Args:
+        client: The bot.
+        status_interval: Least time between two edits of a job's status message, in seconds.
     """
 
-    def __init__(self, client: discord.Client) -> None:
+    def __init__(self, client: discord.Client, status_interval: float = 5.0) -> None:
         self.client = client
+        self.status = StatusMessages(client, status_interval)
+        #: What each queued job's status message says above its place in the queue
+        #: ("Re-roll of job #1 with a new seed."), by job id.
+        self._notes: dict[int, str] = {}
+
+    def acknowledged(self, job: Job, note: str, content: str) -> None:
+        """The job's status message says ``content``; keep ``note`` at its top while the
+        job waits."""
+        if note:
+            self._notes[job.id] = note
+        self.status.shown(job, content)
+
+    def queued_text(self, estimate: Estimate) -> str:
+        """A queued job's status message: its note (after a restart, where it came from),
+        then its place in the queue."""
+        text = presentation.queued_text(estimate)
+        job = estimate.job
+        note = self._notes.get(job.id) or presentation.origin_text(job)
+        return limits.fit_content(f"{note}\n{text}") if note else text
+
+    def queue_moved(self, estimates: Sequence[Estimate]) -> None:
+        for estimate in estimates:
+            self.status.update(estimate.job, self.queued_text(estimate))
 
     async def job_started(self, job: Job) -> None:
-        await self._edit_status(job, presentation.running_text(job))
+        self._notes.pop(job.id, None)
+        await self.status.replace(job, presentation.running_text(job))
 
     async def job_progress(self, job: Job) -> None:
-        await self._edit_status(job, presentation.running_text(job))
+        self.status.update(job, presentation.running_text(job))
 
     async def job_finished(self, job: Job, results: list[GenerationResult]) -> str | None:
-        self.client.dispatch("job_ended", job)
         content = f"<@{job.user_id}>, your track{'s are' if len(results) > 1 else ' is'} ready."
-        reply = self._live_reply(job)
         try:
-            if reply is not None:
-                try:
-                    posted = await result_message(job, results, reply.max_upload_bytes)
-                    message = await self._webhook(reply).edit_message(
-                        reply.message_id,
-                        content=content,
-                        embed=posted.embed,
-                        attachments=posted.files,
-                        view=posted.view,
-                    )
-                    return _jump_url(job, message.id)
-                except discord.HTTPException as error:
-                    log.info(
-                        "job=%d event=reply-expired error=%s (posting in the channel)",
-                        job.id,
-                        error,
-                    )
-
-            async def attachments(max_bytes: int) -> dict:
-                posted = await result_message(job, results, max_bytes)
-                return {"embed": posted.embed, "files": posted.files, "view": posted.view}
-
-            return await self._send(job, content, attachments)
+            url = await self._announce(job, content, partial(result_message, job, results))
         except OutputTooLarge as error:
-            return await self._say(job, f"Job #{job.id} is done, but {error}")
+            url = await self._announce(job, f"<@{job.user_id}>, job #{job.id} is done, but {error}")
+        self._ended(job, url)
+        await self._end(job, presentation.outcome_text(job, "is ready", url))
+        return url
 
     async def job_failed(self, job: Job, error: GenerationError) -> str | None:
-        self.client.dispatch("job_ended", job)
-        return await self._say(job, f"Job #{job.id} failed: {error}")
+        url = await self._announce(job, f"<@{job.user_id}>, job #{job.id} failed: {error}")
+        self._ended(job, url)
+        await self._end(job, presentation.outcome_text(job, "failed", url))
+        return url
 
     async def job_cancelled(self, job: Job) -> str | None:
+        url = await self._end(job, f"Job #{job.id} was cancelled.")
+        if url is None:  # its status message cannot be edited any more
+            url = await self._announce(job, f"<@{job.user_id}>, job #{job.id} was cancelled.")
+        self._ended(job, url)
+        return url
+
+    def _ended(self, job: Job, url: str | None) -> None:
+        """Tell the cogs (``on_job_ended``) that ``job`` ended and where that is told."""
+        job.result_url = url
         self.client.dispatch("job_ended", job)
-        return await self._say(job, f"Job #{job.id} was cancelled.")
 
-    async def _edit_status(self, job: Job, content: str) -> None:
-        reply = self._live_reply(job)
-        if reply is None:
-            return
-        try:
-            await self._webhook(reply).edit_message(reply.message_id, content=content)
-        except discord.HTTPException as error:
-            log.info("job=%d event=status-not-updated error=%s", job.id, error)
+    async def _announce(self, job: Job, content: str, attach: Attach | None = None) -> str:
+        """Post a new message that mentions the requester (and no one else), with what
+        ``attach`` makes for the upload limit; returns a link to it.
 
-    async def _say(self, job: Job, content: str) -> str | None:
-        """Put ``content`` in the job's status message, or post it in the channel."""
-        reply = self._live_reply(job)
+        While the token is good it is the interaction's follow-up, which needs no permission
+        in the channel; then it is a channel message.
+        """
+        reply = live_reply(job)
         if reply is not None:
             try:
-                message = await self._webhook(reply).edit_message(
-                    reply.message_id, content=content, embed=None
+                extra = await _attachments(attach, reply.max_upload_bytes)
+                message = await self.status.webhook(reply).send(
+                    content=limits.fit_content(content),
+                    allowed_mentions=_mention(job),
+                    wait=True,
+                    **extra,
                 )
-                return _jump_url(job, message.id)
+                return jump_url(job, message.id)
             except discord.HTTPException as error:
                 log.info(
-                    "job=%d event=reply-expired error=%s (posting in the channel)", job.id, error
+                    "job=%d event=follow-up-failed error=%s (posting in the channel)",
+                    job.id,
+                    error,
                 )
-        return await self._send(job, f"<@{job.user_id}>, {content[0].lower()}{content[1:]}")
+        return await self._send(job, content, attach)
 
-    async def _send(
-        self,
-        job: Job,
-        content: str,
-        attachments: Callable[[int], Awaitable[dict]] | None = None,
-    ) -> str:
-        """Post ``content`` (and the ``attachments`` made for an upload limit) in the job's
-        channel, or, if the channel refuses the bot, in a direct message to the requester.
+    async def _send(self, job: Job, content: str, attach: Attach | None = None) -> str:
+        """Post in the job's channel or, if the channel refuses the bot, in a direct message
+        to the requester; returns a link to it.
 
         Raises:
             Undeliverable: the member's direct messages refuse the bot too.
         """
         try:
-            extra = await attachments(self._channel_upload_limit(job)) if attachments else {}
+            extra = await _attachments(attach, self._channel_upload_limit(job))
             message = await self._channel(job).send(
-                content=content, allowed_mentions=_mention(job), **extra
+                content=limits.fit_content(content), allowed_mentions=_mention(job), **extra
             )
-            return _jump_url(job, message.id)
+            return jump_url(job, message.id)
         except (discord.Forbidden, discord.NotFound) as error:
             log.warning(
                 "job=%d event=channel-refused error=%s (sending a direct message)", job.id, error
             )
         note = f"\n(From <#{job.channel_id}>, where I may not post this.)"
         try:
-            extra = (
-                await attachments(discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES)
-                if attachments
-                else {}
-            )
+            extra = await _attachments(attach, discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES)
             extra.pop("view", None)  # its buttons act in a server, not in a direct message
             direct = await self.client.create_dm(discord.Object(job.user_id))
-            message = await direct.send(content=content + note, **extra)
+            message = await direct.send(content=limits.fit_content(content + note), **extra)
         except (discord.Forbidden, discord.NotFound) as error:
             raise Undeliverable(
                 f"the bot may not post it in <#{job.channel_id}> nor message you"
             ) from error
         return message.jump_url
 
-    def _live_reply(self, job: Job) -> ReplyAddress | None:
-        """The job's interaction webhook, while its token is good."""
-        reply = job.reply
-        now = discord.utils.utcnow().timestamp()
-        if reply is None or now >= reply.expires_at - EXPIRY_MARGIN:
-            return None
-        return reply
-
-    def _webhook(self, reply: ReplyAddress) -> discord.Webhook:
-        return discord.Webhook.partial(reply.application_id, reply.token, client=self.client)
+    async def _end(self, job: Job, content: str) -> str | None:
+        """The status message's last text (its Cancel button goes); a link to it, or None."""
+        self._notes.pop(job.id, None)
+        try:
+            return await self.status.replace(job, content, final=True)
+        finally:
+            self.status.forget(job)
 
     def _channel(self, job: Job) -> discord.PartialMessageable:
         return self.client.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
@@ -179,41 +191,57 @@ class ResultMessage:
     view: discord.ui.View
 
 
+#: Makes a result's message for an upload limit in bytes.
+Attach = Callable[[int], Awaitable[ResultMessage]]
+
+
+async def _attachments(attach: Attach | None, max_bytes: int) -> dict[str, Any]:
+    if attach is None:
+        return {}
+    posted = await attach(max_bytes)
+    return {"embed": posted.embed, "files": posted.files, "view": posted.view}
+
+
 async def result_message(
-    job: Job, results: list[GenerationResult], max_bytes: int
+    job: Job, results: list[GenerationResult], max_bytes: int, *, complete: bool = False
 ) -> ResultMessage:
-    """Render the waveforms and encode the MP3s so that they fit ``max_bytes`` together."""
-    waveform = await asyncio.to_thread(render_waveforms, [result.audio for result in results])
-    files, bitrate = await encode_for_upload(results, max_bytes - len(waveform))
+    """Render the waveforms and encode the MP3s so that they fit ``max_bytes`` together;
+    ``complete`` shows every option in the embed (see :func:`presentation.result_embed`)."""
+    intro = job.request.continuation
+    waveform = await asyncio.to_thread(
+        render_waveforms,
+        [result.audio for result in results],
+        results[0].sample_rate,
+        intro_seconds=intro.seconds if intro is not None else 0.0,
+    )
+    files, bitrate = await encode_for_upload(job, results, max_bytes - len(waveform))
     files.append(discord.File(io.BytesIO(waveform), WAVEFORM_NAME))
-    embed = presentation.result_embed(job, results, bitrate)
+    embed = presentation.result_embed(job, results, bitrate, complete=complete)
     embed.set_image(url=f"attachment://{WAVEFORM_NAME}")
-    return ResultMessage(embed, files, result_view(job.id, job.takes))
+    view = result_view(job.id, job.takes, job.adoptable_turn)
+    return ResultMessage(embed, files, view)
 
 
 async def encode_for_upload(
-    results: list[GenerationResult], max_bytes: int
+    job: Job, results: list[GenerationResult], max_bytes: int
 ) -> tuple[list[discord.File], int]:
     """An MP3 file per result, together within ``max_bytes``, and the (lowest) bitrate used."""
     loop = asyncio.get_running_loop()
     files, bitrates = [], []
     for result in results:
-        encode = partial(
-            encode_mp3_within,
-            result.audio,
-            result.sample_rate,
-            max_bytes // len(results),
-            tags=request_tags(result.request),
-        )
+        encode = partial(_encode_mp3, result, max_bytes // len(results), job.origin)
         data, bitrate = await loop.run_in_executor(None, encode)
         files.append(discord.File(io.BytesIO(data), mp3_filename(result.request)))
         bitrates.append(bitrate)
     return files, min(bitrates)
 
 
-def _jump_url(job: Job, message_id: int) -> str:
-    """A link to a message (webhook messages do not know their server, so build it here)."""
-    return f"https://discord.com/channels/{job.guild_id}/{job.channel_id}/{message_id}"
+def _encode_mp3(
+    result: GenerationResult, max_bytes: int, origin: Origin | None
+) -> tuple[bytes, int]:
+    """Blocking (the tags hash the audio inputs): run it off the event loop."""
+    tags = request_tags(result.request, origin)
+    return encode_mp3_within(result.audio, result.sample_rate, max_bytes, tags=tags)
 
 
 def _mention(job: Job) -> discord.AllowedMentions:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import discord
 from discord import app_commands
 
-from generation.errors import GenerationError, InvalidOption
+from generation.errors import GenerationError, InvalidOption, InvalidOptions
 
 from .limits import fit_content
 from .presentation import option_name
@@ -22,6 +23,8 @@ def user_message(error: Exception) -> str:
     """What to tell the member; never a traceback, never internal details."""
     if isinstance(error, InvalidOption):
         return f"**{option_name(error.option)}**: {error.message}"
+    if isinstance(error, InvalidOptions):
+        return "\n".join(user_message(each) for each in error.errors)
     if isinstance(error, GenerationError):
         return str(error)
     if isinstance(error, app_commands.MissingPermissions):
@@ -59,3 +62,17 @@ async def on_app_command_error(
         await reply_privately(interaction, user_message(cause))
     except discord.HTTPException:
         log.warning("could not tell the member about an error")
+
+
+@contextlib.asynccontextmanager
+async def answering(interaction: discord.Interaction) -> AsyncIterator[None]:
+    """Turn an error in a button or form into a private answer (the tree's error handler
+    only sees slash commands and context menus)."""
+    try:
+        yield
+    except GenerationError as error:
+        await reply_privately(interaction, user_message(error))
+    except Exception:
+        log.exception("a button or form failed")
+        with contextlib.suppress(discord.HTTPException):
+            await reply_privately(interaction, UNEXPECTED)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import discord
 
+from generation.audio_output import MP3_BITRATES
 from generation.engine import GenerationResult
+from generation.estimates import Estimate
 from generation.models import ModelSpec
+from generation.origin import OriginKind
 from generation.queue import Job, JobStatus
+from generation.request import GenerationRequest
 from generation.store import GuildSettings, Jam, Segment, Stats
 
 from . import limits
@@ -74,65 +79,164 @@ def job_summary(job: Job) -> str:
     return f"#{job.id} <@{job.user_id}>: {short(request.prompt)} ({details})"
 
 
-def queued_text(job: Job, position: int, eta: float, paused: bool) -> str:
-    text = (
-        f"Queued as job #{job.id}: **{short(job.request.prompt, 100)}**, position {position}, "
-        f"ready in {duration_text(eta)}."
-    )
-    if paused:
-        text += " This server's queue is paused by an admin: it starts when they resume it."
-    return text
+#: Discord's limits on autocomplete: choices, and characters in a choice's name.
+MAX_CHOICES, CHOICE_NAME_CHARS = 25, 100
+
+
+def matching_jobs(jobs: Sequence[Job], typed: str) -> list[Job]:
+    """The jobs (at most :data:`MAX_CHOICES`) whose number starts with what was typed (a
+    leading '#' allowed), or whose prompt holds it."""
+    typed = typed.strip().removeprefix("#").strip().lower()
+    found = [
+        job
+        for job in jobs
+        if str(job.id).startswith(typed)
+        or (not typed.isdigit() and typed in job.request.prompt.lower())
+    ]
+    return found[:MAX_CHOICES]
+
+
+def job_choice(job: Job, owner: str | None = None) -> str:
+    """An autocomplete choice for a job: '#12 lo-fi beat (done)', with whose if not yours."""
+    status = job.status.value if owner is None else f"{job.status.value}, {short(owner, 32)}'s"
+    head, tail = f"#{job.id} ", f" ({status})"
+    return head + short(job.request.prompt, CHOICE_NAME_CHARS - len(head) - len(tail)) + tail
+
+
+def queued_text(estimate: Estimate) -> str:
+    """A queued job's status: its place and ETA, or that it waits for an admin."""
+    job = estimate.job
+    text = f"Queued as job #{job.id}: **{short(job.request.prompt, 100)}**"
+    if estimate.seconds is None:
+        return f"{text}. {PAUSED}"
+    return f"{text}, position {estimate.position}, ready in {duration_text(estimate.seconds)}."
+
+
+#: What a job of a paused server waits for.
+PAUSED = "This server's queue is paused by an admin: it waits until an admin resumes it."
 
 
 def running_text(job: Job) -> str:
+    """A running job's status: starting, then its progress."""
     request = job.request
-    return (
-        f"Generating job #{job.id}: **{short(request.prompt, 100)}** with {request.model}, "
-        f"{request.duration:g} s\n`{progress_bar(job.fraction_done)}` "
-        f"{job.fraction_done:.0%}"
-    )
+    what = f"job #{job.id}: **{short(request.prompt, 100)}** with {request.model}, "
+    what += f"{request.duration:g} s"
+    if job.progress[1] == 0:
+        return f"Starting {what}."
+    return f"Generating {what}\n`{progress_bar(job.fraction_done)}` {job.fraction_done:.0%}"
 
 
-def result_embed(job: Job, results: list[GenerationResult], bitrate: int) -> discord.Embed:
-    """Every parameter of the result (the seed of each take), so anyone can reproduce it."""
+def outcome_text(job: Job, outcome: str, url: str) -> str:
+    """A status message's last words: how the job ended and a link to the message that says
+    more ("is ready", "failed")."""
+    return f"Job #{job.id}, **{short(job.request.prompt, 100)}**, {outcome}: {url}"
+
+
+def result_embed(
+    job: Job, results: list[GenerationResult], bitrate: int, *, complete: bool = False
+) -> discord.Embed:
+    """A result: prompt, requester, where it came from, model, duration and seed, then the
+    options that differ from the defaults (``complete``: every option, the generation time
+    and the MP3's bitrate). The MP3's tags always hold every option."""
     result = results[0]
     request = result.request
     embed = discord.Embed(title=short(request.prompt, 250), colour=COLOUR)
+    lines = [origin_text(job), f"Requested by <@{job.user_id}>"]
+    embed.description = "\n".join(line for line in lines if line)
     seeds = ", ".join(str(take.request.seed) for take in results)
     values = {
         "Model": request.model,
         "Duration": f"{result.seconds:.1f} s",
         "Seeds" if len(results) > 1 else "Seed": seeds,
-        "Temperature": f"{request.temperature:g}",
-        "Top-k": str(request.top_k),
-        "Top-p": f"{request.top_p:g}",
-        "CFG coef": f"{request.cfg_coef:g}",
-        "Sampling": "on" if request.use_sampling else "off (greedy)",
-        "Two-step CFG": "on" if request.two_step_cfg else "off",
-        "Extend stride": f"{request.extend_stride:g} s",
     }
+    for field, (name, text) in _OPTION_FIELDS.items():
+        if complete or getattr(request, field) != getattr(_DEFAULTS, field):
+            values[name] = text(getattr(request, field))
     if request.melody is not None:
         values["Melody"] = f"{request.melody.seconds:.1f} s clip"
     if request.continuation is not None:
         values["Continuation of"] = f"{request.continuation.seconds:.1f} s intro"
-    values["Generated in"] = f"{result.generation_seconds:.1f} s"
-    values["MP3"] = f"{bitrate} kbit/s"
+    if complete:
+        values["Generated in"] = f"{result.generation_seconds:.1f} s"
+    if complete or bitrate < MP3_BITRATES[0]:
+        values["MP3"] = f"{bitrate} kbit/s"
     for name, value in values.items():
         embed.add_field(name=name, value=value)
     embed.set_footer(text=f"Job #{job.id}")
     return limits.fit_embed(embed)
 
 
+_DEFAULTS = GenerationRequest(prompt="", model="")
+#: The sampling options a result shows when they differ from the defaults: name and text.
+_OPTION_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "temperature": ("Temperature", lambda value: f"{value:g}"),
+    "top_k": ("Top-k", str),
+    "top_p": ("Top-p", lambda value: f"{value:g}"),
+    "cfg_coef": ("CFG coef", lambda value: f"{value:g}"),
+    "use_sampling": ("Sampling", lambda value: "on" if value else "off (greedy)"),
+    "two_step_cfg": ("Two-step CFG", lambda value: "on" if value else "off"),
+    "extend_stride": ("Extend stride", lambda value: f"{value:g} s"),
+}
+
+
+def origin_text(job: Job) -> str | None:
+    """Where a job came from: "Re-roll of #1", "Continues take 2 of #4", "Turn 3 of the jam"."""
+    origin = job.origin
+    if origin is None:
+        return None
+    source = f"#{origin.job_id}"
+    if origin.take:
+        source = f"take {origin.take + 1} of {source}"
+    text = {
+        OriginKind.REROLL: f"Re-roll of {source}",
+        OriginKind.EDIT: f"Edit of {source}",
+        OriginKind.VARIATIONS: f"Variations of {source}",
+        OriginKind.CONTINUATION: f"Continues {source}",
+        OriginKind.UPLOAD_CONTINUATION: "Continues an upload",
+        OriginKind.UPLOAD_MELODY: "Melody from an upload",
+        OriginKind.JAM_TURN: f"Turn {origin.turn} of the jam",
+    }[origin.kind]
+    if origin.filename:
+        text += f" ({short(origin.filename, 60)})"
+    if origin.kind is OriginKind.JAM_TURN:
+        return text + (f", continues #{origin.job_id}" if origin.job_id is not None else "")
+    if origin.turn is None:
+        return text
+    if job.adoptable_turn is not None:
+        return (
+            f"{text} (turn {origin.turn} of the jam): another take of that turn, not in the "
+            f"jam unless adopted with **Adopt as turn {origin.turn}**."
+        )
+    return f"{text} (turn {origin.turn} of the jam): not a turn of the jam."
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 turn', '3 turns'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def message_url(guild_id: int, channel_id: int, message_id: int) -> str:
+    return f"https://discord.com/channels/{guild_id}/{channel_id}/{message_id}"
+
+
+def job_link(job: Job) -> str:
+    """'job #5', linked to the job's result (else its status message) when there is one."""
+    url = job.result_url
+    if url is None and job.reply is not None:
+        url = message_url(job.guild_id, job.channel_id, job.reply.message_id)
+    return f"[job #{job.id}]({url})" if url else f"job #{job.id}"
+
+
 def jam_timeline(jam: Jam, turns: list[tuple[Segment, Job]]) -> str:
-    """The thread's first message: who added which turn, in order (the latest turns when
-    they do not all fit)."""
+    """The thread's first message: who added which turn, in order, each linked to its
+    message (the latest turns when they do not all fit)."""
     head = f"**{jam.title}**, a relay jam started by <@{jam.user_id}>. Timeline:"
     lines = []
     for segment, job in turns:
         status = "" if job.status is JobStatus.DONE else f" ({job.status.value})"
         lines.append(
             f"{segment.position}. <@{job.user_id}>: *{short(job.request.prompt, 100)}* "
-            f"(job #{job.id}){status}"
+            f"({job_link(job)}){status}"
         )
     if not turns:
         lines.append("No turns yet: `/music jam add prompt:<your part>` takes the first.")
@@ -140,14 +244,15 @@ def jam_timeline(jam: Jam, turns: list[tuple[Segment, Job]]) -> str:
 
 
 def _earlier_turns(count: int) -> str:
-    return f"... {count} earlier turn{'' if count == 1 else 's'}"
+    return f"... {plural(count, 'earlier turn')}"
 
 
 def jam_exported_text(jam: Jam, jobs: list[Job], seconds: float, bitrate: int) -> str:
     """What goes with an exported jam: its turns, players, length and bitrate."""
     players = limits.fit_join(list(dict.fromkeys(f"<@{job.user_id}>" for job in jobs)), 1000)
     return limits.fit_content(
-        f"**{jam.title}**: {len(jobs)} turns by {players}, {seconds:.1f} s ({bitrate} kbit/s)."
+        f"**{jam.title}**: {plural(len(jobs), 'turn')} by {players}, {seconds:.1f} s "
+        f"({bitrate} kbit/s)."
     )
 
 
@@ -166,9 +271,7 @@ def jam_filename(jam: Jam) -> str:
     return f"{slug}.mp3"
 
 
-def queue_embed(
-    running: list[Job], queued: list[tuple[Job, int, float]], paused: bool
-) -> discord.Embed:
+def queue_embed(running: list[Job], queued: list[Estimate], paused: bool) -> discord.Embed:
     """A server's queue: the running jobs, then each queued job with position and ETA."""
     embed = discord.Embed(title="Music queue", colour=COLOUR)
     for job in running:
@@ -178,8 +281,13 @@ def queue_embed(
             inline=False,
         )
     lines = [
-        f"{position}. {job_summary(job)}, ready in {duration_text(eta)}"
-        for job, position, eta in queued
+        f"{estimate.position}. {job_summary(estimate.job)}, "
+        + (
+            "waits for an admin"
+            if estimate.seconds is None
+            else f"ready in {duration_text(estimate.seconds)}"
+        )
+        for estimate in queued
     ]
     embed.description = (
         limits.fit_lines(lines, limits.DESCRIPTION) if lines else "No jobs waiting in this server."
@@ -304,7 +412,8 @@ def help_embed() -> discord.Embed:
         "the server may use them on anyone's track: each makes your own job, counted against "
         "your limits.\n`/music jam start` opens a thread for a relay jam; there, "
         "`/music jam add` carries the track on with your prompt, and `/music jam export` "
-        "posts it whole (`segments` for each turn too).",
+        "posts it whole (`segments` for each turn too). Re-roll or Edit on a turn makes "
+        "another take of it, which its **Adopt as turn N** button puts in the jam.",
         inline=False,
     )
     embed.add_field(

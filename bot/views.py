@@ -1,9 +1,11 @@
-"""The buttons under every result: Re-roll, Continue, Edit, Variations.
+"""The buttons under every result (Re-roll, Continue, Edit, Variations, and Adopt) and under
+a live job's status message (Cancel).
 
 Each button's ``custom_id`` carries the job id, and everything else is read from the store,
 so buttons keep working after a restart (the bot registers them with
-``add_dynamic_items``). Anyone in the server may press them: each press makes the presser's
-own job, counted against their limits.
+``add_dynamic_items``). Anyone in the server may press a result's buttons: each press makes
+the presser's own job, counted against their limits. Cancel is for the requester and for
+members with Manage Server.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import discord
 
 if TYPE_CHECKING:
+    from .cogs.music import Music
     from .cogs.remix import Remix
 
 
@@ -26,13 +29,14 @@ class JobButton(
     action: ClassVar[str]
     label: ClassVar[str]
     emoji: ClassVar[str]
+    style: ClassVar[discord.ButtonStyle] = discord.ButtonStyle.secondary
 
     def __init__(self, job_id: int) -> None:
         super().__init__(
             discord.ui.Button(
                 label=self.label,
                 emoji=self.emoji,
-                style=discord.ButtonStyle.secondary,
+                style=self.style,
                 custom_id=f"musicgen:{self.action}:{job_id}",
             )
         )
@@ -106,11 +110,58 @@ class ContinueButton(
         await remix.ask_continue(interaction, self.job_id, self.take or 0)
 
 
-BUTTONS = (ReRollButton, EditButton, VariationsButton, ContinueButton)
+class AdoptButton(
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=r"musicgen:adopt:(?P<job>[0-9]+):(?P<turn>[0-9]+)",
+):
+    """Make a re-roll (or an edit) of a relay jam's turn that turn, in the jam's timeline."""
+
+    def __init__(self, job_id: int, turn: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label=f"Adopt as turn {turn}",
+                emoji="📌",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"musicgen:adopt:{job_id}:{turn}",
+            )
+        )
+        self.job_id, self.turn = job_id, turn
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /
+    ) -> AdoptButton:
+        return cls(int(match["job"]), int(match["turn"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        jams = interaction.client.get_cog("Jams")  # type: ignore[attr-defined]
+        await jams.adopt(interaction, self.job_id, self.turn)
 
 
-def result_view(job_id: int, takes: int = 1) -> discord.ui.View:
-    """The buttons for a result of job ``job_id``: one Continue per take."""
+BUTTONS = (ReRollButton, EditButton, VariationsButton, ContinueButton, AdoptButton)
+
+
+class CancelButton(JobButton, action="cancel"):
+    """Under a queued or running job's status message."""
+
+    label, emoji, style = "Cancel", "✖️", discord.ButtonStyle.danger
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        music: Music | None = interaction.client.get_cog("Music")  # type: ignore[attr-defined]
+        assert music is not None
+        await music.cancel_from_button(interaction, self.job_id)
+
+
+def status_view(job_id: int) -> discord.ui.View:
+    """The buttons under a live job's status message."""
+    view = discord.ui.View(timeout=None)
+    view.add_item(CancelButton(job_id))
+    return view
+
+
+def result_view(job_id: int, takes: int = 1, adopt_turn: int | None = None) -> discord.ui.View:
+    """The buttons for a result of job ``job_id``: one Continue per take, and Adopt when the
+    job is another take of a jam's turn ``adopt_turn``."""
     view = discord.ui.View(timeout=None)
     view.add_item(ReRollButton(job_id))
     if takes == 1:
@@ -120,4 +171,6 @@ def result_view(job_id: int, takes: int = 1) -> discord.ui.View:
     if takes > 1:
         for take in range(takes):
             view.add_item(ContinueButton(job_id, take))
+    if adopt_turn is not None:
+        view.add_item(AdoptButton(job_id, adopt_turn))
     return view

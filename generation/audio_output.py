@@ -1,4 +1,5 @@
-"""Writing results: loudness-normalised MP3 (or WAV, FLAC, OGG) with the request in its tags."""
+"""Writing results: loudness-normalised (true-peak limited) MP3, or WAV, FLAC, OGG, with
+the request in its tags."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ import numpy as np
 import pyloudnorm
 from mutagen.id3 import TIT2, TPE1, TXXX, Encoding
 from mutagen.wave import WAVE
+from scipy.ndimage import minimum_filter1d, uniform_filter1d
+from scipy.signal import resample_poly
 
 from .errors import OutputTooLarge
-from .request import GenerationRequest
+from .origin import Origin
+from .request import AudioClip, GenerationRequest
+from .stored_audio import content_hash
 
 with warnings.catch_warnings():
     # pydub warns at import when no ffmpeg is on PATH; _configure_ffmpeg supplies one.
@@ -23,8 +28,15 @@ with warnings.catch_warnings():
 
 #: Loudness of every result, in LUFS (the level streaming services normalise to).
 TARGET_LOUDNESS = -14.0
-#: Highest sample peak after normalisation, in dBFS, to leave the MP3 encoder headroom.
-PEAK_CEILING = -1.0
+#: Highest true peak after normalisation, in dBTP, to leave the MP3 encoder headroom.
+TRUE_PEAK_CEILING = -1.0
+#: How a true peak is found: the signal oversampled this many times.
+OVERSAMPLING = 4
+#: The limiter's ramps (look-ahead before a peak, release after it) and hold, in seconds.
+LIMITER_RAMP = 0.02
+LIMITER_HOLD = 0.05
+#: Gain-then-limit passes to reach the target loudness.
+LOUDNESS_PASSES = 4
 #: MPEG-1 Layer III bitrates, highest first, in kbit/s.
 MP3_BITRATES = (320, 256, 224, 192, 160, 128, 112, 96, 80, 64, 56, 48, 40, 32)
 DEFAULT_BITRATE = 192
@@ -47,9 +59,20 @@ def mp3_filename(request: GenerationRequest) -> str:
     return f"{slug}-{request.seed}.mp3"
 
 
-def request_tags(request: GenerationRequest) -> dict[str, str]:
-    """ID3 tags that make a result reproducible: the prompt as title, every option as TXXX."""
+def request_tags(request: GenerationRequest, origin: Origin | None = None) -> dict[str, str]:
+    """ID3 tags that make a result reproducible: the prompt as title, every option as TXXX,
+    and for a melody or an intro its content hash and, from ``origin``, its source (the job
+    and take whose end was continued, or the uploaded file's name).
+
+    Blocking for long audio inputs (hashing them): run it off the event loop.
+    """
     parameters = request.parameters()
+    for option in ("melody", "continuation"):
+        clip: AudioClip | None = getattr(request, option)
+        if clip is not None:
+            parameters[f"{option}_sha256"] = content_hash(clip)
+    if origin is not None:
+        parameters.update(origin.tags())
     tags = {
         "title": request.prompt,
         "artist": "musicgen-bot",
@@ -60,9 +83,15 @@ def request_tags(request: GenerationRequest) -> dict[str, str]:
 
 
 def normalise_loudness(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Scale ``audio`` ([channels, samples]) to :data:`TARGET_LOUDNESS`, peaks capped.
+    """Bring ``audio`` ([channels, samples]) to :data:`TARGET_LOUDNESS` (integrated, as
+    ITU-R BS.1770 measures it), its true peaks limited to :data:`TRUE_PEAK_CEILING`.
 
+    A gain sets the loudness, then :func:`limit_true_peaks` turns down only the few
+    milliseconds around peaks that would pass the ceiling, so one loud transient does not
+    make the whole track quieter; as limiting lowers the loudness a little, the two steps
+    repeat (up to :data:`LOUDNESS_PASSES` times) until the loudness is within 0.1 LU.
     Silence, and clips too short to measure (under 0.4 s), are returned unchanged.
+    Blocking (a few hundred milliseconds a minute of audio): run it off the event loop.
     """
     meter = pyloudnorm.Meter(sample_rate)
     if audio.shape[-1] < int(meter.block_size * sample_rate):
@@ -70,12 +99,49 @@ def normalise_loudness(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     loudness = meter.integrated_loudness(audio.T.astype(np.float64))
     if not np.isfinite(loudness):
         return audio
-    gain = 10 ** ((TARGET_LOUDNESS - loudness) / 20)
-    peak = float(np.abs(audio).max()) * gain
-    ceiling = 10 ** (PEAK_CEILING / 20)
-    if peak > ceiling:
-        gain *= ceiling / peak
-    return (audio * gain).astype(np.float32)
+    out = audio.astype(np.float64)
+    for _ in range(LOUDNESS_PASSES):
+        gain = 10 ** ((TARGET_LOUDNESS - loudness) / 20)
+        out = limit_true_peaks(out * gain, sample_rate)
+        loudness = meter.integrated_loudness(out.T)
+        if abs(loudness - TARGET_LOUDNESS) < 0.1:
+            break
+    return out.astype(np.float32)
+
+
+def true_peaks(audio: np.ndarray) -> np.ndarray:
+    """Each sample's true peak: the highest magnitude, over the channels, of the signal
+    :data:`OVERSAMPLING` times oversampled between it and its neighbours (as BS.1770)."""
+    upsampled = np.abs(resample_poly(audio, OVERSAMPLING, 1, axis=-1)).max(axis=0)
+    per_sample = upsampled[: audio.shape[-1] * OVERSAMPLING].reshape(-1, OVERSAMPLING).max(axis=1)
+    # The signal between samples n - 1 and n counts for both.
+    return np.maximum(per_sample, np.concatenate([per_sample[:1], per_sample[:-1]]))
+
+
+def limit_true_peaks(
+    audio: np.ndarray, sample_rate: int, ceiling_db: float = TRUE_PEAK_CEILING
+) -> np.ndarray:
+    """Turn ``audio`` down where its true peaks pass ``ceiling_db`` dBTP, and only there.
+
+    A look-ahead limiter: the gain a sample needs is held for :data:`LIMITER_HOLD` s
+    after it and reached over :data:`LIMITER_RAMP` s before it and after the hold (a
+    minimum filter, then a moving average, so the smoothed gain never exceeds what any
+    sample needs).
+    """
+    ceiling = 10 ** (ceiling_db / 20)
+    needed = np.minimum(1.0, ceiling / np.maximum(true_peaks(audio), 1e-12))
+    if needed.min() >= 1.0:
+        return audio
+    ramp = max(1, int(LIMITER_RAMP * sample_rate))
+    hold = int(LIMITER_HOLD * sample_rate)
+    # Each sample's gain is the least needed from ``hold`` samples before it to ``ramp``
+    # after it; averaging the last ``ramp`` of those keeps every sample's own need.
+    window = hold + ramp
+    held = minimum_filter1d(needed, window, origin=hold - window // 2, mode="nearest")
+    gain = uniform_filter1d(held, ramp, origin=ramp // 2 - ramp + 1, mode="nearest")
+    limited = audio * gain
+    overshoot = true_peaks(limited).max() / ceiling  # between samples, after the gain
+    return limited / overshoot if overshoot > 1.0 else limited
 
 
 def encode_mp3(

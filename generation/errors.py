@@ -24,6 +24,14 @@ class InvalidOption(GenerationError, ValueError):
         self.message = message
 
 
+class InvalidOptions(GenerationError, ValueError):
+    """Several options are wrong at once (a form's fields): each is reported."""
+
+    def __init__(self, errors: list[InvalidOption]) -> None:
+        super().__init__(" ".join(str(error) for error in errors))
+        self.errors = errors
+
+
 class UnknownModel(InvalidOption):
     """The model name is neither in the catalogue nor a local checkpoint folder."""
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from .errors import JobNotFound, QueueFull
+from .origin import Origin, OriginKind
 from .request import MAX_SEED, GenerationRequest
 
 #: The most takes (variations of one request, each with its own seed) a job may ask for.
@@ -53,6 +54,8 @@ class Job:
     user_id: int
     #: Variations of the request generated together; take ``k`` uses seed ``seed + k``.
     takes: int = 1
+    #: What the job was made from (a re-roll of another job...), if anything.
+    origin: Origin | None = None
     status: JobStatus = JobStatus.QUEUED
     reply: ReplyAddress | None = None
     #: Times the job has been started (a crash or a shutdown can make it run again).
@@ -90,6 +93,25 @@ class Job:
             replace(request, seed=(request.seed + take) % (MAX_SEED + 1))
             for take in range(self.takes)
         ]
+
+    @property
+    def adoptable_turn(self) -> int | None:
+        """The relay jam turn this job is another take of (a re-roll or an edit of that
+        turn), which the jam can adopt in the turn's place; None for any other job."""
+        origin = self.origin
+        if origin is None or origin.turn is None or self.takes != 1:
+            return None
+        return origin.turn if origin.kind in (OriginKind.REROLL, OriginKind.EDIT) else None
+
+    @property
+    def jam_turn(self) -> tuple[int, int] | None:
+        """The relay jam (its thread) and turn this job was made as, or as another take of."""
+        origin = self.origin
+        if origin is None or origin.jam is None or origin.turn is None:
+            return None
+        if origin.kind is OriginKind.JAM_TURN or self.adoptable_turn is not None:
+            return origin.jam, origin.turn
+        return None
 
     @property
     def fraction_done(self) -> float:
@@ -183,14 +205,18 @@ class FairQueue:
         return self._in_turns(queues) + paused
 
     def _in_turns(self, queues: dict[int, list[Job]]) -> list[Job]:
-        """The jobs of ``queues`` (emptied on the way) as the servers would take turns."""
-        served_at, turn, order = dict(self._served_at), self._turn, []
-        while (guild_id := _next_guild(queues, served_at)) is not None:
-            order.append(queues[guild_id].pop(0))
-            if not queues[guild_id]:
-                del queues[guild_id]
-            turn += 1
-            served_at[guild_id] = turn
+        """The jobs of ``queues`` as the servers would take turns, in one pass: the server
+        served least recently first (those never served in the order they came), then each
+        server with jobs left goes to the back of the line."""
+        line = deque(sorted(queues, key=lambda guild: self._served_at.get(guild, -1)))
+        waiting = {guild: deque(jobs) for guild, jobs in queues.items()}
+        order = []
+        while line:
+            guild_id = line.popleft()
+            jobs = waiting[guild_id]
+            order.append(jobs.popleft())
+            if jobs:
+                line.append(guild_id)
         return order
 
     def _serving(self) -> dict[int, deque[Job]]:
@@ -243,10 +269,3 @@ class FairQueue:
         yield from self._held
         for jobs in self._queues.values():
             yield from jobs
-
-
-def _next_guild(queues: Mapping[int, Sequence[Job]], served_at: dict[int, int]) -> int | None:
-    """The server served least recently among those with jobs (first come on a tie)."""
-    if not queues:
-        return None
-    return min(queues, key=lambda guild: served_at.get(guild, -1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -154,8 +155,19 @@ def _check_range(option: str, value: float, low: float, high: float) -> None:
         raise InvalidOption(option, f"Use a value from {low:g} to {high:g}.")
 
 
-def check_audio_options(spec: ModelSpec, *, melody: bool, continuation: bool) -> None:
-    """Check which audio inputs a request has against its model, before any is read."""
+#: The released models that follow a melody: the advice where no narrower list is known.
+MELODY_MODELS = ("facebook/musicgen-melody", "facebook/musicgen-melody-large")
+
+
+def check_audio_options(
+    spec: ModelSpec,
+    *,
+    melody: bool,
+    continuation: bool,
+    melody_models: Sequence[str] = MELODY_MODELS,
+) -> None:
+    """Check which audio inputs a request has against its model, before any is read;
+    ``melody_models`` are the ones to advise instead (those the user may pick)."""
     if melody and continuation:
         raise InvalidOption(
             "melody",
@@ -165,7 +177,7 @@ def check_audio_options(spec: ModelSpec, *, melody: bool, continuation: bool) ->
         raise InvalidOption(
             "melody",
             f"{spec.name} cannot follow a melody: pick a melody model "
-            "(facebook/musicgen-melody or facebook/musicgen-melody-large).",
+            f"({' or '.join(melody_models)}).",
         )
 
 

@@ -8,6 +8,7 @@ import logging
 import time
 
 from .errors import InvalidOption, QueueFull
+from .origin import Origin
 from .queue import MAX_TAKES, FairQueue, Job, JobStatus, QueueLimits, ReplyAddress
 from .request import GenerationRequest
 from .scheduling import BatchPolicy
@@ -74,6 +75,7 @@ class JobService:
     async def start(self) -> None:
         """Pick up where the last run stopped: queued jobs in their order, jobs that were
         running when it died (within ``max_attempts``), and outcomes never delivered."""
+        await self.worker.load_rates()
         for guild_id in await self.store.paused_guilds():
             self.queue.pause(guild_id)
         for job in await self.store.pending():
@@ -91,6 +93,7 @@ class JobService:
             self.queue.add(job)
         for job in await self.store.undelivered():
             self.worker.deliver_later(job)
+        self.worker.queue_changed()
         self.worker.wake()
 
     async def submit(
@@ -102,8 +105,10 @@ class JobService:
         user_id: int,
         per_user_limit: int | None = None,
         takes: int = 1,
+        origin: Origin | None = None,
     ) -> Job:
-        """Record and queue a request (``takes`` variations of it, generated together).
+        """Record and queue a request (``takes`` variations of it, generated together), made
+        from ``origin`` if given.
 
         Raises:
             InvalidOption: ``takes`` is out of range.
@@ -116,7 +121,7 @@ class JobService:
         async with self._submitting:
             self.queue.check_room(guild_id, user_id, per_user_limit)
             await self._check_hourly_limit(guild_id, user_id, takes)
-            job = Job(0, request, guild_id, channel_id, user_id, takes=takes)
+            job = Job(0, request, guild_id, channel_id, user_id, takes=takes, origin=origin)
             job = await self.store.add(job)
             self.queue.hold(job)
         log.info(
@@ -142,6 +147,7 @@ class JobService:
         finally:
             if job.status is JobStatus.QUEUED:
                 self.queue.add(job)
+                self.worker.queue_changed()
                 self.worker.wake()
 
     async def cancel(self, job: Job) -> bool:
@@ -152,13 +158,16 @@ class JobService:
         await self.store.finish(job, JobStatus.CANCELLED)
         log.info("job=%d event=cancelled while=queued", job.id)
         self.worker.deliver_later(job)
+        self.worker.queue_changed()
         return True
 
     def pause(self, guild_id: int) -> None:
         self.queue.pause(guild_id)
+        self.worker.queue_changed()
 
     def resume(self, guild_id: int) -> None:
         self.queue.resume(guild_id)
+        self.worker.queue_changed()
         self.worker.wake()
 
     async def shutdown(self, grace: float) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import soundfile
 
 from .errors import DamagedResult, GenerationError
+from .origin import Origin
 from .queue import Job, JobStatus, ReplyAddress
 from .request import AudioClip, GenerationRequest
 from .retention import DAY, Retention
@@ -128,6 +129,21 @@ MIGRATIONS: tuple[str | Migration, ...] = (
     );
     """,
     _store_uploads_once,
+    """
+    ALTER TABLE jobs ADD COLUMN origin TEXT;
+    CREATE INDEX jobs_by_member ON jobs (guild_id, user_id, status, id);
+    CREATE INDEX jobs_by_guild ON jobs (guild_id, status, id);
+    """,
+    """
+    CREATE TABLE generation_rates (
+        device TEXT NOT NULL,
+        model TEXT NOT NULL,
+        rows INTEGER NOT NULL,
+        seconds_per_second REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (device, model, rows)
+    );
+    """,
     # Deliveries tried and failed; why an outcome is kept for /music history undelivered.
     """
     ALTER TABLE jobs ADD COLUMN delivery_attempts INTEGER NOT NULL DEFAULT 0;
@@ -281,15 +297,17 @@ class JobStore:
         )
         async with self._transaction():
             cursor = await self._db.execute(
-                """INSERT INTO jobs (guild_id, channel_id, user_id, request, takes, status,
-                       reply_application_id, reply_token, reply_expires_at, submitted_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                """INSERT INTO jobs (guild_id, channel_id, user_id, request, takes, origin,
+                       status, reply_application_id, reply_token, reply_expires_at,
+                       submitted_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     job.guild_id,
                     job.channel_id,
                     job.user_id,
                     _request_json(job.request),
                     job.takes,
+                    job.origin.to_json() if job.origin else None,
                     job.status.value,
                     job.reply.application_id if job.reply else None,
                     job.reply.token if job.reply else None,
@@ -414,6 +432,19 @@ class JobStore:
         return await self._jobs(
             "WHERE guild_id = ? AND user_id = ? ORDER BY id DESC LIMIT ?",
             (guild_id, user_id, limit),
+            with_audio=False,
+        )
+
+    async def finished_jobs(
+        self, guild_id: int, user_id: int | None = None, limit: int = 25
+    ) -> list[Job]:
+        """The most recent finished (done) jobs in a server, a member's only if ``user_id``
+        is given; newest first, read through an index and without their audio."""
+        member = "AND user_id = ?" if user_id is not None else ""
+        parameters = (guild_id,) if user_id is None else (guild_id, user_id)
+        return await self._jobs(
+            f"WHERE guild_id = ? {member} AND status = 'done' ORDER BY id DESC LIMIT ?",
+            (*parameters, limit),
             with_audio=False,
         )
 
@@ -589,6 +620,26 @@ class JobStore:
         rows = await self._db.execute_fetchall("SELECT guild_id, settings FROM guild_settings")
         return [row[0] for row in rows if json.loads(row[1]).get("paused")]
 
+    # Generation rates
+
+    async def generation_rates(self, device: str) -> dict[tuple[str, int], float]:
+        """Seconds of work per second of audio learnt on ``device``, by (model, batch size)."""
+        rows = await self._db.execute_fetchall(
+            "SELECT model, rows, seconds_per_second FROM generation_rates WHERE device = ?",
+            (device,),
+        )
+        return {(model, batch): rate for model, batch, rate in rows}
+
+    async def save_generation_rate(self, device: str, model: str, rows: int, rate: float) -> None:
+        async with self._transaction():
+            await self._db.execute(
+                """INSERT INTO generation_rates VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (device, model, rows) DO UPDATE SET
+                       seconds_per_second = excluded.seconds_per_second,
+                       updated_at = excluded.updated_at""",
+                (device, model, rows, rate, time.time()),
+            )
+
     # Relay jams
 
     async def add_jam(self, jam: Jam) -> None:
@@ -627,6 +678,24 @@ class JobStore:
             "SELECT thread_id FROM jam_segments WHERE job_id = ?", (job_id,)
         )
         return await self.jam(rows[0][0]) if rows else None
+
+    async def turn_of_job(self, job_id: int) -> tuple[int, int] | None:
+        """The jam (its thread) and the turn that ``job_id`` is, if it is a jam's turn."""
+        rows = await self._db.execute_fetchall(
+            "SELECT thread_id, position FROM jam_segments WHERE job_id = ?", (job_id,)
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def replace_segment(self, jam: Jam, position: int, job: Job) -> Segment:
+        """Make ``job`` (another take of it) the jam's turn ``position``."""
+        segment = Segment(position, job.id, job.user_id)
+        async with self._transaction():
+            await self._db.execute(
+                """UPDATE jam_segments SET job_id = ?, user_id = ?
+                   WHERE thread_id = ? AND position = ?""",
+                (job.id, job.user_id, jam.thread_id, position),
+            )
+        return segment
 
     async def add_segment(self, jam: Jam, job: Job) -> Segment:
         """Make ``job`` the jam's next turn."""
@@ -796,6 +865,7 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
         id=row["id"],
         request=GenerationRequest(**json.loads(row["request"])),
         takes=row["takes"],
+        origin=Origin.from_json(row["origin"]),
         guild_id=row["guild_id"],
         channel_id=row["channel_id"],
         user_id=row["user_id"],

@@ -33,6 +33,7 @@ from typing import Protocol, TypeVar
 from .audio_output import normalise_loudness
 from .engine import CancelFlag, GenerationResult, ProgressCallback
 from .errors import GenerationCancelled, GenerationError, Undeliverable
+from .estimates import Estimate, GenerationRates, forecast
 from .queue import FairQueue, Job, JobStatus
 from .request import GenerationRequest
 from .scheduling import BatchPolicy, plan_batch
@@ -66,6 +67,9 @@ class Backoff:
 class Generator(Protocol):
     """What the worker runs jobs on: :class:`generation.engine.MusicGenEngine`."""
 
+    #: Where the models run ("cpu", "cuda", ...): generation rates are learnt per device.
+    device: str
+
     @property
     def loaded_models(self) -> Sequence[str]: ...
 
@@ -85,33 +89,16 @@ class JobListener(Protocol):
     requester and return a link to it, if there is one; if they raise, the delivery is tried
     again later, unless they raise :class:`~generation.errors.Undeliverable` (nobody can be
     told: the outcome is kept for the member's history).
+    ``queue_moved`` hears every queued job's position and ETA whenever they change; it
+    runs on the event loop and must return at once.
     """
 
+    def queue_moved(self, estimates: Sequence[Estimate]) -> None: ...
     async def job_started(self, job: Job) -> None: ...
     async def job_progress(self, job: Job) -> None: ...
     async def job_finished(self, job: Job, results: list[GenerationResult]) -> str | None: ...
     async def job_failed(self, job: Job, error: GenerationError) -> str | None: ...
     async def job_cancelled(self, job: Job) -> str | None: ...
-
-
-class GenerationRate:
-    """Seconds of work per second of audio, per model, learnt from finished jobs."""
-
-    def __init__(self, initial: float = 1.0, smoothing: float = 0.3) -> None:
-        self.initial = initial
-        self.smoothing = smoothing
-        self._rates: dict[str, float] = {}
-
-    def observe(self, result: GenerationResult) -> None:
-        model = result.request.model
-        rate = result.generation_seconds / max(result.seconds, 1e-6)
-        previous = self._rates.get(model)
-        self._rates[model] = (
-            rate if previous is None else previous + self.smoothing * (rate - previous)
-        )
-
-    def seconds_for(self, request: GenerationRequest) -> float:
-        return self._rates.get(request.model, self.initial) * request.duration
 
 
 class Worker:
@@ -153,7 +140,7 @@ class Worker:
         self.batch_policy = batch_policy or BatchPolicy()
         self.store_retry = store_retry
         self.delivery_retry = delivery_retry
-        self.rate = GenerationRate()
+        self.rates = GenerationRates(generator.device)
         self.accepting = True
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
         self._task: asyncio.Task[None] | None = None
@@ -205,22 +192,31 @@ class Worker:
         job.stop("cancelled")
         return False
 
-    def eta(self, job: Job) -> float:
-        """Seconds until ``job`` is likely to be done, batching the queue as the worker would."""
-        ahead = 0.0
-        if self.queue.running:
-            first = self.queue.running[0]
-            ahead += self.rate.seconds_for(first.request) * (1 - first.fraction_done)
-            if job in self.queue.running:
-                return ahead
-        order = self.queue.service_order()
-        while order:
-            batch = plan_batch(order, policy=self.batch_policy, loaded_models=(), now=0.0)
-            ahead += self.rate.seconds_for(batch[0].request)
-            if job in batch:
-                break
-            order = [queued for queued in order if queued not in batch]
-        return ahead
+    def forecast(self) -> list[Estimate]:
+        """Every queued job's position and ETA, in the order they will run."""
+        return forecast(
+            self.queue.service_order(),
+            self.queue.running,
+            self.rates,
+            self.batch_policy,
+            self.queue.is_paused,
+        )
+
+    def estimate(self, job: Job) -> Estimate:
+        """A queued (or held) job's position and ETA."""
+        return next(estimate for estimate in self.forecast() if estimate.job is job)
+
+    def queue_changed(self) -> None:
+        """Tell the listener where every queued job stands now (they moved, or their ETA
+        did)."""
+        try:
+            self.listener.queue_moved(self.forecast())
+        except Exception:
+            log.exception("job listener failed")
+
+    async def load_rates(self) -> None:
+        """Take up the generation rates learnt before the last restart."""
+        self.rates.load(await self.store.generation_rates(self.rates.device))
 
     def run_blocking(self, function: Callable[[], object]) -> asyncio.Future:
         """Run ``function`` on the generation thread (e.g. loading a model at start-up)."""
@@ -338,6 +334,7 @@ class Worker:
 
     async def _run(self, batch: list[Job]) -> None:
         self.queue.running = batch
+        self.queue_changed()  # the jobs behind moved up, and wait for this batch
         claimed: list[Job] = []
         outcomes: dict[int, list[GenerationResult]] = {}
         try:
@@ -398,6 +395,7 @@ class Worker:
                 for job in jobs:
                     if not job.cancel_event.is_set():
                         self._spawn(self.listener.job_progress(job))
+                self.queue_changed()  # the jobs waiting behind are closer
 
         def progress(done: int, total: int) -> None:  # on the generation thread
             loop.call_soon_threadsafe(on_progress, done, total)
@@ -438,7 +436,7 @@ class Worker:
                 return alone
             await self._failed(jobs[0], error)
             return {}
-        self.rate.observe(results[0])
+        await self._learn(results)
         outcomes = {}
         for job in jobs:
             takes, results = results[: job.takes], results[job.takes :]
@@ -447,6 +445,16 @@ class Worker:
             elif (kept := await self._finished(job, takes)) is not None:
                 outcomes[job.id] = kept
         return outcomes
+
+    async def _learn(self, results: list[GenerationResult]) -> None:
+        """Learn the batch's generation rate, and keep it for after a restart."""
+        first = results[0]
+        model, rows = first.request.model, len(results)
+        rate = self.rates.observe(model, rows, first.seconds, first.generation_seconds)
+        try:
+            await self.store.save_generation_rate(self.rates.device, model, rows, rate)
+        except Exception:  # a nicety: the jobs' own records matter, and they are tried again
+            log.exception("model=%s event=rate-not-kept (known until the bot stops)", model)
 
     async def _finished(
         self, job: Job, results: list[GenerationResult]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from bot import create_bot
@@ -50,6 +52,19 @@ async def mp3_of(message) -> np.ndarray:
     """The samples of a message's MP3 attachment."""
     (attachment,) = [a for a in message.attachments if a.filename.endswith(".mp3")]
     return decode_audio(await attachment.read(), AudioLimits()).samples
+
+
+#: A link to a message, as a job's status message has to its outcome.
+LINK = re.compile(r"https://discord\.com/channels/\d+/\d+/(\d+)")
+
+
+def outcome(result):
+    """The message a job's status message links to: its track, or why it failed (a new
+    message, so that Discord notifies the requester)."""
+    link = LINK.search(result.response.content)
+    assert link, f"the status message links to nothing: {result.response.content!r}"
+    (message,) = [m for m in result.followups if m.id == int(link[1])]
+    return message
 
 
 def fields(message) -> dict[str, str]:

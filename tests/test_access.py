@@ -6,7 +6,7 @@ from __future__ import annotations
 import discord
 import pytest
 
-from .bot_helpers import fields, job_id, make_bot, private_reply
+from .bot_helpers import fields, job_id, make_bot, outcome, private_reply
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
@@ -15,8 +15,7 @@ async def track(member, channel, prompt="warm synthwave", **options):
     result = await member.slash(
         channel, "music generate", prompt=prompt, **{"duration": 2.0, **options}
     )
-    assert result.response.attachments, result.response.content
-    return result.response
+    return outcome(result)
 
 
 async def start_jam(member, channel, title="Friday jam"):
@@ -31,7 +30,7 @@ async def test_show_and_jam_export_keep_to_the_allowed_channels(guild, alice, ad
     number = job_id(await track(alice, channel, duration=1.0))
     thread = await start_jam(alice, channel)
     turn = await alice.slash(thread, "music jam add", prompt="intro", length=1.0)
-    assert turn.response.attachments
+    assert outcome(turn).attachments
     elsewhere = guild.create_text_channel("elsewhere")
     await admin.slash(channel, "music admin settings", allow_channel=elsewhere)
 
@@ -53,7 +52,8 @@ async def test_a_member_who_may_not_post_here_cannot_post_through_the_bot(guild,
         assert private_reply(pressed).startswith(refusal), label
     typed = await bob.slash(quiet, "music generate", prompt="shout", duration=1.0)
     assert private_reply(typed).startswith(refusal)
-    assert [m.author.bot for m in quiet.history()].count(True) == 1  # alice's track only
+    # alice's status message and her track only
+    assert [m.author.bot for m in quiet.history()].count(True) == 2
 
 
 async def test_jam_start_needs_create_public_threads(guild, bob):
@@ -108,7 +108,7 @@ async def test_settings_naming_a_removed_model_are_not_obeyed(
 async def test_a_jam_goes_on_when_its_model_is_disallowed(alice, bob, admin, channel):
     thread = await start_jam(alice, channel)
     first = await alice.slash(thread, "music jam add", prompt="intro", length=1.0)
-    assert fields(first.response)["Model"] == "debug"
+    assert fields(outcome(first))["Model"] == "debug"
     await admin.slash(channel, "music admin settings", allowed_models="debug-stereo, debug-melody")
     await admin.slash(channel, "music admin pause")
     turn = await bob.slash(thread, "music jam add", prompt="more", length=1.0)
@@ -117,7 +117,7 @@ async def test_a_jam_goes_on_when_its_model_is_disallowed(alice, bob, admin, cha
         in turn.response.content
     )
     await admin.slash(channel, "music admin resume")
-    values = fields(turn.response)
+    values = fields(outcome(turn))
     assert (values["Model"], values["Continuation of"]) == ("debug-melody", "1.0 s intro")
 
 

@@ -10,11 +10,13 @@ import pyloudnorm
 import pytest
 from mutagen.id3 import ID3
 from mutagen.mp3 import MP3
+from scipy.signal import resample_poly
 
 from generation.audio_input import AudioLimits, decode_audio
 from generation.audio_output import (
     MP3_BITRATES,
     TARGET_LOUDNESS,
+    TRUE_PEAK_CEILING,
     encode_mp3,
     encode_mp3_within,
     estimated_mp3_bytes,
@@ -24,6 +26,7 @@ from generation.audio_output import (
 )
 from generation.errors import OutputTooLarge
 from generation.request import GenerationRequest
+from generation.stored_audio import content_hash
 
 from .helpers import sine
 
@@ -60,14 +63,46 @@ def test_tags_hold_the_prompt_and_every_parameter():
         assert f"musicgen_{option}" in extra
 
 
+def loudness_of(audio: np.ndarray) -> float:
+    return pyloudnorm.Meter(SR).integrated_loudness(audio.T.astype(np.float64))
+
+
+def true_peak_db(audio: np.ndarray) -> float:
+    """The true peak as BS.1770 defines it: the 4 times oversampled signal's highest value."""
+    return 20 * np.log10(np.abs(resample_poly(audio, 4, 1, axis=-1)).max())
+
+
 @pytest.mark.parametrize("amplitude", [0.01, 0.9])
 def test_loudness_is_normalised(amplitude):
     noise = np.random.default_rng(0).standard_normal((2, 5 * SR)).astype(np.float32)
     audio = normalise_loudness(amplitude * noise / np.abs(noise).max(), SR)
     decoded = decode_audio(encode_mp3(audio, SR, bitrate=320), AudioLimits()).samples
-    loudness = pyloudnorm.Meter(SR).integrated_loudness(decoded.T.astype(np.float64))
-    assert loudness == pytest.approx(TARGET_LOUDNESS, abs=1.0)
-    assert np.abs(audio).max() <= 10 ** (-1 / 20) + 1e-6
+    assert loudness_of(decoded) == pytest.approx(TARGET_LOUDNESS, abs=0.5)
+    assert np.abs(audio).max() <= 10 ** (TRUE_PEAK_CEILING / 20)
+
+
+def test_a_loud_transient_is_limited_instead_of_turning_the_track_down():
+    rng = np.random.default_rng(1)
+    music = 0.02 * rng.standard_normal((2, 8 * SR)).astype(np.float32)  # about -34 LUFS
+    music[:, 4 * SR : 4 * SR + 40] = 0.99  # a click at full scale
+    audio = normalise_loudness(music, SR)
+    assert loudness_of(audio) == pytest.approx(TARGET_LOUDNESS, abs=0.2)
+    assert true_peak_db(audio) <= TRUE_PEAK_CEILING + 0.05
+    # Only the click was turned down: a second away, the music has the track's gain.
+    gain = np.abs(audio[:, : 3 * SR]).mean() / np.abs(music[:, : 3 * SR]).mean()
+    assert np.abs(audio[:, 5 * SR :]).mean() / np.abs(music[:, 5 * SR :]).mean() == (
+        pytest.approx(gain, rel=0.01)
+    )
+    decoded = decode_audio(encode_mp3(audio, SR, bitrate=320), AudioLimits()).samples
+    assert loudness_of(decoded) == pytest.approx(TARGET_LOUDNESS, abs=0.3)
+    assert np.abs(decoded).max() < 0.99  # no clipping in the MP3
+
+
+def test_loud_dense_music_is_limited_to_the_ceiling():
+    chord = sum(sine(4.0, frequency, channels=2) for frequency in (220.0, 277.0, 330.0))
+    audio = normalise_loudness(3.0 * chord, SR)  # its peaks far above full scale
+    assert loudness_of(audio) == pytest.approx(TARGET_LOUDNESS, abs=0.2)
+    assert true_peak_db(audio) <= TRUE_PEAK_CEILING + 0.05
 
 
 def test_silence_and_very_short_clips_are_left_alone():
@@ -100,11 +135,27 @@ def test_nothing_fits_says_so():
         encode_mp3_within(sine(60.0, 440.0), SR, 50_000)
 
 
-def test_request_tags_record_audio_inputs_by_length():
+def test_request_tags_record_audio_inputs_by_length_hash_and_source():
+    from generation.origin import Origin, OriginKind
     from generation.request import AudioClip
 
-    request = replace(
-        GenerationRequest(prompt="p", model="debug-melody", seed=1),
-        melody=AudioClip(sine(2.0, 440.0), SR),
+    intro = AudioClip(sine(2.0, 440.0), SR)
+    request = replace(GenerationRequest(prompt="p", model="debug", seed=1), continuation=intro)
+    tags = request_tags(request, Origin(OriginKind.CONTINUATION, job_id=4, take=2))
+    assert tags["musicgen_continuation"] == "2.0 s"
+    assert (tags["musicgen_origin"], tags["musicgen_source_job"]) == ("continuation", "4")
+    assert tags["musicgen_source_take"] == "3"
+    # The hash names the exact samples: a copy matches, one changed sample does not.
+    same = AudioClip(intro.samples.copy(), SR)
+    changed = AudioClip(intro.samples.copy(), SR)
+    changed.samples[0, 100] += 1e-3
+    assert tags["musicgen_continuation_sha256"] == content_hash(same) != content_hash(changed)
+    assert content_hash(AudioClip(intro.samples, 44_100)) != content_hash(same)
+    melody = replace(GenerationRequest(prompt="p", model="debug-melody"), melody=intro)
+    upload = Origin(OriginKind.UPLOAD_MELODY, filename="hum.wav")
+    tags = request_tags(melody, upload)
+    assert (tags["musicgen_source_file"], tags["musicgen_melody_sha256"]) == (
+        "hum.wav",
+        content_hash(same),
     )
-    assert request_tags(request)["musicgen_melody"] == "2.0 s"
+    assert "musicgen_source_job" not in tags

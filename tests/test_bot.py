@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 import simcord
 
+from bot.presentation import job_choice, matching_jobs
 from generation.audio_input import AudioLimits, decode_audio
 from generation.audio_output import encode_mp3_within, normalise_loudness, request_tags
+from generation.queue import Job
 from generation.request import GenerationRequest
 
-from .bot_helpers import fields, mp3_of, private_reply
+from .bot_helpers import fields, mp3_of, outcome, private_reply
+from .bot_helpers import job_id as job_number
 from .helpers import encode_tone, ima_adpcm_wav, wav_without_decoder
 
 # Debug-model jobs take well under a second, but the first melody model build imports
@@ -24,25 +27,29 @@ def tone_bytes(tmp_path, name: str, **kwargs) -> bytes:
     return encode_tone(tmp_path / name, **kwargs).read_bytes()
 
 
-async def test_generate_replies_with_an_mp3_and_every_parameter(alice, channel):
+async def test_generate_replies_with_an_mp3_and_what_sets_it_apart(alice, channel):
     result = await alice.slash(
         channel, "music generate", prompt="lo-fi hip hop beat", duration=2.0, seed=7
     )
-    message = result.response
+    message = outcome(result)
     assert message.content.startswith(f"<@{alice.id}>")
     audio = await mp3_of(message)
     assert audio.shape[0] == 1
     assert audio.shape[1] / 32_000 == pytest.approx(2.0, abs=0.1)
-    values = fields(message)
-    assert values["Model"] == "debug"
-    assert values["Seed"] == "7"
-    assert values["Temperature"] == "1"
-    assert values["Top-k"] == "250"
-    assert "Generated in" in values
-    assert message.embeds[0].title == "lo-fi hip hop beat"
+    embed = message.embeds[0]
+    assert embed.title == "lo-fi hip hop beat"
+    assert embed.description == f"Requested by <@{alice.id}>"
+    # Only the model, duration and seed: every other option has its default.
+    assert fields(message) == {"Model": "debug", "Duration": "2.0 s", "Seed": "7"}
+
+    changed = await alice.slash(
+        channel, "music generate", prompt="x", duration=1.0, top_k=50, no_sampling=True
+    )
+    assert list(fields(outcome(changed)))[3:] == ["Top-k", "Sampling"]
 
 
 async def test_every_option_reaches_the_engine(alice, channel, engine):
+    """(The embed shows each option given here, as none is the default.)"""
     options = dict(
         duration=3.0,
         temperature=0.7,
@@ -55,7 +62,7 @@ async def test_every_option_reaches_the_engine(alice, channel, engine):
         model="debug-stereo",
     )
     result = await alice.slash(channel, "music generate", prompt="ambient pads", **options)
-    values = fields(result.response)
+    values = fields(outcome(result))
     assert (values["Model"], values["Seed"], values["Top-k"]) == ("debug-stereo", "1234", "50")
     assert (values["Top-p"], values["CFG coef"], values["Temperature"]) == ("0.5", "5", "0.7")
     assert (values["Two-step CFG"], values["Extend stride"]) == ("on", "10 s")
@@ -70,7 +77,7 @@ async def test_every_option_reaches_the_engine(alice, channel, engine):
         tags=request_tags(direct.request),
     )
     np.testing.assert_allclose(
-        await mp3_of(result.response), decode_audio(data, AudioLimits()).samples, atol=1e-4
+        await mp3_of(outcome(result)), decode_audio(data, AudioLimits()).samples, atol=1e-4
     )
 
 
@@ -81,8 +88,8 @@ async def test_no_sampling_is_greedy(alice, channel):
     second = await alice.slash(
         channel, "music generate", prompt="rock", duration=1.0, no_sampling=True, seed=2
     )
-    assert fields(first.response)["Sampling"] == "off (greedy)"
-    np.testing.assert_array_equal(await mp3_of(first.response), await mp3_of(second.response))
+    assert fields(outcome(first))["Sampling"] == "off (greedy)"
+    np.testing.assert_array_equal(await mp3_of(outcome(first)), await mp3_of(outcome(second)))
 
 
 async def test_a_melody_upload_guides_a_melody_model(alice, channel, tmp_path):
@@ -95,8 +102,8 @@ async def test_a_melody_upload_guides_a_melody_model(alice, channel, tmp_path):
         duration=2.0,
         melody=("melody.ogg", melody),
     )
-    assert fields(result.response)["Melody"] == "3.0 s clip"
-    assert (await mp3_of(result.response)).shape[1] / 32_000 == pytest.approx(2.0, abs=0.1)
+    assert fields(outcome(result))["Melody"] == "3.0 s clip"
+    assert (await mp3_of(outcome(result))).shape[1] / 32_000 == pytest.approx(2.0, abs=0.1)
 
 
 async def test_a_continuation_upload_is_extended(alice, channel, tmp_path):
@@ -108,8 +115,8 @@ async def test_a_continuation_upload_is_extended(alice, channel, tmp_path):
         duration=3.0,
         continuation=("intro.m4a", intro),
     )
-    assert fields(result.response)["Continuation of"] == "1.5 s intro"
-    assert (await mp3_of(result.response)).shape[1] / 32_000 == pytest.approx(3.0, abs=0.1)
+    assert fields(outcome(result))["Continuation of"] == "1.5 s intro"
+    assert (await mp3_of(outcome(result))).shape[1] / 32_000 == pytest.approx(3.0, abs=0.1)
 
 
 @pytest.mark.parametrize(
@@ -132,7 +139,7 @@ async def test_bad_uploads_are_refused_and_the_bot_keeps_serving(
     assert expected in private_reply(rejected)
     assert "**melody**" in private_reply(rejected)
     served = await alice.slash(channel, "music generate", prompt="after", duration=1.0)
-    assert served.response.attachments
+    assert outcome(served).attachments
 
 
 async def test_melody_on_a_model_without_melody_is_refused_before_queueing(
@@ -177,13 +184,13 @@ async def test_a_job_finished_after_the_token_expired_is_posted_in_the_channel(
 async def test_pause_keeps_jobs_queued_and_resume_runs_them(alice, admin, channel):
     await admin.slash(channel, "music admin pause")
     queued = await alice.slash(channel, "music generate", prompt="waiting", duration=1.0)
-    assert "position 1" in queued.response.content
-    assert not queued.response.attachments
+    assert "waits until an admin resumes it" in queued.response.content
+    assert "ready in" not in queued.response.content and "position" not in queued.response.content
     queue = await alice.slash(channel, "music queue")
     assert "waiting" in queue.response.embeds[0].description
     assert "Paused" in queue.response.embeds[0].footer.text
     await admin.slash(channel, "music admin resume")
-    assert queued.response.attachments
+    assert outcome(queued).attachments
 
 
 @pytest.mark.parametrize("command", ["music admin pause", "music admin resume"])
@@ -227,7 +234,8 @@ async def test_queue_shows_position_requester_prompt_model_duration_and_eta(
     result = await alice.slash(channel, "music queue")
     lines = result.response.embeds[0].description.splitlines()
     assert lines[0].startswith("1. #") and f"<@{alice.id}>" in lines[0]
-    assert "first tune (debug, 2 s)" in lines[0] and "ready in about" in lines[0]
+    assert "first tune (debug, 2 s)" in lines[0]
+    assert "waits for an admin" in lines[0] and "ready in" not in lines[0]  # paused: no ETA
     assert lines[1].startswith("2. #") and "second tune (debug-stereo, 3 s)" in lines[1]
 
 
@@ -281,11 +289,11 @@ async def test_job_life_is_logged_without_secrets(alice, channel, caplog):
         duration=1.0,
         model="facebook/musicgen-small",
     )
-    assert "could not load facebook/musicgen-small" in failed.response.content.lower()
+    assert "could not load facebook/musicgen-small" in outcome(failed).content.lower()
     messages = [record.getMessage() for record in caplog.records]
     for event in ("queued", "started", "finished", "failed", "delivered"):
         assert any(f"event={event}" in message for message in messages), event
-    assert done.response.attachments
+    assert outcome(done).attachments
     # SimCord's interaction tokens start so; the bot stores them and must never log them.
     for secret in ("not-a-real-token", "simcord_interaction_"):
         assert not any(secret in message for message in messages)
@@ -295,9 +303,9 @@ async def test_a_failing_job_does_not_stop_the_next(alice, bob, channel):
     failed = await alice.slash(
         channel, "music generate", prompt="x", duration=1.0, model="facebook/musicgen-small"
     )
-    assert "failed" in failed.response.content
+    assert "failed" in outcome(failed).content
     served = await bob.slash(channel, "music generate", prompt="y", duration=1.0)
-    assert served.response.attachments
+    assert outcome(served).attachments
 
 
 async def test_fairness_between_two_servers(simcord_env, alice, bob, channel, caplog):
@@ -322,7 +330,7 @@ async def test_fairness_between_two_servers(simcord_env, alice, bob, channel, ca
     results.append(await carol.slash(other_channel, "music generate", prompt="b1", duration=1.0))
 
     prompt_of = {
-        int(r.response.embeds[0].footer.text.removeprefix("Job #")): r.response.embeds[0].title
+        int(outcome(r).embeds[0].footer.text.removeprefix("Job #")): outcome(r).embeds[0].title
         for r in results
     }
     started = [
@@ -331,9 +339,63 @@ async def test_fairness_between_two_servers(simcord_env, alice, bob, channel, ca
     assert [prompt_of[job_id] for job_id in started] == ["a1", "b1", "a2", "a3"]
 
 
+async def test_show_autocompletes_the_members_recent_tracks(alice, bob, admin, channel):
+    made = []
+    for prompt in ("lofi rain", "dark techno"):
+        result = await alice.slash(channel, "music generate", prompt=prompt, duration=1.0)
+        made.append(job_number(outcome(result)))
+    bobs = job_number(
+        outcome(await bob.slash(channel, "music generate", prompt="bob's", duration=1.0))
+    )
+    await alice.slash(channel, "music generate", prompt="failing", model="facebook/musicgen-small")
+
+    choices = await alice.autocomplete(channel, "music show", "job", "")
+    assert choices == [  # alice's tracks, newest first; not bob's, nor the failed job
+        {"name": f"#{made[1]} dark techno (done)", "value": made[1]},
+        {"name": f"#{made[0]} lofi rain (done)", "value": made[0]},
+    ]
+    assert [c["value"] for c in await alice.autocomplete(channel, "music show", "job", "rain")] == [
+        made[0]
+    ]
+    typed = f"#{made[0]}"
+    assert made[0] in [
+        c["value"] for c in await alice.autocomplete(channel, "music show", "job", typed)
+    ]
+    everyone = await admin.autocomplete(channel, "music show", "job", "")
+    assert [c["value"] for c in everyone] == [bobs, made[1], made[0]]
+    assert everyone[0]["name"] == f"#{bobs} bob's (done, another member's)"
+
+
+async def test_cancel_autocompletes_live_jobs(alice, bob, admin, channel):
+    await admin.slash(channel, "music admin pause")
+    queued = []
+    for member, prompt in ((alice, "one"), (bob, "two"), (alice, "three")):
+        result = await member.slash(channel, "music generate", prompt=prompt, duration=1.0)
+        queued.append(int(result.response.content.split("job #")[1].split(":")[0]))
+    mine = await alice.autocomplete(channel, "music cancel", "job", "")
+    assert [c["value"] for c in mine] == [queued[0], queued[2]]
+    assert mine[0]["name"] == f"#{queued[0]} one (queued)"
+    assert [
+        c["value"] for c in await admin.autocomplete(channel, "music cancel", "job", "")
+    ] == queued
+    cancelled = await alice.slash(channel, "music cancel", job=mine[0]["value"])
+    assert cancelled.response.content == f"Cancelled job #{queued[0]}."
+    await admin.slash(channel, "music admin resume")
+
+
+def test_autocomplete_offers_at_most_25_short_choices():
+    jobs = [
+        Job(number, GenerationRequest(prompt="a very long prompt " * 20, model="debug"), 1, 1, 1)
+        for number in range(100, 0, -1)
+    ]
+    names = [job_choice(job, "someone with a long name " * 5) for job in matching_jobs(jobs, "")]
+    assert len(names) == 25 and all(len(name) <= 100 for name in names)
+    assert [job.id for job in matching_jobs(jobs, "#1")][:3] == [100, 19, 18]
+
+
 async def test_a_prompt_with_a_nul_byte_is_refused_before_it_is_queued(alice, channel):
     refused = await alice.slash(channel, "music generate", prompt="lo-fi\x00 beat", duration=1.0)
     assert "**prompt**" in private_reply(refused)
     assert "U+0000" in private_reply(refused)
     served = await alice.slash(channel, "music generate", prompt="lo-fi beat", duration=1.0)
-    assert served.response.attachments
+    assert outcome(served).attachments

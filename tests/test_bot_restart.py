@@ -9,7 +9,7 @@ from bot.cli import main
 from generation.queue import JobStatus
 from generation.store import JobStore
 
-from .bot_helpers import make_bot
+from .bot_helpers import make_bot, outcome
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
@@ -36,8 +36,9 @@ async def test_queued_jobs_survive_a_restart_and_are_delivered_once(simcord_env,
     await simcord_env.restart_bot(make_bot(database))
     assert tracks(channel) == []  # still paused after the restart
     await admin.slash(channel, "music admin resume")
-    assert first.response.attachments and second.response.attachments
-    assert [m.embeds[0].title for m in tracks(channel)] == ["first", "second"]
+    assert outcome(first).attachments and outcome(second).attachments
+    # One batch: the two results are posted as each is ready, once each.
+    assert sorted(m.embeds[0].title for m in tracks(channel)) == ["first", "second"]
 
 
 async def test_a_job_running_when_the_bot_died_runs_again_and_is_delivered_once(
@@ -52,7 +53,7 @@ async def test_a_job_running_when_the_bot_died_runs_again_and_is_delivered_once(
     await store.close()
     await simcord_env.restart_bot(make_bot(database))
     await admin.slash(channel, "music admin resume")
-    assert queued.response.attachments
+    assert outcome(queued).attachments
     assert len(tracks(channel)) == 1
     store = await JobStore.open(database)
     finished = await store.get(job.id)
@@ -95,7 +96,7 @@ async def test_settings_survive_a_restart_and_take_effect(simcord_env, world, da
     assert values["Longest track"] == "5 s"
 
     made = await alice.slash(channel, "music generate", prompt="wide", duration=1.0)
-    assert {f.name: f.value for f in made.response.embeds[0].fields}["Model"] == "debug-stereo"
+    assert {f.name: f.value for f in outcome(made).embeds[0].fields}["Model"] == "debug-stereo"
     too_long = await alice.slash(channel, "music generate", prompt="x", duration=10.0)
     assert "up to 5 s" in too_long.response.content and too_long.ephemeral
     not_allowed = await alice.slash(channel, "music generate", prompt="x", model="debug-melody")
@@ -111,23 +112,31 @@ async def test_settings_limit_channels_and_need_manage_server(simcord_env, world
     elsewhere = await alice.slash(channel, "music generate", prompt="x", duration=1.0)
     assert f"music is made in <#{jams.id}>" in elsewhere.response.content
     here = await alice.slash(jams, "music generate", prompt="x", duration=1.0)
-    assert here.response.attachments
+    assert outcome(here).attachments
 
 
 async def test_history_lists_past_jobs_and_show_posts_one_again(world):
     channel, alice, _ = world
     made = await alice.slash(channel, "music generate", prompt="keeper", duration=1.0, seed=5)
-    job_id = int(made.response.embeds[0].footer.text.removeprefix("Job #"))
+    job_id = int(outcome(made).embeds[0].footer.text.removeprefix("Job #"))
     history = await alice.slash(channel, "music history")
     (entry,) = history.response.embeds[0].fields
     assert entry.name == f"#{job_id}: keeper"
     assert "seed 5" in entry.value and "debug, 1 s" in entry.value
-    assert made.response.message.jump_url in entry.value
+    assert outcome(made).message.jump_url in entry.value
 
     shown = await alice.slash(channel, "music show", job=job_id)
     posted = shown.response
     assert posted.embeds[0].title == "keeper"
-    assert {f.name: f.value for f in posted.embeds[0].fields}["Seed"] == "5"
+    values = {f.name: f.value for f in posted.embeds[0].fields}
+    assert values["Seed"] == "5"
+    # /music show gives every option, defaults too, and how it was made.
+    assert (values["Top-k"], values["Two-step CFG"], values["Extend stride"]) == (
+        "250",
+        "off",
+        "18 s",
+    )
+    assert "Generated in" in values and values["MP3"].endswith("kbit/s")
     assert posted.attachments[0].filename.endswith(".mp3")
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 
 import mutagen.id3
+import numpy as np
 import pytest
 import simcord
 
 from generation.audio_input import AudioLimits, decode_audio
+from generation.store import JobStore
 
-from .bot_helpers import fields, job_id, make_bot, mp3_of, private_reply, seconds
+from .bot_helpers import buttons, fields, job_id, make_bot, mp3_of, outcome, private_reply, seconds
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
@@ -25,8 +27,12 @@ async def start_jam(member, channel, title="Friday jam"):
 
 async def take_turn(member, thread, prompt, length=2.0):
     result = await member.slash(thread, "music jam add", prompt=prompt, length=length)
-    assert result.response.attachments, result.response.content
-    return result.response
+    return outcome(result)
+
+
+def link(message) -> str:
+    """A turn's job number, linked to its message, as the timeline shows it."""
+    return f"[job #{job_id(message)}]({message.message.jump_url})"
 
 
 def timeline(thread) -> list[str]:
@@ -55,10 +61,12 @@ async def test_a_relay_jam_of_three_turns_by_two_members(alice, bob, channel):
     assert second.content.startswith(f"<@{bob.id}>") and third.content.startswith(f"<@{alice.id}>")
 
     assert timeline(thread)[1:] == [
-        f"1. <@{alice.id}>: *slow piano intro* (job #{job_id(first)})",
-        f"2. <@{bob.id}>: *drums join in* (job #{job_id(second)})",
-        f"3. <@{alice.id}>: *big finish* (job #{job_id(third)})",
+        f"1. <@{alice.id}>: *slow piano intro* ({link(first)})",
+        f"2. <@{bob.id}>: *drums join in* ({link(second)})",
+        f"3. <@{alice.id}>: *big finish* ({link(third)})",
     ]
+    assert first.content.startswith(f"<@{alice.id}>")  # each link leads to the turn's track
+    assert second.embeds[0].description.startswith(f"Turn 2 of the jam, continues #{job_id(first)}")
 
     exported = await bob.slash(thread, "music jam export", segments=True)
     whole = exported.response
@@ -90,8 +98,8 @@ async def test_members_take_turns(alice, bob, admin, channel):
     )
     assert timeline(thread)[-1].endswith("(queued)")
     await admin.slash(channel, "music admin resume")
-    assert waiting.response.attachments
-    assert timeline(thread)[-1].endswith(f"(job #{job_id(waiting.response)})")
+    assert outcome(waiting).attachments
+    assert timeline(thread)[-1].endswith(f"({link(outcome(waiting))})")
     turn = await take_turn(bob, thread, "now", length=1.0)
     assert fields(turn)["Continuation of"] == "1.0 s intro"
 
@@ -118,4 +126,64 @@ async def test_a_jam_goes_on_after_a_restart(simcord_env, alice, bob, channel, d
     assert fields(second)["Continuation of"] == "2.0 s intro"
     assert len(timeline(thread)) == 3
     clicked = await bob.click(first, label="Re-roll")
-    assert clicked.response.attachments
+    assert outcome(clicked).attachments
+
+
+async def test_one_turn_is_a_turn(alice, channel):
+    thread = await start_jam(alice, channel)
+    await take_turn(alice, thread, "solo")
+    exported = await alice.slash(thread, "music jam export")
+    assert exported.response.content.startswith(f"**Friday jam**: 1 turn by <@{alice.id}>, ")
+
+
+async def test_a_re_rolled_turn_is_another_take_the_jam_can_adopt(
+    simcord_env, guild, alice, bob, admin, channel, database
+):
+    thread = await start_jam(alice, channel)
+    first = await take_turn(alice, thread, "piano")
+    second = await take_turn(bob, thread, "drums", length=1.0)
+
+    # Bob re-rolls his turn: a take of turn 2, outside the jam until adopted.
+    rerolled = outcome(await bob.click(second, label="Re-roll"))
+    assert rerolled.embeds[0].description.startswith(
+        f"Re-roll of #{job_id(second)} (turn 2 of the jam): another take of that turn, not in "
+        "the jam unless adopted with **Adopt as turn 2**."
+    )
+    assert fields(rerolled)["Continuation of"] == "2.0 s intro"  # the same intro as turn 2
+    assert timeline(thread)[-1] == f"2. <@{bob.id}>: *drums* ({link(second)})"
+    again = outcome(await bob.click(rerolled, label="Re-roll"))  # a take of a take
+    assert "turn 2 of the jam" in again.embeds[0].description
+
+    # Only the turn's player, the jam's starter or Manage Server choose; then it is turn 2.
+    carol = guild.add_member(simcord_env.create_user("carol"))
+    refused = await carol.click(rerolled, label="Adopt as turn 2")
+    assert private_reply(refused).startswith(f"Turn 2 is <@{bob.id}>'s")
+    adopted = await bob.click(rerolled, label="Adopt as turn 2")
+    assert adopted.response.content.startswith(
+        f"Turn 2 of **Friday jam** is now job #{job_id(rerolled)} (it was job #{job_id(second)})"
+    )
+    assert timeline(thread)[-1] == f"2. <@{bob.id}>: *drums* ({link(rerolled)})"
+    refused = await bob.click(rerolled, label="Adopt as turn 2")
+    assert private_reply(refused) == f"Job #{job_id(rerolled)} already is turn 2."
+
+    # The next turn carries the adopted take on, and the export holds it.
+    third = await take_turn(alice, thread, "finale", length=1.0)
+    assert fields(third)["Continuation of"] == "3.0 s intro"
+    store = await JobStore.open(database)
+    try:
+        job = await store.get(job_id(third))
+        take, _ = await store.load_result(await store.get(job_id(rerolled)))
+    finally:
+        await store.close()
+    np.testing.assert_allclose(job.request.continuation.samples, take, atol=1e-6)
+    exported = await alice.slash(thread, "music jam export")
+    jobs = ",".join(str(job_id(m)) for m in (first, rerolled, third))
+    assert id3(await exported.response.attachments[0].read())["musicgen_jobs"] == jobs
+
+    # Once carried on, turn 2 stays: a later take cannot replace it.
+    refused = await admin.click(again, label="Adopt as turn 2")
+    assert "only the latest turn can change" in private_reply(refused)
+    # Variations of a turn are not turns, and say so.
+    varied = outcome(await bob.click(first, label="Variations"))
+    assert "(turn 1 of the jam): not a turn of the jam." in varied.embeds[0].description
+    assert "Adopt as turn 1" not in [b for b in buttons(varied)]

@@ -9,6 +9,7 @@ import pytest
 from bot import limits, presentation
 from bot.access import rules_for
 from bot.config import Config, GenerationConfig
+from generation.estimates import Estimate
 from generation.models import resolve_model
 from generation.queue import Job, JobStatus
 from generation.request import GenerationRequest
@@ -107,7 +108,7 @@ def test_fit_embed_brings_every_part_and_the_total_within_limits():
 
 def test_a_queue_of_a_thousand_long_jobs_fits():
     running = [job(n, status=JobStatus.RUNNING) for n in range(4)]
-    queued = [(job(n), n - 4, 60.0 * n) for n in range(5, 1005)]
+    queued = [Estimate(job(n), n - 4, 60.0 * n) for n in range(5, 1005)]
     embed = presentation.queue_embed(running, queued, paused=True)
     check_embed(embed)
     lines = embed.description.splitlines()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from generation.origin import Origin, OriginKind
 from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import AudioClip, GenerationRequest
 from generation.retention import DAY, Retention
@@ -367,3 +368,35 @@ async def test_a_jam_goes_only_when_all_its_turns_have(store):
     assert len(await store.segments(50)) == 2
     assert (await store.prune(Retention(jobs_days=5))).jobs == 2
     assert await store.jam(50) is None and await store.get(first.id) is None
+
+
+async def test_a_job_keeps_its_origin(store):
+    origin = Origin(OriginKind.CONTINUATION, job_id=4, take=2, jam=99, turn=3)
+    job = await store.add(Job(0, REQUEST, 1, 2, 3, origin=origin))
+    assert (await store.get(job.id)).origin == origin
+    upload = Origin(OriginKind.UPLOAD_MELODY, filename="tune.wav")
+    assert (
+        await store.get((await store.add(Job(0, REQUEST, 1, 2, 3, origin=upload))).id)
+    ).origin == upload
+    assert (await store.get((await store.add(Job(0, REQUEST, 1, 2, 3))).id)).origin is None
+
+
+async def test_finished_jobs_are_read_newest_first_through_an_index(store, tmp_path):
+    jobs = [await store.add(Job(0, REQUEST, 1, 1, user)) for user in (5, 6, 5, 5)]
+    for job in jobs[:3]:
+        await store.finish(job, JobStatus.DONE)
+    assert [job.id for job in await store.finished_jobs(1, 5)] == [jobs[2].id, jobs[0].id]
+    assert [job.id for job in await store.finished_jobs(1)] == [j.id for j in jobs[2::-1]]
+    assert [job.id for job in await store.finished_jobs(1, limit=1)] == [jobs[2].id]
+    assert await store.finished_jobs(2, 5) == []
+    connection = sqlite3.connect(tmp_path / "bot.sqlite3")
+    for member in ("AND user_id = 5", ""):
+        plan = " ".join(
+            row[-1]
+            for row in connection.execute(
+                f"EXPLAIN QUERY PLAN SELECT * FROM jobs WHERE guild_id = 1 {member} "
+                "AND status = 'done' ORDER BY id DESC LIMIT 25"
+            )
+        )
+        assert "USING INDEX" in plan and "TEMP B-TREE" not in plan, plan
+    connection.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from generation.audio_output import normalise_loudness
 from generation.engine import GenerationResult
 from generation.errors import GenerationError, Undeliverable
+from generation.estimates import Estimate
 from generation.queue import FairQueue, Job, JobStatus
 from generation.request import GenerationRequest
 from generation.store import JobStore
@@ -28,6 +30,10 @@ class Recorder:
         self.events: list[tuple[str, int]] = []
         self.results: dict[int, list[GenerationResult]] = {}
         self.errors: dict[int, GenerationError] = {}
+        self.moves: list[list[tuple[int, int, float | None]]] = []
+
+    def queue_moved(self, estimates: Sequence[Estimate]) -> None:
+        self.moves.append([(e.job.id, e.position, e.seconds) for e in estimates])
 
     async def job_started(self, job: Job) -> None:
         self.events.append(("started", job.id))
@@ -172,20 +178,33 @@ async def test_a_listener_that_raises_does_not_stop_the_worker(
 
 
 async def test_eta_adds_up_the_jobs_ahead(worker, queue, submit):
-    worker.rate.initial = 2.0  # seconds of work per second of audio
+    worker.rates.load({("debug", 1): 2.0})  # seconds of work per second of audio
     first = await submit(replace(REQUEST, duration=10.0))
     second = await submit(replace(REQUEST, duration=5.0), guild=2)
-    assert worker.eta(first) == pytest.approx(20.0)
-    assert worker.eta(second) == pytest.approx(30.0)
+    assert worker.estimate(first).seconds == pytest.approx(20.0)
+    assert worker.estimate(second).seconds == pytest.approx(30.0)
+    assert [e.position for e in worker.forecast()] == [1, 2]
 
 
-async def test_the_rate_is_learnt_from_finished_jobs(worker, queue, recorder, submit):
+async def test_the_jobs_behind_hear_where_they_stand_as_a_batch_starts(worker, recorder, submit):
+    worker.rates.load({("debug", 1): 2.0})
+    first = await submit(replace(REQUEST, duration=2.0))
+    second = await submit(replace(REQUEST, duration=1.0), guild=2)
+    worker.wake()
+    await worker.join()
+    # Taken: the second is next, after all of the first (2 s of work per second of audio).
+    assert recorder.moves[0] == [(second.id, 1, pytest.approx(4.0 + 2.0))]
+    assert first.status is second.status is JobStatus.DONE
+
+
+async def test_the_rate_is_learnt_from_finished_jobs_and_kept(worker, store, recorder, submit):
     job = await submit()
     worker.wake()
     await worker.join()
     (result,) = recorder.results[job.id]
-    expected = result.generation_seconds / result.seconds * REQUEST.duration
-    assert worker.rate.seconds_for(REQUEST) == pytest.approx(expected)
+    expected = result.generation_seconds / result.seconds
+    assert worker.rates.seconds(REQUEST) == pytest.approx(expected * REQUEST.duration)
+    assert await store.generation_rates("cpu") == {("debug", 1): pytest.approx(expected)}
 
 
 async def test_compatible_jobs_of_several_servers_share_each_step_and_arrive_apart(

@@ -20,14 +20,16 @@ from discord.ext import commands
 
 from generation.audio_output import encode_mp3_within, mp3_filename, request_tags
 from generation.continuation import MAX_INTRO_SECONDS, intro_clip, new_part, stitch
-from generation.errors import GenerationError
+from generation.errors import GenerationError, JobNotFound
 from generation.models import resolve_model
+from generation.origin import Origin, OriginKind
 from generation.queue import Job, JobStatus
 from generation.request import WINDOW_SECONDS, GenerationRequest
 from generation.store import Jam, Segment
 
 from .. import limits, presentation
-from ..access import Rules
+from ..access import Rules, may_manage
+from ..errors import answering
 from .remix import DEFAULT_ADDED_SECONDS, carry_on, check_fits
 
 if TYPE_CHECKING:
@@ -136,7 +138,8 @@ class Jams(commands.Cog):
             turns = await self._turns_of(jam)
             latest = self._latest_finished(turns)
             rules = await self.bot.access.rules(jam.guild_id)
-            note = f"Turn {len(turns) + 1} of the jam" + (
+            number = len(turns) + 1
+            note = f"Turn {number} of the jam" + (
                 f", carrying on job #{latest.id}." if latest else "."
             )
             if latest is None:
@@ -152,7 +155,15 @@ class Jams(commands.Cog):
                     )
                 prepare = partial(self._carry_on, latest, length, rules.max_duration)
             request = GenerationRequest(prompt=prompt, model=model, duration=length)
-            job = await self.music.queue_request(interaction, request, prepare=prepare, note=note)
+            origin = Origin(
+                OriginKind.JAM_TURN,
+                latest.id if latest is not None else None,
+                jam=jam.thread_id,
+                turn=number,
+            )
+            job = await self.music.queue_request(
+                interaction, request, prepare=prepare, note=note, origin=origin
+            )
             if job is None:
                 return
             await self.store.add_segment(jam, job)
@@ -211,13 +222,12 @@ class Jams(commands.Cog):
             batch = parts[first : first + FILES_PER_MESSAGE]
             files = []
             for number, (job, audio, intro) in enumerate(batch, start=first + 1):
-                part = new_part(audio, sample_rate, intro)
                 data, _ = await asyncio.to_thread(
-                    encode_mp3_within,
-                    part,
+                    _encode_part,
+                    job,
+                    new_part(audio, sample_rate, intro),
                     sample_rate,
                     limit // len(batch),
-                    tags=request_tags(job.request),
                 )
                 name = f"{number:02d}-{mp3_filename(job.request)}"
                 files.append(discord.File(io.BytesIO(data), name))
@@ -226,12 +236,58 @@ class Jams(commands.Cog):
                 files=files,
             )
 
+    async def adopt(self, interaction: discord.Interaction, job_id: int, turn: int) -> None:
+        """Make ``job_id``, a re-roll or an edit of a jam's turn ``turn``, that turn.
+
+        Only the latest turn can change: later turns carry on the music of the one before.
+        The member who took the turn, the one who started the jam, or one with Manage
+        Server may choose.
+        """
+        async with answering(interaction):
+            await self.bot.access.check(interaction)
+            job = await self.store.get(job_id)
+            if job is None or job.guild_id != interaction.guild_id:
+                raise JobNotFound(f"There is no job #{job_id} in this server.")
+            if job.adoptable_turn != turn or job.origin is None:
+                raise GenerationError(f"Job #{job_id} is not another take of a jam's turn.")
+            if job.status is not JobStatus.DONE:
+                raise GenerationError(f"Job #{job_id} has no track: it is {job.status.value}.")
+            jam = await self.store.jam(job.origin.jam or 0)
+            if jam is None:
+                raise GenerationError("That jam no longer exists.")
+            async with self._turns.setdefault(jam.thread_id, asyncio.Lock()):
+                segments = await self.store.segments(jam.thread_id)
+                if len(segments) != turn:
+                    raise GenerationError(
+                        f"The jam has {presentation.plural(len(segments), 'turn')} now: only "
+                        f"the latest turn can change, and turn {turn} has been carried on."
+                    )
+                current = segments[-1]
+                if current.job_id == job.id:
+                    raise GenerationError(f"Job #{job.id} already is turn {turn}.")
+                if not (
+                    may_manage(interaction, current.user_id) or interaction.user.id == jam.user_id
+                ):
+                    raise GenerationError(
+                        f"Turn {turn} is <@{current.user_id}>'s: they, <@{jam.user_id}> (who "
+                        "started the jam) or a member with Manage Server can choose its take."
+                    )
+                await self.store.replace_segment(jam, turn, job)
+            log.info("jam=%d event=adopted turn=%d job=%d", jam.thread_id, turn, job.id)
+            await interaction.response.send_message(
+                f"Turn {turn} of **{jam.title}** is now job #{job.id} (it was job "
+                f"#{current.job_id}); the next turn carries it on.",
+                allowed_mentions=discord.AllowedMentions.none(),
+            )
+            await self._update_timeline(jam)
+
     @commands.Cog.listener()
     async def on_job_ended(self, job: Job) -> None:
-        """Keep the timeline of the jam a job belongs to (if any) up to date."""
+        """Keep the timeline of the jam a job belongs to (if any) up to date, linking to the
+        job's outcome (not yet in the store: the event comes as it is posted)."""
         jam = await self.store.jam_of_job(job.id)
         if jam is not None:
-            await self._update_timeline(jam)
+            await self._update_timeline(jam, ended=job)
 
     async def _jam(self, interaction: discord.Interaction) -> Jam:
         jam = await self.store.jam(interaction.channel_id or 0)
@@ -267,10 +323,14 @@ class Jams(commands.Cog):
                 return job
         return None
 
-    async def _update_timeline(self, jam: Jam) -> None:
+    async def _update_timeline(self, jam: Jam, ended: Job | None = None) -> None:
         if jam.timeline_message_id is None:
             return
-        content = presentation.jam_timeline(jam, await self._turns_of(jam))
+        turns = [
+            (segment, ended if ended is not None and job.id == ended.id else job)
+            for segment, job in await self._turns_of(jam)
+        ]
+        content = presentation.jam_timeline(jam, turns)
         message = self.bot.get_partial_messageable(
             jam.thread_id, guild_id=jam.guild_id
         ).get_partial_message(jam.timeline_message_id)
@@ -301,6 +361,12 @@ def _stereo(model: str) -> bool | None:
         return resolve_model(model).stereo
     except GenerationError:
         return None
+
+
+def _encode_part(job: Job, part: np.ndarray, sample_rate: int, max_bytes: int) -> tuple[bytes, int]:
+    """A turn's part as MP3, with its own request in its tags (blocking: they hash audio)."""
+    tags = request_tags(job.request, job.origin)
+    return encode_mp3_within(part, sample_rate, max_bytes, tags=tags)
 
 
 async def setup(bot: MusicGenBot) -> None:

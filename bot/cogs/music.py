@@ -19,6 +19,7 @@ from generation.errors import (
     JobNotFound,
 )
 from generation.models import resolve_model
+from generation.origin import Origin
 from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import (
     MAX_CFG_COEF,
@@ -34,7 +35,8 @@ from generation.store import Expired, GuildSettings
 from .. import limits, presentation
 from ..access import Rules, may_manage, rules_for
 from ..delivery import result_message
-from ..errors import reply_privately, user_message
+from ..errors import answering, reply_privately, user_message
+from ..views import CancelButton, status_view
 
 if TYPE_CHECKING:
     from ..bot import MusicGenBot
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 
 DEFAULTS = GenerationRequest(prompt="", model="")
 HISTORY_LENGTH = 10
+#: Recent jobs an autocomplete looks through for what the member typed.
+CHOICES_SCANNED = 100
 
 
 class Music(commands.Cog):
@@ -70,9 +74,13 @@ class Music(commands.Cog):
         self.admin.add_command(settings_command(self))
 
     async def cog_load(self) -> None:
+        self.bot.add_dynamic_items(CancelButton)
         # Load the default model now, so the first member does not wait for it.
         preload = self.service.worker.run_blocking(lambda: self.bot.engine.load(self.models[0]))
         preload.add_done_callback(_log_preload_failure)
+
+    async def cog_unload(self) -> None:
+        self.bot.remove_dynamic_items(CancelButton)
 
     # /music generate
 
@@ -89,7 +97,9 @@ class Music(commands.Cog):
             clips = await self._read_uploads_in_time(interaction, request, uploads)
             return replace(request, **clips)
 
-        await self.queue_request(interaction, request, prepare=with_uploads)
+        await self.queue_request(
+            interaction, request, prepare=with_uploads, melody=uploads.get("melody") is not None
+        )
 
     async def queue_request(
         self,
@@ -99,19 +109,26 @@ class Music(commands.Cog):
         prepare: Callable[[GenerationRequest], Awaitable[GenerationRequest]] | None = None,
         note: str = "",
         takes: int = 1,
+        origin: Origin | None = None,
+        melody: bool = False,
     ) -> Job | None:
         """Check a request against the server's settings and the member's limits, and queue it.
 
         Everything that can be checked at once is, so a mistake gets a private answer;
         ``prepare`` then completes the request (it may defer the response and read audio),
         and the result is checked again. ``note`` is added to the queued message; ``takes``
-        variations are generated together. Returns the job, or None when the member was told
-        why it was not queued.
+        variations are generated together; ``origin`` says what the job was made from;
+        ``melody``: ``prepare`` adds a melody, so the model must follow one (with no model
+        picked, the server's melody model is used). Returns the job, or None when the member
+        was told why it was not queued.
         """
         user_id = interaction.user.id
         try:
             rules = await self.bot.access.check(interaction)
             guild_id, channel_id = interaction.guild_id or 0, interaction.channel_id or 0
+            if melody:
+                request, picked = _with_melody_model(request, rules)
+                note = " ".join(part for part in (picked, note) if part)
             request = _apply_rules(request, rules).with_seed()
             self.service.check_room(guild_id, user_id, rules.max_jobs_per_user)
             if prepare is not None:
@@ -124,6 +141,7 @@ class Music(commands.Cog):
                 user_id=user_id,
                 per_user_limit=rules.max_jobs_per_user,
                 takes=takes,
+                origin=origin,
             )
         except GenerationError as error:
             await reply_privately(interaction, user_message(error))
@@ -177,18 +195,20 @@ class Music(commands.Cog):
     async def _acknowledge(
         self, interaction: discord.Interaction, job: Job, note: str = ""
     ) -> ReplyAddress:
-        """Answer with the job's place in the queue; returns where to reach the member."""
-        queue = self.service.queue
-        status = presentation.queued_text(
-            job, queue.position(job), self.service.worker.eta(job), queue.is_paused(job.guild_id)
-        )
+        """Answer with the job's place in the queue and a Cancel button; returns where to
+        reach the member."""
+        estimate = self.service.worker.estimate(job)
+        status = presentation.queued_text(estimate)
         if note:
             status = limits.fit_content(f"{note}\n{status}")
+        view = status_view(job.id)
         if interaction.response.is_done():
-            message_id = (await interaction.edit_original_response(content=status)).id
+            message = await interaction.edit_original_response(content=status, view=view)
+            message_id = message.id
         else:
-            callback = await interaction.response.send_message(status)
+            callback = await interaction.response.send_message(status, view=view)
             message_id = callback.message_id
+        self.bot.reporter.acknowledged(job, note, status)
         return ReplyAddress(
             application_id=interaction.application_id,
             token=interaction.token,
@@ -202,8 +222,12 @@ class Music(commands.Cog):
     @music.command(name="queue", description="This server's queue and the job running now")
     async def show_queue(self, interaction: discord.Interaction) -> None:
         guild_id = interaction.guild_id
-        queue, worker = self.service.queue, self.service.worker
-        queued = [(job, queue.position(job), worker.eta(job)) for job in queue.queued(guild_id)]
+        queue = self.service.queue
+        queued = [
+            estimate
+            for estimate in self.service.worker.forecast()
+            if estimate.job.guild_id == guild_id
+        ]
         embed = presentation.queue_embed(
             queue.running_in(guild_id), queued, queue.is_paused(guild_id)
         )
@@ -214,12 +238,33 @@ class Music(commands.Cog):
     async def cancel(
         self, interaction: discord.Interaction, job: app_commands.Range[int, 1] | None = None
     ) -> None:
-        target = self._job_to_cancel(interaction, job)
+        await self._cancel(interaction, job)
+
+    async def cancel_from_button(self, interaction: discord.Interaction, job_id: int) -> None:
+        """The Cancel button under a job's status message."""
+        async with answering(interaction):
+            await self._cancel(interaction, job_id)
+
+    async def _cancel(self, interaction: discord.Interaction, job_id: int | None) -> None:
+        target = self._job_to_cancel(interaction, job_id)
         if await self.service.cancel(target):
             message = f"Cancelled job #{target.id}."
         else:
             message = f"Stopping job #{target.id}..."
         await interaction.response.send_message(message, ephemeral=True)
+
+    @cancel.autocomplete("job")
+    async def cancel_choices(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[int]]:
+        """The member's queued and running jobs (Manage Server: everyone's) matching what
+        they typed."""
+        jobs = [
+            job
+            for job in self._live_jobs(interaction.guild_id)
+            if may_manage(interaction, job.user_id)
+        ]
+        return self._choices(interaction, jobs, current)
 
     def _job_to_cancel(self, interaction: discord.Interaction, job_id: int | None) -> Job:
         mine = interaction.user.id
@@ -266,13 +311,40 @@ class Music(commands.Cog):
         except GenerationError as error:
             raise JobNotFound(f"The track of job #{job} is no longer kept.") from error
         await interaction.response.defer(thinking=True)
-        posted = await result_message(found, results, interaction.filesize_limit)
+        posted = await result_message(found, results, interaction.filesize_limit, complete=True)
         await interaction.followup.send(
             content=f"Job #{found.id} by <@{found.user_id}>",
             embed=posted.embed,
             files=posted.files,
             view=posted.view,
         )
+
+    @show.autocomplete("job")
+    async def show_choices(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[int]]:
+        """The member's recent tracks (Manage Server: the server's) matching what they typed;
+        one indexed query of at most :data:`CHOICES_SCANNED` rows."""
+        member = None if interaction.permissions.manage_guild else interaction.user.id
+        jobs = await self.store.finished_jobs(interaction.guild_id or 0, member, CHOICES_SCANNED)
+        return self._choices(interaction, jobs, current)
+
+    @staticmethod
+    def _choices(
+        interaction: discord.Interaction, jobs: list[Job], current: str
+    ) -> list[app_commands.Choice[int]]:
+        guild = interaction.guild
+
+        def owner(user_id: int) -> str | None:
+            if user_id == interaction.user.id:
+                return None
+            member = guild.get_member(user_id) if guild is not None else None
+            return member.display_name if member is not None else "another member"
+
+        return [
+            app_commands.Choice(name=presentation.job_choice(job, owner(job.user_id)), value=job.id)
+            for job in presentation.matching_jobs(jobs, current)
+        ]
 
     # Information
 
@@ -479,6 +551,32 @@ def _apply_rules(request: GenerationRequest, rules: Rules) -> GenerationRequest:
     request = replace(request, model=rules.model(request.model))
     rules.check_duration(request.duration)
     return request
+
+
+def _with_melody_model(request: GenerationRequest, rules: Rules) -> tuple[GenerationRequest, str]:
+    """``request`` with a model that follows a melody: with none picked, the server's default
+    if it can, else its first allowed model that can, and a note saying so.
+
+    Raises:
+        InvalidOption: the model picked cannot follow a melody (the advice names the models
+            this server allows that can), or no allowed model can.
+    """
+    melody_models = [name for name in rules.models if resolve_model(name).melody]
+    if not melody_models:
+        raise InvalidOption(
+            "model",
+            "No model allowed in this server can follow a melody: an admin can allow one "
+            "with `/music admin settings`.",
+        )
+    if request.model:
+        spec = resolve_model(request.model)
+        check_audio_options(spec, melody=True, continuation=False, melody_models=melody_models)
+        return request, ""
+    default = rules.model("")
+    if resolve_model(default).melody:
+        return replace(request, model=default), ""
+    model = melody_models[0]
+    return replace(request, model=model), f"{default} cannot follow a melody, so this uses {model}."
 
 
 def _log_preload_failure(future: "asyncio.Future[object]") -> None:

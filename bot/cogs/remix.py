@@ -7,10 +7,8 @@ the member who asked, through the same checks and limits as /music generate.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from functools import partial
 from pathlib import PurePath
@@ -23,13 +21,13 @@ from discord.ext import commands
 from generation.audio_input import check_size
 from generation.continuation import MAX_INTRO_SECONDS, continue_request, intro_clip
 from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
-from generation.models import resolve_model
+from generation.origin import Origin, OriginKind
 from generation.queue import MAX_TAKES, Job, JobStatus
 from generation.request import TEMPERATURE_RANGE, AudioClip, GenerationRequest
 from generation.store import Expired
 
-from ..errors import UNEXPECTED, reply_privately, user_message
-from ..modals import Field, Form, number, prompt_field
+from ..errors import answering
+from ..modals import Drafts, Field, Form, Submit, prompt_field, read_form
 from ..presentation import short
 from ..views import BUTTONS
 
@@ -52,6 +50,7 @@ class Remix(commands.Cog):
     def __init__(self, bot: MusicGenBot) -> None:
         self.bot = bot
         self.store = bot.service.store
+        self.drafts = Drafts()
         guild_only = app_commands.AppCommandContext(guild=True)
         self.menus = (
             app_commands.ContextMenu(
@@ -89,6 +88,7 @@ class Remix(commands.Cog):
                 replace(source.request, seed=None),
                 note=f"Re-roll of job #{source.id} with a new seed.",
                 takes=source.takes,
+                origin=await self._origin(OriginKind.REROLL, source),
             )
 
     async def variations(self, interaction: discord.Interaction, job_id: int) -> None:
@@ -100,6 +100,7 @@ class Remix(commands.Cog):
                 replace(source.request, seed=None),
                 note=f"{VARIATIONS} variations of job #{source.id}, generated together.",
                 takes=VARIATIONS,
+                origin=await self._origin(OriginKind.VARIATIONS, source),
             )
 
     async def ask_continue(self, interaction: discord.Interaction, job_id: int, take: int) -> None:
@@ -111,17 +112,23 @@ class Remix(commands.Cog):
             intro = min(MAX_INTRO_SECONDS, source.request.duration)
             fields = [prompt_field(source.request.prompt), _length_field(intro, rules.max_duration)]
             submit = partial(self._continue_job, job_id=source.id, take=take)
-            form = Form(f"Continue job #{source.id}", fields, submit)
+            form = self._form(
+                interaction,
+                f"Continue job #{source.id}",
+                fields,
+                submit,
+                ("continue", job_id, take),
+            )
             await interaction.response.send_modal(form)
 
     async def _continue_job(
         self, interaction: discord.Interaction, values: dict[str, str], *, job_id: int, take: int
-    ) -> None:
+    ) -> bool:
         """A continuation whose intro is the end of the take's stored result."""
         async with answering(interaction):
             source = await self._finished_job(interaction, job_id, with_uploads=False)
             longest = (await self.bot.access.rules(source.guild_id)).max_duration
-            added = number(values, "length", 1.0, longest)
+            added = read_form(values, {"length": (1.0, longest)})["length"]
             check_fits(added, min(MAX_INTRO_SECONDS, source.request.duration), longest)
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
@@ -138,9 +145,15 @@ class Remix(commands.Cog):
                 melody=None,
                 continuation=None,
             )
-            await self.music.queue_request(
-                interaction, request, prepare=with_intro, note=f"Continuing job #{source.id}."
+            job = await self.music.queue_request(
+                interaction,
+                request,
+                prepare=with_intro,
+                note=f"Continuing job #{source.id}.",
+                origin=await self._origin(OriginKind.CONTINUATION, source, take),
             )
+            return job is not None
+        return False
 
     async def ask_edit(self, interaction: discord.Interaction, job_id: int) -> None:
         async with answering(interaction):
@@ -153,26 +166,32 @@ class Remix(commands.Cog):
                 Field("temperature", "Temperature (0-2)", f"{request.temperature:g}"),
             ]
             submit = partial(self._edit_job, job_id=source.id)
-            await interaction.response.send_modal(Form(f"Edit job #{source.id}", fields, submit))
+            form = self._form(
+                interaction, f"Edit job #{source.id}", fields, submit, ("edit", job_id)
+            )
+            await interaction.response.send_modal(form)
 
     async def _edit_job(
         self, interaction: discord.Interaction, values: dict[str, str], *, job_id: int
-    ) -> None:
+    ) -> bool:
         """The job's request with the new prompt, duration and temperature; the seed stays,
         so the change is what makes the difference (Re-roll for a new seed)."""
         async with answering(interaction):
-            duration = number(values, "duration", 1.0, self.music.max_duration)
-            temperature = number(values, "temperature", *TEMPERATURE_RANGE)
-            source = await self._finished_job(interaction, job_id)
-            request = replace(
-                source.request, prompt=values["prompt"], duration=duration, temperature=temperature
+            numbers = read_form(
+                values,
+                {"duration": (1.0, self.music.max_duration), "temperature": TEMPERATURE_RANGE},
             )
-            await self.music.queue_request(
+            source = await self._finished_job(interaction, job_id)
+            request = replace(source.request, prompt=values["prompt"], **numbers)
+            job = await self.music.queue_request(
                 interaction,
                 request,
                 note=f"Edit of job #{source.id}, same seed.",
                 takes=source.takes,
+                origin=await self._origin(OriginKind.EDIT, source),
             )
+            return job is not None
+        return False
 
     # Context menus
 
@@ -183,7 +202,10 @@ class Remix(commands.Cog):
         attachment = self._audio_attachment(message, "continuation")
         fields = [prompt_field(), _length_field(MAX_INTRO_SECONDS, rules.max_duration)]
         submit = partial(self._continue_upload, attachment=attachment)
-        await interaction.response.send_modal(Form("Continue this track", fields, submit))
+        form = self._form(
+            interaction, "Continue this track", fields, submit, ("continue", message.id)
+        )
+        await interaction.response.send_modal(form)
 
     async def _continue_upload(
         self,
@@ -191,10 +213,10 @@ class Remix(commands.Cog):
         values: dict[str, str],
         *,
         attachment: discord.Attachment,
-    ) -> None:
+    ) -> bool:
         async with answering(interaction):
             longest = (await self.bot.access.rules(interaction.guild_id or 0)).max_duration
-            added = number(values, "length", 1.0, longest)
+            added = read_form(values, {"length": (1.0, longest)})["length"]
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
                 clip = await self._read(interaction, attachment, "continuation")
@@ -202,12 +224,15 @@ class Remix(commands.Cog):
                 return carry_on(request, intro, added, longest)
 
             request = GenerationRequest(prompt=values["prompt"], model="", duration=added)
-            await self.music.queue_request(
+            job = await self.music.queue_request(
                 interaction,
                 request,
                 prepare=with_intro,
                 note=f"Continuing {short(attachment.filename, 100)}.",
+                origin=Origin(OriginKind.UPLOAD_CONTINUATION, filename=attachment.filename),
             )
+            return job is not None
+        return False
 
     async def use_as_melody(
         self, interaction: discord.Interaction, message: discord.Message
@@ -217,7 +242,8 @@ class Remix(commands.Cog):
         default = f"{min(DEFAULT_ADDED_SECONDS, rules.max_duration):g}"
         fields = [prompt_field(), Field("duration", "Duration in seconds", default)]
         submit = partial(self._melody_upload, attachment=attachment)
-        await interaction.response.send_modal(Form("Use as melody", fields, submit))
+        form = self._form(interaction, "Use as melody", fields, submit, ("melody", message.id))
+        await interaction.response.send_modal(form)
 
     async def _melody_upload(
         self,
@@ -225,35 +251,46 @@ class Remix(commands.Cog):
         values: dict[str, str],
         *,
         attachment: discord.Attachment,
-    ) -> None:
+    ) -> bool:
         async with answering(interaction):
-            duration = number(values, "duration", 1.0, self.music.max_duration)
-            model, note = await self._melody_model(interaction.guild_id or 0)
+            duration = read_form(values, {"duration": (1.0, self.music.max_duration)})["duration"]
 
             async def with_melody(request: GenerationRequest) -> GenerationRequest:
                 return replace(request, melody=await self._read(interaction, attachment, "melody"))
 
-            request = GenerationRequest(prompt=values["prompt"], model=model, duration=duration)
-            note = f"{note} Following the melody of {short(attachment.filename, 100)}.".strip()
-            await self.music.queue_request(interaction, request, prepare=with_melody, note=note)
-
-    async def _melody_model(self, guild_id: int) -> tuple[str, str]:
-        """The server's default model if it takes a melody, else the first allowed one that
-        does; and a note saying so when it is not the default."""
-        rules = await self.bot.access.rules(guild_id)
-        default = rules.model("")
-        if resolve_model(default).melody:
-            return default, ""
-        for name in rules.models:
-            if resolve_model(name).melody:
-                return name, f"{default} cannot follow a melody, so this uses {name}."
-        raise InvalidOption(
-            "model",
-            "No model allowed in this server can follow a melody: an admin can allow one "
-            "with `/music admin settings`.",
-        )
+            # No model: the server's default, or its first allowed melody model (said so).
+            request = GenerationRequest(prompt=values["prompt"], model="", duration=duration)
+            job = await self.music.queue_request(
+                interaction,
+                request,
+                prepare=with_melody,
+                note=f"Following the melody of {short(attachment.filename, 100)}.",
+                origin=Origin(OriginKind.UPLOAD_MELODY, filename=attachment.filename),
+                melody=True,
+            )
+            return job is not None
+        return False
 
     # Helpers
+
+    def _form(
+        self,
+        interaction: discord.Interaction,
+        title: str,
+        fields: list[Field],
+        submit: Submit,
+        key: tuple[object, ...],
+    ) -> Form:
+        """A form that shows what the member typed when it was last refused, if it was."""
+        return Form(title, fields, submit, member=interaction.user.id, drafts=self.drafts, key=key)
+
+    async def _origin(self, kind: OriginKind, source: Job, take: int = 0) -> Origin:
+        """``kind`` of ``source``; with the jam turn that ``source`` is, or is another take
+        of, so a re-roll or an edit of a turn can take its place (see ``Jams.adopt``)."""
+        # A turn now, else a turn since replaced by another take, or another take of one.
+        turn = await self.store.turn_of_job(source.id) or source.jam_turn
+        jam, number = turn if turn is not None else (None, None)
+        return Origin(kind, source.id, take, jam=jam, turn=number)
 
     async def _finished_job(
         self, interaction: discord.Interaction, job_id: int, *, with_uploads: bool = True
@@ -323,20 +360,6 @@ def carry_on(
     """``request`` continuing ``intro`` by ``added`` seconds, if that fits in ``longest``."""
     check_fits(added, intro.seconds, longest)
     return continue_request(request, intro, added)
-
-
-@contextlib.asynccontextmanager
-async def answering(interaction: discord.Interaction) -> AsyncIterator[None]:
-    """Turn an error in a button or form into a private answer (the tree's error handler
-    only sees slash commands and context menus)."""
-    try:
-        yield
-    except GenerationError as error:
-        await reply_privately(interaction, user_message(error))
-    except Exception:
-        log.exception("a button or form failed")
-        with contextlib.suppress(discord.HTTPException):
-            await reply_privately(interaction, UNEXPECTED)
 
 
 async def setup(bot: MusicGenBot) -> None:
