@@ -11,7 +11,7 @@ from simcord.enums import OverwriteType
 
 from generation.store import JobStore
 
-from .bot_helpers import job_id
+from .bot_helpers import job_id, outcome
 from .test_storage import prune
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
@@ -107,4 +107,4 @@ async def test_a_delivery_that_fails_is_tried_again_while_the_bot_runs(
 async def test_a_deleted_results_folder_is_made_again(simcord_env, channel, alice):
     shutil.rmtree(simcord_env.bot.service.store.results)
     made = await alice.slash(channel, "music generate", prompt="still here", duration=1.0)
-    assert made.response.attachments
+    assert outcome(made).attachments
