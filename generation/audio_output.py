@@ -97,10 +97,11 @@ def normalise_loudness(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     make the whole track quieter; as limiting lowers the loudness a little, the gain is
     corrected and the limiter rerun on the original (up to :data:`LOUDNESS_PASSES` times)
     until the loudness is within 0.1 LU. The true peaks are measured once: those of the
-    audio times a gain are the gain times them. Works in float32; beyond the result, the
-    memory it needs is a few float32 copies of one channel and an oversampled block.
+    audio times a gain are the gain times them. Works in float32: beyond the result, it
+    holds the loudness meter's copy of the track, a few arrays as long as one channel and
+    one oversampled block (never the oversampled track).
     Silence, and clips too short to measure (under 0.4 s), are returned unchanged.
-    Blocking (about 0.2 s of CPU a minute of stereo audio): run it off the event loop.
+    Blocking (about 0.5 s of CPU a minute of stereo audio): run it off the event loop.
     """
     meter = pyloudnorm.Meter(sample_rate)
     if audio.shape[-1] < int(meter.block_size * sample_rate):
@@ -171,7 +172,8 @@ def limit_true_peaks(
     ceiling = 10 ** (ceiling_db / 20)
     if peaks is None:
         peaks = true_peaks(audio)
-    needed = np.maximum(peaks * np.float32(gain), 1e-12)
+    needed = peaks * np.float32(gain)
+    np.maximum(needed, 1e-12, out=needed)
     np.divide(np.float32(ceiling), needed, out=needed)
     np.minimum(needed, 1.0, out=needed)
     if needed.min() >= 1.0:
