@@ -32,10 +32,8 @@ def take(seconds: float, sample_rate: int, channels: int) -> np.ndarray:
     kick = np.exp(-t[: sample_rate // 8] * 40) * np.sin(2 * np.pi * 60 * t[: sample_rate // 8])
     for start in range(0, audio.shape[-1], sample_rate):
         second = start // sample_rate
-        chord = sum(
-            np.sin(2 * np.pi * f * (t + second) + c) for f in (220.0, 277.2, 329.6) for c in (0, 1)
-        )
-        block = 0.05 * chord + 0.02 * rng.standard_normal((channels, sample_rate))
+        chord = sum(np.sin(2 * np.pi * f * (t + second)) for f in (220.0, 277.2, 329.6))
+        block = 0.1 * chord + 0.02 * rng.standard_normal((channels, sample_rate))
         for beat in range(0, sample_rate, sample_rate // 2):  # a kick every half second
             block[:, beat : beat + kick.size] += 0.6 * kick
         stop = min(start + sample_rate, audio.shape[-1])
@@ -80,12 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per median")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    shape = [str(args.seconds), str(args.sample_rate), str(args.channels)]
     if args.child:
         print(json.dumps(one_run(args.seconds, args.sample_rate, args.channels)))
         return
-    command = [sys.executable, __file__, "--child", "--seconds", shape[0]]
-    command += ["--sample-rate", shape[1], "--channels", shape[2]]
+    command = [sys.executable, __file__, "--child", "--seconds", str(args.seconds)]
+    command += ["--sample-rate", str(args.sample_rate), "--channels", str(args.channels)]
     runs = [
         json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
         for _ in range(args.repeats)

@@ -101,7 +101,7 @@ def normalise_loudness(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     holds the loudness meter's copy of the track, a few arrays as long as one channel and
     one oversampled block (never the oversampled track).
     Silence, and clips too short to measure (under 0.4 s), are returned unchanged.
-    Blocking (about 0.5 s of CPU a minute of stereo audio): run it off the event loop.
+    Blocking (about 0.3 s of CPU a minute of stereo audio): run it off the event loop.
     """
     meter = pyloudnorm.Meter(sample_rate)
     if audio.shape[-1] < int(meter.block_size * sample_rate):
