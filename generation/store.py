@@ -367,7 +367,9 @@ class JobStore:
 
     async def mark_delivered(self, job: Job, result_url: str | None = None) -> None:
         """Record that the requester was told; their interaction token is forgotten."""
-        job.delivered, job.result_url, job.reply = True, result_url, None
+        job.delivered, job.result_url = True, result_url
+        if job.reply is not None:
+            job.reply = replace(job.reply, token=None)
         async with self._transaction():
             await self._db.execute(
                 "UPDATE jobs SET delivered = 1, result_url = ?, reply_token = NULL WHERE id = ?",
@@ -820,7 +822,7 @@ def _request_json(request: GenerationRequest) -> str:
 
 def _job_from_row(row: aiosqlite.Row) -> Job:
     reply = None
-    if row["reply_token"] is not None:
+    if row["reply_message_id"] is not None:  # kept after the token is forgotten, to link to
         reply = ReplyAddress(
             row["reply_application_id"],
             row["reply_token"],

@@ -187,3 +187,24 @@ async def test_a_re_rolled_turn_is_another_take_the_jam_can_adopt(
     varied = outcome(await bob.click(first, label="Variations"))
     assert "(turn 1 of the jam): not a turn of the jam." in varied.embeds[0].description
     assert "Adopt as turn 1" not in [b for b in buttons(varied)]
+
+
+async def test_a_turn_delivered_after_its_token_expired_is_linked(
+    simcord_env, alice, bob, admin, channel
+):
+    thread = await start_jam(alice, channel)
+    first = await take_turn(alice, thread, "on time", length=1.0)
+    await admin.slash(channel, "music admin pause")
+    late = await bob.slash(thread, "music jam add", prompt="late", length=1.0)
+    await simcord_env.advance_time(21 * 60)  # past the token's 15 minutes: the bot prunes it
+    await alice.slash(thread, "music jam export")  # redraws the timeline from the store
+    status = f"https://discord.com/channels/{thread.guild.id}/{thread.id}/{late.response.id}"
+    assert timeline(thread)[-1].endswith(f"([job #{job_id(first) + 1}]({status})) (queued)")
+
+    await admin.slash(channel, "music admin resume")
+    (posted,) = [m for m in thread.history() if m.content.startswith(f"<@{bob.id}>")]
+    assert posted.attachments  # posted in the thread: the follow-up's token was dead
+    turn = f"2. <@{bob.id}>: *late* ([job #{job_id(posted)}]({posted.jump_url}))"
+    assert timeline(thread)[-1] == turn
+    await take_turn(alice, thread, "after", length=1.0)  # a redraw from the store
+    assert timeline(thread)[2] == turn

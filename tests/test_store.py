@@ -276,7 +276,7 @@ async def test_tokens_are_forgotten_once_delivered_or_expired(store, tmp_path):
     delivered, waiting, expired = jobs
     await store.finish(delivered, JobStatus.DONE)
     await store.mark_delivered(delivered)
-    assert delivered.reply is None
+    assert delivered.reply.token is None
     assert await store.clear_expired_tokens(now) == 1
     assert stored_tokens(tmp_path / "bot.sqlite3") == {
         delivered.id: None,
@@ -284,6 +284,11 @@ async def test_tokens_are_forgotten_once_delivered_or_expired(store, tmp_path):
         expired.id: None,
     }
     assert (await store.get(waiting.id)).reply.token == f"token-{waiting.id}"
+    # The message each job answered with stays, to link to.
+    for job in (delivered, expired):
+        assert (await store.get(job.id)).reply == ReplyAddress(
+            9, None, job.reply.expires_at, 5, 1024
+        )
 
 
 async def finished(store, request=REQUEST, *, delivered=True, days_ago=0.0, takes=1) -> Job:
