@@ -11,6 +11,7 @@ import simcord
 
 from generation.audio_input import AudioLimits, decode_audio
 from generation.store import JobStore
+from generation.stored_audio import StoredClip
 
 from .bot_helpers import buttons, fields, job_id, make_bot, mp3_of, outcome, private_reply, seconds
 
@@ -208,3 +209,26 @@ async def test_a_turn_delivered_after_its_token_expired_is_linked(
     assert timeline(thread)[-1] == turn
     await take_turn(alice, thread, "after", length=1.0)  # a redraw from the store
     assert timeline(thread)[2] == turn
+
+
+async def test_the_timeline_and_the_export_decode_no_intro(alice, bob, admin, channel, monkeypatch):
+    thread = await start_jam(alice, channel)
+    await take_turn(alice, thread, "piano", length=1.0)
+    await take_turn(bob, thread, "drums", length=1.0)  # its intro is kept in the store
+    decoded = []  # every stored clip read back goes through StoredClip.from_flac
+    from_flac = StoredClip.from_flac.__func__
+
+    def counted(cls, data, exponent):
+        decoded.append(len(data))
+        return from_flac(cls, data, exponent)
+
+    monkeypatch.setattr(StoredClip, "from_flac", classmethod(counted))
+    await admin.slash(channel, "music admin pause")
+    waiting = await alice.slash(thread, "music jam add", prompt="bass", length=1.0)
+    assert "Turn 3 of the jam" in waiting.response.content
+    assert timeline(thread)[-1].endswith("(queued)")  # redrawn
+    exported = await bob.slash(thread, "music jam export")
+    assert seconds(await mp3_of(exported.response)) == pytest.approx(2.0, abs=0.1)
+    await admin.slash(channel, "music admin resume")
+    assert timeline(thread)[-1].endswith(f"({link(outcome(waiting))})")
+    assert decoded == []

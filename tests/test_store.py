@@ -255,8 +255,11 @@ async def test_version_3_uploads_move_to_the_shared_store(tmp_path):
     connection = sqlite3.connect(path)
     assert connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
-    connection.close()
     assert "uploads_v3" not in tables
+    # Each job's clip knows its length, read from the FLAC's header (for jams' intros).
+    lengths = dict(connection.execute("SELECT job_id, seconds FROM job_uploads"))
+    connection.close()
+    assert lengths == {1: 3.0, 2: 3.0, 3: 2.0}
 
 
 def stored_tokens(path) -> dict[int, str | None]:
