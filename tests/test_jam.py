@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import mutagen.id3
@@ -13,7 +14,16 @@ from generation.audio_input import AudioLimits, decode_audio
 from generation.store import JobStore
 from generation.stored_audio import StoredClip
 
-from .bot_helpers import buttons, fields, job_id, make_bot, mp3_of, outcome, private_reply, seconds
+from .bot_helpers import (
+    buttons,
+    fields,
+    job_id,
+    make_bot,
+    mp3_of,
+    outcome,
+    private_reply,
+    seconds,
+)
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
@@ -232,3 +242,27 @@ async def test_the_timeline_and_the_export_decode_no_intro(alice, bob, admin, ch
     await admin.slash(channel, "music admin resume")
     assert timeline(thread)[-1].endswith(f"({link(outcome(waiting))})")
     assert decoded == []
+
+
+async def test_two_quick_starts_open_no_more_jams_than_allowed(
+    simcord_env, database, alice, channel, monkeypatch
+):
+    await simcord_env.restart_bot(make_bot(database, jams={"max_open_per_user": 1}))
+    # SimCord runs one command at a time: take two, then run them at once, as two quick
+    # presses run on a busy bot.
+    cog = simcord_env.bot.get_cog("Jams")
+    taken, start = [], type(cog).start
+
+    async def take(self, interaction, title):
+        taken.append((interaction, title))
+
+    monkeypatch.setattr(type(cog), "start", take)
+    await alice.slash(channel, "music jam start", title="one")
+    await alice.slash(channel, "music jam start", title="two")
+    results = await asyncio.gather(
+        *(start(cog, interaction, title) for interaction, title in taken), return_exceptions=True
+    )
+    await simcord_env.settle()
+    assert [thread.name for thread in channel.threads] == ["one"]
+    assert results[0] is None
+    assert str(results[1]).startswith("You have 1 open jams here (")

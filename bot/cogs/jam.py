@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import weakref
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
@@ -85,6 +86,11 @@ class Jams(commands.Cog):
         self.store = bot.service.store
         self.commands = JamCommands(self)
         self._turns: dict[int, asyncio.Lock] = {}  # one turn taken at a time per jam
+        #: One start at a time per (server, member), so the bound on open jams holds; a
+        #: lock goes once no start holds or awaits it.
+        self._starts: weakref.WeakValueDictionary[tuple[int, int], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     @property
     def music(self) -> Music:
@@ -101,15 +107,17 @@ class Jams(commands.Cog):
         if not isinstance(channel, discord.TextChannel):
             raise GenerationError("Start a jam in a text channel, not in a thread.")
         await self.bot.access.check(interaction, threads=True)
-        await self._check_open_jams(channel.guild, interaction.user.id)
-        title = title or f"Jam by {interaction.user.display_name}"
-        thread = await channel.create_thread(
-            name=title, type=discord.ChannelType.public_thread, auto_archive_duration=1440
-        )
-        jam = Jam(thread.id, channel.guild.id, channel.id, interaction.user.id, title)
-        timeline = await thread.send(presentation.jam_timeline(jam, []))
-        jam = replace(jam, timeline_message_id=timeline.id)
-        await self.store.add_jam(jam)
+        member = (channel.guild.id, interaction.user.id)
+        async with self._starts.setdefault(member, asyncio.Lock()):
+            await self._check_open_jams(channel.guild, interaction.user.id)
+            title = title or f"Jam by {interaction.user.display_name}"
+            thread = await channel.create_thread(
+                name=title, type=discord.ChannelType.public_thread, auto_archive_duration=1440
+            )
+            jam = Jam(thread.id, channel.guild.id, channel.id, interaction.user.id, title)
+            timeline = await thread.send(presentation.jam_timeline(jam, []))
+            jam = replace(jam, timeline_message_id=timeline.id)
+            await self.store.add_jam(jam)
         log.info("jam=%d event=started guild=%d", thread.id, jam.guild_id)
         await interaction.response.send_message(
             f"Jam **{title}** started in {thread.mention}: take turns there with "
