@@ -33,10 +33,10 @@ class JobStatus(StrEnum):
 class ReplyAddress:
     """Where a job's requester waits for the answer: a chat platform's interaction webhook
     (application id and token) and the message it answered with, usable until ``expires_at``
-    (a Unix time)."""
+    (a Unix time). Once the token is forgotten (None), the message can still be linked to."""
 
     application_id: int
-    token: str = field(repr=False)
+    token: str | None = field(repr=False)
     expires_at: float
     message_id: int
     #: The largest file that may be attached through it, in bytes.

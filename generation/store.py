@@ -10,6 +10,7 @@ applies the retention policy; interaction tokens are cleared once they are of no
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import sqlite3
@@ -66,8 +67,20 @@ async def _store_uploads_once(db: aiosqlite.Connection) -> None:
         )
         pcm = np.frombuffer(samples, dtype="<f4").reshape(channels, -1)
         stored, digest = await asyncio.to_thread(_on_grid, AudioClip(pcm, sample_rate))
-        await _keep_upload(db, job_id, option, stored, digest)
+        await _keep_flac(db, stored, digest)
+        await db.execute("INSERT INTO job_uploads VALUES (?, ?, ?)", (job_id, option, digest))
     await db.execute("DROP TABLE uploads_v3")
+
+
+async def _keep_upload_lengths(db: aiosqlite.Connection) -> None:
+    """Version 7: each job's clip keeps its length, so a jam knows its turns' intros without
+    decoding them (and after the clips expire). Read from each stored FLAC's header."""
+    await db.execute("ALTER TABLE job_uploads ADD COLUMN seconds REAL")
+    for digest, flac in await db.execute_fetchall("SELECT hash, flac FROM uploads"):
+        info = await asyncio.to_thread(soundfile.info, io.BytesIO(flac))
+        await db.execute(
+            "UPDATE job_uploads SET seconds = ? WHERE hash = ?", (info.duration, digest)
+        )
 
 
 #: Each entry migrates the schema from version i to i + 1: a script, or a :data:`Migration`.
@@ -144,6 +157,7 @@ MIGRATIONS: tuple[str | Migration, ...] = (
         PRIMARY KEY (device, model, rows)
     );
     """,
+    _keep_upload_lengths,
     # Deliveries tried and failed; why an outcome is kept for /music history undelivered.
     """
     ALTER TABLE jobs ADD COLUMN delivery_attempts INTEGER NOT NULL DEFAULT 0;
@@ -229,6 +243,16 @@ class Segment:
     position: int
     job_id: int
     user_id: int
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A jam's turn as its timeline and export need it: the job without its audio inputs,
+    and the length of the intro it carried on (0 for none; None if not known)."""
+
+    segment: Segment
+    job: Job
+    intro_seconds: float | None
 
 
 @dataclass(frozen=True)
@@ -375,7 +399,9 @@ class JobStore:
 
     async def mark_delivered(self, job: Job, result_url: str | None = None) -> None:
         """Record that the requester was told; their interaction token is forgotten."""
-        job.delivered, job.result_url, job.reply = True, result_url, None
+        job.delivered, job.result_url = True, result_url
+        if job.reply is not None:
+            job.reply = replace(job.reply, token=None)
         async with self._transaction():
             await self._db.execute(
                 "UPDATE jobs SET delivered = 1, result_url = ?, reply_token = NULL WHERE id = ?",
@@ -719,6 +745,27 @@ class JobStore:
         )
         return [Segment(*row) for row in rows]
 
+    async def turns(self, thread_id: int) -> list[Turn]:
+        """A jam's turns in order, read in one query, without decoding any audio."""
+        rows = await self._db.execute_fetchall(
+            """SELECT jobs.*, jam_segments.position, jam_segments.user_id AS player,
+                   CASE WHEN job_uploads.job_id IS NULL THEN 0.0 ELSE job_uploads.seconds END
+                       AS intro_seconds
+               FROM jam_segments JOIN jobs ON jobs.id = jam_segments.job_id
+               LEFT JOIN job_uploads ON job_uploads.job_id = jobs.id
+                   AND job_uploads.option = 'continuation'
+               WHERE jam_segments.thread_id = ? ORDER BY jam_segments.position""",
+            (thread_id,),
+        )
+        return [
+            Turn(
+                Segment(row["position"], row["id"], row["player"]),
+                _job_from_row(row),
+                row["intro_seconds"],
+            )
+            for row in rows
+        ]
+
     # Internals
 
     def _transaction(self) -> _Transaction:
@@ -822,8 +869,17 @@ def _on_grid(clip: AudioClip) -> tuple[StoredClip, str]:
 async def _keep_upload(
     db: aiosqlite.Connection, job_id: int, option: str, stored: StoredClip, digest: str
 ) -> None:
-    """Make ``stored`` the job's ``option`` clip, storing its FLAC unless already there (in
-    the caller's transaction, so a prune cannot delete it in between)."""
+    """Make ``stored`` the job's ``option`` clip (see :func:`_keep_flac`)."""
+    await _keep_flac(db, stored, digest)
+    await db.execute(
+        "INSERT INTO job_uploads (job_id, option, hash, seconds) VALUES (?, ?, ?, ?)",
+        (job_id, option, digest, stored.seconds),
+    )
+
+
+async def _keep_flac(db: aiosqlite.Connection, stored: StoredClip, digest: str) -> None:
+    """Store ``stored``'s FLAC unless already there (in the caller's transaction, so a
+    prune cannot delete it before a job refers to it)."""
     known = await db.execute_fetchall("SELECT 1 FROM uploads WHERE hash = ?", (digest,))
     if not known:
         flac = await asyncio.to_thread(stored.flac)
@@ -831,7 +887,6 @@ async def _keep_upload(
             "INSERT INTO uploads (hash, exponent, flac) VALUES (?, ?, ?)",
             (digest, stored.exponent, flac),
         )
-    await db.execute("INSERT INTO job_uploads VALUES (?, ?, ?)", (job_id, option, digest))
 
 
 def _write_flac(path: Path, audio: np.ndarray, sample_rate: int) -> None:
@@ -853,7 +908,7 @@ def _request_json(request: GenerationRequest) -> str:
 
 def _job_from_row(row: aiosqlite.Row) -> Job:
     reply = None
-    if row["reply_token"] is not None:
+    if row["reply_message_id"] is not None:  # kept after the token is forgotten, to link to
         reply = ReplyAddress(
             row["reply_application_id"],
             row["reply_token"],
