@@ -158,14 +158,22 @@ MIGRATIONS: tuple[str | Migration, ...] = (
     );
     """,
     _keep_upload_lengths,
+    # Deliveries tried and failed; why an outcome is kept for /music history undelivered.
+    """
+    ALTER TABLE jobs ADD COLUMN delivery_attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN delivery_failure TEXT;
+    """,
 )
 
 _AUDIO_OPTIONS = ("melody", "continuation")
 _FINISHED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-#: A finished job whose requester has been told: the retention policy may apply to it.
-_SETTLED = "status IN ('done', 'failed', 'cancelled') AND delivered = 1"
+#: A finished job whose requester has been told (or who could not be, so it was kept for
+#: their history): the retention policy may apply to it.
+_SETTLED = (
+    "status IN ('done', 'failed', 'cancelled') AND (delivered = 1 OR delivery_failure IS NOT NULL)"
+)
 
 
 class StoreError(GenerationError):
@@ -410,6 +418,25 @@ class JobStore:
             )
         return cursor.rowcount
 
+    async def count_failed_delivery(self, job: Job) -> None:
+        """Count a try at delivering ``job``'s outcome that failed."""
+        async with self._transaction():
+            await self._db.execute(
+                "UPDATE jobs SET delivery_attempts = delivery_attempts + 1 WHERE id = ?",
+                (job.id,),
+            )
+        job.delivery_attempts += 1
+
+    async def keep_undelivered(self, job: Job, reason: str) -> None:
+        """Stop trying to deliver ``job``'s outcome: it stays for the member's history (and
+        its interaction token is forgotten)."""
+        job.delivery_failure, job.reply = reason, None
+        async with self._transaction():
+            await self._db.execute(
+                "UPDATE jobs SET delivery_failure = ?, reply_token = NULL WHERE id = ?",
+                (reason, job.id),
+            )
+
     async def get(self, job_id: int) -> Job | None:
         rows = await self._jobs("WHERE id = ?", (job_id,))
         return rows[0] if rows else None
@@ -419,9 +446,11 @@ class JobStore:
         return await self._jobs("WHERE status IN ('queued', 'running') ORDER BY id", ())
 
     async def undelivered(self) -> list[Job]:
-        """Jobs that ended without their requester being told."""
+        """Jobs that ended without their requester being told, and are still to be."""
         return await self._jobs(
-            "WHERE status IN ('done', 'failed', 'cancelled') AND delivered = 0 ORDER BY id", ()
+            """WHERE status IN ('done', 'failed', 'cancelled') AND delivered = 0
+               AND delivery_failure IS NULL ORDER BY id""",
+            (),
         )
 
     async def history(self, guild_id: int, user_id: int, limit: int = 10) -> list[Job]:
@@ -484,11 +513,7 @@ class JobStore:
     ) -> Path:
         """Keep one take of a job's (normalised) audio, losslessly, for delivery and reuse."""
         path = self.result_path(job, take)
-        partial = path.with_suffix(".partial")
-        await asyncio.to_thread(
-            soundfile.write, partial, audio.T, sample_rate, format="FLAC", subtype="PCM_24"
-        )
-        partial.replace(path)  # a crash never leaves half a result under the real name
+        await asyncio.to_thread(_write_flac, path, audio, sample_rate)
         return path
 
     async def load_result(self, job: Job, take: int = 0) -> tuple[np.ndarray, int] | None:
@@ -864,6 +889,14 @@ async def _keep_flac(db: aiosqlite.Connection, stored: StoredClip, digest: str) 
         )
 
 
+def _write_flac(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+    """Write a result whole or not at all, into its folder (made again if it was deleted)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    soundfile.write(partial, audio.T, sample_rate, format="FLAC", subtype="PCM_24")
+    partial.replace(path)  # a crash never leaves half a result under the real name
+
+
 def _request_json(request: GenerationRequest) -> str:
     values = {
         f.name: getattr(request, f.name)
@@ -903,6 +936,8 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
         result_url=row["result_url"],
         result_expired_at=row["result_expired_at"],
         uploads_expired_at=row["uploads_expired_at"],
+        delivery_attempts=row["delivery_attempts"],
+        delivery_failure=row["delivery_failure"],
     )
 
 
