@@ -6,7 +6,8 @@ as a new message that mentions the requester, so Discord notifies them (it does 
 edit); a cancellation, which someone chose, only updates the status message. Both go through
 the interaction's webhook (application id, token and message id, kept with the job), so they
 work after a restart too. The token dies after 15 minutes: later, outcomes are posted in the
-channel, mentioning the requester.
+channel, mentioning the requester, or, where the channel refuses the bot, in a direct
+message; where both refuse, the worker keeps the outcome for the member's ``/music history``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import discord
 
 from generation.audio_output import encode_mp3_within, mp3_filename, request_tags
 from generation.engine import GenerationResult
-from generation.errors import GenerationError, OutputTooLarge
+from generation.errors import GenerationError, OutputTooLarge, Undeliverable
 from generation.estimates import Estimate
 from generation.origin import Origin
 from generation.queue import Job
@@ -134,11 +135,36 @@ class JobReporter:
                     job.id,
                     error,
                 )
-        extra = await _attachments(attach, self._channel_upload_limit(job))
-        message = await self._channel(job).send(
-            content=limits.fit_content(content), allowed_mentions=_mention(job), **extra
-        )
-        return jump_url(job, message.id)
+        return await self._send(job, content, attach)
+
+    async def _send(self, job: Job, content: str, attach: Attach | None = None) -> str:
+        """Post in the job's channel or, if the channel refuses the bot, in a direct message
+        to the requester; returns a link to it.
+
+        Raises:
+            Undeliverable: the member's direct messages refuse the bot too.
+        """
+        try:
+            extra = await _attachments(attach, self._channel_upload_limit(job))
+            message = await self._channel(job).send(
+                content=limits.fit_content(content), allowed_mentions=_mention(job), **extra
+            )
+            return jump_url(job, message.id)
+        except (discord.Forbidden, discord.NotFound) as error:
+            log.warning(
+                "job=%d event=channel-refused error=%s (sending a direct message)", job.id, error
+            )
+        note = f"\n(From <#{job.channel_id}>, where I may not post this.)"
+        try:
+            extra = await _attachments(attach, discord.utils.DEFAULT_FILE_SIZE_LIMIT_BYTES)
+            extra.pop("view", None)  # its buttons act in a server, not in a direct message
+            direct = await self.client.create_dm(discord.Object(job.user_id))
+            message = await direct.send(content=limits.fit_content(content + note), **extra)
+        except (discord.Forbidden, discord.NotFound) as error:
+            raise Undeliverable(
+                f"the bot may not post it in <#{job.channel_id}> nor message you"
+            ) from error
+        return message.jump_url
 
     async def _end(self, job: Job, content: str) -> str | None:
         """The status message's last text (its Cancel button goes); a link to it, or None."""

@@ -321,12 +321,25 @@ def history_embed(jobs: list[Job]) -> discord.Embed:
         status = job.status.value
         if job.status is JobStatus.DONE and job.result_url:
             status = f"[result]({job.result_url})"
+        elif job.delivery_failure:
+            status = undelivered_text(job)
         embed.add_field(
             name=f"#{job.id}: {short(request.prompt, 200)}",
             value=f"{details}\n{status}",
             inline=False,
         )
     return limits.fit_embed(embed)
+
+
+def undelivered_text(job: Job) -> str:
+    """How a job ended, for a member who could not be told (it is kept for their history)."""
+    if job.status is JobStatus.DONE:
+        outcome = f"done: get it with `/music show job:{job.id}`"
+    elif job.error:
+        outcome = f"failed: {short(job.error, 300)}"
+    else:
+        outcome = job.status.value
+    return f"{outcome} (not delivered: {short(job.delivery_failure or '', 200)})"
 
 
 def settings_embed(settings: GuildSettings, rules: Rules, config: Config) -> discord.Embed:

@@ -141,7 +141,7 @@ def live_reply(job: Job) -> ReplyAddress | None:
     """The job's interaction webhook, while its token is good."""
     reply = job.reply
     now = discord.utils.utcnow().timestamp()
-    if reply is None or now >= reply.expires_at - EXPIRY_MARGIN:
+    if reply is None or reply.token is None or now >= reply.expires_at - EXPIRY_MARGIN:
         return None
     return reply
 

@@ -90,3 +90,8 @@ class QueueFull(GenerationError):
 
 class JobNotFound(GenerationError):
     """No live job has that id (it finished, or never existed)."""
+
+
+class Undeliverable(GenerationError):
+    """Nobody can be told how a job ended (the channel and the member's direct messages refuse
+    the bot); the message says why. The outcome is kept for the member's history."""

@@ -33,10 +33,10 @@ class JobStatus(StrEnum):
 class ReplyAddress:
     """Where a job's requester waits for the answer: a chat platform's interaction webhook
     (application id and token) and the message it answered with, usable until ``expires_at``
-    (a Unix time)."""
+    (a Unix time). Once the token is forgotten (None), the message can still be linked to."""
 
     application_id: int
-    token: str = field(repr=False)
+    token: str | None = field(repr=False)
     expires_at: float
     message_id: int
     #: The largest file that may be attached through it, in bytes.
@@ -73,6 +73,9 @@ class Job:
     #: When the retention policy deleted the job's result files, and the uploads it used.
     result_expired_at: float | None = None
     uploads_expired_at: float | None = None
+    #: Tries at delivering the outcome that failed; why it is kept undelivered, if it is.
+    delivery_attempts: int = 0
+    delivery_failure: str | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     #: Why ``cancel_event`` was set: "cancelled", "timeout" or "shutdown".
     stop_reason: str | None = None
@@ -154,6 +157,11 @@ class FairQueue:
         if job in self._held:
             self._held.remove(job)
         self._queues.setdefault(job.guild_id, deque()).append(job)
+
+    def put_back(self, jobs: Sequence[Job]) -> None:
+        """Return jobs taken to run (but never started) to the front of their queues."""
+        for job in reversed(jobs):
+            self._queues.setdefault(job.guild_id, deque()).appendleft(job)
 
     def check_room(self, guild_id: int, user_id: int, per_user: int | None = None) -> None:
         """Raise :class:`QueueFull` if the member or the server cannot queue another job.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -17,6 +18,8 @@ TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_P_RANGE = (0.0, 1.0)
 MAX_CFG_COEF = 20.0
 MAX_PROMPT_CHARS = 1000
+#: Control characters a prompt may hold: line breaks and tabs (forms and files have them).
+ALLOWED_CONTROLS = frozenset("\n\r\t")
 MAX_SEED = 2**32 - 1
 DEFAULT_MAX_DURATION = 120.0
 #: The released models' codebook size: the largest top_k.
@@ -109,6 +112,7 @@ def validate_request(
         raise InvalidOption(
             "prompt", f"The prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}."
         )
+    _check_prompt_characters(prompt)
     if not 0 < request.duration <= max_duration:
         raise InvalidOption("duration", f"Use more than 0 and at most {max_duration:g} seconds.")
     _check_range("temperature", request.temperature, *TEMPERATURE_RANGE)
@@ -131,6 +135,19 @@ def validate_request(
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
         raise InvalidOption("seed", f"Use a whole number from 0 to {MAX_SEED}.")
     _check_audio_inputs(request, spec)
+
+
+def _check_prompt_characters(prompt: str) -> None:
+    """Refuse control characters (a NUL breaks the MP3's tags) and lone surrogates (no UTF-8
+    can hold them), naming the first one and where it is."""
+    for position, character in enumerate(prompt, start=1):
+        kind = unicodedata.category(character)
+        if (kind == "Cc" and character not in ALLOWED_CONTROLS) or kind == "Cs":
+            raise InvalidOption(
+                "prompt",
+                f"The prompt has an invisible control character (U+{ord(character):04X}) at "
+                f"character {position}: remove it (line breaks and tabs are fine).",
+            )
 
 
 def _check_range(option: str, value: float, low: float, high: float) -> None:

@@ -92,7 +92,7 @@ class JobService:
                 log.info("job=%d event=requeued (running when the bot stopped)", job.id)
             self.queue.add(job)
         for job in await self.store.undelivered():
-            await self.worker.deliver(job)
+            self.worker.deliver_later(job)
         self.worker.queue_changed()
         self.worker.wake()
 

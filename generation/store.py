@@ -10,6 +10,7 @@ applies the retention policy; interaction tokens are cleared once they are of no
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import sqlite3
@@ -66,8 +67,20 @@ async def _store_uploads_once(db: aiosqlite.Connection) -> None:
         )
         pcm = np.frombuffer(samples, dtype="<f4").reshape(channels, -1)
         stored, digest = await asyncio.to_thread(_on_grid, AudioClip(pcm, sample_rate))
-        await _keep_upload(db, job_id, option, stored, digest)
+        await _keep_flac(db, stored, digest)
+        await db.execute("INSERT INTO job_uploads VALUES (?, ?, ?)", (job_id, option, digest))
     await db.execute("DROP TABLE uploads_v3")
+
+
+async def _keep_upload_lengths(db: aiosqlite.Connection) -> None:
+    """Version 7: each job's clip keeps its length, so a jam knows its turns' intros without
+    decoding them (and after the clips expire). Read from each stored FLAC's header."""
+    await db.execute("ALTER TABLE job_uploads ADD COLUMN seconds REAL")
+    for digest, flac in await db.execute_fetchall("SELECT hash, flac FROM uploads"):
+        info = await asyncio.to_thread(soundfile.info, io.BytesIO(flac))
+        await db.execute(
+            "UPDATE job_uploads SET seconds = ? WHERE hash = ?", (info.duration, digest)
+        )
 
 
 #: Each entry migrates the schema from version i to i + 1: a script, or a :data:`Migration`.
@@ -144,14 +157,23 @@ MIGRATIONS: tuple[str | Migration, ...] = (
         PRIMARY KEY (device, model, rows)
     );
     """,
+    _keep_upload_lengths,
+    # Deliveries tried and failed; why an outcome is kept for /music history undelivered.
+    """
+    ALTER TABLE jobs ADD COLUMN delivery_attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN delivery_failure TEXT;
+    """,
 )
 
 _AUDIO_OPTIONS = ("melody", "continuation")
 _FINISHED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-#: A finished job whose requester has been told: the retention policy may apply to it.
-_SETTLED = "status IN ('done', 'failed', 'cancelled') AND delivered = 1"
+#: A finished job whose requester has been told (or who could not be, so it was kept for
+#: their history): the retention policy may apply to it.
+_SETTLED = (
+    "status IN ('done', 'failed', 'cancelled') AND (delivered = 1 OR delivery_failure IS NOT NULL)"
+)
 
 
 class StoreError(GenerationError):
@@ -221,6 +243,16 @@ class Segment:
     position: int
     job_id: int
     user_id: int
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A jam's turn as its timeline and export need it: the job without its audio inputs,
+    and the length of the intro it carried on (0 for none; None if not known)."""
+
+    segment: Segment
+    job: Job
+    intro_seconds: float | None
 
 
 @dataclass(frozen=True)
@@ -367,7 +399,9 @@ class JobStore:
 
     async def mark_delivered(self, job: Job, result_url: str | None = None) -> None:
         """Record that the requester was told; their interaction token is forgotten."""
-        job.delivered, job.result_url, job.reply = True, result_url, None
+        job.delivered, job.result_url = True, result_url
+        if job.reply is not None:
+            job.reply = replace(job.reply, token=None)
         async with self._transaction():
             await self._db.execute(
                 "UPDATE jobs SET delivered = 1, result_url = ?, reply_token = NULL WHERE id = ?",
@@ -384,6 +418,25 @@ class JobStore:
             )
         return cursor.rowcount
 
+    async def count_failed_delivery(self, job: Job) -> None:
+        """Count a try at delivering ``job``'s outcome that failed."""
+        async with self._transaction():
+            await self._db.execute(
+                "UPDATE jobs SET delivery_attempts = delivery_attempts + 1 WHERE id = ?",
+                (job.id,),
+            )
+        job.delivery_attempts += 1
+
+    async def keep_undelivered(self, job: Job, reason: str) -> None:
+        """Stop trying to deliver ``job``'s outcome: it stays for the member's history (and
+        its interaction token is forgotten)."""
+        job.delivery_failure, job.reply = reason, None
+        async with self._transaction():
+            await self._db.execute(
+                "UPDATE jobs SET delivery_failure = ?, reply_token = NULL WHERE id = ?",
+                (reason, job.id),
+            )
+
     async def get(self, job_id: int) -> Job | None:
         rows = await self._jobs("WHERE id = ?", (job_id,))
         return rows[0] if rows else None
@@ -393,9 +446,11 @@ class JobStore:
         return await self._jobs("WHERE status IN ('queued', 'running') ORDER BY id", ())
 
     async def undelivered(self) -> list[Job]:
-        """Jobs that ended without their requester being told."""
+        """Jobs that ended without their requester being told, and are still to be."""
         return await self._jobs(
-            "WHERE status IN ('done', 'failed', 'cancelled') AND delivered = 0 ORDER BY id", ()
+            """WHERE status IN ('done', 'failed', 'cancelled') AND delivered = 0
+               AND delivery_failure IS NULL ORDER BY id""",
+            (),
         )
 
     async def history(self, guild_id: int, user_id: int, limit: int = 10) -> list[Job]:
@@ -462,11 +517,7 @@ class JobStore:
     ) -> Path:
         """Keep one take of a job's (normalised) audio, losslessly, for delivery and reuse."""
         path = self.result_path(job, take)
-        partial = path.with_suffix(".partial")
-        await asyncio.to_thread(
-            soundfile.write, partial, audio.T, sample_rate, format="FLAC", subtype="PCM_24"
-        )
-        partial.replace(path)  # a crash never leaves half a result under the real name
+        await asyncio.to_thread(_write_flac, path, audio, sample_rate)
         return path
 
     async def load_result(self, job: Job, take: int = 0) -> tuple[np.ndarray, int]:
@@ -698,6 +749,27 @@ class JobStore:
         )
         return [Segment(*row) for row in rows]
 
+    async def turns(self, thread_id: int) -> list[Turn]:
+        """A jam's turns in order, read in one query, without decoding any audio."""
+        rows = await self._db.execute_fetchall(
+            """SELECT jobs.*, jam_segments.position, jam_segments.user_id AS player,
+                   CASE WHEN job_uploads.job_id IS NULL THEN 0.0 ELSE job_uploads.seconds END
+                       AS intro_seconds
+               FROM jam_segments JOIN jobs ON jobs.id = jam_segments.job_id
+               LEFT JOIN job_uploads ON job_uploads.job_id = jobs.id
+                   AND job_uploads.option = 'continuation'
+               WHERE jam_segments.thread_id = ? ORDER BY jam_segments.position""",
+            (thread_id,),
+        )
+        return [
+            Turn(
+                Segment(row["position"], row["id"], row["player"]),
+                _job_from_row(row),
+                row["intro_seconds"],
+            )
+            for row in rows
+        ]
+
     # Internals
 
     def _transaction(self) -> _Transaction:
@@ -801,8 +873,17 @@ def _on_grid(clip: AudioClip) -> tuple[StoredClip, str]:
 async def _keep_upload(
     db: aiosqlite.Connection, job_id: int, option: str, stored: StoredClip, digest: str
 ) -> None:
-    """Make ``stored`` the job's ``option`` clip, storing its FLAC unless already there (in
-    the caller's transaction, so a prune cannot delete it in between)."""
+    """Make ``stored`` the job's ``option`` clip (see :func:`_keep_flac`)."""
+    await _keep_flac(db, stored, digest)
+    await db.execute(
+        "INSERT INTO job_uploads (job_id, option, hash, seconds) VALUES (?, ?, ?, ?)",
+        (job_id, option, digest, stored.seconds),
+    )
+
+
+async def _keep_flac(db: aiosqlite.Connection, stored: StoredClip, digest: str) -> None:
+    """Store ``stored``'s FLAC unless already there (in the caller's transaction, so a
+    prune cannot delete it before a job refers to it)."""
     known = await db.execute_fetchall("SELECT 1 FROM uploads WHERE hash = ?", (digest,))
     if not known:
         flac = await asyncio.to_thread(stored.flac)
@@ -810,7 +891,14 @@ async def _keep_upload(
             "INSERT INTO uploads (hash, exponent, flac) VALUES (?, ?, ?)",
             (digest, stored.exponent, flac),
         )
-    await db.execute("INSERT INTO job_uploads VALUES (?, ?, ?)", (job_id, option, digest))
+
+
+def _write_flac(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+    """Write a result whole or not at all, into its folder (made again if it was deleted)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    soundfile.write(partial, audio.T, sample_rate, format="FLAC", subtype="PCM_24")
+    partial.replace(path)  # a crash never leaves half a result under the real name
 
 
 def _request_json(request: GenerationRequest) -> str:
@@ -824,7 +912,7 @@ def _request_json(request: GenerationRequest) -> str:
 
 def _job_from_row(row: aiosqlite.Row) -> Job:
     reply = None
-    if row["reply_token"] is not None:
+    if row["reply_message_id"] is not None:  # kept after the token is forgotten, to link to
         reply = ReplyAddress(
             row["reply_application_id"],
             row["reply_token"],
@@ -852,6 +940,8 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
         result_url=row["result_url"],
         result_expired_at=row["result_expired_at"],
         uploads_expired_at=row["uploads_expired_at"],
+        delivery_attempts=row["delivery_attempts"],
+        delivery_failure=row["delivery_failure"],
     )
 
 

@@ -36,6 +36,10 @@ class StoredClip:
         return AudioClip(self.samples.astype(np.float32) * scale, self.sample_rate)
 
     @property
+    def seconds(self) -> float:
+        return self.samples.shape[-1] / self.sample_rate
+
+    @property
     def content_hash(self) -> str:
         """SHA-256 of the audio itself (rate, channels, samples): equal clips, equal hashes."""
         digest = hashlib.sha256(

@@ -9,6 +9,13 @@ is empty.
 Every step of a job is recorded in the store before anyone is told of it: a job is claimed
 before it runs, its result is saved before it is delivered, and it is marked delivered only
 once the listener has delivered it. A restart at any point can pick up from the store.
+
+Nothing after a job is taken leaves it hanging: a write the store refuses is tried again with
+back-off; a job that cannot be claimed goes back to the queue; a result that cannot be kept
+fails its job; an end the store never takes is told to the requester all the same (the store
+still has the job running, so it runs again after a restart). A delivery that fails is tried
+again with back-off, each try counted in the store, and kept for the member's history when
+nobody can be told.
 """
 
 from __future__ import annotations
@@ -17,15 +24,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .audio_output import normalise_loudness
 from .engine import CancelFlag, GenerationResult, ProgressCallback
-from .errors import GenerationCancelled, GenerationError
+from .errors import GenerationCancelled, GenerationError, Undeliverable
 from .estimates import Estimate, GenerationRates, forecast
 from .queue import FairQueue, Job, JobStatus
 from .request import GenerationRequest
@@ -33,6 +40,28 @@ from .scheduling import BatchPolicy, plan_batch
 from .store import JobStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The requester is told this when a track was made but could not be saved.
+NOT_KEPT = "The track was made but could not be saved on the bot's side; please try again."
+#: Kept as the reason when every try at a delivery failed.
+DELIVERY_FAILED = "it could not be delivered"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How to try again something that failed: ``tries`` in all, waiting ``first`` seconds
+    after the first failure, then twice as long each time, up to ``longest``."""
+
+    first: float = 1.0
+    longest: float = 30.0
+    tries: int = 8
+
+    def delays(self, tried: int = 0) -> Iterator[float]:
+        """The waits before each try left, when ``tried`` tries have already failed."""
+        for attempt in range(tried, self.tries - 1):
+            yield min(self.first * 2**attempt, self.longest)
 
 
 class Generator(Protocol):
@@ -57,9 +86,11 @@ class JobListener(Protocol):
     """Told of each job's life; the Discord layer implements it to talk to members.
 
     ``job_finished``, ``job_failed`` and ``job_cancelled`` deliver the outcome to the
-    requester and return a link to it, if there is one; if they raise, the outcome is
-    delivered again after the next restart. ``queue_moved`` hears every queued job's
-    position and ETA whenever they change; it runs on the event loop and must return at once.
+    requester and return a link to it, if there is one; if they raise, the delivery is tried
+    again later, unless they raise :class:`~generation.errors.Undeliverable` (nobody can be
+    told: the outcome is kept for the member's history).
+    ``queue_moved`` hears every queued job's position and ETA whenever they change; it
+    runs on the event loop and must return at once.
     """
 
     def queue_moved(self, estimates: Sequence[Estimate]) -> None: ...
@@ -81,6 +112,10 @@ class Worker:
         progress_interval: Least time between two progress reports for a job, in seconds.
         job_timeout: Longest a batch may run, in seconds; None for no limit.
         batch_policy: How jobs are grouped into batches.
+        store_retry: How a write the store refuses (a locked or read-only database, a full
+            disk) is tried again.
+        delivery_retry: How a delivery that fails is tried again (its tries are counted in
+            the store, across restarts).
     """
 
     def __init__(
@@ -93,6 +128,8 @@ class Worker:
         progress_interval: float = 5.0,
         job_timeout: float | None = None,
         batch_policy: BatchPolicy | None = None,
+        store_retry: Backoff = Backoff(first=0.5, longest=30.0, tries=8),
+        delivery_retry: Backoff = Backoff(first=10.0, longest=600.0, tries=6),
     ) -> None:
         self.generator = generator
         self.queue = queue
@@ -101,12 +138,16 @@ class Worker:
         self.progress_interval = progress_interval
         self.job_timeout = job_timeout
         self.batch_policy = batch_policy or BatchPolicy()
+        self.store_retry = store_retry
+        self.delivery_retry = delivery_retry
         self.rates = GenerationRates(generator.device)
         self.accepting = True
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
         self._task: asyncio.Task[None] | None = None
         self._reports: set[asyncio.Task[None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
+        #: Deliveries waiting to try again: a shutdown leaves them to the next start.
+        self._waiting: set[asyncio.Task] = set()
 
     @property
     def busy(self) -> bool:
@@ -136,6 +177,8 @@ class Worker:
                     log.info("job=%d event=stopped reason=shutdown (it will run again)", job.id)
                     job.stop("shutdown")
                 await self._task
+        for task in self._waiting:
+            task.cancel()
         if self._deliveries:
             await asyncio.gather(*self._deliveries, return_exceptions=True)
 
@@ -143,7 +186,7 @@ class Worker:
         """Cancel ``job``: a queued one leaves the queue now (returns True), a running one
         stops (returns False; the listener hears of it when its batch ends: at the next step
         when it runs alone, or when the other jobs in its batch are done)."""
-        if job.status is JobStatus.QUEUED:
+        if job.status is JobStatus.QUEUED and job not in self.queue.running:
             self.queue.remove(job)
             return True
         job.stop("cancelled")
@@ -191,25 +234,73 @@ class Worker:
     async def deliver(self, job: Job, results: list[GenerationResult] | None = None) -> None:
         """Tell the requester how ``job`` ended, and record that they were told.
 
+        A failed delivery is tried again after a while (see ``delivery_retry``); one that
+        failed every try, or that nobody can receive, is kept for the member's history.
         ``results`` (one per take) are read back from the store when not given (after a
         restart).
         """
         if self._reports:  # let progress edits land before the outcome replaces them
             await asyncio.gather(*self._reports, return_exceptions=True)
-        try:
-            if job.status is JobStatus.DONE:
-                if results is None:
-                    results = await self.stored_results(job)
-                url = await self.listener.job_finished(job, results)
-            elif job.status is JobStatus.CANCELLED:
-                url = await self.listener.job_cancelled(job)
-            else:
-                url = await self.listener.job_failed(job, GenerationError(job.error or ""))
-        except Exception:
-            log.exception("job=%d event=delivery-failed (retried after a restart)", job.id)
-            return
-        await self.store.mark_delivered(job, url)
+        delays = self.delivery_retry.delays(job.delivery_attempts)
+        while True:
+            try:
+                url = await self._tell(job, results)
+                break
+            except Undeliverable as refused:
+                log.warning("job=%d event=undeliverable reason=%r", job.id, str(refused))
+                await self._keep_undelivered(job, str(refused))
+                return
+            except Exception as error:
+                await self._write(
+                    "count-delivery", job, partial(self.store.count_failed_delivery, job)
+                )
+                delay = next(delays, None)
+                log.warning(
+                    "job=%d event=delivery-failed attempt=%d error=%r (%s)",
+                    job.id,
+                    job.delivery_attempts,
+                    error,
+                    "given up" if delay is None else f"trying again in {delay:g} s",
+                    exc_info=delay is None,
+                )
+                if delay is None:
+                    await self._keep_undelivered(job, DELIVERY_FAILED)
+                    return
+                if not await self._wait(delay):
+                    return  # shutting down: the next start delivers it
+        await self._write("mark-delivered", job, partial(self.store.mark_delivered, job, url))
         log.info("job=%d event=delivered status=%s", job.id, job.status.value)
+
+    async def _tell(self, job: Job, results: list[GenerationResult] | None) -> str | None:
+        if job.status is JobStatus.DONE:
+            if results is None:
+                results = await self.stored_results(job)
+            return await self.listener.job_finished(job, results)
+        if job.status is JobStatus.CANCELLED:
+            return await self.listener.job_cancelled(job)
+        return await self.listener.job_failed(job, GenerationError(job.error or ""))
+
+    async def _keep_undelivered(self, job: Job, reason: str) -> None:
+        await self._write(
+            "keep-undelivered", job, partial(self.store.keep_undelivered, job, reason)
+        )
+
+    async def _wait(self, delay: float) -> bool:
+        """Sleep ``delay`` seconds; False if a shutdown cut it short."""
+        if not self.accepting:
+            return False
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            if self.accepting:
+                raise
+            return False
+        finally:
+            self._waiting.discard(task)
+        return True
 
     async def stored_results(self, job: Job) -> list[GenerationResult]:
         """A finished job's takes, read back from the store.
@@ -244,11 +335,8 @@ class Worker:
         claimed: list[Job] = []
         outcomes: dict[int, list[GenerationResult]] = {}
         try:
-            for job in batch:
-                if await self.store.claim(job):
-                    claimed.append(job)
-                else:
-                    log.warning("job=%d event=skipped (not queued in the store)", job.id)
+            claimed = await self._claim(batch)
+            self.queue.running = claimed
             if not claimed:
                 return
             started_at = time.time()
@@ -270,6 +358,23 @@ class Worker:
         for job in claimed:
             if job.status is not JobStatus.QUEUED:  # stopped by shutdown: waits for the restart
                 self.deliver_later(job, outcomes.get(job.id))
+
+    async def _claim(self, batch: list[Job]) -> list[Job]:
+        """Mark the batch's jobs running in the store; those it will not take (after trying
+        again) go back to the front of the queue, to be tried again."""
+        claimed = []
+        for index, job in enumerate(batch):
+            try:
+                taken = await self._retrying("claim", job, partial(self.store.claim, job))
+            except Exception:
+                log.exception("job=%d event=not-claimed (queued again)", job.id)
+                self.queue.put_back(batch[index:])
+                break
+            if taken:
+                claimed.append(job)
+            else:
+                log.warning("job=%d event=skipped (not queued in the store)", job.id)
+        return claimed
 
     async def _generate(self, jobs: list[Job]) -> dict[int, list[GenerationResult]]:
         """Run the batch and record each job's outcome; returns the results of the jobs that
@@ -334,8 +439,8 @@ class Worker:
             takes, results = results[: job.takes], results[job.takes :]
             if job.stop_reason == "cancelled":  # while the rest of its batch went on
                 await self._stopped(job)
-            else:
-                outcomes[job.id] = await self._finished(job, takes)
+            elif (kept := await self._finished(job, takes)) is not None:
+                outcomes[job.id] = kept
         return outcomes
 
     async def _learn(self, results: list[GenerationResult]) -> None:
@@ -343,28 +448,43 @@ class Worker:
         first = results[0]
         model, rows = first.request.model, len(results)
         rate = self.rates.observe(model, rows, first.seconds, first.generation_seconds)
-        await self.store.save_generation_rate(self.rates.device, model, rows, rate)
+        try:
+            await self.store.save_generation_rate(self.rates.device, model, rows, rate)
+        except Exception:  # a nicety: the jobs' own records matter, and they are tried again
+            log.exception("model=%s event=rate-not-kept (known until the bot stops)", model)
 
-    async def _finished(self, job: Job, results: list[GenerationResult]) -> list[GenerationResult]:
-        """Normalise and keep each take, then record the job done."""
+    async def _finished(
+        self, job: Job, results: list[GenerationResult]
+    ) -> list[GenerationResult] | None:
+        """Normalise and keep each take, then record the job done; returns the takes, or
+        None when they could not be kept (the job failed)."""
         loop = asyncio.get_running_loop()
         normalised = []
-        for take, result in enumerate(results):
+        for result in results:
             audio = await loop.run_in_executor(
                 None, normalise_loudness, result.audio, result.sample_rate
             )
             normalised.append(replace(result, audio=audio))
-            await self.store.save_result(job, audio, result.sample_rate, take)
+        try:
+            for take, result in enumerate(normalised):
+                save = partial(self.store.save_result, job, result.audio, result.sample_rate, take)
+                await self._retrying("save-result", job, save)
+        except Exception as error:
+            log.error("job=%d event=result-not-kept", job.id, exc_info=error)
+            await self._end(job, JobStatus.FAILED, NOT_KEPT)
+            return None
         job.generation_seconds = results[0].generation_seconds
-        await self.store.finish(job, JobStatus.DONE)
+        await self._end(job, JobStatus.DONE)
         log.info("job=%d event=finished seconds=%.1f", job.id, job.generation_seconds)
         return normalised
 
     async def _stopped(self, job: Job) -> None:
         if job.stop_reason == "shutdown":
-            await self.store.requeue(job, count_attempt=False)
+            # If the store refuses, it still has the job running: it runs again all the same.
+            await self._write("requeue", job, partial(self.store.requeue, job, count_attempt=False))
+            job.status = JobStatus.QUEUED
         else:
-            await self.store.finish(job, JobStatus.CANCELLED)
+            await self._end(job, JobStatus.CANCELLED)
             log.info("job=%d event=cancelled while=running", job.id)
 
     async def _failed(self, job: Job, error: BaseException) -> None:
@@ -374,7 +494,40 @@ class Worker:
         else:
             log.error("job=%d event=failed error=crash", job.id, exc_info=error)
             message = "Something went wrong while generating; please try again."
-        await self.store.finish(job, JobStatus.FAILED, message)
+        await self._end(job, JobStatus.FAILED, message)
+
+    async def _end(self, job: Job, status: JobStatus, error: str | None = None) -> None:
+        """Record how ``job`` ended. If the store never takes it, the requester is told all
+        the same; the store still has the job running, so it runs again after a restart."""
+        await self._write("finish", job, partial(self.store.finish, job, status, error))
+        job.status, job.error = status, error
+
+    async def _write(self, what: str, job: Job, write: Callable[[], Awaitable[object]]) -> None:
+        """:meth:`_retrying`, logging a write that never succeeds instead of raising it."""
+        try:
+            await self._retrying(what, job, write)
+        except Exception:
+            log.exception("job=%d event=%s-not-recorded", job.id, what)
+
+    async def _retrying(self, what: str, job: Job, write: Callable[[], Awaitable[T]]) -> T:
+        """Await ``write()``, trying again with back-off while it fails (the
+        store refuses writes, the disk is full); the last failure is raised."""
+        delays = self.store_retry.delays()
+        while True:
+            try:
+                return await write()
+            except Exception as error:
+                delay = next(delays, None)
+                if delay is None:
+                    raise
+                log.warning(
+                    "job=%d event=%s-failed error=%r (trying again in %g s)",
+                    job.id,
+                    what,
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
 
     def _spawn(self, report: Awaitable[None]) -> None:
         task = asyncio.get_running_loop().create_task(self._guarded(report))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +16,8 @@ from scipy.signal import resample_poly
 from generation.audio_input import AudioLimits, decode_audio
 from generation.audio_output import (
     MP3_BITRATES,
+    OVERSAMPLING,
+    PEAK_BLOCK,
     TARGET_LOUDNESS,
     TRUE_PEAK_CEILING,
     encode_mp3,
@@ -23,6 +26,7 @@ from generation.audio_output import (
     normalise_loudness,
     pick_bitrate,
     request_tags,
+    true_peaks,
 )
 from generation.errors import OutputTooLarge
 from generation.request import GenerationRequest
@@ -110,6 +114,43 @@ def test_silence_and_very_short_clips_are_left_alone():
     assert np.array_equal(normalise_loudness(silence, SR), silence)
     blip = sine(0.1, 440.0)
     assert np.array_equal(normalise_loudness(blip, SR), blip)
+
+
+def music_with_clicks_at_block_edges(seconds: float) -> np.ndarray:
+    """Stereo noise with full-scale clicks on and around the edges of true-peak blocks."""
+    music = 0.1 * np.random.default_rng(2).standard_normal((2, int(seconds * SR)))
+    for edge in range(PEAK_BLOCK, music.shape[-1], PEAK_BLOCK):
+        for offset in (-12, -1, 0, 3):
+            music[:, edge + offset] = (-1.0) ** offset
+    return music.astype(np.float32)
+
+
+def test_true_peaks_measured_in_blocks_are_those_of_the_whole_track_oversampled():
+    music = music_with_clicks_at_block_edges(3.5)
+    upsampled = np.abs(resample_poly(music.astype(np.float64), OVERSAMPLING, 1, axis=-1))
+    per_sample = upsampled.max(axis=0).reshape(-1, OVERSAMPLING).max(axis=1)
+    # Each sample counts the signal between it and the previous one.
+    expected = np.maximum(per_sample, np.r_[per_sample[:1], per_sample[:-1]])
+    assert np.allclose(true_peaks(music), expected, rtol=1e-5, atol=1e-7)
+
+
+def peak_allocation(function, *args) -> int:
+    """The most memory ``function`` held at once, in bytes (numpy reports to tracemalloc)."""
+    tracemalloc.start()
+    try:
+        function(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_loudness_never_holds_an_oversampled_copy_of_the_track():
+    music = music_with_clicks_at_block_edges(30.0)
+    # The peaks (one float32 a sample) and one oversampled block, not the oversampled track
+    # (OVERSAMPLING times the track's size).
+    assert peak_allocation(true_peaks, music) < music.nbytes
+    # Besides the result, a few float32 copies of the track or one of its channels.
+    assert peak_allocation(normalise_loudness, music, SR) < 6 * music.nbytes
 
 
 def test_pick_bitrate_is_the_highest_that_fits():

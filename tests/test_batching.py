@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -139,3 +141,28 @@ def test_models_stay_loaded_within_the_memory_budget():
     tight.load("debug")
     tight.load("debug-stereo")
     assert tight.loaded_models == ("debug-stereo",)  # the least recently used went
+
+
+def test_switching_models_frees_the_old_weights_without_a_full_collection():
+    engine = MusicGenEngine(device="cpu")  # no memory budget: one model at a time
+    old = engine.load("debug")
+    engine.generate(replace(BASE, duration=0.1))
+    weights = [weakref.ref(tensor) for tensor in (*old.lm.parameters(), *old.lm.buffers())]
+    weights += [weakref.ref(tensor) for tensor in old.compression_model.parameters()]
+    del old  # the model sits in reference cycles: only its weights can be freed at once
+    started: list[int] = []
+
+    def record(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(info["generation"])
+
+    gc.disable()  # only collections the switch asks for are seen, not the interpreter's own
+    gc.callbacks.append(record)
+    try:
+        engine.load("debug-stereo")
+    finally:
+        gc.callbacks.remove(record)
+        gc.enable()
+    assert engine.loaded_models == ("debug-stereo",)
+    assert 2 not in started  # a full collection holds the GIL and stalls the event loop
+    assert all(weight() is None for weight in weights)

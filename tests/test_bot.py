@@ -413,3 +413,11 @@ def test_autocomplete_offers_at_most_25_short_choices():
     names = [job_choice(job, "someone with a long name " * 5) for job in matching_jobs(jobs, "")]
     assert len(names) == 25 and all(len(name) <= 100 for name in names)
     assert [job.id for job in matching_jobs(jobs, "#1")][:3] == [100, 19, 18]
+
+
+async def test_a_prompt_with_a_nul_byte_is_refused_before_it_is_queued(alice, channel):
+    refused = await alice.slash(channel, "music generate", prompt="lo-fi\x00 beat", duration=1.0)
+    assert "**prompt**" in private_reply(refused)
+    assert "U+0000" in private_reply(refused)
+    served = await alice.slash(channel, "music generate", prompt="lo-fi beat", duration=1.0)
+    assert outcome(served).attachments

@@ -304,3 +304,13 @@ def test_an_output_that_cannot_be_written_exits_before_generating(workdir, capsy
     assert err.startswith(f"musicgen-bot generate: error: --output: {says}")
     assert err.count("\n") == 1
     assert {p.name for p in workdir.iterdir()} == {"intro.wav", "melody.wav", "notes.txt", "sub"}
+
+
+def test_a_prompt_with_a_control_character_exits_naming_the_flag(workdir, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--model", "debug", "--prompt", "beat\x1b[31m", "--duration", "1"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--prompt" in err and "U+001B" in err
+    assert not list(workdir.glob("*.mp3"))

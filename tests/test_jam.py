@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import mutagen.id3
@@ -11,8 +12,18 @@ import simcord
 
 from generation.audio_input import AudioLimits, decode_audio
 from generation.store import JobStore
+from generation.stored_audio import StoredClip
 
-from .bot_helpers import buttons, fields, job_id, make_bot, mp3_of, outcome, private_reply, seconds
+from .bot_helpers import (
+    buttons,
+    fields,
+    job_id,
+    make_bot,
+    mp3_of,
+    outcome,
+    private_reply,
+    seconds,
+)
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
@@ -187,3 +198,71 @@ async def test_a_re_rolled_turn_is_another_take_the_jam_can_adopt(
     varied = outcome(await bob.click(first, label="Variations"))
     assert "(turn 1 of the jam): not a turn of the jam." in varied.embeds[0].description
     assert "Adopt as turn 1" not in [b for b in buttons(varied)]
+
+
+async def test_a_turn_delivered_after_its_token_expired_is_linked(
+    simcord_env, alice, bob, admin, channel
+):
+    thread = await start_jam(alice, channel)
+    first = await take_turn(alice, thread, "on time", length=1.0)
+    await admin.slash(channel, "music admin pause")
+    late = await bob.slash(thread, "music jam add", prompt="late", length=1.0)
+    await simcord_env.advance_time(21 * 60)  # past the token's 15 minutes: the bot prunes it
+    await alice.slash(thread, "music jam export")  # redraws the timeline from the store
+    status = f"https://discord.com/channels/{thread.guild.id}/{thread.id}/{late.response.id}"
+    assert timeline(thread)[-1].endswith(f"([job #{job_id(first) + 1}]({status})) (queued)")
+
+    await admin.slash(channel, "music admin resume")
+    (posted,) = [m for m in thread.history() if m.content.startswith(f"<@{bob.id}>")]
+    assert posted.attachments  # posted in the thread: the follow-up's token was dead
+    turn = f"2. <@{bob.id}>: *late* ([job #{job_id(posted)}]({posted.jump_url}))"
+    assert timeline(thread)[-1] == turn
+    await take_turn(alice, thread, "after", length=1.0)  # a redraw from the store
+    assert timeline(thread)[2] == turn
+
+
+async def test_the_timeline_and_the_export_decode_no_intro(alice, bob, admin, channel, monkeypatch):
+    thread = await start_jam(alice, channel)
+    await take_turn(alice, thread, "piano", length=1.0)
+    await take_turn(bob, thread, "drums", length=1.0)  # its intro is kept in the store
+    decoded = []  # every stored clip read back goes through StoredClip.from_flac
+    from_flac = StoredClip.from_flac.__func__
+
+    def counted(cls, data, exponent):
+        decoded.append(len(data))
+        return from_flac(cls, data, exponent)
+
+    monkeypatch.setattr(StoredClip, "from_flac", classmethod(counted))
+    await admin.slash(channel, "music admin pause")
+    waiting = await alice.slash(thread, "music jam add", prompt="bass", length=1.0)
+    assert "Turn 3 of the jam" in waiting.response.content
+    assert timeline(thread)[-1].endswith("(queued)")  # redrawn
+    exported = await bob.slash(thread, "music jam export")
+    assert seconds(await mp3_of(exported.response)) == pytest.approx(2.0, abs=0.1)
+    await admin.slash(channel, "music admin resume")
+    assert timeline(thread)[-1].endswith(f"({link(outcome(waiting))})")
+    assert decoded == []
+
+
+async def test_two_quick_starts_open_no_more_jams_than_allowed(
+    simcord_env, database, alice, channel, monkeypatch
+):
+    await simcord_env.restart_bot(make_bot(database, jams={"max_open_per_user": 1}))
+    # SimCord runs one command at a time: take two, then run them at once, as two quick
+    # presses run on a busy bot.
+    cog = simcord_env.bot.get_cog("Jams")
+    taken, start = [], type(cog).start
+
+    async def take(self, interaction, title):
+        taken.append((interaction, title))
+
+    monkeypatch.setattr(type(cog), "start", take)
+    await alice.slash(channel, "music jam start", title="one")
+    await alice.slash(channel, "music jam start", title="two")
+    results = await asyncio.gather(
+        *(start(cog, interaction, title) for interaction, title in taken), return_exceptions=True
+    )
+    await simcord_env.settle()
+    assert [thread.name for thread in channel.threads] == ["one"]
+    assert results[0] is None
+    assert str(results[1]).startswith("You have 1 open jams here (")

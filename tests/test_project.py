@@ -84,3 +84,84 @@ def test_dev_uses_the_uv_on_path_and_never_the_system_pip(tmp_path):
         f"sync --locked --quiet --project {ROOT}",
         f"run --locked --no-sync --project {ROOT} pytest -q",
     ]
+
+
+def _stub(path: Path, script: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+
+
+def _project_without_uv(tmp_path: Path, python3: str) -> Path:
+    """A copy of ./dev (so the real .tools stays untouched), and beside it a PATH folder with
+    no uv: only the shell tools ./dev uses and ``python3``, a stub running ``python3``."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy2(ROOT / "dev", project / "dev")
+    path = tmp_path / "path"
+    path.mkdir()
+    for tool in ("dirname", "rm", "mkdir", "cp", "chmod"):
+        (path / tool).symlink_to(shutil.which(tool))
+    _stub(path / "python3", python3)
+    return project
+
+
+def _run_dev(project: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(project / "dev"), "pytest", "-q"],
+        env={"PATH": str(project.parent / "path"), "HOME": str(project.parent)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_dev_without_uv_installs_the_pinned_uv_into_a_private_venv(tmp_path):
+    # Stubs that record their calls: python3 makes a venv whose python's pip installs a uv.
+    calls = tmp_path / "calls"
+    uv, python = tmp_path / "stubs" / "uv", tmp_path / "stubs" / "python"
+    _stub(uv, f'echo "$0 $*" >> "{calls}"\n')
+    _stub(
+        python,
+        f'echo "$0 $*" >> "{calls}"\n'
+        f'[ "$1 $2 $3" = "-m pip install" ] && cp "{uv}" "$(dirname "$0")/uv"\n',
+    )
+    python3 = (
+        f'echo "python3 $*" >> "{calls}"\n'
+        '[ "$1 $2" = "-m venv" ] || exit 1\n'
+        "for venv; do :; done\n"  # the last argument
+        f'mkdir -p "$venv/bin" && cp "{python}" "$venv/bin/python"\n'
+    )
+    project = _project_without_uv(tmp_path, python3)
+    result = _run_dev(project)
+    assert result.returncode == 0, result.stderr
+    tools = project / ".tools" / "uv"
+    uv_version = re.search(r'"uv==([\d.]+)"', (ROOT / "dev").read_text()).group(1)
+    uv_runs = [
+        f"{tools}/bin/uv sync --locked --quiet --project {project}",
+        f"{tools}/bin/uv run --locked --no-sync --project {project} pytest -q",
+    ]
+    assert calls.read_text().splitlines() == [
+        f"python3 -m venv --clear {tools}",
+        f"{tools}/bin/python -m pip install --quiet --disable-pip-version-check uv=={uv_version}",
+        *uv_runs,
+    ]
+    assert f"installing uv into {tools}" in result.stderr
+    # Installed once: the next run goes straight to it.
+    calls.unlink()
+    result = _run_dev(project)
+    assert result.returncode == 0, result.stderr
+    assert calls.read_text().splitlines() == uv_runs
+
+
+def test_dev_without_uv_or_venv_says_what_to_install(tmp_path):
+    calls = tmp_path / "calls"
+    python3 = f'echo "python3 $*" >> "{calls}"\necho "No module named venv" >&2\nexit 1\n'
+    project = _project_without_uv(tmp_path, python3)
+    result = _run_dev(project)
+    assert result.returncode != 0
+    assert calls.read_text().splitlines() == [f"python3 -m venv --clear {project}/.tools/uv"]
+    assert "./dev: python3 cannot create a virtual environment." in result.stderr
+    assert "sudo apt install python3-venv" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (project / ".tools" / "uv").exists()

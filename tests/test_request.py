@@ -41,6 +41,8 @@ def test_defaults_match_the_musicgen_command_line():
         {"duration": 0.5},
         {"seed": 0},
         {"prompt": "x" * 1000},
+        {"prompt": "verse\nchorus\r\n\tbridge"},
+        {"prompt": "café ☕ 音楽"},
     ],
 )
 def test_values_at_the_edges_of_their_ranges_are_accepted(changes):
@@ -73,6 +75,15 @@ def test_out_of_range_values_are_rejected_naming_the_option(changes, option):
     with pytest.raises(InvalidOption) as caught:
         validate_request(replace(BASE, **changes), CATALOGUE["debug"])
     assert caught.value.option == option
+
+
+@pytest.mark.parametrize("character", ["\x00", "\x1b", "\x7f", "\x85", "\ud800"])
+def test_a_prompt_with_a_control_character_is_refused_saying_where(character):
+    with pytest.raises(InvalidOption) as caught:
+        validate_request(replace(BASE, prompt=f"lo-fi{character} beat"), CATALOGUE["debug"])
+    assert caught.value.option == "prompt"
+    assert f"U+{ord(character):04X}" in str(caught.value)
+    assert "at character 6: remove it" in str(caught.value)
 
 
 def test_max_duration_is_configurable():

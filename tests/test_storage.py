@@ -13,7 +13,7 @@ import pytest
 from bot.cli import main
 from bot.log_redaction import redact_logs
 
-from .bot_helpers import job_id, make_bot, private_reply
+from .bot_helpers import job_id, make_bot, outcome, private_reply
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
@@ -55,12 +55,12 @@ async def test_re_rolls_of_a_job_with_a_melody_add_the_melody_once(
         duration=1.0,
         melody=("melody.wav", melody),
     )
-    original = first.response
+    original = outcome(first)
     assert original.attachments, original.content
     before = database_bytes(database)
     for _ in range(3):
         clicked = await alice.click(original, custom_id=f"musicgen:reroll:{job_id(original)}")
-        assert clicked.response.attachments, clicked.response.content
+        assert outcome(clicked).attachments, clicked.response.content
     assert query(database, "SELECT COUNT(*) FROM uploads") == [(1,)]
     assert query(database, "SELECT COUNT(DISTINCT hash), COUNT(*) FROM job_uploads") == [(1, 4)]
     # 4 s of stereo float32 PCM (1 MiB) was stored again for each re-roll before.
@@ -92,7 +92,7 @@ async def test_tokens_leave_the_database_and_never_reach_the_logs(
     delivered = [m for m in channel.history() if m.attachments]
     assert delivered and late.response.content.startswith("Queued")
     on_time = await alice.slash(channel, "music generate", prompt="in time", duration=1.0)
-    assert on_time.response.attachments  # through the interaction's webhook
+    assert outcome(on_time).attachments  # through the interaction's webhook
     assert query(database, "SELECT reply_token FROM jobs WHERE reply_token IS NOT NULL") == []
     assert token not in caplog.text
     assert "not-a-real-token" not in caplog.text
@@ -101,7 +101,8 @@ async def test_tokens_leave_the_database_and_never_reach_the_logs(
 
 async def test_show_says_when_a_track_expired(simcord_env, alice, channel, database, tmp_path):
     result = await alice.slash(channel, "music generate", prompt="short-lived", duration=1.0)
-    number = job_id(result.response)
+    track = outcome(result)
+    number = job_id(track)
     await prune(tmp_path, database, "keep_results_days = 0.000001")
     assert not list((tmp_path / "bot-results").glob(f"{number}*.flac"))
     await simcord_env.restart_bot(make_bot(database))
@@ -114,8 +115,8 @@ async def test_show_says_when_a_track_expired(simcord_env, alice, channel, datab
     history = await alice.slash(channel, "music history")
     assert f"#{number}: short-lived" in [field.name for field in history.response.embeds[0].fields]
     # Re-roll needs only the request: it still works.
-    clicked = await alice.click(result.response, custom_id=f"musicgen:reroll:{number}")
-    assert clicked.response.attachments
+    clicked = await alice.click(track, custom_id=f"musicgen:reroll:{number}")
+    assert outcome(clicked).attachments
 
 
 @pytest.mark.parametrize(

@@ -266,8 +266,11 @@ async def test_version_3_uploads_move_to_the_shared_store(tmp_path):
     connection = sqlite3.connect(path)
     assert connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
-    connection.close()
     assert "uploads_v3" not in tables
+    # Each job's clip knows its length, read from the FLAC's header (for jams' intros).
+    lengths = dict(connection.execute("SELECT job_id, seconds FROM job_uploads"))
+    connection.close()
+    assert lengths == {1: 3.0, 2: 3.0, 3: 2.0}
 
 
 def stored_tokens(path) -> dict[int, str | None]:
@@ -287,7 +290,7 @@ async def test_tokens_are_forgotten_once_delivered_or_expired(store, tmp_path):
     delivered, waiting, expired = jobs
     await store.finish(delivered, JobStatus.DONE)
     await store.mark_delivered(delivered)
-    assert delivered.reply is None
+    assert delivered.reply.token is None
     assert await store.clear_expired_tokens(now) == 1
     assert stored_tokens(tmp_path / "bot.sqlite3") == {
         delivered.id: None,
@@ -295,6 +298,11 @@ async def test_tokens_are_forgotten_once_delivered_or_expired(store, tmp_path):
         expired.id: None,
     }
     assert (await store.get(waiting.id)).reply.token == f"token-{waiting.id}"
+    # The message each job answered with stays, to link to.
+    for job in (delivered, expired):
+        assert (await store.get(job.id)).reply == ReplyAddress(
+            9, None, job.reply.expires_at, 5, 1024
+        )
 
 
 async def finished(store, request=REQUEST, *, delivered=True, days_ago=0.0, takes=1) -> Job:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -12,12 +13,12 @@ import pytest
 
 from generation.audio_output import normalise_loudness
 from generation.engine import GenerationResult
-from generation.errors import GenerationError
+from generation.errors import GenerationError, Undeliverable
 from generation.estimates import Estimate
 from generation.queue import FairQueue, Job, JobStatus
 from generation.request import GenerationRequest
 from generation.store import JobStore
-from generation.worker import Worker
+from generation.worker import DELIVERY_FAILED, Backoff, Worker
 
 REQUEST = GenerationRequest(prompt="lo-fi", model="debug", duration=1.0, seed=1)
 
@@ -289,3 +290,171 @@ async def test_requests_sent_together_to_an_idle_worker_share_the_first_batch(
         worker.wake()
     await worker.join()
     assert {job.started_at for job in [first, *later]} == {first.started_at}
+
+
+#: Quick retries, so a test sees a store come back (or not) in well under a second.
+QUICK = Backoff(first=0.02, longest=0.1, tries=20)
+
+
+class ReadOnlyOnStart(Recorder):
+    """Makes the database refuse every write as a job starts, for ``seconds``."""
+
+    def __init__(self, store: JobStore, seconds: float) -> None:
+        super().__init__()
+        self.store = store
+        self.seconds = seconds
+        self.reopening: list[asyncio.Task] = []
+
+    async def job_started(self, job: Job) -> None:
+        await super().job_started(job)
+        await refuse_writes(self.store, self.seconds, self.reopening)
+
+
+async def refuse_writes(store: JobStore, seconds: float, reopening: list[asyncio.Task]) -> None:
+    """The real store, made to refuse writes as a read-only database does, for a while."""
+    await store._db.execute("PRAGMA query_only = ON")
+
+    async def allow_later() -> None:
+        await asyncio.sleep(seconds)
+        await store._db.execute("PRAGMA query_only = OFF")
+
+    reopening.append(asyncio.get_running_loop().create_task(allow_later()))
+
+
+async def test_a_job_whose_end_the_database_refuses_is_recorded_once_it_takes_writes_again(
+    engine, queue, store, submit
+):
+    listener = ReadOnlyOnStart(store, seconds=0.3)
+    worker = Worker(engine, queue, store, listener, store_retry=QUICK)
+    first, second = await submit(), await submit()
+    worker.wake()
+    await worker.join()
+    await worker.stop(grace=60)
+    worker.close()
+    for job in (first, second):  # the worker kept serving
+        stored = await store.get(job.id)
+        assert (stored.status, stored.delivered) == (JobStatus.DONE, True)
+        assert ("finished", job.id) in listener.events
+    assert (await store.load_result(first)) is not None
+
+
+async def test_a_job_whose_end_is_never_recorded_is_still_told_and_the_worker_goes_on(
+    engine, queue, store, submit
+):
+    listener = ReadOnlyOnStart(store, seconds=0.5)
+    worker = Worker(engine, queue, store, listener, store_retry=Backoff(0.01, 0.01, tries=3))
+    job = await submit()
+    worker.wake()
+    await worker.join()
+    await asyncio.gather(*listener.reopening)
+    listener.seconds = 0.0
+    later = await submit()
+    worker.wake()
+    await worker.join()
+    await worker.stop(grace=60)
+    worker.close()
+    assert ("finished", job.id) in listener.events  # told, though the store could not say so
+    assert (await store.get(job.id)).status is JobStatus.RUNNING  # so a restart runs it again
+    assert ("finished", later.id) in listener.events
+    assert (await store.get(later.id)).status is JobStatus.DONE
+
+
+async def test_a_job_the_store_will_not_claim_for_a_while_waits_then_runs_once(
+    worker, queue, store, recorder, submit
+):
+    worker.store_retry = QUICK
+    job = await submit()
+    reopening: list[asyncio.Task] = []
+    await refuse_writes(store, 0.3, reopening)
+    worker.wake()
+    await worker.join()
+    await worker.stop(grace=60)
+    stored = await store.get(job.id)
+    assert (stored.status, stored.attempts, stored.delivered) == (JobStatus.DONE, 1, True)
+    assert queue.runnable() == []
+
+
+async def test_a_job_the_store_never_claims_goes_back_to_the_queue(
+    worker, queue, store, recorder, submit
+):
+    worker.store_retry = Backoff(0.01, 0.01, tries=2)
+    job = await submit()
+    reopening: list[asyncio.Task] = []
+    await refuse_writes(store, 60.0, reopening)
+    queue.take([job])  # one batch, as the worker's loop runs it
+    await worker._run([job])
+    assert queue.runnable() == [job]
+    assert job.status is JobStatus.QUEUED
+    assert recorder.events == []
+    await store._db.execute("PRAGMA query_only = OFF")
+    reopening[0].cancel()
+    worker.wake()
+    await worker.join()
+    await worker.stop(grace=60)
+    assert (await store.get(job.id)).status is JobStatus.DONE
+
+
+async def test_a_deleted_results_folder_is_made_again(worker, store, recorder, submit):
+    job = await submit()
+    shutil.rmtree(store.results)
+    worker.wake()
+    await worker.join()
+    await worker.stop(grace=60)
+    assert ("finished", job.id) in recorder.events
+    assert (await store.get(job.id)).delivered
+    assert store.result_path(job).exists()
+
+
+class FailsToDeliver(Recorder):
+    """Delivering fails ``times`` times (Discord is down), then works."""
+
+    def __init__(self, times: int, error: Exception) -> None:
+        super().__init__()
+        self.times = times
+        self.error = error
+
+    async def job_finished(self, job: Job, results: list[GenerationResult]) -> str:
+        if self.times:
+            self.times -= 1
+            raise self.error
+        return await super().job_finished(job, results)
+
+
+async def deliver_with(engine, queue, store, submit, listener) -> Job:
+    worker = Worker(engine, queue, store, listener, delivery_retry=replace(QUICK, tries=4))
+    job = await submit()
+    worker.wake()
+    await worker.join()
+    while worker._deliveries:
+        await asyncio.sleep(0.01)
+    await worker.stop(grace=60)
+    worker.close()
+    stored = await store.get(job.id)
+    assert stored is not None
+    return stored
+
+
+async def test_a_failed_delivery_is_tried_again_and_each_try_counted(engine, queue, store, submit):
+    listener = FailsToDeliver(2, ConnectionError("Discord is down"))
+    job = await deliver_with(engine, queue, store, submit, listener)
+    assert ("finished", job.id) in listener.events
+    assert (job.delivered, job.delivery_attempts, job.delivery_failure) == (True, 2, None)
+
+
+async def test_a_delivery_that_always_fails_is_given_up_and_kept_for_history(
+    engine, queue, store, submit
+):
+    listener = FailsToDeliver(100, ConnectionError("Discord is down"))
+    job = await deliver_with(engine, queue, store, submit, listener)
+    assert (job.delivered, job.delivery_attempts) == (False, 4)
+    assert job.delivery_failure == DELIVERY_FAILED
+    assert await store.undelivered() == []  # no restart tries it again
+
+
+async def test_an_outcome_nobody_can_receive_is_kept_for_history_at_once(
+    engine, queue, store, submit
+):
+    listener = FailsToDeliver(100, Undeliverable("the channel and direct messages refuse it"))
+    job = await deliver_with(engine, queue, store, submit, listener)
+    assert (job.delivered, job.delivery_attempts) == (False, 0)
+    assert job.delivery_failure == "the channel and direct messages refuse it"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import weakref
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from generation.models import resolve_model
 from generation.origin import Origin, OriginKind
 from generation.queue import Job, JobStatus
 from generation.request import WINDOW_SECONDS, GenerationRequest
-from generation.store import Jam, Segment
+from generation.store import Expired, Jam, Turn
 
 from .. import limits, presentation
 from ..access import Rules, may_manage
@@ -85,6 +86,11 @@ class Jams(commands.Cog):
         self.store = bot.service.store
         self.commands = JamCommands(self)
         self._turns: dict[int, asyncio.Lock] = {}  # one turn taken at a time per jam
+        #: One start at a time per (server, member), so the bound on open jams holds; a
+        #: lock goes once no start holds or awaits it.
+        self._starts: weakref.WeakValueDictionary[tuple[int, int], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     @property
     def music(self) -> Music:
@@ -101,15 +107,17 @@ class Jams(commands.Cog):
         if not isinstance(channel, discord.TextChannel):
             raise GenerationError("Start a jam in a text channel, not in a thread.")
         await self.bot.access.check(interaction, threads=True)
-        await self._check_open_jams(channel.guild, interaction.user.id)
-        title = title or f"Jam by {interaction.user.display_name}"
-        thread = await channel.create_thread(
-            name=title, type=discord.ChannelType.public_thread, auto_archive_duration=1440
-        )
-        jam = Jam(thread.id, channel.guild.id, channel.id, interaction.user.id, title)
-        timeline = await thread.send(presentation.jam_timeline(jam, []))
-        jam = replace(jam, timeline_message_id=timeline.id)
-        await self.store.add_jam(jam)
+        member = (channel.guild.id, interaction.user.id)
+        async with self._starts.setdefault(member, asyncio.Lock()):
+            await self._check_open_jams(channel.guild, interaction.user.id)
+            title = title or f"Jam by {interaction.user.display_name}"
+            thread = await channel.create_thread(
+                name=title, type=discord.ChannelType.public_thread, auto_archive_duration=1440
+            )
+            jam = Jam(thread.id, channel.guild.id, channel.id, interaction.user.id, title)
+            timeline = await thread.send(presentation.jam_timeline(jam, []))
+            jam = replace(jam, timeline_message_id=timeline.id)
+            await self.store.add_jam(jam)
         log.info("jam=%d event=started guild=%d", thread.id, jam.guild_id)
         await interaction.response.send_message(
             f"Jam **{title}** started in {thread.mention}: take turns there with "
@@ -135,7 +143,7 @@ class Jams(commands.Cog):
     async def add(self, interaction: discord.Interaction, prompt: str, length: float) -> None:
         jam = await self._jam(interaction)
         async with self._turns.setdefault(jam.thread_id, asyncio.Lock()):
-            turns = await self._turns_of(jam)
+            turns = await self.store.turns(jam.thread_id)
             latest = self._latest_finished(turns)
             rules = await self.bot.access.rules(jam.guild_id)
             number = len(turns) + 1
@@ -179,16 +187,23 @@ class Jams(commands.Cog):
     async def export(self, interaction: discord.Interaction, with_segments: bool) -> None:
         jam = await self._jam(interaction)
         await self.bot.access.check(interaction)
-        turns = [job for _, job in await self._turns_of(jam) if job.status is JobStatus.DONE]
-        if not turns:
+        done = [
+            turn
+            for turn in await self.store.turns(jam.thread_id)
+            if turn.job.status is JobStatus.DONE
+        ]
+        if not done:
             raise GenerationError("Nothing to export yet: take a turn with `/music jam add`.")
         await interaction.response.defer(thinking=True)
+        turns = [turn.job for turn in done]
         parts: list[tuple[Job, np.ndarray, float]] = []
         sample_rate = 0
-        for job in turns:
+        for turn in done:
+            job = turn.job
             audio, sample_rate = await self.store.load_result(job)
-            intro = job.request.continuation.seconds if job.request.continuation else 0.0
-            parts.append((job, audio, intro))
+            if turn.intro_seconds is None:  # its clip expired before lengths were kept
+                raise Expired.uploads(job)
+            parts.append((job, audio, turn.intro_seconds))
         track = await asyncio.to_thread(
             stitch, [(audio, intro) for _, audio, intro in parts], sample_rate
         )
@@ -216,7 +231,9 @@ class Jams(commands.Cog):
         for first in range(0, len(parts), FILES_PER_MESSAGE):
             batch = parts[first : first + FILES_PER_MESSAGE]
             files = []
-            for number, (job, audio, intro) in enumerate(batch, start=first + 1):
+            for number, (part, audio, intro) in enumerate(batch, start=first + 1):
+                # Its tags hash its intro: only a turn's own file needs the intro decoded.
+                job = await self.store.get(part.id) or part
                 data, _ = await asyncio.to_thread(
                     _encode_part,
                     job,
@@ -293,25 +310,18 @@ class Jams(commands.Cog):
             )
         return jam
 
-    async def _turns_of(self, jam: Jam) -> list[tuple[Segment, Job]]:
-        turns = []
-        for segment in await self.store.segments(jam.thread_id):
-            job = await self.store.get(segment.job_id)
-            if job is not None:
-                turns.append((segment, job))
-        return turns
-
     @staticmethod
-    def _latest_finished(turns: list[tuple[Segment, Job]]) -> Job | None:
+    def _latest_finished(turns: list[Turn]) -> Job | None:
         """The turn to carry on: the latest that finished (failed turns are skipped).
 
         Raises:
             GenerationError: the latest turn is still being made; members take turns.
         """
-        for segment, job in reversed(turns):
+        for turn in reversed(turns):
+            job = turn.job
             if job.status in LIVE:
                 raise GenerationError(
-                    f"Turn {segment.position} by <@{job.user_id}> is still being made: wait "
+                    f"Turn {turn.segment.position} by <@{job.user_id}> is still being made: wait "
                     "for it, then carry it on."
                 )
             if job.status is JobStatus.DONE:
@@ -322,8 +332,8 @@ class Jams(commands.Cog):
         if jam.timeline_message_id is None:
             return
         turns = [
-            (segment, ended if ended is not None and job.id == ended.id else job)
-            for segment, job in await self._turns_of(jam)
+            (turn.segment, ended if ended is not None and turn.job.id == ended.id else turn.job)
+            for turn in await self.store.turns(jam.thread_id)
         ]
         content = presentation.jam_timeline(jam, turns)
         message = self.bot.get_partial_messageable(
