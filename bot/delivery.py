@@ -85,25 +85,46 @@ class JobReporter:
 
     async def job_finished(self, job: Job, results: list[GenerationResult]) -> str | None:
         content = f"<@{job.user_id}>, your track{'s are' if len(results) > 1 else ' is'} ready."
-        try:
-            url = await self._announce(job, content, partial(result_message, job, results))
-        except OutputTooLarge as error:
-            url = await self._announce(job, f"<@{job.user_id}>, job #{job.id} is done, but {error}")
-        self._ended(job, url)
-        await self._end(job, presentation.outcome_text(job, "is ready", url))
-        return url
+
+        async def announce() -> str:
+            try:
+                return await self._announce(job, content, partial(result_message, job, results))
+            except OutputTooLarge as error:
+                return await self._announce(
+                    job, f"<@{job.user_id}>, job #{job.id} is done, but {error}"
+                )
+
+        return await self._outcome(job, announce(), "is ready")
 
     async def job_failed(self, job: Job, error: GenerationError) -> str | None:
-        url = await self._announce(job, f"<@{job.user_id}>, job #{job.id} failed: {error}")
-        self._ended(job, url)
-        await self._end(job, presentation.outcome_text(job, "failed", url))
-        return url
+        failed = self._announce(job, f"<@{job.user_id}>, job #{job.id} failed: {error}")
+        return await self._outcome(job, failed, "failed")
 
     async def job_cancelled(self, job: Job) -> str | None:
         url = await self._end(job, f"Job #{job.id} was cancelled.")
         if url is None:  # its status message cannot be edited any more
             url = await self._announce(job, f"<@{job.user_id}>, job #{job.id} was cancelled.")
         self._ended(job, url)
+        return url
+
+    async def _outcome(self, job: Job, announced: Awaitable[str], verb: str) -> str:
+        """Await the outcome's announcement, then point the status message to it.
+
+        If it cannot be announced, what is known of the status message is dropped (a retry
+        starts afresh); when nobody can receive it, the cogs still hear that the job ended.
+        """
+        try:
+            url = await announced
+        except Undeliverable:
+            self._ended(job, None)
+            await self._end(job, f"Job #{job.id} {verb}; find it with `/music history`.")
+            raise
+        except BaseException:
+            self._notes.pop(job.id, None)
+            self.status.forget(job)
+            raise
+        self._ended(job, url)
+        await self._end(job, presentation.outcome_text(job, verb, url))
         return url
 
     def _ended(self, job: Job, url: str | None) -> None:

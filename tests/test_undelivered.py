@@ -73,6 +73,12 @@ async def test_an_outcome_nobody_can_receive_is_kept_for_history(
         message="Cannot send messages to this user",
         times=None,
     )
+    ended = []  # the cogs (a jam's timeline) still hear that the job ended
+
+    async def on_job_ended(job):
+        ended.append(job.id)
+
+    simcord_env.bot.add_listener(on_job_ended)
     await generate_after_the_token_expired(
         simcord_env, quiet, alice, admin, "kept", send_messages=True
     )
@@ -82,6 +88,7 @@ async def test_an_outcome_nobody_can_receive_is_kept_for_history(
     number = int(entry.name.split(":")[0].removeprefix("#"))
     assert f"get it with `/music show job:{number}`" in entry.value
     assert "not delivered" in entry.value and f"<#{quiet.id}>" in entry.value
+    assert ended == [number]
     shown = await alice.slash(channel, "music show", job=number)
     assert shown.response.attachments and job_id(shown.response) == number
     store = await JobStore.open(database)
