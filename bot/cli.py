@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from generation import cli as generation_cli
 from generation.retention import Retention
 
-from .config import TOKEN_VARIABLE, ConfigError, load_config
+from .config import TOKEN_VARIABLE, Config, ConfigError, load_config
 from .log_redaction import redact_logs
 
 if TYPE_CHECKING:
@@ -49,23 +49,13 @@ def add_run_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "run", help="start the Discord bot", description="Start the Discord bot."
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        required=True,
-        metavar="FILE",
-        help="the TOML configuration (see config.example.toml); "
-        "relative paths in it are relative to this file",
-    )
+    _add_config_argument(parser)
     parser.set_defaults(handler=run_bot, command_parser=parser)
 
 
 def run_bot(args: argparse.Namespace) -> int:
     """Start the bot and run until it is stopped (Ctrl+C or SIGTERM)."""
-    try:
-        config = load_config(args.config)
-    except ConfigError as error:
-        args.command_parser.error(f"--config: {error}")
+    config = _load_config(args)
     if not config.discord.token:
         print(no_token_message(args.config), end="", file=sys.stderr)
         return 2
@@ -115,6 +105,26 @@ def _setup_logging() -> None:
     discord.VoiceClient.warn_dave = False
 
 
+def _add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the TOML configuration (see config.example.toml); "
+        "relative paths in it are relative to this file",
+    )
+
+
+def _load_config(args: argparse.Namespace) -> Config:
+    """The ``--config`` file's configuration; a bad one ends the command (exit 2) with one
+    line naming it."""
+    try:
+        return load_config(args.config)
+    except ConfigError as error:
+        args.command_parser.error(f"--config: {error}")
+
+
 def _fail(message: str) -> int:
     print(f"musicgen-bot: error: {message}", file=sys.stderr)
     return 1
@@ -128,22 +138,13 @@ def add_prune_command(commands: argparse._SubParsersAction) -> None:
         "settings allow, and expired interaction tokens (the running bot also does it on "
         "its own, every few minutes).",
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        required=True,
-        metavar="FILE",
-        help="the TOML configuration (see config.example.toml)",
-    )
+    _add_config_argument(parser)
     parser.set_defaults(handler=prune_storage, command_parser=parser)
 
 
 def prune_storage(args: argparse.Namespace) -> int:
     """Prune the configured database once; safe while the bot runs."""
-    try:
-        config = load_config(args.config)
-    except ConfigError as error:
-        args.command_parser.error(f"--config: {error}")
+    config = _load_config(args)
     from generation.store import StoreError
 
     try:

@@ -5,7 +5,8 @@ its size is checked before it is read; the demuxers are limited to audio contain
 playlists, no network protocols); a rate outside :attr:`AudioLimits.min_input_rate` to
 :attr:`AudioLimits.max_input_rate` is refused; each decoded frame's length is checked
 before it is resampled, so a file that declares a tiny rate cannot expand into gigabytes;
-decoding stops at the time budget; and at most :data:`MAX_DECODERS` decoders run at once.
+decoding stops at the time budget; at most :data:`MAX_DECODERS` decoders run at once; and
+at most :data:`MAX_PENDING_DECODES` uploads are held at once, from before they are downloaded.
 A decoder thus holds at most ``max_seconds`` x ``sample_rate`` x 2 channels of float32
 PCM (twice that while the chunks are joined) plus one codec frame. Metadata is never read,
 and its encoding never stops a decode.
@@ -20,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,8 @@ SUPPORTED_FORMATS = "WAV, MP3, OGG/Opus, FLAC or M4A"
 #: Decoders that may run at once in this process (members' uploads and the command line
 #: alike). One more upload than that waits for a free decoder, for up to its time budget.
 MAX_DECODERS = 2
-#: Uploads the event loop may hand over at once (running or waiting for a decoder); more
-#: are refused at once rather than queued without bound.
+#: Uploads held at once, from their download to the end of their decode (the running
+#: decoders included); more are refused before they are downloaded, not queued without bound.
 MAX_PENDING_DECODES = 4 * MAX_DECODERS
 
 #: Damaged packets skipped (as ffmpeg does) before the file is refused as unreadable.
@@ -99,18 +100,35 @@ def check_size(size: int, limits: AudioLimits, label: str) -> None:
         raise AudioInputError(f"The {label} file is empty.")
 
 
-async def decode_upload(data: bytes, limits: AudioLimits, label: str) -> AudioClip:
-    """:func:`decode_audio` off the event loop, on the decoders' own threads.
+async def decode_upload(
+    read: Callable[[], Awaitable[bytes]], limits: AudioLimits, label: str
+) -> AudioClip:
+    """Download an upload with ``read``, then :func:`decode_audio` it off the event loop, on
+    the decoders' own threads.
+
+    The upload's place among the :data:`MAX_PENDING_DECODES` is taken before ``read`` is
+    called, so uploads beyond them are never downloaded (their bytes never held).
 
     Raises:
-        AudioInputError: as :func:`decode_audio`, or :data:`MAX_PENDING_DECODES` uploads
-            are being decoded already.
+        AudioInputError: as :func:`decode_audio`, or every pending place is taken.
+    """
+    with pending_slot(label):
+        data = await read()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_decode_threads, decode_audio, data, limits, label)
+
+
+@contextlib.contextmanager
+def pending_slot(label: str) -> Iterator[None]:
+    """Hold one of the :data:`MAX_PENDING_DECODES` places for an upload, or refuse at once.
+
+    Raises:
+        AudioInputError: every place is taken.
     """
     if not _pending_slots.acquire(blocking=False):
         raise _busy(label)
     try:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_decode_threads, decode_audio, data, limits, label)
+        yield
     finally:
         _pending_slots.release()
 

@@ -64,6 +64,18 @@ class DamagedResult(GenerationError):
         self.job_id = job_id
 
 
+class ResultMissing(GenerationError):
+    """A finished job's result file is gone (deleted by hand, or a lost disk), although the
+    retention policy did not expire it."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(
+            f"The track of job #{job_id} is no longer kept: generate it again (the same "
+            "prompt and seed make the same track)."
+        )
+        self.job_id = job_id
+
+
 class GenerationCancelled(GenerationError):
     """The generation was cancelled while it ran."""
 

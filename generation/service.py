@@ -178,7 +178,8 @@ class JobService:
 
     async def _check_hourly_limit(self, guild_id: int, user_id: int, takes: int) -> None:
         """Refuse a request whose ``takes`` would bring the member's tracks in the last hour
-        above the limit (a job of four variations is four tracks)."""
+        above the limit (a job of four variations is four tracks; failed ones, and ones
+        cancelled before they started, are not counted)."""
         limit = self.hourly_limit
         if not limit:
             return
@@ -189,7 +190,7 @@ class JobService:
                 float("inf"),
             )
         now = time.time()
-        recent = await self.store.submitted_since(guild_id, user_id, now - HOUR)
+        recent = await self.store.takes_since(guild_id, user_id, now - HOUR)
         over = sum(count for _, count in recent) + takes - limit
         if over <= 0:
             return
@@ -202,7 +203,8 @@ class JobService:
                 break
         minutes = max(1, round((retry_at - now) / 60))
         raise RateLimited(
-            f"You can ask for {limit} tracks an hour here; "
+            f"You can ask for {limit} tracks an hour here (failed ones and ones cancelled "
+            "before they started do not count); "
             + ("the next one is" if takes == 1 else f"these {takes} are")
             + f" possible in about {minutes} min.",
             retry_at,

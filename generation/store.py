@@ -24,7 +24,7 @@ import aiosqlite
 import numpy as np
 import soundfile
 
-from .errors import DamagedResult, GenerationError
+from .errors import DamagedResult, GenerationError, ResultMissing
 from .origin import Origin
 from .queue import Job, JobStatus, ReplyAddress
 from .request import AudioClip, GenerationRequest
@@ -474,14 +474,18 @@ class JobStore:
             with_audio=False,
         )
 
-    async def submitted_since(
+    async def takes_since(
         self, guild_id: int, user_id: int, since: float
     ) -> list[tuple[float, int]]:
         """When a member submitted each job in a server since ``since``, and its takes
-        (oldest first)."""
+        (oldest first): the jobs that count against the hourly limit, those that made or
+        will make tracks, or ran before they were cancelled. A failed job, or one cancelled
+        before it started, cost the member nothing."""
         rows = await self._db.execute_fetchall(
             """SELECT submitted_at, takes FROM jobs WHERE guild_id = ? AND user_id = ?
-               AND submitted_at >= ? ORDER BY submitted_at""",
+               AND submitted_at >= ? AND status != 'failed'
+               AND NOT (status = 'cancelled' AND started_at IS NULL)
+               ORDER BY submitted_at""",
             (guild_id, user_id, since),
         )
         return [(row[0], row[1]) for row in rows]
@@ -516,19 +520,19 @@ class JobStore:
         await asyncio.to_thread(_write_flac, path, audio, sample_rate)
         return path
 
-    async def load_result(self, job: Job, take: int = 0) -> tuple[np.ndarray, int] | None:
-        """One take of a job's audio (``[channels, samples]``) and its sample rate; None
-        when it is not kept.
+    async def load_result(self, job: Job, take: int = 0) -> tuple[np.ndarray, int]:
+        """One take of a job's audio (``[channels, samples]``) and its sample rate.
 
         Raises:
             Expired: the retention policy deleted it.
+            ResultMissing: the file is gone otherwise.
             DamagedResult: the file is there but cannot be read.
         """
         if job.result_expired_at is not None:
             raise Expired.track(job)
         path = self.result_path(job, take)
         if not path.exists():
-            return None
+            raise ResultMissing(job.id)
         try:
             audio, sample_rate = await asyncio.to_thread(
                 soundfile.read, path, dtype="float32", always_2d=True

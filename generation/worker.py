@@ -310,10 +310,7 @@ class Worker:
         """
         results = []
         for take, request in enumerate(job.take_requests()):
-            stored = await self.store.load_result(job, take)
-            if stored is None:
-                raise GenerationError(f"The result of job #{job.id} is missing.")
-            audio, sample_rate = stored
+            audio, sample_rate = await self.store.load_result(job, take)
             seconds = job.generation_seconds or 0.0
             results.append(GenerationResult(request, audio, sample_rate, seconds))
         return results

@@ -21,6 +21,7 @@ from generation.audio_input import (
     decode_audio,
     decode_upload,
     decoder_slot,
+    pending_slot,
     read_audio_file,
 )
 from generation.errors import AudioInputError
@@ -239,11 +240,38 @@ async def test_uploads_waiting_for_a_decoder_are_bounded(tmp_path):
         for _ in range(MAX_DECODERS):
             held.enter_context(decoder_slot(LIMITS, "melody"))
         waiting = [
-            asyncio.ensure_future(decode_upload(wav, limits, "melody"))
+            asyncio.ensure_future(decode_upload(downloads(wav), limits, "melody"))
             for _ in range(MAX_PENDING_DECODES)
         ]
         await asyncio.sleep(0)  # each has been handed to a decoding thread
         with pytest.raises(AudioInputError, match="Too many uploads"):
-            await decode_upload(wav, limits, "continuation")
+            await decode_upload(downloads(wav), limits, "continuation")
     clips = await asyncio.gather(*waiting)
     assert [clip.seconds for clip in clips] == [pytest.approx(0.5, abs=0.05)] * len(clips)
+
+
+async def test_an_upload_with_no_place_is_refused_before_it_is_downloaded(tmp_path):
+    wav = encode_tone(tmp_path / "tone.wav", seconds=0.5).read_bytes()
+    downloaded = []
+
+    async def download() -> bytes:
+        downloaded.append(len(wav))
+        return wav
+
+    with contextlib.ExitStack() as held:
+        for _ in range(MAX_PENDING_DECODES):
+            held.enter_context(pending_slot("melody"))
+        with pytest.raises(AudioInputError, match=r"Too many uploads .* send the melody again"):
+            await decode_upload(download, LIMITS, "melody")
+        assert downloaded == []
+    clip = await decode_upload(download, LIMITS, "melody")  # the places are free again
+    assert (downloaded, clip.seconds) == ([len(wav)], pytest.approx(0.5, abs=0.05))
+
+
+def downloads(data: bytes):
+    """An upload's download, as :func:`decode_upload` takes it."""
+
+    async def download() -> bytes:
+        return data
+
+    return download

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import simcord
 
 from bot.presentation import job_choice, matching_jobs
-from generation.audio_input import AudioLimits, decode_audio
+from generation.audio_input import MAX_PENDING_DECODES, AudioLimits, decode_audio, pending_slot
 from generation.audio_output import encode_mp3_within, normalise_loudness, request_tags
 from generation.queue import Job
 from generation.request import GenerationRequest
@@ -140,6 +141,27 @@ async def test_bad_uploads_are_refused_and_the_bot_keeps_serving(
     assert "**melody**" in private_reply(rejected)
     served = await alice.slash(channel, "music generate", prompt="after", duration=1.0)
     assert outcome(served).attachments
+
+
+async def test_uploads_beyond_the_pending_places_are_refused_before_download(
+    alice, channel, tmp_path, simcord_env, monkeypatch
+):
+    cdn = simcord_env.backend.cdn
+    downloads = []
+    read = cdn.get
+    monkeypatch.setattr(cdn, "get", lambda url: downloads.append(url) or read(url))
+    melody = tone_bytes(tmp_path, "m.wav", seconds=1.0)
+    with contextlib.ExitStack() as held:
+        for _ in range(MAX_PENDING_DECODES):  # uploads being downloaded or decoded
+            held.enter_context(pending_slot("melody"))
+        refused = await alice.slash(
+            channel, "music generate", prompt="x", model="debug-melody", melody=("m.wav", melody)
+        )
+    assert private_reply(refused) == (
+        "**melody**: Too many uploads are being decoded right now: send the melody again in "
+        "a moment."
+    )
+    assert downloads == []
 
 
 async def test_melody_on_a_model_without_melody_is_refused_before_queueing(

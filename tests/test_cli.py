@@ -197,11 +197,13 @@ def run_main(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("--help", 0),
         ("generate --help", 0),
         ("run --help", 0),
+        ("prune --help", 0),
         ("generate --prompt x --bogus", 2),
         ("generate --prompt x --top-p 1.5", 2),
         ("generate --prompt x --output take.aiff", 2),
         ("generate --prompt x --output nodir/out.mp3", 2),
         ("run", 2),
+        ("prune", 2),
     ],
 )
 def test_help_and_argument_errors_load_neither_torch_nor_discord(tmp_path, args, status):

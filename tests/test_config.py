@@ -97,11 +97,20 @@ def test_run_without_a_token_says_how_to_get_one(tmp_path, capsys, monkeypatch, 
         assert f'set token = "..." under [discord] in {path}' in err
 
 
-def test_run_with_a_missing_config_exits_with_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["run", "prune"])
+def test_a_missing_config_exits_with_one_line(tmp_path, capsys, command):
     with pytest.raises(SystemExit) as exited:
-        main(["run", "--config", str(tmp_path / "missing.toml")])
+        main([command, "--config", str(tmp_path / "missing.toml")])
     assert exited.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["run", "prune"])
+def test_each_command_says_paths_in_the_config_are_relative_to_it(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "relative paths in it are relative to this file" in help_text
 
 
 def test_relative_paths_are_relative_to_the_configuration_file(tmp_path, monkeypatch):

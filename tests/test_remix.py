@@ -180,6 +180,34 @@ async def test_a_refused_edit_names_every_bad_field_and_keeps_what_was_typed(ali
     assert text_inputs(again)["musicgen:prompt"] == "calm"
 
 
+async def test_edit_is_bounded_by_the_servers_longest_track(alice, admin, channel):
+    original = await track(alice, channel, prompt="calm", duration=2.0)
+    await admin.slash(channel, "music admin settings", max_duration=5.0)
+    shown = await alice.click(original, label="Edit")
+    refused = await alice.submit_modal(
+        shown, {"musicgen:prompt": "x", "musicgen:duration": "10", "musicgen:temperature": "abc"}
+    )
+    assert private_reply(refused) == (  # both at once, within this server's limit
+        "**duration**: Enter a number between 1 and 5.\n"
+        "**temperature**: Enter a number between 0 and 2."
+    )
+    (duration,) = [
+        row["components"][0]
+        for row in shown.modal["components"]
+        if row["components"][0]["custom_id"] == "musicgen:duration"
+    ]
+    assert duration["label"] == "Duration in seconds (1-5)"
+
+
+async def test_use_as_melody_is_bounded_by_the_servers_longest_track(alice, admin, channel):
+    await admin.slash(channel, "music admin settings", max_duration=5.0)
+    upload = await alice.send(channel, "tune", attachments=[("tune.wav", b"RIFF" * 100)])
+    shown = await alice.context_menu(channel, "Use as melody", upload)
+    assert text_inputs(shown)["musicgen:duration"] == "5"
+    refused = await alice.submit_modal(shown, {"musicgen:prompt": "x", "musicgen:duration": "10"})
+    assert private_reply(refused) == "**duration**: Enter a number between 1 and 5."
+
+
 async def test_continue_this_track_on_an_uploaded_clip(alice, bob, channel, tmp_path):
     riff = encode_tone(tmp_path / "riff.m4a", seconds=1.5).read_bytes()
     upload = await alice.send(channel, "my riff", attachments=[("riff.m4a", riff)])

@@ -178,6 +178,29 @@ async def test_the_hourly_limit_counts_tracks_not_jobs(engine, database):
     await service.shutdown(grace=10)
 
 
+async def test_the_hourly_limit_counts_only_tracks_that_cost_the_member(engine, database):
+    service = await open_service(
+        engine, database, Recorder(), hourly_limit=2, limits=QueueLimits(per_user=10)
+    )
+    try:
+        service.pause(1)
+        assert await service.cancel(await submit(service)) is True  # cancelled while it waited
+        store = service.store
+        failed, stopped = [await store.add(Job(0, REQUEST, 1, 1, 1)) for _ in range(2)]
+        for job, status in ((failed, JobStatus.FAILED), (stopped, JobStatus.CANCELLED)):
+            await store.claim(job)
+            await store.finish(job, status)  # a failure is ours; a stop after it ran cost GPU
+        await submit(service)  # with the stopped one, two tracks this hour
+        with pytest.raises(RateLimited) as refused:
+            await submit(service)
+        assert str(refused.value) == (
+            "You can ask for 2 tracks an hour here (failed ones and ones cancelled before "
+            "they started do not count); the next one is possible in about 60 min."
+        )
+    finally:
+        await service.shutdown(grace=10)
+
+
 async def test_queue_limits_hold_between_submit_and_release(engine, database):
     service = await open_service(engine, database, Recorder(), limits=QueueLimits(per_user=1))
     job = await service.submit(REQUEST, guild_id=1, channel_id=1, user_id=1)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from generation.errors import ResultMissing
 from generation.origin import Origin, OriginKind
 from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import AudioClip, GenerationRequest
@@ -99,6 +100,16 @@ async def test_outcomes_wait_for_delivery(store):
     assert await store.undelivered() == []
     (latest,) = await store.history(1, 1)
     assert latest.result_url == "https://discord.com/channels/1/2/3"
+
+
+async def test_a_result_gone_from_disk_is_named_not_returned_as_nothing(store):
+    job = await store.add(Job(0, REQUEST, 1, 1, 1))
+    await store.claim(job)
+    await store.save_result(job, sine(1.0, 440.0), 32_000)
+    await store.finish(job, JobStatus.DONE)
+    store.result_path(job).unlink()  # deleted by hand, or a lost disk
+    with pytest.raises(ResultMissing, match=f"track of job #{job.id} is no longer kept"):
+        await store.load_result(job)
 
 
 async def test_settings_round_trip(store):

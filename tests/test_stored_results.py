@@ -56,3 +56,30 @@ async def test_jam_export_says_which_turn_is_damaged(alice, bob, channel, damage
     assert says_damaged(private_reply(exported), job_id(second)), private_reply(exported)
     carried = await alice.slash(thread, "music jam add", prompt="keys", length=1.0)
     assert says_damaged(private_reply(carried), job_id(second)), private_reply(carried)
+
+
+async def test_a_deleted_track_is_named_the_same_way_wherever_it_is_read(
+    alice, bob, channel, simcord_bot
+):
+    async def delete(number: int) -> None:
+        store = simcord_bot.service.store
+        store.result_path(await store.get(number)).unlink()
+
+    def says_gone(reply: str, number: int) -> bool:
+        return reply.startswith(f"The track of job #{number} is no longer kept: generate it")
+
+    original = await track(alice, channel, duration=1.0)
+    await delete(job_id(original))
+    shown = await alice.slash(channel, "music show", job=job_id(original))
+    assert says_gone(private_reply(shown), job_id(original)), private_reply(shown)
+    form = await bob.click(original, label="Continue")
+    refused = await bob.submit_modal(form, {"musicgen:prompt": "more", "musicgen:length": "1"})
+    assert says_gone(private_reply(refused), job_id(original)), private_reply(refused)
+
+    thread = await start_jam(alice, channel)
+    turn = await take_turn(alice, thread, "drums", length=1.0)
+    await delete(job_id(turn))
+    exported = await alice.slash(thread, "music jam export")
+    assert says_gone(private_reply(exported), job_id(turn)), private_reply(exported)
+    carried = await alice.slash(thread, "music jam add", prompt="keys", length=1.0)
+    assert says_gone(private_reply(carried), job_id(turn)), private_reply(carried)

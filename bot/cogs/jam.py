@@ -182,8 +182,6 @@ class Jams(commands.Cog):
     ) -> GenerationRequest:
         """``request`` as a continuation of the end of ``latest``'s track."""
         stored = await self.store.load_result(latest)
-        if stored is None:
-            raise GenerationError(f"The track of job #{latest.id} is no longer kept.")
         return carry_on(request, intro_clip(*stored), length, longest)
 
     async def export(self, interaction: discord.Interaction, with_segments: bool) -> None:
@@ -202,12 +200,9 @@ class Jams(commands.Cog):
         sample_rate = 0
         for turn in done:
             job = turn.job
-            stored = await self.store.load_result(job)
-            if stored is None:
-                raise GenerationError(f"The track of job #{job.id} is no longer kept.")
+            audio, sample_rate = await self.store.load_result(job)
             if turn.intro_seconds is None:  # its clip expired before lengths were kept
                 raise Expired.uploads(job)
-            audio, sample_rate = stored
             parts.append((job, audio, turn.intro_seconds))
         track = await asyncio.to_thread(
             stitch, [(audio, intro) for _, audio, intro in parts], sample_rate

@@ -13,7 +13,6 @@ from discord.ext import commands
 from generation.audio_input import AudioLimits, check_size, decode_upload
 from generation.errors import (
     AudioInputError,
-    DamagedResult,
     GenerationError,
     InvalidOption,
     JobNotFound,
@@ -30,7 +29,7 @@ from generation.request import (
     GenerationRequest,
     check_audio_options,
 )
-from generation.store import Expired, GuildSettings
+from generation.store import GuildSettings
 
 from .. import limits, presentation
 from ..access import Rules, may_manage, rules_for
@@ -178,12 +177,12 @@ class Music(commands.Cog):
         return await self.read_uploads(given)
 
     async def read_uploads(self, uploads: dict[str, discord.Attachment]) -> dict[str, AudioClip]:
-        """Read each attachment at once (their URLs expire) and decode it off the loop."""
+        """Download each attachment at once (their URLs expire), once there is room to
+        decode it, and decode it off the loop."""
         clips = {}
         for option, attachment in uploads.items():
             try:
-                data = await attachment.read()
-                clips[option] = await decode_upload(data, self.upload_limits, option)
+                clips[option] = await decode_upload(attachment.read, self.upload_limits, option)
             except AudioInputError as error:
                 raise InvalidOption(option, str(error)) from error
             except discord.HTTPException as error:
@@ -304,12 +303,7 @@ class Music(commands.Cog):
             raise JobNotFound(f"There is no job #{job} in this server.")
         if found.status is not JobStatus.DONE:
             raise JobNotFound(f"Job #{job} has no track: it is {found.status.value}.")
-        try:
-            results = await self.service.worker.stored_results(found)
-        except (DamagedResult, Expired):  # they say what happened to it
-            raise
-        except GenerationError as error:
-            raise JobNotFound(f"The track of job #{job} is no longer kept.") from error
+        results = await self.service.worker.stored_results(found)
         await interaction.response.defer(thinking=True)
         posted = await result_message(found, results, interaction.filesize_limit, complete=True)
         await interaction.followup.send(

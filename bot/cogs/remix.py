@@ -133,8 +133,6 @@ class Remix(commands.Cog):
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
                 stored = await self.store.load_result(source, take)
-                if stored is None:
-                    raise JobNotFound(f"The track of job #{job_id} is no longer kept.")
                 return carry_on(request, intro_clip(*stored), added, longest)
 
             request = replace(
@@ -158,11 +156,11 @@ class Remix(commands.Cog):
     async def ask_edit(self, interaction: discord.Interaction, job_id: int) -> None:
         async with answering(interaction):
             source = await self._finished_job(interaction, job_id)
-            await self.bot.access.check(interaction)
+            rules = await self.bot.access.check(interaction)
             request = source.request
             fields = [
                 prompt_field(request.prompt),
-                Field("duration", "Duration in seconds", f"{request.duration:g}"),
+                _duration_field(f"{request.duration:g}", rules.max_duration),
                 Field("temperature", "Temperature (0-2)", f"{request.temperature:g}"),
             ]
             submit = partial(self._edit_job, job_id=source.id)
@@ -177,9 +175,9 @@ class Remix(commands.Cog):
         """The job's request with the new prompt, duration and temperature; the seed stays,
         so the change is what makes the difference (Re-roll for a new seed)."""
         async with answering(interaction):
+            longest = (await self.bot.access.rules(interaction.guild_id or 0)).max_duration
             numbers = read_form(
-                values,
-                {"duration": (1.0, self.music.max_duration), "temperature": TEMPERATURE_RANGE},
+                values, {"duration": (1.0, longest), "temperature": TEMPERATURE_RANGE}
             )
             source = await self._finished_job(interaction, job_id)
             request = replace(source.request, prompt=values["prompt"], **numbers)
@@ -240,7 +238,7 @@ class Remix(commands.Cog):
         rules = await self.bot.access.check(interaction)
         attachment = self._audio_attachment(message, "melody")
         default = f"{min(DEFAULT_ADDED_SECONDS, rules.max_duration):g}"
-        fields = [prompt_field(), Field("duration", "Duration in seconds", default)]
+        fields = [prompt_field(), _duration_field(default, rules.max_duration)]
         submit = partial(self._melody_upload, attachment=attachment)
         form = self._form(interaction, "Use as melody", fields, submit, ("melody", message.id))
         await interaction.response.send_modal(form)
@@ -253,7 +251,8 @@ class Remix(commands.Cog):
         attachment: discord.Attachment,
     ) -> bool:
         async with answering(interaction):
-            duration = read_form(values, {"duration": (1.0, self.music.max_duration)})["duration"]
+            longest = (await self.bot.access.rules(interaction.guild_id or 0)).max_duration
+            duration = read_form(values, {"duration": (1.0, longest)})["duration"]
 
             async def with_melody(request: GenerationRequest) -> GenerationRequest:
                 return replace(request, melody=await self._read(interaction, attachment, "melody"))
@@ -325,6 +324,11 @@ class Remix(commands.Cog):
         await interaction.response.defer(thinking=True)
         clips = await self.music.read_uploads({label: attachment})
         return clips[label]
+
+
+def _duration_field(default: str, longest: float) -> Field:
+    """The form's duration, with the server's longest track."""
+    return Field("duration", f"Duration in seconds (1-{longest:g})", default)
 
 
 def _length_field(intro_seconds: float, longest: float) -> Field:
