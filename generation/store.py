@@ -1,9 +1,10 @@
 """Durable jobs, results and server settings in one SQLite file (aiosqlite).
 
-One connection does all the writing; WAL lets readers in while it does. The schema carries its
-version in ``PRAGMA user_version`` and is migrated forward at start-up. Uploaded audio is kept
-in the database once per content (FLAC, named by its hash), shared by the jobs that use it;
-results are FLAC files in a folder beside it, which the store owns. :meth:`JobStore.prune`
+One process owns the file (:mod:`.ownership`) and one connection does all the writing; WAL
+lets readers in while it does. The schema carries its version in ``PRAGMA user_version`` and
+is migrated forward at start-up. Uploaded audio is kept in the database once per content
+(FLAC, named by its hash), shared by the jobs that use it; results are FLAC files in a folder
+beside it, which the store owns. :meth:`JobStore.prune`
 applies the retention policy; interaction tokens are cleared once they are of no more use.
 """
 
