@@ -67,7 +67,7 @@ def run_bot(args: argparse.Namespace) -> int:
 
     from . import create_bot
 
-    try:  # a damaged database is reported before connecting to Discord
+    try:  # a damaged database, or one in use, is reported before connecting to Discord
         asyncio.run(_check_database(config.storage.database))
     except StoreError as error:
         return _fail(str(error))
@@ -161,7 +161,8 @@ def prune_storage(args: argparse.Namespace) -> int:
 async def _prune(path: Path, retention: Retention) -> Pruned:
     from generation.store import JobStore
 
-    store = await JobStore.open(path)
+    # Not the owner: prune runs beside the bot, and never runs or recovers a job.
+    store = await JobStore.open(path, owner=False)
     try:
         return await store.prune(retention)
     finally:
@@ -169,6 +170,7 @@ async def _prune(path: Path, retention: Retention) -> Pruned:
 
 
 async def _check_database(path: Path) -> None:
+    """Refuse a damaged database, or one another bot owns, before connecting to Discord."""
     from generation.store import JobStore
 
     store = await JobStore.open(path)

@@ -387,6 +387,9 @@ def stats_embed(
     values.update({f"Memory ({kind})": f"{size / 2**20:,.0f} MiB" for kind, size in memory.items()})
     for name, value in values.items():
         embed.add_field(name=name, value=value)
+    embed.set_footer(
+        text=f"Counts: the finished jobs kept here. Medians: the last {stats.median_of:,}."
+    )
     return limits.fit_embed(embed)
 
 

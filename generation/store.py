@@ -1,9 +1,10 @@
 """Durable jobs, results and server settings in one SQLite file (aiosqlite).
 
-One connection does all the writing; WAL lets readers in while it does. The schema carries its
-version in ``PRAGMA user_version`` and is migrated forward at start-up. Uploaded audio is kept
-in the database once per content (FLAC, named by its hash), shared by the jobs that use it;
-results are FLAC files in a folder beside it, which the store owns. :meth:`JobStore.prune`
+One process owns the file (:mod:`.ownership`) and one connection does all the writing; WAL
+lets readers in while it does. The schema carries its version in ``PRAGMA user_version`` and
+is migrated forward at start-up. Uploaded audio is kept in the database once per content
+(FLAC, named by its hash), shared by the jobs that use it; results are FLAC files in a folder
+beside it, which the store owns. :meth:`JobStore.prune`
 applies the retention policy; interaction tokens are cleared once they are of no more use.
 """
 
@@ -26,6 +27,7 @@ import soundfile
 
 from .errors import DamagedResult, DamagedUpload, GenerationError, ResultMissing
 from .origin import Origin
+from .ownership import InUse, Ownership
 from .queue import Job, JobStatus, ReplyAddress
 from .request import AudioClip, GenerationRequest
 from .retention import DAY, Retention
@@ -163,10 +165,40 @@ MIGRATIONS: tuple[str | Migration, ...] = (
     ALTER TABLE jobs ADD COLUMN delivery_attempts INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN delivery_failure TEXT;
     """,
+    # /music stats at any history size: jobs counted per server and status as they are
+    # written (triggers, so in the same transaction, whoever writes), and the recent finished
+    # jobs read through an index.
+    """
+    CREATE TABLE job_counts (
+        guild_id INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        jobs INTEGER NOT NULL,
+        PRIMARY KEY (guild_id, status)
+    ) WITHOUT ROWID;
+    INSERT INTO job_counts SELECT guild_id, status, COUNT(*) FROM jobs GROUP BY guild_id, status;
+    CREATE TRIGGER jobs_counted_on_insert AFTER INSERT ON jobs BEGIN
+        INSERT OR IGNORE INTO job_counts VALUES (new.guild_id, new.status, 0);
+        UPDATE job_counts SET jobs = jobs + 1
+            WHERE guild_id = new.guild_id AND status = new.status;
+    END;
+    CREATE TRIGGER jobs_counted_on_update AFTER UPDATE OF status ON jobs
+    WHEN old.status != new.status BEGIN
+        UPDATE job_counts SET jobs = jobs - 1
+            WHERE guild_id = old.guild_id AND status = old.status;
+        INSERT OR IGNORE INTO job_counts VALUES (new.guild_id, new.status, 0);
+        UPDATE job_counts SET jobs = jobs + 1
+            WHERE guild_id = new.guild_id AND status = new.status;
+    END;
+    CREATE TRIGGER jobs_counted_on_delete AFTER DELETE ON jobs BEGIN
+        UPDATE job_counts SET jobs = jobs - 1
+            WHERE guild_id = old.guild_id AND status = old.status;
+    END;
+    CREATE INDEX jobs_finished_by_guild ON jobs (guild_id, finished_at)
+        WHERE finished_at IS NOT NULL;
+    """,
 )
 
 _AUDIO_OPTIONS = ("melody", "continuation")
-_FINISHED = (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 #: A finished job whose requester has been told (or who could not be, so it was kept for
@@ -255,36 +287,69 @@ class Turn:
     intro_seconds: float | None
 
 
+#: How many of a server's most recent finished jobs ``/music stats`` takes its medians of.
+MEDIAN_OF = 1000
+
+#: :meth:`JobStore.stats`' reads: each goes through an index, never over a server's history.
+STATS_COUNTS = "SELECT status, jobs FROM job_counts WHERE guild_id = ?"
+STATS_RECENT = """SELECT started_at - submitted_at, generation_seconds FROM jobs
+    WHERE guild_id = ? AND finished_at IS NOT NULL AND status IN ('done', 'failed', 'cancelled')
+    ORDER BY finished_at DESC LIMIT ?"""
+
+
 @dataclass(frozen=True)
 class Stats:
+    """A server's finished jobs (those the retention policy keeps), and the median wait and
+    generation time of its last ``median_of`` of them."""
+
     served: int
     failed: int
     cancelled: int
     median_wait_seconds: float | None
     median_generation_seconds: float | None
+    median_of: int = MEDIAN_OF
 
 
 class JobStore:
     """The bot's database. Open with :meth:`open`, close with :meth:`close`."""
 
-    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+    def __init__(
+        self, connection: aiosqlite.Connection, path: Path, ownership: Ownership | None = None
+    ) -> None:
         self._db = connection
+        self._ownership = ownership
         self._writing = asyncio.Lock()  # one transaction at a time on the one connection
         self.path = path
         self.results = path.parent / f"{path.stem}-results"
 
     @classmethod
-    async def open(cls, path: str | Path) -> JobStore:
+    async def open(cls, path: str | Path, *, owner: bool = True) -> JobStore:
         """Open (or create) the database at ``path`` and bring its schema up to date.
 
+        The owner (the bot: it runs and recovers the jobs) holds the database alone until
+        :meth:`close`, so two bots never run the same jobs. ``owner=False`` is for what only
+        reads, or deletes what retention no longer keeps (``musicgen-bot prune``): it may
+        open the database beside its owner, and must never run or recover jobs.
+
         Raises:
-            StoreError: the file is not a readable SQLite database (it is left untouched), or
-                it was written by a newer version of the bot.
+            StoreError: another process owns the database (``owner`` only), the file is not
+                a readable SQLite database (it is left untouched), or it was written by a
+                newer version of the bot.
         """
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ownership = await _own(path) if owner else None
+        try:
+            return await cls._open(path, ownership)
+        except BaseException:
+            if ownership is not None:
+                ownership.release()
+            raise
+
+    @classmethod
+    async def _open(cls, path: Path, ownership: Ownership | None) -> JobStore:
         if path.exists():
             await _check_readable(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit: transactions are the explicit BEGIN IMMEDIATE ... COMMIT below.
         connection = await aiosqlite.connect(path, isolation_level=None)
         connection.row_factory = aiosqlite.Row
@@ -296,12 +361,16 @@ class JobStore:
         except BaseException:
             await connection.close()
             raise
-        store = cls(connection, path)
+        store = cls(connection, path, ownership)
         store.results.mkdir(exist_ok=True)
         return store
 
     async def close(self) -> None:
-        await self._db.close()
+        try:
+            await self._db.close()
+        finally:
+            if self._ownership is not None:
+                self._ownership.release()
 
     # Jobs
 
@@ -528,20 +597,19 @@ class JobStore:
         return [(row[0], row[1]) for row in rows]
 
     async def stats(self, guild_id: int) -> Stats:
-        rows = await self._db.execute_fetchall(
-            """SELECT status, started_at - submitted_at, generation_seconds FROM jobs
-               WHERE guild_id = ? AND status IN ('done', 'failed', 'cancelled')""",
-            (guild_id,),
-        )
-        counts = {status: sum(row[0] == status for row in rows) for status in _FINISHED}
-        waits = [row[1] for row in rows if row[1] is not None]
-        times = [row[2] for row in rows if row[2] is not None]
+        """A server's finished jobs counted (all those kept), and the medians of its last
+        :data:`MEDIAN_OF` finished jobs: two reads through indexes, whatever its history."""
+        counts = dict(await self._db.execute_fetchall(STATS_COUNTS, (guild_id,)))
+        rows = await self._db.execute_fetchall(STATS_RECENT, (guild_id, MEDIAN_OF))
+        waits = [row[0] for row in rows if row[0] is not None]
+        times = [row[1] for row in rows if row[1] is not None]
         return Stats(
-            served=counts[JobStatus.DONE],
-            failed=counts[JobStatus.FAILED],
-            cancelled=counts[JobStatus.CANCELLED],
+            served=counts.get(JobStatus.DONE.value, 0),
+            failed=counts.get(JobStatus.FAILED.value, 0),
+            cancelled=counts.get(JobStatus.CANCELLED.value, 0),
             median_wait_seconds=statistics.median(waits) if waits else None,
             median_generation_seconds=statistics.median(times) if times else None,
+            median_of=MEDIAN_OF,
         )
 
     # Results
@@ -863,6 +931,18 @@ class _Transaction:
             await self._db.execute("COMMIT" if error is None else "ROLLBACK")
         finally:
             self._lock.release()
+
+
+async def _own(path: Path) -> Ownership:
+    try:
+        return await asyncio.to_thread(Ownership.take, path)
+    except InUse as error:
+        raise StoreError(
+            f"The database {path} is in use by another musicgen-bot process: stop it first "
+            "(one bot owns a database; two would run and deliver the same jobs twice)."
+        ) from error
+    except OSError as error:
+        raise StoreError(f"Cannot lock the database {path} ({error}).") from error
 
 
 async def _check_readable(path: Path) -> None:

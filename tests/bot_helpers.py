@@ -30,11 +30,16 @@ MADE: list = []
 async def close_databases() -> None:
     """Close the stores of the bots made so far (SimCord does not close detached bots)."""
     while MADE:
-        bot = MADE.pop()
-        service = getattr(bot, "service", None)
-        if service is not None:
-            service.worker.close()
-            await service.store.close()
+        await end_process(MADE.pop())
+
+
+async def end_process(bot) -> None:
+    """What the end of ``bot``'s process does, without any graceful shutdown: its worker
+    thread stops and its database closes (and with it the lock that made it the owner)."""
+    service = getattr(bot, "service", None)
+    if service is not None:
+        service.worker.close()
+        await service.store.close()
 
 
 def make_bot(database, **sections):

@@ -16,7 +16,7 @@ import pytest
 
 from generation.engine import MusicGenEngine
 
-from .bot_helpers import close_databases, make_bot
+from .bot_helpers import close_databases, end_process, make_bot
 from .helpers import encode_tone
 
 
@@ -24,6 +24,22 @@ from .helpers import encode_tone
 async def _close_bot_databases():
     yield
     await close_databases()
+
+
+@pytest.fixture
+def simcord_env(simcord_env):
+    """SimCord's world, where ``restart_bot`` is a crash and a new process: the old bot's
+    process ends (its database closes, so its lock goes, as the kernel drops a dead
+    process's), with no graceful shutdown, before the new bot starts."""
+    restart_bot = simcord_env.restart_bot
+
+    async def restart_after_a_crash(bot=None):
+        await simcord_env.settle()
+        await end_process(simcord_env.bot)  # closing twice is harmless: teardown does too
+        await restart_bot(bot)
+
+    simcord_env.restart_bot = restart_after_a_crash
+    return simcord_env
 
 
 @pytest.fixture(scope="session")

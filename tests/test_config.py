@@ -19,6 +19,7 @@ from bot.config import Config, ConfigError, load_config, parse_config
 from generation.debug_models import build_debug_model, debug_config
 from generation.export import export_checkpoint
 from generation.models import resolve_model
+from generation.ownership import Ownership
 
 from .bot_helpers import make_bot
 
@@ -237,3 +238,24 @@ def test_no_network_ends_the_run_with_one_line(tmp_path, capsys, monkeypatch, pr
         f"musicgen-bot: error: cannot reach Discord (Cannot connect to host 127.0.0.1:{port}"
     )
     assert "Traceback" not in err
+
+
+def test_a_database_another_bot_owns_ends_the_run_with_one_line_and_prune_still_works(
+    tmp_path, capsys, monkeypatch, process_state
+):
+    config = _bot_folder(tmp_path)
+    database = config.parent / "data" / "jobs.sqlite3"
+    database.parent.mkdir()
+    running = Ownership.take(database)  # what the running bot's store holds
+    try:
+        monkeypatch.setenv("DISCORD_TOKEN", "not-a-real-token")
+        assert main(["run", "--config", str(config)]) == 1
+        assert capsys.readouterr().err == (
+            f"musicgen-bot: error: The database {database} is in use by another musicgen-bot "
+            "process: stop it first (one bot owns a database; two would run and deliver the "
+            "same jobs twice).\n"
+        )
+        assert main(["prune", "--config", str(config)]) == 0
+        assert capsys.readouterr().out.startswith("Deleted 0 jobs")
+    finally:
+        running.release()

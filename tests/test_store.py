@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from generation import store as store_module
 from generation.errors import ResultMissing
 from generation.origin import Origin, OriginKind
 from generation.queue import Job, JobStatus, ReplyAddress
@@ -19,6 +24,8 @@ from generation.request import AudioClip, GenerationRequest
 from generation.retention import DAY, Retention
 from generation.store import (
     MIGRATIONS,
+    STATS_COUNTS,
+    STATS_RECENT,
     Expired,
     GuildSettings,
     Jam,
@@ -181,7 +188,7 @@ async def test_a_damaged_database_is_refused_and_left_untouched(tmp_path, conten
     with pytest.raises(StoreError, match=r"cannot be read.*left as it is"):
         await JobStore.open(path)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bot.sqlite3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bot.sqlite3", "bot.sqlite3.lock"]
 
 
 async def test_a_newer_schema_is_refused(tmp_path):
@@ -437,3 +444,147 @@ async def test_finished_jobs_are_read_newest_first_through_an_index(store, tmp_p
         )
         assert "USING INDEX" in plan and "TEMP B-TREE" not in plan, plan
     connection.close()
+
+
+IN_USE = r"bot\.sqlite3 is in use by another musicgen-bot process: stop it first"
+
+HOLD_STORE = """
+import asyncio, sys
+from generation.store import JobStore
+
+async def hold():
+    await JobStore.open(sys.argv[1])
+    print("open", flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(hold())
+"""
+
+
+async def test_a_second_owner_is_refused_until_the_first_closes(store, tmp_path):
+    with pytest.raises(StoreError, match=IN_USE):
+        await JobStore.open(tmp_path / "bot.sqlite3")
+    await store.close()
+    again = await JobStore.open(tmp_path / "bot.sqlite3")
+    await again.close()
+
+
+async def test_a_killed_owner_leaves_no_lock_behind(tmp_path):
+    path = tmp_path / "bot.sqlite3"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_STORE, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    try:
+        assert await asyncio.to_thread(holder.stdout.readline) == "open\n"
+        with pytest.raises(StoreError, match=IN_USE):  # another process owns it
+            await JobStore.open(path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(holder.wait)
+        holder.stdout.close()
+    store = await JobStore.open(path)
+    await store.close()
+
+
+async def test_a_store_that_does_not_own_opens_beside_the_owner_and_prunes(store, tmp_path):
+    job = await store.add(Job(0, REQUEST, 1, 1, 1))
+    await store.claim(job)
+    await store.finish(job, JobStatus.DONE)
+    await store.mark_delivered(job)
+    pruner = await JobStore.open(tmp_path / "bot.sqlite3", owner=False)
+    try:
+        pruned = await pruner.prune(Retention(jobs_days=1), now=time.time() + 2 * DAY)
+    finally:
+        await pruner.close()
+    assert pruned.jobs == 1
+    assert await store.get(job.id) is None
+    with pytest.raises(StoreError, match=IN_USE):  # and the owner still holds it
+        await JobStore.open(tmp_path / "bot.sqlite3")
+
+
+async def ended(store, guild_id, status, *, started=True, seconds=None, finished_at=None):
+    """A job of ``guild_id`` that ended with ``status`` (cancelled before it ran unless
+    ``started``), settled: its requester was told."""
+    job = await store.add(Job(0, REQUEST, guild_id, 1, 1))
+    if started:
+        await store.claim(job)
+    job.generation_seconds = seconds
+    await store.finish(job, status)
+    await store.mark_delivered(job)
+    if finished_at is not None:
+        connection = sqlite3.connect(store.path)
+        with connection:
+            connection.execute(
+                "UPDATE jobs SET finished_at = ? WHERE id = ?", (finished_at, job.id)
+            )
+        connection.close()
+    return job
+
+
+async def test_stats_follow_finishes_cancellations_and_pruning(store, monkeypatch):
+    monkeypatch.setattr(store_module, "MEDIAN_OF", 3)
+    old = time.time() - 10 * DAY
+    await ended(store, 1, JobStatus.DONE, seconds=100.0, finished_at=old)
+    await ended(store, 1, JobStatus.FAILED, finished_at=old)
+    await ended(store, 1, JobStatus.DONE, seconds=1.0)
+    await ended(store, 1, JobStatus.DONE, seconds=3.0)
+    await ended(store, 1, JobStatus.CANCELLED, started=False)  # never ran: no wait
+    await ended(store, 2, JobStatus.DONE, seconds=50.0)  # another server
+    running = await store.add(Job(0, REQUEST, 1, 1, 1))
+    await store.claim(running)
+    await store.add(Job(0, REQUEST, 1, 1, 1))  # queued
+    stats = await store.stats(1)
+    assert (stats.served, stats.failed, stats.cancelled) == (3, 1, 1)
+    # The last 3 finished: 1.0 s, 3.0 s and the cancelled job (which has neither).
+    assert (stats.median_generation_seconds, stats.median_of) == (2.0, 3)
+    assert 0 <= stats.median_wait_seconds < 60
+    await store.finish(running, JobStatus.CANCELLED)  # cancelled while it ran
+    assert (await store.stats(1)).cancelled == 2
+    await store.finish(running, JobStatus.CANCELLED)  # told twice, counted once
+    assert (await store.stats(1)).cancelled == 2
+
+    pruned = await store.prune(Retention(jobs_days=5))
+    assert pruned.jobs == 2
+    stats = await store.stats(1)
+    assert (stats.served, stats.failed, stats.cancelled) == (2, 0, 2)
+    assert stats.median_generation_seconds == 3.0  # the running job's cancel is the latest
+    assert (await store.stats(2)).served == 1
+    assert await store.stats(3) == store_module.Stats(0, 0, 0, None, None, 3)
+
+
+async def test_an_upgraded_database_counts_the_jobs_it_already_had(tmp_path, monkeypatch):
+    counted_from = next(
+        index
+        for index, migration in enumerate(MIGRATIONS)
+        if isinstance(migration, str) and "job_counts" in migration
+    )
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:counted_from])
+    store = await JobStore.open(tmp_path / "bot.sqlite3")
+    await ended(store, 1, JobStatus.DONE, seconds=2.0)
+    await ended(store, 1, JobStatus.FAILED)
+    await store.close()
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    store = await JobStore.open(tmp_path / "bot.sqlite3")
+    try:
+        stats = await store.stats(1)
+    finally:
+        await store.close()
+    assert (stats.served, stats.failed, stats.cancelled) == (1, 1, 0)
+    assert stats.median_generation_seconds == 2.0
+
+
+def test_the_stats_read_through_indexes_not_the_whole_history(store, tmp_path):
+    connection = sqlite3.connect(tmp_path / "bot.sqlite3")
+    plans = [
+        " ".join(row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {query}", values))
+        for query, values in ((STATS_COUNTS, (1,)), (STATS_RECENT, (1, 10)))
+    ]
+    connection.close()
+    assert plans[0] == "SEARCH job_counts USING PRIMARY KEY (guild_id=?)"
+    # The newest first, straight from the index: no sort, whatever the history's size.
+    assert plans[1] == (
+        "SEARCH jobs USING INDEX jobs_finished_by_guild (guild_id=? AND finished_at>?)"
+    )
