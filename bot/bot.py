@@ -78,10 +78,15 @@ class MusicGenBot(commands.Bot):
         """Once connected (the bot shows online at once), recover the last run's jobs; until
         then new requests are told to come back in a few seconds (see
         :meth:`JobService.start`). Runs once: ``on_ready`` also follows a reconnection."""
-        if self.service.started or self._recovering:
+        if self._recovering:
             return
         self._recovering = True
-        await self.service.start()
+        try:
+            await self.service.start()
+        except Exception:  # as a failed start-up did: stop, rather than refuse every request
+            log.exception("recovering the jobs of the last run failed: stopping")
+            await self.close()
+            return
         log.info("picked up the jobs of the last run")
         self.prune.start()
 

@@ -144,6 +144,16 @@ async def test_the_bot_recovers_its_jobs_once_connected(simcord_env, world, data
     assert bot.service.started
 
 
+async def test_a_bot_that_cannot_recover_its_jobs_stops(simcord_env, world, database, monkeypatch):
+    async def failing(service):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(JobService, "start", failing)
+    bot = make_bot(database)
+    await simcord_env.restart_bot(bot)
+    assert bot.is_closed()
+
+
 async def test_after_the_token_expired_a_restarted_bot_posts_in_the_channel(
     simcord_env, world, database
 ):
