@@ -43,6 +43,7 @@ class MusicGenBot(commands.Bot):
             allowed_mentions=discord.AllowedMentions.none(),
         )
         self.config = config
+        self._recovering = False
         device = config.generation.device
         self.engine = MusicGenEngine(
             device=None if device == "auto" else device,
@@ -72,7 +73,21 @@ class MusicGenBot(commands.Bot):
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await self.sync_commands()
-        await self.service.start()
+
+    async def on_ready(self) -> None:
+        """Once connected (the bot shows online at once), recover the last run's jobs; until
+        then new requests are told to come back in a few seconds (see
+        :meth:`JobService.start`). Runs once: ``on_ready`` also follows a reconnection."""
+        if self._recovering:
+            return
+        self._recovering = True
+        try:
+            await self.service.start()
+        except Exception:  # as a failed start-up did: stop, rather than refuse every request
+            log.exception("recovering the jobs of the last run failed: stopping")
+            await self.close()
+            return
+        log.info("picked up the jobs of the last run")
         self.prune.start()
 
     async def close(self) -> None:
@@ -127,5 +142,6 @@ class MusicGenBot(commands.Bot):
 
 
 def create_bot(config: Config) -> MusicGenBot:
-    """An unstarted bot; it opens its database and syncs its commands in ``setup_hook``."""
+    """An unstarted bot; it opens its database and syncs its commands in ``setup_hook``, and
+    recovers its jobs once connected."""
     return MusicGenBot(config)

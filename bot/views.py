@@ -6,18 +6,47 @@ so buttons keep working after a restart (the bot registers them with
 ``add_dynamic_items``). Anyone in the server may press a result's buttons: each press makes
 the presser's own job, counted against their limits. Cancel is for the requester and for
 members with Manage Server.
+
+A button reaches the cog that handles it by name (``get_cog``), and knows it only by the
+protocol below, so this module imports no cog (the cogs import it: no import cycle).
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import discord
 
-if TYPE_CHECKING:
-    from .cogs.music import Music
-    from .cogs.remix import Remix
+
+class RemixActions(Protocol):
+    """The buttons' part of the ``Remix`` cog."""
+
+    async def reroll(self, interaction: discord.Interaction, job_id: int) -> None: ...
+    async def ask_edit(self, interaction: discord.Interaction, job_id: int) -> None: ...
+    async def variations(self, interaction: discord.Interaction, job_id: int) -> None: ...
+    async def ask_continue(
+        self, interaction: discord.Interaction, job_id: int, take: int
+    ) -> None: ...
+
+
+class JamActions(Protocol):
+    """The buttons' part of the ``Jams`` cog."""
+
+    async def adopt(self, interaction: discord.Interaction, job_id: int, turn: int) -> None: ...
+
+
+class CancelActions(Protocol):
+    """The buttons' part of the ``Music`` cog."""
+
+    async def cancel_from_button(self, interaction: discord.Interaction, job_id: int) -> None: ...
+
+
+def cog(interaction: discord.Interaction, name: str) -> Any:
+    """The loaded cog ``name`` of the bot the interaction came to."""
+    found = interaction.client.get_cog(name)  # type: ignore[attr-defined]
+    assert found is not None, f"the {name} cog is not loaded"
+    return found
 
 
 class JobButton(
@@ -52,10 +81,8 @@ class JobButton(
     ) -> JobButton:
         return cls(int(match["job"]))
 
-    def remix(self, interaction: discord.Interaction) -> Remix:
-        cog = interaction.client.get_cog("Remix")  # type: ignore[attr-defined]
-        assert cog is not None
-        return cog
+    def remix(self, interaction: discord.Interaction) -> RemixActions:
+        return cog(interaction, "Remix")
 
 
 class ReRollButton(JobButton, action="reroll"):
@@ -106,7 +133,7 @@ class ContinueButton(
         return cls(int(match["job"]), None if take is None else int(take))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        remix = interaction.client.get_cog("Remix")  # type: ignore[attr-defined]
+        remix: RemixActions = cog(interaction, "Remix")
         await remix.ask_continue(interaction, self.job_id, self.take or 0)
 
 
@@ -134,7 +161,7 @@ class AdoptButton(
         return cls(int(match["job"]), int(match["turn"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        jams = interaction.client.get_cog("Jams")  # type: ignore[attr-defined]
+        jams: JamActions = cog(interaction, "Jams")
         await jams.adopt(interaction, self.job_id, self.turn)
 
 
@@ -147,8 +174,7 @@ class CancelButton(JobButton, action="cancel"):
     label, emoji, style = "Cancel", "✖️", discord.ButtonStyle.danger
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        music: Music | None = interaction.client.get_cog("Music")  # type: ignore[attr-defined]
-        assert music is not None
+        music: CancelActions = cog(interaction, "Music")
         await music.cancel_from_button(interaction, self.job_id)
 
 

@@ -64,6 +64,18 @@ class DamagedResult(GenerationError):
         self.job_id = job_id
 
 
+class DamagedUpload(GenerationError):
+    """A queued job's stored clip (its melody or intro) is there but cannot be decoded."""
+
+    def __init__(self, job_id: int, option: str) -> None:
+        label = "intro" if option == "continuation" else option
+        super().__init__(
+            f"The {label} job #{job_id} was given is damaged in the bot's database and cannot "
+            "be read: upload it again with `/music generate`."
+        )
+        self.job_id = job_id
+
+
 class ResultMissing(GenerationError):
     """A finished job's result file is gone (deleted by hand, or a lost disk), although the
     retention policy did not expire it."""

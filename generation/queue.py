@@ -76,6 +76,9 @@ class Job:
     #: Tries at delivering the outcome that failed; why it is kept undelivered, if it is.
     delivery_attempts: int = 0
     delivery_failure: str | None = None
+    #: The request's clips (melody, intro) are still in the store, not loaded: a job read
+    #: back after a restart holds no audio until the worker loads it to run it.
+    uploads_in_store: bool = False
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     #: Why ``cancel_event`` was set: "cancelled", "timeout" or "shutdown".
     stop_reason: str | None = None

@@ -39,15 +39,19 @@ def plan_batch(
     The first job is the next in turn, unless its model is not loaded and it has waited less
     than ``policy.max_model_wait``: then the first job in turn for a loaded model goes
     instead. Jobs that can share its pass (same :func:`generation.engine.batch_key`) join it
-    in turn order, so every server with such jobs gets a row before any gets two.
+    in turn order, so every server with such jobs gets a row before any gets two. A job whose
+    clips are still in the store (read back after a restart) runs alone: its key is only
+    known once they are loaded.
     """
     if not runnable:
         return []
     first = _first(runnable, policy, loaded_models, now)
     key = batch_key(first.request)
     batch, rows = [first], first.takes
+    if first.uploads_in_store:
+        return batch
     for job in runnable:
-        if job is first or rows + job.takes > policy.max_rows:
+        if job is first or job.uploads_in_store or rows + job.takes > policy.max_rows:
             continue
         if batch_key(job.request) == key:
             batch.append(job)

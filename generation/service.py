@@ -28,6 +28,10 @@ class RateLimited(QueueFull):
         self.retry_at = retry_at
 
 
+class StartingUp(QueueFull):
+    """The service is still recovering the last run's jobs."""
+
+
 class JobService:
     """Submits, cancels, pauses and recovers jobs.
 
@@ -71,10 +75,16 @@ class JobService:
         self.hourly_limit = hourly_limit
         self.max_attempts = max_attempts
         self._submitting = asyncio.Lock()
+        #: Whether :meth:`start` has put the jobs of the last run back in the queue; until
+        #: then new jobs are refused, so none goes ahead of them or past the limits.
+        self.started = False
 
     async def start(self) -> None:
         """Pick up where the last run stopped: queued jobs in their order, jobs that were
-        running when it died (within ``max_attempts``), and outcomes never delivered."""
+        running when it died (within ``max_attempts``), and outcomes never delivered.
+
+        Jobs are read without their audio (each job's clips are loaded when it runs), so a
+        long queue is recovered in little time and memory."""
         await self.worker.load_rates()
         for guild_id in await self.store.paused_guilds():
             self.queue.pause(guild_id)
@@ -93,6 +103,7 @@ class JobService:
             self.queue.add(job)
         for job in await self.store.undelivered():
             self.worker.deliver_later(job)
+        self.started = True
         self.worker.queue_changed()
         self.worker.wake()
 
@@ -112,6 +123,7 @@ class JobService:
 
         Raises:
             InvalidOption: ``takes`` is out of range.
+            StartingUp: :meth:`start` has not finished.
             QueueFull: the member or server has too many live jobs.
             RateLimited: the member reached the hourly limit.
         """
@@ -119,7 +131,7 @@ class JobService:
             raise InvalidOption("takes", f"Ask for 1 to {MAX_TAKES} takes.")
         request = request.with_seed()
         async with self._submitting:
-            self.queue.check_room(guild_id, user_id, per_user_limit)
+            self.check_room(guild_id, user_id, per_user_limit)
             await self._check_hourly_limit(guild_id, user_id, takes)
             job = Job(0, request, guild_id, channel_id, user_id, takes=takes, origin=origin)
             job = await self.store.add(job)
@@ -135,8 +147,16 @@ class JobService:
         return job
 
     def check_room(self, guild_id: int, user_id: int, per_user_limit: int | None = None) -> None:
-        """Raise :class:`QueueFull` now if :meth:`submit` would."""
+        """Raise :class:`StartingUp` or :class:`QueueFull` now if :meth:`submit` would."""
+        self._check_started()
         self.queue.check_room(guild_id, user_id, per_user_limit)
+
+    def _check_started(self) -> None:
+        if not self.started:
+            raise StartingUp(
+                "The bot has just started and is picking up its queue: send it again in a "
+                "few seconds."
+            )
 
     async def release(self, job: Job, reply: ReplyAddress | None) -> None:
         """Record where the requester waits for the answer (if anywhere), then queue the

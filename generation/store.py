@@ -25,7 +25,7 @@ import aiosqlite
 import numpy as np
 import soundfile
 
-from .errors import DamagedResult, GenerationError, ResultMissing
+from .errors import DamagedResult, DamagedUpload, GenerationError, ResultMissing
 from .origin import Origin
 from .ownership import InUse, Ownership
 from .queue import Job, JobStatus, ReplyAddress
@@ -511,16 +511,53 @@ class JobStore:
         return rows[0] if rows else None
 
     async def pending(self) -> list[Job]:
-        """Queued and running jobs, oldest first: the work to resume after a restart."""
-        return await self._jobs("WHERE status IN ('queued', 'running') ORDER BY id", ())
+        """Queued and running jobs, oldest first: the work to resume after a restart.
+
+        Their uploads stay in the store (:attr:`Job.uploads_in_store`): a long queue is
+        recovered without decoding or holding its audio; :meth:`load_uploads` reads a job's
+        clips when it runs."""
+        return await self._jobs(
+            "WHERE status IN ('queued', 'running') ORDER BY id", (), with_audio=False
+        )
 
     async def undelivered(self) -> list[Job]:
-        """Jobs that ended without their requester being told, and are still to be."""
+        """Jobs that ended without their requester being told, and are still to be (without
+        their uploads: an outcome is delivered from the job and its stored tracks)."""
         return await self._jobs(
             """WHERE status IN ('done', 'failed', 'cancelled') AND delivered = 0
                AND delivery_failure IS NULL ORDER BY id""",
             (),
+            with_audio=False,
         )
+
+    async def load_uploads(self, job: Job) -> None:
+        """Give ``job``'s request the clips it was given, from the store (decoded on a
+        thread), if they are still there.
+
+        Raises:
+            Expired: a clip was deleted (retention, or by hand) since the job was queued.
+            DamagedUpload: a clip is there but cannot be decoded.
+        """
+        if not job.uploads_in_store:
+            return
+        rows = await self._db.execute_fetchall(
+            """SELECT job_uploads.option, uploads.exponent, uploads.flac
+               FROM job_uploads LEFT JOIN uploads ON uploads.hash = job_uploads.hash
+               WHERE job_uploads.job_id = ?""",
+            (job.id,),
+        )
+        if any(flac is None for _, _, flac in rows):
+            job.uploads_expired_at = job.uploads_expired_at or time.time()
+            raise Expired.uploads(job)
+        clips = {}
+        for option, exponent, flac in rows:
+            try:
+                clips[option] = await asyncio.to_thread(_decoded, flac, exponent)
+            except soundfile.SoundFileError as error:
+                log.warning("job=%d event=upload-damaged option=%s error=%s", job.id, option, error)
+                raise DamagedUpload(job.id, option) from error
+        job.request = replace(job.request, **clips)
+        job.uploads_in_store = False
 
     async def history(self, guild_id: int, user_id: int, limit: int = 10) -> list[Job]:
         """A member's most recent jobs in a server, newest first."""
@@ -844,11 +881,21 @@ class JobStore:
         return _Transaction(self._db, self._writing)
 
     async def _jobs(self, where: str, parameters: tuple, *, with_audio: bool = True) -> list[Job]:
-        rows = await self._db.execute_fetchall(f"SELECT * FROM jobs {where}", parameters)
+        """The jobs ``where`` selects; ``with_audio=False`` leaves their clips in the store
+        (marking the jobs that have some)."""
+        rows = await self._db.execute_fetchall(
+            f"""SELECT *, EXISTS (SELECT 1 FROM job_uploads WHERE job_uploads.job_id = jobs.id)
+                    AS has_uploads
+                FROM jobs {where}""",
+            parameters,
+        )
         jobs = [_job_from_row(row) for row in rows]
         if with_audio:
             for job in jobs:
                 job.request = await self._with_uploads(job.id, job.request)
+        else:
+            for job, row in zip(jobs, rows, strict=True):
+                job.uploads_in_store = bool(row["has_uploads"])
         return jobs
 
     async def _with_uploads(self, job_id: int, request: GenerationRequest) -> GenerationRequest:

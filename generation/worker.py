@@ -336,11 +336,10 @@ class Worker:
         outcomes: dict[int, list[GenerationResult]] = {}
         try:
             claimed = await self._claim(batch)
-            self.queue.running = claimed
-            if not claimed:
-                return
+            ready = await self._with_uploads(claimed)
+            self.queue.running = ready
             started_at = time.time()
-            for job in claimed:
+            for job in ready:
                 job.started_at = started_at
                 log.info(
                     "job=%d event=started attempt=%d model=%s duration=%g guild=%d batch=%s",
@@ -349,15 +348,30 @@ class Worker:
                     job.request.model,
                     job.request.duration,
                     job.guild_id,
-                    ",".join(str(other.id) for other in claimed),
+                    ",".join(str(other.id) for other in ready),
                 )
                 await self._guarded(self.listener.job_started(job))
-            outcomes = await self._generate(claimed)
+            if ready:
+                outcomes = await self._generate(ready)
         finally:
             self.queue.running = []
-        for job in claimed:
+        for job in claimed:  # those that failed to load their clips too
             if job.status is not JobStatus.QUEUED:  # stopped by shutdown: waits for the restart
                 self.deliver_later(job, outcomes.get(job.id))
+
+    async def _with_uploads(self, jobs: list[Job]) -> list[Job]:
+        """Load the clips of the jobs read back after a restart (:meth:`JobStore.load_uploads`,
+        decoded on a thread); a job whose clip expired or is damaged fails, and its requester
+        is told. Returns the jobs ready to run."""
+        ready = []
+        for job in jobs:
+            try:
+                await self.store.load_uploads(job)
+            except Exception as error:
+                await self._failed(job, error)
+            else:
+                ready.append(job)
+        return ready
 
     async def _claim(self, batch: list[Job]) -> list[Job]:
         """Mark the batch's jobs running in the store; those it will not take (after trying

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import discord
+import numpy as np
 import pytest
 
 from bot.cli import main
 from generation.queue import JobStatus
+from generation.service import JobService
 from generation.store import JobStore
+from generation.stored_audio import StoredClip
 
-from .bot_helpers import make_bot, outcome
+from .bot_helpers import fields, make_bot, mp3_of, outcome
+from .helpers import encode_tone
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
@@ -59,6 +65,93 @@ async def test_a_job_running_when_the_bot_died_runs_again_and_is_delivered_once(
     finished = await store.get(job.id)
     await store.close()
     assert (finished.status, finished.attempts, finished.delivered) == (JobStatus.DONE, 2, True)
+
+
+@pytest.fixture
+def decoded_clips(monkeypatch) -> list[bytes]:
+    """Every stored clip read back (each goes through ``StoredClip.from_flac``)."""
+    decoded: list[bytes] = []
+    from_flac = StoredClip.from_flac.__func__
+
+    def counted(cls, data, exponent):
+        decoded.append(data)
+        return from_flac(cls, data, exponent)
+
+    monkeypatch.setattr(StoredClip, "from_flac", classmethod(counted))
+    return decoded
+
+
+async def test_a_recovered_job_loads_its_melody_only_when_it_runs(
+    simcord_env, world, database, tmp_path, decoded_clips
+):
+    channel, alice, admin = world
+    melody = encode_tone(tmp_path / "m.ogg", seconds=2.0, frequency=523.0).read_bytes()
+    request = dict(prompt="jazz", model="debug-melody", duration=1.0, seed=5)
+    await admin.slash(channel, "music admin pause")
+    queued = await alice.slash(channel, "music generate", **request, melody=("m.ogg", melody))
+    await simcord_env.restart_bot(make_bot(database))
+    assert decoded_clips == []  # recovered without its audio
+    await admin.slash(channel, "music admin resume")
+    assert len(decoded_clips) == 1  # loaded to run
+    recovered = outcome(queued)
+    assert fields(recovered)["Melody"] == "2.0 s clip"
+    # The same request run without a restart makes the same track: it followed the melody.
+    again = await alice.slash(channel, "music generate", **request, melody=("m.ogg", melody))
+    np.testing.assert_array_equal(await mp3_of(recovered), await mp3_of(outcome(again)))
+
+
+@pytest.mark.parametrize(
+    ("damage", "told"),
+    [
+        ("UPDATE uploads SET flac = x'00'", "is damaged in the bot's database"),
+        ("DELETE FROM uploads", "is no longer kept"),
+    ],
+)
+async def test_a_recovered_job_whose_clip_is_lost_fails_and_says_so(
+    simcord_env, world, database, tmp_path, damage, told
+):
+    channel, alice, admin = world
+    melody = encode_tone(tmp_path / "m.ogg", seconds=1.0).read_bytes()
+    await admin.slash(channel, "music admin pause")
+    queued = await alice.slash(
+        channel, "music generate", prompt="x", model="debug-melody", melody=("m.ogg", melody)
+    )
+    with sqlite3.connect(database) as db:
+        db.execute(damage)
+    await simcord_env.restart_bot(make_bot(database))
+    await admin.slash(channel, "music admin resume")
+    told_member = outcome(queued)
+    assert told in told_member.content + "".join(e.description or "" for e in told_member.embeds)
+    store = await JobStore.open(database, owner=False)
+    (job,) = await store.history(channel.guild.id, alice.id)
+    await store.close()
+    assert (job.status, job.delivered) == (JobStatus.FAILED, True)
+    assert told in job.error
+
+
+async def test_the_bot_recovers_its_jobs_once_connected(simcord_env, world, database, monkeypatch):
+    bot = make_bot(database)
+    start = JobService.start
+    ready_when_started: list[bool] = []
+
+    async def recording(service):
+        ready_when_started.append(bot.is_ready())
+        await start(service)
+
+    monkeypatch.setattr(JobService, "start", recording)
+    await simcord_env.restart_bot(bot)
+    assert ready_when_started == [True]
+    assert bot.service.started
+
+
+async def test_a_bot_that_cannot_recover_its_jobs_stops(simcord_env, world, database, monkeypatch):
+    async def failing(service):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(JobService, "start", failing)
+    bot = make_bot(database)
+    await simcord_env.restart_bot(bot)
+    assert bot.is_closed()
 
 
 async def test_after_the_token_expired_a_restarted_bot_posts_in_the_channel(

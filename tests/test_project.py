@@ -30,6 +30,68 @@ def test_generation_never_imports_discord_or_the_bot():
         assert not names & {"discord", "bot"}, path
 
 
+def module_imports(packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """The project modules each module of ``packages`` imports when it is loaded or type
+    checked: imports at module level, in ``if TYPE_CHECKING:`` and ``try:`` blocks included,
+    relative ones resolved (imports inside functions run later and are not counted)."""
+    paths = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+        for package in packages
+        for path in (ROOT / package).rglob("*.py")
+    }
+    graph = {}
+    for module, path in paths.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        imported = set()
+        statements = list(ast.parse(path.read_text()).body)
+        while statements:
+            node = statements.pop()
+            if isinstance(node, ast.If | ast.Try):
+                statements.extend(ast.iter_child_nodes(node))
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([node.module] if node.module else []))
+                for alias in node.names:  # ``from . import limits`` imports a module
+                    name = f"{base}.{alias.name}"
+                    imported.add(name if name in paths else base)
+        graph[module] = {name for name in imported if name in paths and name != module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle in ``graph``, as the modules around it, or None."""
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(module: str) -> list[str] | None:
+        if module in visiting:
+            return [*visiting[visiting.index(module) :], module]
+        if module in done:
+            return None
+        visiting.append(module)
+        for imported in sorted(graph[module]):
+            if cycle := visit(imported):
+                return cycle
+        visiting.pop()
+        done.add(module)
+        return None
+
+    return next((cycle for module in sorted(graph) if (cycle := visit(module))), None)
+
+
+def test_no_import_cycle_in_the_bot_or_the_generation_package():
+    graph = module_imports(("bot", "generation"))
+    assert {"bot.views", "bot.cogs.remix", "generation.store"} <= graph.keys()
+    assert "bot.views" in graph["bot.cogs.remix"]  # the graph sees relative imports
+    assert "bot.bot" in graph["bot.cogs.music"]  # and TYPE_CHECKING ones
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
 def test_the_bot_never_imports_torch_or_audiocraft():
     for path, names in imported_modules("bot").items():
         assert not names & {"torch", "torchaudio", "audiocraft"}, path

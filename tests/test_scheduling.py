@@ -75,3 +75,15 @@ def test_taking_a_batch_gives_each_of_its_servers_its_turn():
     # c waited while a and b were served: it goes before their second jobs.
     assert queue.runnable() == [c1, a2, b2]
     assert {a1.id, b1.id}.isdisjoint(job.id for job in queue.runnable())
+
+
+def test_a_job_whose_clips_are_still_in_the_store_runs_alone():
+    """Read back after a restart, its melody's shape (part of the batch key) is unknown."""
+    queue = FairQueue()
+    recovered = queued(queue, 1, uploads_in_store=True)
+    a2 = queued(queue, 1)
+    b1 = queued(queue, 2)
+    assert plan(queue) == [recovered]
+    queue.take([recovered])
+    queued(queue, 2, uploads_in_store=True)  # behind b1: never joins another's batch
+    assert plan(queue) == [b1, a2]

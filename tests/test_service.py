@@ -227,3 +227,14 @@ async def test_takes_are_checked_and_kept_with_the_job(engine, database):
     await store.close()
     assert kept.takes == 2
     assert kept.request.seed == job.request.seed is not None  # fixed when submitted
+
+
+async def test_a_request_before_the_jobs_are_recovered_is_asked_to_come_back(engine, database):
+    service = JobService(engine, await JobStore.open(database), Recorder())
+    try:
+        with pytest.raises(QueueFull, match="send it again in a few seconds"):
+            await service.submit(REQUEST, guild_id=1, channel_id=1, user_id=1)
+        await service.start()
+        await submit(service)
+    finally:
+        await service.shutdown(grace=10)

@@ -65,6 +65,7 @@ async def test_a_job_keeps_every_request_field_its_audio_and_its_reply_address(s
     )
     await store.set_reply(job, reply)
     (loaded,) = await store.pending()
+    await store.load_uploads(loaded)
     assert loaded.id == job.id and loaded.status is JobStatus.QUEUED
     assert (loaded.guild_id, loaded.channel_id, loaded.user_id) == (1, 2, 3)
     assert loaded.reply == reply
@@ -74,6 +75,20 @@ async def test_a_job_keeps_every_request_field_its_audio_and_its_reply_address(s
     np.testing.assert_allclose(loaded.request.melody.samples, melody.samples, atol=2**-23)
     assert loaded.request.melody.sample_rate == 44_100
     assert "secret" not in repr(loaded)
+
+
+async def test_pending_jobs_come_back_without_their_clips_until_loaded(store):
+    melody = AudioClip(sine(1.0, 440.0), 32_000)
+    with_melody = await store.add(Job(0, replace(REQUEST, melody=melody), 1, 2, 3))
+    plain = await store.add(Job(0, REQUEST, 1, 2, 3))
+    loaded, other = await store.pending()
+    assert (loaded.request.melody, loaded.uploads_in_store) == (None, True)
+    assert not other.uploads_in_store
+    await store.load_uploads(loaded)
+    assert not loaded.uploads_in_store
+    np.testing.assert_array_equal(loaded.request.melody.samples, with_melody.request.melody.samples)
+    await store.load_uploads(other)
+    assert other.request == plain.request
 
 
 async def test_claiming_is_atomic_and_counts_attempts(store):
@@ -223,6 +238,7 @@ async def test_re_rolls_of_a_job_with_a_melody_store_the_melody_once(store, tmp_
     melody_bytes = melody.samples.nbytes  # 5 MB of float32: what each re-roll used to add
     assert size - size_after_first < melody_bytes / 10
     for job in await store.pending():
+        await store.load_uploads(job)
         np.testing.assert_array_equal(job.request.melody.samples, first.request.melody.samples)
 
 
@@ -264,6 +280,8 @@ async def test_version_3_uploads_move_to_the_shared_store(tmp_path):
 
     store = await JobStore.open(path)
     jobs = {job.id: job for job in await store.pending()}
+    for job in jobs.values():
+        await store.load_uploads(job)
     await store.close()
     assert upload_rows(path) == (2, 3)
     np.testing.assert_allclose(jobs[1].request.melody.samples, melody, atol=2**-23)
