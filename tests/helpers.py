@@ -27,9 +27,12 @@ def encode_tone(
     sample_rate: int = 44_100,
     channels: int = 2,
     fmt: str | None = None,
+    title: bytes | None = None,
 ) -> Path:
-    """Write a sine tone to ``path`` in the format its suffix names, with ffmpeg."""
+    """Write a sine tone to ``path`` in the format its suffix names, with ffmpeg; ``title``
+    goes in its title tag byte for byte (ffmpeg copies it)."""
     codec, container = FORMATS[fmt or path.suffix.lstrip(".")]
+    tags = [] if title is None else ["-metadata", b"title=" + title]
     subprocess.run(
         [
             imageio_ffmpeg.get_ffmpeg_exe(),
@@ -42,6 +45,7 @@ def encode_tone(
             f"sine=frequency={frequency}:duration={seconds}:sample_rate={sample_rate}",
             "-ac",
             str(channels),
+            *tags,
             "-c:a",
             codec,
             "-f",
@@ -102,26 +106,5 @@ def with_id3v1(mp3: bytes, title: bytes) -> bytes:
 
 
 def encode_titled_tone(path: Path, title: bytes, *, seconds: float = 1.0) -> Path:
-    """A tone whose title tag holds ``title``'s bytes as they are (ffmpeg copies them)."""
-    codec, container = FORMATS[path.suffix.lstrip(".")]
-    subprocess.run(
-        [
-            imageio_ffmpeg.get_ffmpeg_exe(),
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            f"sine=frequency=440:duration={seconds}",
-            "-metadata",
-            b"title=" + title,
-            "-c:a",
-            codec,
-            "-f",
-            container,
-            str(path),
-        ],
-        check=True,
-    )
-    return path
+    """A mono tone whose title tag holds ``title``'s bytes as they are."""
+    return encode_tone(path, seconds=seconds, channels=1, title=title)
