@@ -19,14 +19,14 @@ import aiohttp
 from aiohttp import web
 
 from bot.delivery import encode_for_upload
-from generation.engine import GenerationResult, MusicGenEngine
+from generation.engine.musicgen import GenerationResult, MusicGenEngine
 from generation.errors import GenerationError
-from generation.estimates import Estimate
-from generation.queue import Job, QueueLimits
+from generation.jobs.estimates import Estimate
+from generation.jobs.job import Job, QueueLimits
+from generation.jobs.scheduling import BatchPolicy
+from generation.jobs.service import JobService
+from generation.jobs.sqlite import JobStore
 from generation.request import GenerationRequest
-from generation.scheduling import BatchPolicy
-from generation.service import JobService
-from generation.store import JobStore
 
 UPLOAD_LIMIT = 25 * 2**20  # Discord's default for bots
 

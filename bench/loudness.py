@@ -1,7 +1,7 @@
 """Cost of loudness normalisation on one take: ``./dev python bench/loudness.py``.
 
 Each run is a fresh process that builds a take (chords, noise and drum-like transients that
-the limiter has to catch), then times :func:`generation.audio_output.normalise_loudness` on
+the limiter has to catch), then times :func:`generation.audio.output.normalise_loudness` on
 it: CPU seconds and how far the peak resident memory grew above the process's size before the
 call (the take itself included in that size). Prints the median of ``--repeats`` runs, and
 the result's loudness and true peak, to show the behaviour.
@@ -52,7 +52,7 @@ def one_run(seconds: float, sample_rate: int, channels: int) -> dict[str, float]
     import pyloudnorm
     from scipy.signal import resample_poly
 
-    from generation.audio_output import normalise_loudness
+    from generation.audio.output import normalise_loudness
 
     audio = take(seconds, sample_rate, channels)
     rss_before = _rss_kib()

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from generation.engine import MusicGenEngine
+from generation.engine.musicgen import MusicGenEngine
 
 MODELS = ("debug", "debug-stereo")
 TICK = 0.001

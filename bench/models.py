@@ -20,7 +20,7 @@ import torch
 from audiocraft.models import MusicGen, builders
 from omegaconf import DictConfig, OmegaConf
 
-from generation.debug_models import debug_config
+from generation.engine.debug_models import debug_config
 
 #: T5-base's hidden size: the width of the released models' text embeddings.
 T5_BASE_DIM = 768
@@ -87,8 +87,8 @@ def build_peer(model: str) -> torch.nn.Module:
 
 def build_plain_and_optimised(model: str) -> tuple[MusicGen, MusicGen]:
     """``model`` ("small" or "debug") twice, sharing weights: as built, and optimised."""
-    from generation.debug_models import build_debug_model
-    from generation.decoding import optimise_for_decoding
+    from generation.engine.debug_models import build_debug_model
+    from generation.engine.decoding import optimise_for_decoding
 
     plain = build_small_musicgen() if model == "small" else build_debug_model("debug")
     shared = {id(t): t for t in (*plain.lm.parameters(), *plain.lm.buffers())}

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from generation.engine import MusicGenEngine
-from generation.queue import Job
+from generation.engine.musicgen import MusicGenEngine
+from generation.jobs.job import Job
+from generation.jobs.service import JobService
+from generation.jobs.sqlite import JobStore
 from generation.request import AudioClip, GenerationRequest
-from generation.service import JobService
-from generation.store import JobStore
 
 SAMPLE_RATE = 32_000
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from generation.store import STATS_RECENT, JobStore
+from generation.jobs.sqlite import STATS_RECENT, JobStore
 
 SERVER = 1
 RUNS = 5

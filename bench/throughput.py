@@ -5,7 +5,7 @@ Every ratio is against a baseline measured in the same run: plain audiocraft (un
 more can be added, e.g. one through the bot's queue):
 
 - ``steps``: per-step latency for 1, 2, 4, 8 requests a step: plain audiocraft, audiocraft
-  with :func:`generation.decoding.optimise_for_decoding`, and transformers' MusicGen decoder.
+  with :func:`generation.engine.decoding.optimise_for_decoding`, and transformers' MusicGen decoder.
 - ``throughput``: aggregate throughput of N concurrent requests of ``--seconds`` each.
 - ``duration``: time against duration (beyond 30 s, extended generation).
 - ``rss``: peak resident memory of a process that loads the model and generates.
@@ -163,7 +163,7 @@ def section_duration(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) 
 
 
 def _count_steps(model: MusicGen, seconds: float) -> int:
-    from generation.engine import planned_steps
+    from generation.engine.musicgen import planned_steps
     from generation.request import GenerationRequest
 
     request = GenerationRequest(prompt=PROMPT, model=model.name, duration=seconds)
@@ -175,7 +175,7 @@ def section_rss(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> No
     the model from a checkpoint folder (the plain model, exported) and generates."""
     import tempfile
 
-    from generation.export import export_checkpoint
+    from generation.engine.export import export_checkpoint
 
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as folder:
@@ -197,7 +197,7 @@ def _rss_child(model: str, seconds: float, threads: int | None) -> tuple[int, in
     import gc
     import threading
 
-    from generation.engine import MusicGenEngine, _resident_bytes
+    from generation.engine.musicgen import MusicGenEngine, _resident_bytes
     from generation.request import GenerationRequest
 
     if threads:
@@ -224,7 +224,7 @@ def _rss_child(model: str, seconds: float, threads: int | None) -> tuple[int, in
 
 def _build_one(model: str) -> MusicGen:
     if model == "debug":
-        from generation.debug_models import build_debug_model
+        from generation.engine.debug_models import build_debug_model
 
         return build_debug_model("debug")
     from bench.models import build_small_musicgen
@@ -236,7 +236,7 @@ def section_output(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) ->
     """(e) The bot's own work on a finished clip: loudness and MP3, against generating it."""
     import numpy as np
 
-    from generation.audio_output import encode_mp3, normalise_loudness
+    from generation.audio.output import encode_mp3, normalise_loudness
 
     sample_rate = fast.sample_rate
     rng = np.random.default_rng(0)
@@ -260,7 +260,7 @@ def section_cuda(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> N
     if not torch.cuda.is_available():
         print("\n## (f) CUDA: no GPU here, skipped")
         return
-    from generation.decoding import optimise_for_decoding
+    from generation.engine.decoding import optimise_for_decoding
 
     model = _build_one(args.model) if args.model == "debug" else None
     if model is None:
@@ -293,8 +293,8 @@ def section_queue(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> 
     import tempfile
 
     from bench.bot_path import run_through_queue
-    from generation.engine import MusicGenEngine
-    from generation.export import export_checkpoint
+    from generation.engine.export import export_checkpoint
+    from generation.engine.musicgen import MusicGenEngine
     from generation.request import GenerationRequest
 
     baseline_one = plain_single_seconds(plain, args)

@@ -10,11 +10,11 @@ from dataclasses import astuple
 import discord
 from discord.ext import commands, tasks
 
-from generation.engine import MusicGenEngine
-from generation.queue import QueueLimits
-from generation.scheduling import BatchPolicy
-from generation.service import JobService
-from generation.store import JobStore
+from generation.engine.musicgen import MusicGenEngine
+from generation.jobs.job import QueueLimits
+from generation.jobs.scheduling import BatchPolicy
+from generation.jobs.service import JobService
+from generation.jobs.sqlite import JobStore
 
 from .access import Access
 from .config import Config

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from generation import cli as generation_cli
-from generation.retention import Retention
+from generation.jobs.retention import Retention
 
 from .config import TOKEN_VARIABLE, Config, ConfigError, load_config
 from .log_redaction import redact_logs
 
 if TYPE_CHECKING:
-    from generation.store import Pruned
+    from generation.jobs.sqlite import Pruned
 
 EXAMPLE_CONFIG = "config.example.toml"
 
@@ -63,7 +63,7 @@ def run_bot(args: argparse.Namespace) -> int:
     import aiohttp
     import discord
 
-    from generation.store import StoreError
+    from generation.jobs.sqlite import StoreError
 
     from . import create_bot
 
@@ -145,7 +145,7 @@ def add_prune_command(commands: argparse._SubParsersAction) -> None:
 def prune_storage(args: argparse.Namespace) -> int:
     """Prune the configured database once; safe while the bot runs."""
     config = _load_config(args)
-    from generation.store import StoreError
+    from generation.jobs.sqlite import StoreError
 
     try:
         pruned = asyncio.run(_prune(config.storage.database, config.storage.retention))
@@ -159,7 +159,7 @@ def prune_storage(args: argparse.Namespace) -> int:
 
 
 async def _prune(path: Path, retention: Retention) -> Pruned:
-    from generation.store import JobStore
+    from generation.jobs.sqlite import JobStore
 
     # Not the owner: prune runs beside the bot, and never runs or recovers a job.
     store = await JobStore.open(path, owner=False)
@@ -171,7 +171,7 @@ async def _prune(path: Path, retention: Retention) -> Pruned:
 
 async def _check_database(path: Path) -> None:
     """Refuse a damaged database, or one another bot owns, before connecting to Discord."""
-    from generation.store import JobStore
+    from generation.jobs.sqlite import JobStore
 
     store = await JobStore.open(path)
     await store.close()

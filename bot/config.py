@@ -14,10 +14,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from generation.engine.models import catalogue_name, resolve_model
 from generation.errors import InvalidOption
-from generation.models import catalogue_name, resolve_model
+from generation.jobs.retention import Retention
 from generation.request import DEFAULT_MAX_DURATION
-from generation.retention import Retention
 
 TOKEN_VARIABLE = "DISCORD_TOKEN"
 

@@ -22,13 +22,13 @@ from typing import Any
 
 import discord
 
-from generation.audio_output import encode_mp3_within, mp3_filename, request_tags
-from generation.engine import GenerationResult
+from generation.audio.output import encode_mp3_within, mp3_filename, request_tags
+from generation.audio.waveform import render_waveforms
+from generation.engine.musicgen import GenerationResult
 from generation.errors import GenerationError, OutputTooLarge, Undeliverable
-from generation.estimates import Estimate
+from generation.jobs.estimates import Estimate
+from generation.jobs.job import Job
 from generation.origin import Origin
-from generation.queue import Job
-from generation.waveform import render_waveforms
 
 from . import limits, presentation
 from .status import StatusMessages, jump_url, live_reply
@@ -40,7 +40,7 @@ WAVEFORM_NAME = "waveform.png"
 
 
 class JobReporter:
-    """The worker's :class:`generation.worker.JobListener`, speaking Discord.
+    """The worker's :class:`generation.jobs.worker.JobListener`, speaking Discord.
 
     Cogs hear of each job's end through the ``on_job_ended(job)`` event, once its outcome
     is posted (``job.result_url`` links to it).

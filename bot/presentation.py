@@ -8,14 +8,14 @@ from typing import Any
 
 import discord
 
-from generation.audio_output import MP3_BITRATES
-from generation.engine import GenerationResult
-from generation.estimates import Estimate
-from generation.models import ModelSpec
+from generation.audio.output import MP3_BITRATES
+from generation.engine.models import ModelSpec
+from generation.engine.musicgen import GenerationResult
+from generation.jobs.estimates import Estimate
+from generation.jobs.job import Job, JobStatus
+from generation.jobs.sqlite import GuildSettings, Jam, Segment, Stats
 from generation.origin import OriginKind
-from generation.queue import Job, JobStatus
 from generation.request import GenerationRequest
-from generation.store import GuildSettings, Jam, Segment, Stats
 
 from . import limits
 from .access import Rules

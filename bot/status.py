@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import discord
 
-from generation.queue import Job, ReplyAddress
+from generation.jobs.job import Job, ReplyAddress
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from .audio_input import AudioLimits, read_audio_file
-from .errors import AudioInputError, GenerationError, InvalidOption
-from .models import CATALOGUE, DEFAULT_MODEL, resolve_model
-from .request import (
+from generation.audio.input import AudioLimits, read_audio_file
+from generation.engine.models import CATALOGUE, DEFAULT_MODEL, resolve_model
+from generation.errors import AudioInputError, GenerationError, InvalidOption
+from generation.request import (
     CODEBOOK_SIZE,
     DEFAULT_MAX_DURATION,
     MAX_CFG_COEF,
@@ -182,8 +182,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from .audio_output import encode_audio, mp3_filename, normalise_loudness, request_tags
-    from .engine import MusicGenEngine
+    from generation.audio.output import encode_audio, mp3_filename, normalise_loudness, request_tags
+    from generation.engine.musicgen import MusicGenEngine
 
     engine = MusicGenEngine(device=args.device)
     with tqdm(total=None, unit="step", desc=request.model, disable=None) as bar:

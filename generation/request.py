@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import secrets
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .errors import InvalidOption
-from .models import ModelSpec
+from generation.engine.models import ModelSpec
+from generation.errors import InvalidOption
 
 #: The released models' context window; longer requests use extended generation.
 WINDOW_SECONDS = 30.0
@@ -63,6 +63,12 @@ class GenerationRequest:
     seed: int | None = None
     melody: AudioClip | None = field(default=None, repr=False)
     continuation: AudioClip | None = field(default=None, repr=False)
+
+    @property
+    def sampled(self) -> bool:
+        """Whether tokens are sampled; a temperature of 0 is greedy decoding, as in
+        audiocraft's sampler."""
+        return self.use_sampling and self.temperature > 0
 
     def with_seed(self) -> GenerationRequest:
         """This request with a concrete seed (a random one when none was given)."""
@@ -200,3 +206,30 @@ def _check_audio_inputs(request: GenerationRequest, spec: ModelSpec) -> None:
             f"The intro is {clip.seconds:.1f} s long: MusicGen continues intros shorter "
             f"than its {WINDOW_SECONDS:g} s window.",
         )
+
+
+def batch_key(request: GenerationRequest) -> tuple[Hashable, ...]:
+    """Requests with equal keys can run in one batch of the engine
+    (:meth:`generation.engine.musicgen.MusicGenEngine.generate_batch`).
+
+    audiocraft takes one set of generation parameters per call; prompts and seeds may differ.
+    Audio inputs must have the same length: audiocraft pads a batch's melodies and intros to
+    the longest, which would change the music of the shorter ones.
+    """
+    return (
+        request.model,
+        request.duration,
+        request.sampled,
+        request.temperature,
+        request.top_k,
+        request.top_p,
+        request.cfg_coef,
+        request.two_step_cfg,
+        request.extend_stride,
+        _clip_shape(request.melody),
+        _clip_shape(request.continuation),
+    )
+
+
+def _clip_shape(clip: AudioClip | None) -> tuple[int, ...] | None:
+    return None if clip is None else (clip.sample_rate, *clip.samples.shape)

@@ -8,7 +8,7 @@ import numpy as np
 
 from bot import create_bot
 from bot.config import parse_config
-from generation.audio_input import AudioLimits, decode_audio
+from generation.audio.input import AudioLimits, decode_audio
 
 CONFIG = {
     "discord": {"token": "not-a-real-token"},

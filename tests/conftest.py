@@ -14,7 +14,7 @@ from pathlib import Path
 import discord
 import pytest
 
-from generation.engine import MusicGenEngine
+from generation.engine.musicgen import MusicGenEngine
 
 from .bot_helpers import close_databases, end_process, make_bot
 from .helpers import encode_tone

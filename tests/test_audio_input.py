@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from generation.audio_input import (
+from generation.audio.input import (
     MAX_DECODERS,
     MAX_PENDING_DECODES,
     AudioLimits,
@@ -132,7 +132,7 @@ def test_a_missing_file_is_named():
 # tables and the resampler's code count as the baseline.
 PEAK_RSS_SCRIPT = """
 import json, resource, sys
-from generation.audio_input import AudioLimits, decode_audio
+from generation.audio.input import AudioLimits, decode_audio
 from tests.helpers import riff_wav
 import struct
 warm = riff_wav(struct.pack("<HHIIHH", 1, 1, 8000, 16000, 2, 16), bytes(16000))

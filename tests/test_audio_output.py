@@ -13,8 +13,8 @@ from mutagen.id3 import ID3
 from mutagen.mp3 import MP3
 from scipy.signal import resample_poly
 
-from generation.audio_input import AudioLimits, decode_audio
-from generation.audio_output import (
+from generation.audio.input import AudioLimits, decode_audio
+from generation.audio.output import (
     MP3_BITRATES,
     OVERSAMPLING,
     PEAK_BLOCK,
@@ -28,9 +28,9 @@ from generation.audio_output import (
     request_tags,
     true_peaks,
 )
+from generation.audio.stored import content_hash
 from generation.errors import OutputTooLarge
 from generation.request import GenerationRequest
-from generation.stored_audio import content_hash
 
 from .helpers import sine
 

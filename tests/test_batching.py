@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from generation.engine import MusicGenEngine, batch_key, model_bytes
-from generation.request import AudioClip, GenerationRequest
+from generation.engine.musicgen import MusicGenEngine, model_bytes
+from generation.request import AudioClip, GenerationRequest, batch_key
 
 from .helpers import sine
 from .test_engine import count_lm_calls

@@ -10,9 +10,9 @@ import pytest
 import simcord
 
 from bot.presentation import job_choice, matching_jobs
-from generation.audio_input import MAX_PENDING_DECODES, AudioLimits, decode_audio, pending_slot
-from generation.audio_output import encode_mp3_within, normalise_loudness, request_tags
-from generation.queue import Job
+from generation.audio.input import MAX_PENDING_DECODES, AudioLimits, decode_audio, pending_slot
+from generation.audio.output import encode_mp3_within, normalise_loudness, request_tags
+from generation.jobs.job import Job
 from generation.request import GenerationRequest
 
 from .bot_helpers import fields, mp3_of, outcome, private_reply
@@ -332,7 +332,7 @@ async def test_a_failing_job_does_not_stop_the_next(alice, bob, channel):
 
 async def test_fairness_between_two_servers(simcord_env, alice, bob, channel, caplog):
     """Three jobs from one server, then one from another: the other's runs second."""
-    caplog.set_level(logging.INFO, logger="generation.worker")
+    caplog.set_level(logging.INFO, logger="generation.jobs.worker")
     other = simcord_env.create_guild("Other Server")
     other_channel = other.create_text_channel("music")
     carol = other.add_member(simcord_env.create_user("carol"))

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from bot.cli import main
-from generation.queue import JobStatus
-from generation.service import JobService
-from generation.store import JobStore
-from generation.stored_audio import StoredClip
+from generation.audio.stored import StoredClip
+from generation.jobs.job import JobStatus
+from generation.jobs.service import JobService
+from generation.jobs.sqlite import JobStore
 
 from .bot_helpers import fields, make_bot, mp3_of, outcome
 from .helpers import encode_tone

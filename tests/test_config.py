@@ -16,10 +16,10 @@ import pytest
 
 from bot.cli import main
 from bot.config import Config, ConfigError, load_config, parse_config
-from generation.debug_models import build_debug_model, debug_config
-from generation.export import export_checkpoint
-from generation.models import resolve_model
-from generation.ownership import Ownership
+from generation.engine.debug_models import build_debug_model, debug_config
+from generation.engine.export import export_checkpoint
+from generation.engine.models import resolve_model
+from generation.jobs.ownership import Ownership
 
 from .bot_helpers import make_bot
 

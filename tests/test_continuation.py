@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from generation.continuation import (
+from generation.audio.continuation import (
     CROSSFADE_SECONDS,
     MAX_INTRO_SECONDS,
     continue_request,

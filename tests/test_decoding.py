@@ -7,8 +7,8 @@ import torch
 from audiocraft.models import MusicGen
 from audiocraft.modules.transformer import StreamingMultiheadAttention
 
-from generation.debug_models import build_debug_model
-from generation.decoding import linear, optimise_for_decoding
+from generation.engine.debug_models import build_debug_model
+from generation.engine.decoding import linear, optimise_for_decoding
 
 PROMPTS = ["lo-fi hip hop beat", "fast drum and bass"]
 
@@ -113,7 +113,7 @@ def test_past_keys_and_values_grow_in_place():
 
 
 def test_the_engine_decodes_every_model_it_loads_with_the_speed_ups():
-    from generation.engine import MusicGenEngine
+    from generation.engine.musicgen import MusicGenEngine
 
     model = MusicGenEngine(device="cpu").load("debug-melody")
     assert cross_attentions(model) == []  # melody models prepend: self-attention only

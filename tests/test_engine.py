@@ -207,7 +207,7 @@ def test_the_engine_validates_before_running(engine):
 
 
 def test_debug_models_are_the_same_every_time_they_are_built():
-    from generation.debug_models import build_debug_model
+    from generation.engine.debug_models import build_debug_model
 
     first, second = build_debug_model("debug"), build_debug_model("debug")
     for a, b in zip(first.lm.parameters(), second.lm.parameters(), strict=True):

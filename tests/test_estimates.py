@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from generation.estimates import GenerationRates, forecast
-from generation.queue import FairQueue, Job
+from generation.jobs.estimates import GenerationRates, forecast
+from generation.jobs.job import FairQueue, Job
+from generation.jobs.scheduling import BatchPolicy, plan_batch
 from generation.request import GenerationRequest
-from generation.scheduling import BatchPolicy, plan_batch
 
 
 def test_a_first_guess_follows_the_model_size_and_the_device():

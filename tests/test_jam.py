@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import simcord
 
-from generation.audio_input import AudioLimits, decode_audio
-from generation.store import JobStore
-from generation.stored_audio import StoredClip
+from generation.audio.input import AudioLimits, decode_audio
+from generation.audio.stored import StoredClip
+from generation.jobs.sqlite import JobStore
 
 from .bot_helpers import (
     buttons,

@@ -9,11 +9,11 @@ import pytest
 from bot import limits, presentation
 from bot.access import rules_for
 from bot.config import Config, GenerationConfig
-from generation.estimates import Estimate
-from generation.models import resolve_model
-from generation.queue import Job, JobStatus
+from generation.engine.models import resolve_model
+from generation.jobs.estimates import Estimate
+from generation.jobs.job import Job, JobStatus
+from generation.jobs.sqlite import GuildSettings, Jam, Segment
 from generation.request import GenerationRequest
-from generation.store import GuildSettings, Jam, Segment
 
 from .bot_helpers import fields, make_bot
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from generation.debug_models import build_debug_model, debug_config
-from generation.engine import MusicGenEngine
+from generation.engine.debug_models import build_debug_model, debug_config
+from generation.engine.export import export_checkpoint
+from generation.engine.loading import load_model
+from generation.engine.models import ModelSpec, resolve_model
+from generation.engine.musicgen import MusicGenEngine
 from generation.errors import ModelLoadError
-from generation.export import export_checkpoint
-from generation.loading import load_model
-from generation.models import ModelSpec, resolve_model
 from generation.request import GenerationRequest
 
 

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from bot.presentation import duration_text
-from generation.estimates import GenerationRates
-from generation.store import JobStore
+from generation.jobs.estimates import GenerationRates
+from generation.jobs.sqlite import JobStore
 
 from .bot_helpers import LINK, buttons, fields, make_bot, outcome, private_reply
 from .helpers import encode_tone

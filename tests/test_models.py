@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from generation.engine.models import CATALOGUE, resolve_model
 from generation.errors import UnknownModel
-from generation.models import CATALOGUE, resolve_model
 
 RELEASED = [name for name, spec in CATALOGUE.items() if not spec.offline]
 

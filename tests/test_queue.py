@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from generation.errors import JobNotFound, QueueFull
-from generation.queue import FairQueue, Job, JobStatus, QueueLimits
+from generation.jobs.job import FairQueue, Job, JobStatus, QueueLimits
 from generation.request import GenerationRequest
 
 REQUEST = GenerationRequest(prompt="p", model="debug")

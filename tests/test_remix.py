@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generation.audio_input import AudioLimits, decode_audio
-from generation.store import JobStore
-from generation.stored_audio import content_hash
-from generation.waveform import GAP, HEIGHT, MARKER, WIDTH
+from generation.audio.input import AudioLimits, decode_audio
+from generation.audio.stored import content_hash
+from generation.audio.waveform import GAP, HEIGHT, MARKER, WIDTH
+from generation.jobs.sqlite import JobStore
 
 from .bot_helpers import (
     buttons,

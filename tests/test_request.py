@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
+from generation.engine.models import CATALOGUE
 from generation.errors import InvalidOption
-from generation.models import CATALOGUE
 from generation.request import AudioClip, GenerationRequest, validate_request
 
 from .helpers import sine

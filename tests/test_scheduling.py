@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
-from generation.queue import FairQueue, Job
+from generation.jobs.job import FairQueue, Job
+from generation.jobs.scheduling import BatchPolicy, plan_batch
 from generation.request import GenerationRequest
-from generation.scheduling import BatchPolicy, plan_batch
 
 REQUEST = GenerationRequest(prompt="lo-fi", model="debug", duration=1.0, seed=1)
 _ids = itertools.count(1)

@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 
 from generation.errors import InvalidOption, QueueFull
-from generation.queue import Job, JobStatus, QueueLimits
+from generation.jobs.job import Job, JobStatus, QueueLimits
+from generation.jobs.service import JobService, RateLimited
+from generation.jobs.sqlite import JobStore
 from generation.request import GenerationRequest
-from generation.service import JobService, RateLimited
-from generation.store import JobStore
 
 from .test_worker import Recorder
 

@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from generation import store as store_module
+from generation.audio.stored import content_hash
 from generation.errors import ResultMissing
-from generation.origin import Origin, OriginKind
-from generation.queue import Job, JobStatus, ReplyAddress
-from generation.request import AudioClip, GenerationRequest
-from generation.retention import DAY, Retention
-from generation.store import (
+from generation.jobs import sqlite as store_module
+from generation.jobs.job import Job, JobStatus, ReplyAddress
+from generation.jobs.retention import DAY, Retention
+from generation.jobs.sqlite import (
     MIGRATIONS,
     STATS_COUNTS,
     STATS_RECENT,
@@ -34,7 +33,8 @@ from generation.store import (
     Segment,
     StoreError,
 )
-from generation.stored_audio import content_hash
+from generation.origin import Origin, OriginKind
+from generation.request import AudioClip, GenerationRequest
 
 from .helpers import sine
 
@@ -450,7 +450,7 @@ IN_USE = r"bot\.sqlite3 is in use by another musicgen-bot process: stop it first
 
 HOLD_STORE = """
 import asyncio, sys
-from generation.store import JobStore
+from generation.jobs.sqlite import JobStore
 
 async def hold():
     await JobStore.open(sys.argv[1])

@@ -9,7 +9,7 @@ import sys
 
 def _after_import(environment: dict[str, str]) -> str:
     code = (
-        "import sys; assert 'torch' not in sys.modules; import generation.engine, os; "
+        "import sys; assert 'torch' not in sys.modules; import generation.engine.musicgen, os; "
         "print(os.environ['OMP_WAIT_POLICY'])"
     )
     result = subprocess.run(

@@ -9,7 +9,7 @@ import pytest
 from simcord.backend.models.channel import Overwrite
 from simcord.enums import OverwriteType
 
-from generation.store import JobStore
+from generation.jobs.sqlite import JobStore
 
 from .bot_helpers import job_id, outcome
 from .test_storage import prune

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from generation.waveform import (
+from generation.audio.waveform import (
     BACKGROUND,
     FOREGROUND,
     GAP,

@@ -11,14 +11,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from generation.audio_output import normalise_loudness
-from generation.engine import GenerationResult
+from generation.audio.output import normalise_loudness
+from generation.engine.musicgen import GenerationResult
 from generation.errors import GenerationError, Undeliverable
-from generation.estimates import Estimate
-from generation.queue import FairQueue, Job, JobStatus
+from generation.jobs.estimates import Estimate
+from generation.jobs.job import FairQueue, Job, JobStatus
+from generation.jobs.sqlite import JobStore
+from generation.jobs.worker import DELIVERY_FAILED, Backoff, Worker
 from generation.request import GenerationRequest
-from generation.store import JobStore
-from generation.worker import DELIVERY_FAILED, Backoff, Worker
 
 REQUEST = GenerationRequest(prompt="lo-fi", model="debug", duration=1.0, seed=1)
 

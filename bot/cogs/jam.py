@@ -19,14 +19,14 @@ import numpy as np
 from discord import app_commands
 from discord.ext import commands
 
-from generation.audio_output import encode_mp3_within, mp3_filename, request_tags
-from generation.continuation import MAX_INTRO_SECONDS, intro_clip, new_part, stitch
+from generation.audio.continuation import MAX_INTRO_SECONDS, intro_clip, new_part, stitch
+from generation.audio.output import encode_mp3_within, mp3_filename, request_tags
+from generation.engine.models import resolve_model
 from generation.errors import GenerationError, JobNotFound
-from generation.models import resolve_model
+from generation.jobs.job import Job, JobStatus
+from generation.jobs.sqlite import Expired, Jam, Turn
 from generation.origin import Origin, OriginKind
-from generation.queue import Job, JobStatus
 from generation.request import WINDOW_SECONDS, GenerationRequest
-from generation.store import Expired, Jam, Turn
 
 from .. import limits, presentation
 from ..access import Rules, may_manage

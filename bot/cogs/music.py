@@ -10,16 +10,17 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from generation.audio_input import AudioLimits, check_size, decode_upload
+from generation.audio.input import AudioLimits, check_size, decode_upload
+from generation.engine.models import resolve_model
 from generation.errors import (
     AudioInputError,
     GenerationError,
     InvalidOption,
     JobNotFound,
 )
-from generation.models import resolve_model
+from generation.jobs.job import Job, JobStatus, ReplyAddress
+from generation.jobs.sqlite import GuildSettings
 from generation.origin import Origin
-from generation.queue import Job, JobStatus, ReplyAddress
 from generation.request import (
     MAX_CFG_COEF,
     MAX_PROMPT_CHARS,
@@ -29,7 +30,6 @@ from generation.request import (
     GenerationRequest,
     check_audio_options,
 )
-from generation.store import GuildSettings
 
 from .. import limits, presentation
 from ..access import Rules, may_manage, rules_for

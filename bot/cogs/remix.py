@@ -18,13 +18,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from generation.audio_input import check_size
-from generation.continuation import MAX_INTRO_SECONDS, continue_request, intro_clip
+from generation.audio.continuation import MAX_INTRO_SECONDS, continue_request, intro_clip
+from generation.audio.input import check_size
 from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
+from generation.jobs.job import MAX_TAKES, Job, JobStatus
+from generation.jobs.sqlite import Expired
 from generation.origin import Origin, OriginKind
-from generation.queue import MAX_TAKES, Job, JobStatus
 from generation.request import TEMPERATURE_RANGE, AudioClip, GenerationRequest
-from generation.store import Expired
 
 from ..errors import answering
 from ..modals import Drafts, Field, Form, Submit, prompt_field, read_form

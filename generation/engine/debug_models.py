@@ -19,7 +19,7 @@ import torch
 from audiocraft.models import MusicGen, builders
 from omegaconf import DictConfig, OmegaConf
 
-from .request import WINDOW_SECONDS
+from generation.request import WINDOW_SECONDS
 
 DEBUG_MODELS = ("debug", "debug-melody", "debug-stereo")
 

@@ -25,13 +25,13 @@ import aiosqlite
 import numpy as np
 import soundfile
 
-from .errors import DamagedResult, DamagedUpload, GenerationError, ResultMissing
-from .origin import Origin
-from .ownership import InUse, Ownership
-from .queue import Job, JobStatus, ReplyAddress
-from .request import AudioClip, GenerationRequest
-from .retention import DAY, Retention
-from .stored_audio import StoredClip, to_grid
+from generation.audio.stored import StoredClip, to_grid
+from generation.errors import DamagedResult, DamagedUpload, GenerationError, ResultMissing
+from generation.jobs.job import Job, JobStatus, ReplyAddress
+from generation.jobs.ownership import InUse, Ownership
+from generation.jobs.retention import DAY, Retention
+from generation.origin import Origin
+from generation.request import AudioClip, GenerationRequest
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,10 @@ import heapq
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .engine import batch_key
-from .models import CATALOGUE
-from .queue import Job
-from .request import GenerationRequest
-from .scheduling import BatchPolicy
+from generation.engine.models import CATALOGUE
+from generation.jobs.job import Job
+from generation.jobs.scheduling import BatchPolicy
+from generation.request import GenerationRequest, batch_key
 
 #: Seconds of work per second of audio for one request before any job has been timed, by
 #: model size: (CPU, GPU). The CPU figure for small is this project's benchmark (README,
@@ -109,7 +108,7 @@ def forecast(
     paused: Callable[[int], bool],
 ) -> list[Estimate]:
     """The position and ETA of every job in ``order`` (the queue's service order), batching
-    them as :func:`generation.scheduling.plan_batch` would, after the ``running`` batch.
+    them as :func:`generation.jobs.scheduling.plan_batch` would, after the ``running`` batch.
 
     One pass: each job joins the earliest planned batch of its kind with room for it (what
     planning the batches one after another gives), so the cost grows with the number of jobs

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile
 
-from .request import AudioClip
+from generation.request import AudioClip
 
 _BITS = 24
 _FULL_SCALE = 2 ** (_BITS - 1)

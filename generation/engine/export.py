@@ -11,7 +11,7 @@ from audiocraft.models import MusicGen
 from audiocraft.utils.export import export_encodec, export_lm
 from omegaconf import DictConfig, OmegaConf
 
-from .models import COMPRESSION_CHECKPOINT, LM_CHECKPOINT
+from generation.engine.models import COMPRESSION_CHECKPOINT, LM_CHECKPOINT
 
 
 def export_checkpoint(model: MusicGen, cfg: DictConfig, folder: Path) -> Path:

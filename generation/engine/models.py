@@ -7,7 +7,7 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelLoadError, UnknownModel
+from generation.errors import ModelLoadError, UnknownModel
 
 #: Files of a checkpoint folder, as ``audiocraft.utils.export`` writes them.
 LM_CHECKPOINT = "state_dict.bin"

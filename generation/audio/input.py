@@ -29,8 +29,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .errors import AudioInputError
-from .request import AudioClip
+from generation.errors import AudioInputError
+from generation.request import AudioClip
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The single generation worker: takes batches of jobs from the fair queue and runs them.
 
-Jobs that can share a pass of the model run together (see :mod:`generation.scheduling`), each
+Jobs that can share a pass of the model run together (see :mod:`generation.jobs.scheduling`), each
 delivered on its own. The model runs on a one-thread executor, so the event loop (and the
 Discord heartbeat) keeps going while it decodes; progress crosses back to the loop with
 ``call_soon_threadsafe``. The worker task starts when there is work and returns when the queue
@@ -30,14 +30,14 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Protocol, TypeVar
 
-from .audio_output import normalise_loudness
-from .engine import CancelFlag, GenerationResult, ProgressCallback
-from .errors import GenerationCancelled, GenerationError, Undeliverable
-from .estimates import Estimate, GenerationRates, forecast
-from .queue import FairQueue, Job, JobStatus
-from .request import GenerationRequest
-from .scheduling import BatchPolicy, plan_batch
-from .store import JobStore
+from generation.audio.output import normalise_loudness
+from generation.engine.musicgen import CancelFlag, GenerationResult, ProgressCallback
+from generation.errors import GenerationCancelled, GenerationError, Undeliverable
+from generation.jobs.estimates import Estimate, GenerationRates, forecast
+from generation.jobs.job import FairQueue, Job, JobStatus
+from generation.jobs.scheduling import BatchPolicy, plan_batch
+from generation.jobs.sqlite import JobStore
+from generation.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Backoff:
 
 
 class Generator(Protocol):
-    """What the worker runs jobs on: :class:`generation.engine.MusicGenEngine`."""
+    """What the worker runs jobs on: :class:`generation.engine.musicgen.MusicGenEngine`."""
 
     #: Where the models run ("cpu", "cuda", ...): generation rates are learnt per device.
     device: str

@@ -16,10 +16,10 @@ from mutagen.wave import WAVE
 from scipy.ndimage import minimum_filter1d, uniform_filter1d
 from scipy.signal import resample_poly
 
-from .errors import OutputTooLarge
-from .origin import Origin
-from .request import AudioClip, GenerationRequest
-from .stored_audio import content_hash
+from generation.audio.stored import content_hash
+from generation.errors import OutputTooLarge
+from generation.origin import Origin
+from generation.request import AudioClip, GenerationRequest
 
 with warnings.catch_warnings():
     # pydub warns at import when no ffmpeg is on PATH; _configure_ffmpeg supplies one.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from .engine import batch_key
-from .queue import Job
+from generation.jobs.job import Job
+from generation.request import batch_key
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def plan_batch(
 
     The first job is the next in turn, unless its model is not loaded and it has waited less
     than ``policy.max_model_wait``: then the first job in turn for a loaded model goes
-    instead. Jobs that can share its pass (same :func:`generation.engine.batch_key`) join it
+    instead. Jobs that can share its pass (same :func:`generation.request.batch_key`) join it
     in turn order, so every server with such jobs gets a row before any gets two. A job whose
     clips are still in the store (read back after a restart) runs alone: its key is only
     known once they are loaded.

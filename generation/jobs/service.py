@@ -7,13 +7,13 @@ import asyncio
 import logging
 import time
 
-from .errors import InvalidOption, QueueFull
-from .origin import Origin
-from .queue import MAX_TAKES, FairQueue, Job, JobStatus, QueueLimits, ReplyAddress
-from .request import GenerationRequest
-from .scheduling import BatchPolicy
-from .store import JobStore
-from .worker import Generator, JobListener, Worker
+from generation.errors import InvalidOption, QueueFull
+from generation.jobs.job import MAX_TAKES, FairQueue, Job, JobStatus, QueueLimits, ReplyAddress
+from generation.jobs.scheduling import BatchPolicy
+from generation.jobs.sqlite import JobStore
+from generation.jobs.worker import Generator, JobListener, Worker
+from generation.origin import Origin
+from generation.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from .errors import JobNotFound, QueueFull
-from .origin import Origin, OriginKind
-from .request import MAX_SEED, GenerationRequest
+from generation.errors import JobNotFound, QueueFull
+from generation.origin import Origin, OriginKind
+from generation.request import MAX_SEED, GenerationRequest
 
 #: The most takes (variations of one request, each with its own seed) a job may ask for.
 MAX_TAKES = 4

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,12 +17,18 @@ import torch
 from audiocraft.models import MusicGen
 from torch.nn import Module
 
-from .decoding import optimise_for_decoding
-from .errors import GenerationCancelled, GenerationError
-from .loading import default_device, load_model
-from .models import ModelSpec, resolve_model
-from .request import DEFAULT_MAX_DURATION, AudioClip, GenerationRequest, validate_request
-from .sampling import seeded_rows
+from generation.engine.decoding import optimise_for_decoding
+from generation.engine.loading import default_device, load_model
+from generation.engine.models import ModelSpec, resolve_model
+from generation.engine.sampling import seeded_rows
+from generation.errors import GenerationCancelled, GenerationError
+from generation.request import (
+    DEFAULT_MAX_DURATION,
+    AudioClip,
+    GenerationRequest,
+    batch_key,
+    validate_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +126,9 @@ class MusicGenEngine:
     ) -> list[GenerationResult]:
         """Generate several requests in one pass of the model, a result for each.
 
-        The requests must share a :func:`batch_key`. Each samples from its own seed, so its
-        music does not depend on the others in the batch (see :mod:`generation.sampling`).
+        The requests must share a :func:`generation.request.batch_key`. Each samples from its
+        own seed, so its music does not depend on the others in the batch (see
+        :mod:`generation.engine.sampling`).
 
         Args:
             requests: What to generate; a missing seed is picked at random.
@@ -262,7 +269,7 @@ class MusicGenEngine:
     @staticmethod
     def _configure(model: MusicGen, request: GenerationRequest) -> None:
         model.set_generation_params(
-            use_sampling=_samples(request),
+            use_sampling=request.sampled,
             top_k=request.top_k,
             top_p=request.top_p,
             temperature=request.temperature,
@@ -273,37 +280,6 @@ class MusicGenEngine:
         )
         # audiocraft's two-step CFG reads the model's own coefficient, not the one passed in.
         model.lm.cfg_coef = request.cfg_coef
-
-
-def batch_key(request: GenerationRequest) -> tuple[Hashable, ...]:
-    """Requests with equal keys can run in one :meth:`MusicGenEngine.generate_batch`.
-
-    audiocraft takes one set of generation parameters per call; prompts and seeds may differ.
-    Audio inputs must have the same length: audiocraft pads a batch's melodies and intros to
-    the longest, which would change the music of the shorter ones.
-    """
-    return (
-        request.model,
-        request.duration,
-        _samples(request),
-        request.temperature,
-        request.top_k,
-        request.top_p,
-        request.cfg_coef,
-        request.two_step_cfg,
-        request.extend_stride,
-        _clip_shape(request.melody),
-        _clip_shape(request.continuation),
-    )
-
-
-def _samples(request: GenerationRequest) -> bool:
-    # A temperature of 0 is greedy decoding, as in audiocraft's sampler.
-    return request.use_sampling and request.temperature > 0
-
-
-def _clip_shape(clip: AudioClip | None) -> tuple[int, ...] | None:
-    return None if clip is None else (clip.sample_rate, *clip.samples.shape)
 
 
 def model_bytes(model: MusicGen) -> int:

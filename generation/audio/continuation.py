@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .request import WINDOW_SECONDS, AudioClip, GenerationRequest
+from generation.request import WINDOW_SECONDS, AudioClip, GenerationRequest
 
 #: The longest intro a continuation is given: the end of the track is what matters, and half
 #: the model's window stays free for the new music (no extended generation for short parts).

@@ -9,9 +9,9 @@ import pickle
 import torch
 from audiocraft.models import MusicGen
 
-from .debug_models import DEBUG_MODELS, build_debug_model
-from .errors import ModelLoadError
-from .models import ModelSpec
+from generation.engine.debug_models import DEBUG_MODELS, build_debug_model
+from generation.engine.models import ModelSpec
+from generation.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
