@@ -25,7 +25,7 @@ from generation.jobs.estimates import Estimate
 from generation.jobs.job import Job, QueueLimits
 from generation.jobs.scheduling import BatchPolicy
 from generation.jobs.service import JobService
-from generation.jobs.sqlite import JobStore
+from generation.jobs.sqlite import SqliteStore
 from generation.request import GenerationRequest
 
 UPLOAD_LIMIT = 25 * 2**20  # Discord's default for bots
@@ -101,7 +101,7 @@ async def run_through_queue(
     with tempfile.TemporaryDirectory() as folder:
         async with aiohttp.ClientSession() as session:
             listener = _Uploader(session, f"http://127.0.0.1:{port}/upload")
-            store = await JobStore.open(Path(folder) / "bench.sqlite3")
+            store = await SqliteStore.open(Path(folder) / "bench.sqlite3")
             service = JobService(
                 engine,
                 store,

@@ -28,7 +28,7 @@ import numpy as np
 from generation.engine.musicgen import MusicGenEngine
 from generation.jobs.job import Job
 from generation.jobs.service import JobService
-from generation.jobs.sqlite import JobStore
+from generation.jobs.sqlite import SqliteStore
 from generation.request import AudioClip, GenerationRequest
 
 SAMPLE_RATE = 32_000
@@ -43,7 +43,7 @@ def memory_kib(field: str) -> int:
 
 
 async def build(database: Path, jobs: int, uploads: int, seconds: float) -> None:
-    store = await JobStore.open(database)
+    store = await SqliteStore.open(database)
     rng = np.random.default_rng(0)
     clips = [
         AudioClip(
@@ -67,7 +67,7 @@ class Listener:
 
 async def recover(database: Path, decode: bool) -> dict[str, float]:
     engine = MusicGenEngine(device="cpu")
-    store = await JobStore.open(database)
+    store = await SqliteStore.open(database)
     service = JobService(engine, store, Listener())  # type: ignore[arg-type]
     service.worker.accepting = False  # recover, run nothing
     before = memory_kib("VmRSS")

@@ -1,7 +1,7 @@
 """``/music stats`` at a long history: one server with 300,000 finished jobs (and a few other
 servers), in a temporary database built with the store's own schema.
 
-Prints the median of 5 calls of :meth:`JobStore.stats` against the full scan it replaced
+Prints the median of 5 calls of :meth:`SqliteStore.stats` against the full scan it replaced
 (every finished job of the server read, counted and sorted in Python).
 
     ./dev python -m bench.stats [--jobs 300000]
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from generation.jobs.sqlite import STATS_RECENT, JobStore
+from generation.jobs.sqlite import STATS_RECENT, SqliteStore
 
 SERVER = 1
 RUNS = 5
@@ -74,7 +74,7 @@ async def median_seconds(call) -> float:
 async def main(jobs: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "bench.sqlite3"
-        store = await JobStore.open(path)
+        store = await SqliteStore.open(path)
         await store.close()
         start = time.perf_counter()
         build(path, jobs)
@@ -83,7 +83,7 @@ async def main(jobs: int) -> None:
             f"{time.perf_counter() - start:.1f} s"
         )
         before = await median_seconds(lambda: full_scan(path))
-        store = await JobStore.open(path)
+        store = await SqliteStore.open(path)
         try:
             stats = await store.stats(SERVER)
             now = await median_seconds(lambda: store.stats(SERVER))

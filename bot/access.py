@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import discord
 
 from generation.errors import GenerationError, InvalidOption
-from generation.jobs.sqlite import GuildSettings, JobStore
+from generation.jobs.store import GuildSettings, JobStore
 
 from . import limits
 from .config import Config

@@ -14,7 +14,7 @@ from generation.engine.musicgen import MusicGenEngine
 from generation.jobs.job import QueueLimits
 from generation.jobs.scheduling import BatchPolicy
 from generation.jobs.service import JobService
-from generation.jobs.sqlite import JobStore
+from generation.jobs.store import open_store
 
 from .access import Access
 from .config import Config
@@ -53,7 +53,7 @@ class MusicGenBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         queue, generation = self.config.queue, self.config.generation
-        store = await JobStore.open(self.config.storage.database)
+        store = await open_store(str(self.config.storage.database))
         self.reporter = JobReporter(self, queue.progress_interval)
         self.service = JobService(
             self.engine,

@@ -23,7 +23,7 @@ from .config import TOKEN_VARIABLE, Config, ConfigError, load_config
 from .log_redaction import redact_logs
 
 if TYPE_CHECKING:
-    from generation.jobs.sqlite import Pruned
+    from generation.jobs.store import Pruned
 
 EXAMPLE_CONFIG = "config.example.toml"
 
@@ -63,7 +63,7 @@ def run_bot(args: argparse.Namespace) -> int:
     import aiohttp
     import discord
 
-    from generation.jobs.sqlite import StoreError
+    from generation.jobs.store import StoreError
 
     from . import create_bot
 
@@ -145,7 +145,7 @@ def add_prune_command(commands: argparse._SubParsersAction) -> None:
 def prune_storage(args: argparse.Namespace) -> int:
     """Prune the configured database once; safe while the bot runs."""
     config = _load_config(args)
-    from generation.jobs.sqlite import StoreError
+    from generation.jobs.store import StoreError
 
     try:
         pruned = asyncio.run(_prune(config.storage.database, config.storage.retention))
@@ -159,10 +159,10 @@ def prune_storage(args: argparse.Namespace) -> int:
 
 
 async def _prune(path: Path, retention: Retention) -> Pruned:
-    from generation.jobs.sqlite import JobStore
+    from generation.jobs.store import open_store
 
     # Not the owner: prune runs beside the bot, and never runs or recovers a job.
-    store = await JobStore.open(path, owner=False)
+    store = await open_store(str(path), owner=False)
     try:
         return await store.prune(retention)
     finally:
@@ -171,9 +171,9 @@ async def _prune(path: Path, retention: Retention) -> Pruned:
 
 async def _check_database(path: Path) -> None:
     """Refuse a damaged database, or one another bot owns, before connecting to Discord."""
-    from generation.jobs.sqlite import JobStore
+    from generation.jobs.store import open_store
 
-    store = await JobStore.open(path)
+    store = await open_store(str(path))
     await store.close()
 
 

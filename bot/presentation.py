@@ -13,7 +13,7 @@ from generation.engine.models import ModelSpec
 from generation.engine.musicgen import GenerationResult
 from generation.jobs.estimates import Estimate
 from generation.jobs.job import Job, JobStatus
-from generation.jobs.sqlite import GuildSettings, Jam, Segment, Stats
+from generation.jobs.store import GuildSettings, Jam, Segment, Stats
 from generation.origin import OriginKind
 from generation.request import GenerationRequest
 

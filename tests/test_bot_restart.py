@@ -12,7 +12,7 @@ from bot.cli import main
 from generation.audio.stored import StoredClip
 from generation.jobs.job import JobStatus
 from generation.jobs.service import JobService
-from generation.jobs.sqlite import JobStore
+from generation.jobs.sqlite import SqliteStore
 
 from .bot_helpers import fields, make_bot, mp3_of, outcome
 from .helpers import encode_tone
@@ -53,7 +53,9 @@ async def test_a_job_running_when_the_bot_died_runs_again_and_is_delivered_once(
     channel, alice, admin = world
     await admin.slash(channel, "music admin pause")
     queued = await alice.slash(channel, "music generate", prompt="interrupted", duration=1.0)
-    store = await JobStore.open(database, owner=False)  # the old process had started it, then died
+    store = await SqliteStore.open(
+        database, owner=False
+    )  # the old process had started it, then died
     (job,) = await store.pending()
     await store.claim(job)
     await store.close()
@@ -61,7 +63,7 @@ async def test_a_job_running_when_the_bot_died_runs_again_and_is_delivered_once(
     await admin.slash(channel, "music admin resume")
     assert outcome(queued).attachments
     assert len(tracks(channel)) == 1
-    store = await JobStore.open(database, owner=False)
+    store = await SqliteStore.open(database, owner=False)
     finished = await store.get(job.id)
     await store.close()
     assert (finished.status, finished.attempts, finished.delivered) == (JobStatus.DONE, 2, True)
@@ -122,7 +124,7 @@ async def test_a_recovered_job_whose_clip_is_lost_fails_and_says_so(
     await admin.slash(channel, "music admin resume")
     told_member = outcome(queued)
     assert told in told_member.content + "".join(e.description or "" for e in told_member.embeds)
-    store = await JobStore.open(database, owner=False)
+    store = await SqliteStore.open(database, owner=False)
     (job,) = await store.history(channel.guild.id, alice.id)
     await store.close()
     assert (job.status, job.delivered) == (JobStatus.FAILED, True)

@@ -12,7 +12,7 @@ import simcord
 
 from generation.audio.input import AudioLimits, decode_audio
 from generation.audio.stored import StoredClip
-from generation.jobs.sqlite import JobStore
+from generation.jobs.sqlite import SqliteStore
 
 from .bot_helpers import (
     buttons,
@@ -180,7 +180,7 @@ async def test_a_re_rolled_turn_is_another_take_the_jam_can_adopt(
     # The next turn carries the adopted take on, and the export holds it.
     third = await take_turn(alice, thread, "finale", length=1.0)
     assert fields(third)["Continuation of"] == "3.0 s intro"
-    store = await JobStore.open(database, owner=False)
+    store = await SqliteStore.open(database, owner=False)
     try:
         job = await store.get(job_id(third))
         take, _ = await store.load_result(await store.get(job_id(rerolled)))

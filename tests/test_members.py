@@ -9,7 +9,7 @@ import pytest
 
 from bot.presentation import duration_text
 from generation.jobs.estimates import GenerationRates
-from generation.jobs.sqlite import JobStore
+from generation.jobs.sqlite import SqliteStore
 
 from .bot_helpers import LINK, buttons, fields, make_bot, outcome, private_reply
 from .helpers import encode_tone
@@ -105,7 +105,7 @@ async def test_a_restarted_bot_estimates_with_the_rate_it_learnt(
     simcord_env, alice, channel, database
 ):
     await alice.slash(channel, "music generate", prompt="warm up", duration=2.0)
-    store = await JobStore.open(database, owner=False)
+    store = await SqliteStore.open(database, owner=False)
     rate = (await store.generation_rates("cpu"))[("debug", 1)]
     await store.close()
     guess = GenerationRates("cpu").rate("debug")

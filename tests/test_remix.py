@@ -13,7 +13,7 @@ from PIL import Image
 from generation.audio.input import AudioLimits, decode_audio
 from generation.audio.stored import content_hash
 from generation.audio.waveform import GAP, HEIGHT, MARKER, WIDTH
-from generation.jobs.sqlite import JobStore
+from generation.jobs.sqlite import SqliteStore
 
 from .bot_helpers import (
     buttons,
@@ -116,7 +116,7 @@ async def test_continue_extends_the_result_with_a_new_prompt_and_length(
         str(job_id(original)),
     )
     assert tags["musicgen_source_take"] == "1"
-    store = await JobStore.open(database, owner=False)
+    store = await SqliteStore.open(database, owner=False)
     try:
         continued = await store.get(job_id(reply))
     finally:
@@ -330,7 +330,7 @@ async def test_variations_are_several_takes_delivered_together(alice, bob, chann
     assert list(buttons(reply))[-4:] == ["Continue 1", "Continue 2", "Continue 3", "Continue 4"]
     done = await alice.submit_modal(shown, {"musicgen:prompt": "third", "musicgen:length": "1"})
     assert fields(outcome(done))["Continuation of"] == "1.5 s intro"
-    store = await JobStore.open(database, owner=False)
+    store = await SqliteStore.open(database, owner=False)
     try:
         variations = await store.get(number)
         continued = await store.get(job_id(outcome(done)))

@@ -10,7 +10,7 @@ import pytest
 from generation.errors import InvalidOption, QueueFull
 from generation.jobs.job import Job, JobStatus, QueueLimits
 from generation.jobs.service import JobService, RateLimited
-from generation.jobs.sqlite import JobStore
+from generation.jobs.sqlite import SqliteStore
 from generation.request import GenerationRequest
 
 from .test_worker import Recorder
@@ -19,7 +19,7 @@ REQUEST = GenerationRequest(prompt="lo-fi", model="debug", duration=1.0, seed=1)
 
 
 async def open_service(engine, database, recorder, **options) -> JobService:
-    service = JobService(engine, await JobStore.open(database), recorder, **options)
+    service = JobService(engine, await SqliteStore.open(database), recorder, **options)
     await service.start()
     return service
 
@@ -50,7 +50,7 @@ async def test_queued_jobs_resume_in_order_after_a_restart(engine, database):
 
 
 async def test_a_job_running_when_the_bot_died_runs_again(engine, database):
-    store = await JobStore.open(database)
+    store = await SqliteStore.open(database)
     job = await store.add(Job(0, REQUEST, 1, 1, 1))
     await store.claim(job)  # then the process died
     await store.close()
@@ -60,14 +60,14 @@ async def test_a_job_running_when_the_bot_died_runs_again(engine, database):
     await service.worker.join()
     await service.shutdown(grace=10)
     assert recorder.events.count(("finished", job.id)) == 1
-    store = await JobStore.open(database)
+    store = await SqliteStore.open(database)
     stored = await store.get(job.id)
     assert (stored.status, stored.attempts, stored.delivered) == (JobStatus.DONE, 2, True)
     await store.close()
 
 
 async def test_a_job_that_keeps_killing_the_bot_fails_after_its_attempts(engine, database):
-    store = await JobStore.open(database)
+    store = await SqliteStore.open(database)
     job = await store.add(Job(0, REQUEST, 1, 1, 1))
     for _ in range(2):
         await store.claim(job)
@@ -143,7 +143,7 @@ async def test_cancelling_a_queued_job_records_and_reports_it(engine, database):
     assert await service.cancel(job) is True
     await service.shutdown(grace=10)
     assert recorder.events == [("cancelled", job.id)]
-    store = await JobStore.open(database)
+    store = await SqliteStore.open(database)
     stored = await store.get(job.id)
     assert (stored.status, stored.delivered) == (JobStatus.CANCELLED, True)
     await store.close()
@@ -222,7 +222,7 @@ async def test_takes_are_checked_and_kept_with_the_job(engine, database):
     await service.release(job, None)
     await service.shutdown(grace=10)
 
-    store = await JobStore.open(database)
+    store = await SqliteStore.open(database)
     (kept,) = await store.pending()
     await store.close()
     assert kept.takes == 2
@@ -230,7 +230,7 @@ async def test_takes_are_checked_and_kept_with_the_job(engine, database):
 
 
 async def test_a_request_before_the_jobs_are_recovered_is_asked_to_come_back(engine, database):
-    service = JobService(engine, await JobStore.open(database), Recorder())
+    service = JobService(engine, await SqliteStore.open(database), Recorder())
     try:
         with pytest.raises(QueueFull, match="send it again in a few seconds"):
             await service.submit(REQUEST, guild_id=1, channel_id=1, user_id=1)

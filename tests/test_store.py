@@ -28,9 +28,9 @@ from generation.jobs.sqlite import (
     Expired,
     GuildSettings,
     Jam,
-    JobStore,
     Pruned,
     Segment,
+    SqliteStore,
     StoreError,
 )
 from generation.origin import Origin, OriginKind
@@ -43,7 +43,7 @@ REQUEST = GenerationRequest(prompt="lo-fi", model="debug", seed=3, top_p=0.5)
 
 @pytest.fixture
 async def store(tmp_path):
-    store = await JobStore.open(tmp_path / "bot.sqlite3")
+    store = await SqliteStore.open(tmp_path / "bot.sqlite3")
     yield store
     await store.close()
 
@@ -168,10 +168,10 @@ async def test_stats_count_outcomes_and_take_medians(store):
 
 
 async def test_data_survives_reopening(tmp_path):
-    store = await JobStore.open(tmp_path / "bot.sqlite3")
+    store = await SqliteStore.open(tmp_path / "bot.sqlite3")
     job = await store.add(Job(0, REQUEST, 1, 1, 1))
     await store.close()
-    store = await JobStore.open(tmp_path / "bot.sqlite3")
+    store = await SqliteStore.open(tmp_path / "bot.sqlite3")
     assert [j.id for j in await store.pending()] == [job.id]
     await store.close()
 
@@ -186,7 +186,7 @@ async def test_a_damaged_database_is_refused_and_left_untouched(tmp_path, conten
     path.write_bytes(content)
     before = hashlib.sha256(path.read_bytes()).hexdigest()
     with pytest.raises(StoreError, match=r"cannot be read.*left as it is"):
-        await JobStore.open(path)
+        await SqliteStore.open(path)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bot.sqlite3", "bot.sqlite3.lock"]
 
@@ -197,7 +197,7 @@ async def test_a_newer_schema_is_refused(tmp_path):
     connection.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     connection.close()
     with pytest.raises(StoreError, match="newer"):
-        await JobStore.open(path)
+        await SqliteStore.open(path)
 
 
 async def test_a_jam_keeps_its_turns_in_order(store):
@@ -278,7 +278,7 @@ async def test_version_3_uploads_move_to_the_shared_store(tmp_path):
     connection.commit()
     connection.close()
 
-    store = await JobStore.open(path)
+    store = await SqliteStore.open(path)
     jobs = {job.id: job for job in await store.pending()}
     for job in jobs.values():
         await store.load_uploads(job)
@@ -450,10 +450,10 @@ IN_USE = r"bot\.sqlite3 is in use by another musicgen-bot process: stop it first
 
 HOLD_STORE = """
 import asyncio, sys
-from generation.jobs.sqlite import JobStore
+from generation.jobs.sqlite import SqliteStore
 
 async def hold():
-    await JobStore.open(sys.argv[1])
+    await SqliteStore.open(sys.argv[1])
     print("open", flush=True)
     await asyncio.sleep(600)
 
@@ -463,9 +463,9 @@ asyncio.run(hold())
 
 async def test_a_second_owner_is_refused_until_the_first_closes(store, tmp_path):
     with pytest.raises(StoreError, match=IN_USE):
-        await JobStore.open(tmp_path / "bot.sqlite3")
+        await SqliteStore.open(tmp_path / "bot.sqlite3")
     await store.close()
-    again = await JobStore.open(tmp_path / "bot.sqlite3")
+    again = await SqliteStore.open(tmp_path / "bot.sqlite3")
     await again.close()
 
 
@@ -480,12 +480,12 @@ async def test_a_killed_owner_leaves_no_lock_behind(tmp_path):
     try:
         assert await asyncio.to_thread(holder.stdout.readline) == "open\n"
         with pytest.raises(StoreError, match=IN_USE):  # another process owns it
-            await JobStore.open(path)
+            await SqliteStore.open(path)
     finally:
         holder.send_signal(signal.SIGKILL)
         await asyncio.to_thread(holder.wait)
         holder.stdout.close()
-    store = await JobStore.open(path)
+    store = await SqliteStore.open(path)
     await store.close()
 
 
@@ -494,7 +494,7 @@ async def test_a_store_that_does_not_own_opens_beside_the_owner_and_prunes(store
     await store.claim(job)
     await store.finish(job, JobStatus.DONE)
     await store.mark_delivered(job)
-    pruner = await JobStore.open(tmp_path / "bot.sqlite3", owner=False)
+    pruner = await SqliteStore.open(tmp_path / "bot.sqlite3", owner=False)
     try:
         pruned = await pruner.prune(Retention(jobs_days=1), now=time.time() + 2 * DAY)
     finally:
@@ -502,7 +502,7 @@ async def test_a_store_that_does_not_own_opens_beside_the_owner_and_prunes(store
     assert pruned.jobs == 1
     assert await store.get(job.id) is None
     with pytest.raises(StoreError, match=IN_USE):  # and the owner still holds it
-        await JobStore.open(tmp_path / "bot.sqlite3")
+        await SqliteStore.open(tmp_path / "bot.sqlite3")
 
 
 async def ended(store, guild_id, status, *, started=True, seconds=None, finished_at=None):
@@ -562,12 +562,12 @@ async def test_an_upgraded_database_counts_the_jobs_it_already_had(tmp_path, mon
         if isinstance(migration, str) and "job_counts" in migration
     )
     monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:counted_from])
-    store = await JobStore.open(tmp_path / "bot.sqlite3")
+    store = await SqliteStore.open(tmp_path / "bot.sqlite3")
     await ended(store, 1, JobStatus.DONE, seconds=2.0)
     await ended(store, 1, JobStatus.FAILED)
     await store.close()
     monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
-    store = await JobStore.open(tmp_path / "bot.sqlite3")
+    store = await SqliteStore.open(tmp_path / "bot.sqlite3")
     try:
         stats = await store.stats(1)
     finally:

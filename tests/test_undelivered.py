@@ -9,7 +9,7 @@ import pytest
 from simcord.backend.models.channel import Overwrite
 from simcord.enums import OverwriteType
 
-from generation.jobs.sqlite import JobStore
+from generation.jobs.sqlite import SqliteStore
 
 from .bot_helpers import job_id, outcome
 from .test_storage import prune
@@ -91,11 +91,11 @@ async def test_an_outcome_nobody_can_receive_is_kept_for_history(
     assert ended == [number]
     shown = await alice.slash(channel, "music show", job=number)
     assert shown.response.attachments and job_id(shown.response) == number
-    store = await JobStore.open(database, owner=False)
+    store = await SqliteStore.open(database, owner=False)
     assert await store.undelivered() == []  # a restart does not try it again
     await store.close()
     await prune(tmp_path, database, "keep_jobs_days = 0.000001")  # and it does not pile up
-    store = await JobStore.open(database, owner=False)
+    store = await SqliteStore.open(database, owner=False)
     assert await store.get(number) is None
     await store.close()
 

@@ -16,7 +16,7 @@ from generation.engine.musicgen import GenerationResult
 from generation.errors import GenerationError, Undeliverable
 from generation.jobs.estimates import Estimate
 from generation.jobs.job import FairQueue, Job, JobStatus
-from generation.jobs.sqlite import JobStore
+from generation.jobs.sqlite import SqliteStore
 from generation.jobs.worker import DELIVERY_FAILED, Backoff, Worker
 from generation.request import GenerationRequest
 
@@ -66,7 +66,7 @@ def recorder():
 
 @pytest.fixture
 async def store(tmp_path):
-    store = await JobStore.open(tmp_path / "jobs.sqlite3")
+    store = await SqliteStore.open(tmp_path / "jobs.sqlite3")
     yield store
     await store.close()
 
@@ -299,7 +299,7 @@ QUICK = Backoff(first=0.02, longest=0.1, tries=20)
 class ReadOnlyOnStart(Recorder):
     """Makes the database refuse every write as a job starts, for ``seconds``."""
 
-    def __init__(self, store: JobStore, seconds: float) -> None:
+    def __init__(self, store: SqliteStore, seconds: float) -> None:
         super().__init__()
         self.store = store
         self.seconds = seconds
@@ -310,7 +310,7 @@ class ReadOnlyOnStart(Recorder):
         await refuse_writes(self.store, self.seconds, self.reopening)
 
 
-async def refuse_writes(store: JobStore, seconds: float, reopening: list[asyncio.Task]) -> None:
+async def refuse_writes(store: SqliteStore, seconds: float, reopening: list[asyncio.Task]) -> None:
     """The real store, made to refuse writes as a read-only database does, for a while."""
     await store._db.execute("PRAGMA query_only = ON")
 

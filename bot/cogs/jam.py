@@ -24,7 +24,7 @@ from generation.audio.output import encode_mp3_within, mp3_filename, request_tag
 from generation.engine.models import resolve_model
 from generation.errors import GenerationError, JobNotFound
 from generation.jobs.job import Job, JobStatus
-from generation.jobs.sqlite import Expired, Jam, Turn
+from generation.jobs.store import Expired, Jam, Turn
 from generation.origin import Origin, OriginKind
 from generation.request import WINDOW_SECONDS, GenerationRequest
 

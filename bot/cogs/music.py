@@ -19,7 +19,7 @@ from generation.errors import (
     JobNotFound,
 )
 from generation.jobs.job import Job, JobStatus, ReplyAddress
-from generation.jobs.sqlite import GuildSettings
+from generation.jobs.store import GuildSettings
 from generation.origin import Origin
 from generation.request import (
     MAX_CFG_COEF,

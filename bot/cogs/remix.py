@@ -22,7 +22,7 @@ from generation.audio.continuation import MAX_INTRO_SECONDS, continue_request, i
 from generation.audio.input import check_size
 from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
 from generation.jobs.job import MAX_TAKES, Job, JobStatus
-from generation.jobs.sqlite import Expired
+from generation.jobs.store import Expired
 from generation.origin import Origin, OriginKind
 from generation.request import TEMPERATURE_RANGE, AudioClip, GenerationRequest
 

@@ -10,7 +10,7 @@ import time
 from generation.errors import InvalidOption, QueueFull
 from generation.jobs.job import MAX_TAKES, FairQueue, Job, JobStatus, QueueLimits, ReplyAddress
 from generation.jobs.scheduling import BatchPolicy
-from generation.jobs.sqlite import JobStore
+from generation.jobs.store import JobStore
 from generation.jobs.worker import Generator, JobListener, Worker
 from generation.origin import Origin
 from generation.request import GenerationRequest

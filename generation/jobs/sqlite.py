@@ -4,7 +4,7 @@ One process owns the file (:mod:`.ownership`) and one connection does all the wr
 lets readers in while it does. The schema carries its version in ``PRAGMA user_version`` and
 is migrated forward at start-up. Uploaded audio is kept in the database once per content
 (FLAC, named by its hash), shared by the jobs that use it; results are FLAC files in a folder
-beside it, which the store owns. :meth:`JobStore.prune`
+beside it, which the store owns. :meth:`SqliteStore.prune`
 applies the retention policy; interaction tokens are cleared once they are of no more use.
 """
 
@@ -18,7 +18,7 @@ import sqlite3
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import aiosqlite
@@ -26,10 +26,21 @@ import numpy as np
 import soundfile
 
 from generation.audio.stored import StoredClip, to_grid
-from generation.errors import DamagedResult, DamagedUpload, GenerationError, ResultMissing
+from generation.errors import DamagedResult, DamagedUpload, ResultMissing
 from generation.jobs.job import Job, JobStatus, ReplyAddress
 from generation.jobs.ownership import InUse, Ownership
 from generation.jobs.retention import DAY, Retention
+from generation.jobs.store import (
+    MEDIAN_OF,
+    Expired,
+    GuildSettings,
+    Jam,
+    Pruned,
+    Segment,
+    Stats,
+    StoreError,
+    Turn,
+)
 from generation.origin import Origin
 from generation.request import AudioClip, GenerationRequest
 
@@ -208,109 +219,14 @@ _SETTLED = (
 )
 
 
-class StoreError(GenerationError):
-    """The database cannot be opened or used; the message says what to do."""
-
-
-class Expired(GenerationError):
-    """What a job left behind (its track, or the audio it was given) was deleted by the
-    retention policy; the message says when."""
-
-    @classmethod
-    def track(cls, job: Job) -> Expired:
-        return cls(
-            f"The track of job #{job.id} expired on {_date(job.result_expired_at)} and is no "
-            "longer kept (old tracks are deleted to save space)."
-        )
-
-    @classmethod
-    def uploads(cls, job: Job) -> Expired:
-        return cls(
-            f"The audio job #{job.id} was given (its melody or intro) expired on "
-            f"{_date(job.uploads_expired_at)} and is no longer kept: upload it again with "
-            "`/music generate`."
-        )
-
-
-@dataclass(frozen=True)
-class Pruned:
-    """What :meth:`JobStore.prune` deleted: jobs' results, stored clips, jobs, and
-    interaction tokens (expired ones)."""
-
-    results: int
-    uploads: int
-    jobs: int
-    tokens: int
-
-
-@dataclass(frozen=True)
-class GuildSettings:
-    """A server's own settings; None (or empty) means "as the bot's configuration says"."""
-
-    guild_id: int
-    default_model: str | None = None
-    allowed_models: tuple[str, ...] = ()
-    max_duration: float | None = None
-    max_jobs_per_user: int | None = None
-    allowed_channels: tuple[int, ...] = ()
-    paused: bool = False
-
-
-@dataclass(frozen=True)
-class Jam:
-    """A relay jam: a thread where members take turns carrying one track on."""
-
-    thread_id: int
-    guild_id: int
-    channel_id: int
-    user_id: int
-    title: str
-    timeline_message_id: int | None = None
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One turn of a jam: the job that carried the track on, and who asked for it."""
-
-    position: int
-    job_id: int
-    user_id: int
-
-
-@dataclass(frozen=True)
-class Turn:
-    """A jam's turn as its timeline and export need it: the job without its audio inputs,
-    and the length of the intro it carried on (0 for none; None if not known)."""
-
-    segment: Segment
-    job: Job
-    intro_seconds: float | None
-
-
-#: How many of a server's most recent finished jobs ``/music stats`` takes its medians of.
-MEDIAN_OF = 1000
-
-#: :meth:`JobStore.stats`' reads: each goes through an index, never over a server's history.
+#: :meth:`SqliteStore.stats`' reads: each goes through an index, never over a server's history.
 STATS_COUNTS = "SELECT status, jobs FROM job_counts WHERE guild_id = ?"
 STATS_RECENT = """SELECT started_at - submitted_at, generation_seconds FROM jobs
     WHERE guild_id = ? AND finished_at IS NOT NULL AND status IN ('done', 'failed', 'cancelled')
     ORDER BY finished_at DESC LIMIT ?"""
 
 
-@dataclass(frozen=True)
-class Stats:
-    """A server's finished jobs (those the retention policy keeps), and the median wait and
-    generation time of its last ``median_of`` of them."""
-
-    served: int
-    failed: int
-    cancelled: int
-    median_wait_seconds: float | None
-    median_generation_seconds: float | None
-    median_of: int = MEDIAN_OF
-
-
-class JobStore:
+class SqliteStore:
     """The bot's database. Open with :meth:`open`, close with :meth:`close`."""
 
     def __init__(
@@ -323,7 +239,7 @@ class JobStore:
         self.results = path.parent / f"{path.stem}-results"
 
     @classmethod
-    async def open(cls, path: str | Path, *, owner: bool = True) -> JobStore:
+    async def open(cls, path: str | Path, *, owner: bool = True) -> SqliteStore:
         """Open (or create) the database at ``path`` and bring its schema up to date.
 
         The owner (the bot: it runs and recovers the jobs) holds the database alone until
@@ -347,7 +263,7 @@ class JobStore:
             raise
 
     @classmethod
-    async def _open(cls, path: Path, ownership: Ownership | None) -> JobStore:
+    async def _open(cls, path: Path, ownership: Ownership | None) -> SqliteStore:
         if path.exists():
             await _check_readable(path)
         # Autocommit: transactions are the explicit BEGIN IMMEDIATE ... COMMIT below.

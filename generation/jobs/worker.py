@@ -36,7 +36,7 @@ from generation.errors import GenerationCancelled, GenerationError, Undeliverabl
 from generation.jobs.estimates import Estimate, GenerationRates, forecast
 from generation.jobs.job import FairQueue, Job, JobStatus
 from generation.jobs.scheduling import BatchPolicy, plan_batch
-from generation.jobs.sqlite import JobStore
+from generation.jobs.store import JobStore
 from generation.request import GenerationRequest
 
 log = logging.getLogger(__name__)
