@@ -19,7 +19,8 @@ import aiohttp
 from aiohttp import web
 
 from bot.delivery import encode_for_upload
-from generation.engine.musicgen import GenerationResult, MusicGenEngine
+from generation.engine.musicgen import MusicGenEngine
+from generation.engine.results import GenerationResult
 from generation.errors import GenerationError
 from generation.jobs.estimates import Estimate
 from generation.jobs.job import Job, QueueLimits

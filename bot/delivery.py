@@ -24,7 +24,7 @@ import discord
 
 from generation.audio.output import encode_mp3_within, mp3_filename, request_tags
 from generation.audio.waveform import render_waveforms
-from generation.engine.musicgen import GenerationResult
+from generation.engine.results import GenerationResult
 from generation.errors import GenerationError, OutputTooLarge, Undeliverable
 from generation.jobs.estimates import Estimate
 from generation.jobs.job import Job

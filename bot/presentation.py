@@ -10,7 +10,7 @@ import discord
 
 from generation.audio.output import MP3_BITRATES
 from generation.engine.models import ModelSpec
-from generation.engine.musicgen import GenerationResult
+from generation.engine.results import GenerationResult
 from generation.jobs.estimates import Estimate
 from generation.jobs.job import Job, JobStatus
 from generation.jobs.store import GuildSettings, Jam, Segment, Stats

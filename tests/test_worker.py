@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from generation.audio.output import normalise_loudness
-from generation.engine.musicgen import GenerationResult
+from generation.engine.results import GenerationResult
 from generation.errors import GenerationError, Undeliverable
 from generation.jobs.estimates import Estimate
 from generation.jobs.job import FairQueue, Job, JobStatus

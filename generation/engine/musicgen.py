@@ -7,10 +7,8 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,6 +18,7 @@ from torch.nn import Module
 from generation.engine.decoding import optimise_for_decoding
 from generation.engine.loading import default_device, load_model
 from generation.engine.models import ModelSpec, resolve_model
+from generation.engine.results import CancelFlag, GenerationResult, ProgressCallback
 from generation.engine.sampling import seeded_rows
 from generation.errors import GenerationCancelled, GenerationError
 from generation.request import (
@@ -32,36 +31,7 @@ from generation.request import (
 
 log = logging.getLogger(__name__)
 
-#: Called with (steps done, steps in all) as the model decodes.
-ProgressCallback = Callable[[int, int], None]
 GB = 10**9
-
-
-class CancelFlag(Protocol):
-    """Asked after every decoding step whether to stop (a ``threading.Event`` will do)."""
-
-    def is_set(self) -> bool: ...
-
-
-@dataclass(frozen=True, eq=False)
-class GenerationResult:
-    """Generated audio (``[channels, samples]`` float32) and the request that made it.
-
-    ``request.seed`` is always set, so the result can be reproduced.
-    """
-
-    request: GenerationRequest
-    audio: np.ndarray
-    sample_rate: int
-    generation_seconds: float
-
-    @property
-    def seconds(self) -> float:
-        return self.audio.shape[-1] / self.sample_rate
-
-    @property
-    def channels(self) -> int:
-        return int(self.audio.shape[0])
 
 
 class MusicGenEngine:

@@ -4,13 +4,13 @@ job's position and ETA in one pass over the queue."""
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from generation.engine.models import CATALOGUE
-from generation.jobs.job import Job
+from generation.jobs.job import Job, QueueEntry
 from generation.jobs.scheduling import BatchPolicy
-from generation.request import GenerationRequest, batch_key
+from generation.request import GenerationRequest
 
 #: Seconds of work per second of audio for one request before any job has been timed, by
 #: model size: (CPU, GPU). The CPU figure for small is this project's benchmark (README,
@@ -89,65 +89,102 @@ class Estimate:
     """Where a queued job stands.
 
     Args:
-        job: The job.
+        job_id: The job.
         position: 1 for the job that runs next, and so on.
-        seconds: Until it is likely done; None while its server is paused (it waits for an
-            admin).
+        seconds: Until it is likely done.
     """
 
-    job: Job
+    job_id: int
     position: int
-    seconds: float | None
+    seconds: float
 
 
 def forecast(
-    order: Sequence[Job],
+    order: Sequence[QueueEntry],
     running: Sequence[Job],
     rates: GenerationRates,
     policy: BatchPolicy,
-    paused: Callable[[int], bool],
+    workers: int = 1,
 ) -> list[Estimate]:
-    """The position and ETA of every job in ``order`` (the queue's service order), batching
-    them as :func:`generation.jobs.scheduling.plan_batch` would, after the ``running`` batch.
+    """The position and ETA of every job in ``order`` (the store's queue order), batching
+    them as the store's claim would, after the ``running`` jobs, shared by ``workers``.
 
     One pass: each job joins the earliest planned batch of its kind with room for it (what
     planning the batches one after another gives), so the cost grows with the number of jobs
     times ``policy.max_rows``, not with its square.
     """
-    ahead = 0.0
-    if running:
-        first = running[0]
-        rows = sum(job.takes for job in running)
-        ahead = rates.seconds(first.request, rows) * (1 - first.fraction_done)
-    batches: list[tuple[GenerationRequest, int]] = []  # first request, rows
+    ahead = _running_left(running, rates)
+    batches: list[tuple[QueueEntry, int]] = []  # first job, rows
     #: Planned batches with room left, by (batch key, room): a heap of their indices.
-    open_batches: dict[tuple[Hashable, int], list[int]] = {}
+    open_batches: dict[tuple[str, int], list[int]] = {}
     batch_of: dict[int, int] = {}
-    for job in order:
-        if paused(job.guild_id):
-            continue
-        key = batch_key(job.request)
+    for entry in order:
         best: tuple[int, int] | None = None  # batch index, its room
-        for room in range(job.takes, policy.max_rows):
-            heap = open_batches.get((key, room))
+        for room in range(entry.takes, policy.max_rows):
+            heap = open_batches.get((entry.batch_key, room))
             if heap and (best is None or heap[0] < best[0]):
                 best = (heap[0], room)
         if best is None:
             index, room = len(batches), policy.max_rows
-            batches.append((job.request, 0))
+            batches.append((entry, 0))
         else:
             index, room = best
-            heapq.heappop(open_batches[(key, room)])
-        request, rows = batches[index]
-        batches[index] = (request, rows + job.takes)
-        if room - job.takes > 0:
-            heapq.heappush(open_batches.setdefault((key, room - job.takes), []), index)
-        batch_of[job.id] = index
+            heapq.heappop(open_batches[(entry.batch_key, room)])
+        first, rows = batches[index]
+        batches[index] = (first, rows + entry.takes)
+        if room - entry.takes > 0:
+            heapq.heappush(
+                open_batches.setdefault((entry.batch_key, room - entry.takes), []), index
+            )
+        batch_of[entry.job_id] = index
     done_after = []
-    for request, rows in batches:
-        ahead += rates.seconds(request, rows)
+    workers = max(workers, 1)
+    for first, rows in batches:
+        ahead += rates.rate(first.model, rows) * first.duration / workers
         done_after.append(ahead)
     return [
-        Estimate(job, position, done_after[batch_of[job.id]] if job.id in batch_of else None)
-        for position, job in enumerate(order, start=1)
+        Estimate(entry.job_id, position, done_after[batch_of[entry.job_id]])
+        for position, entry in enumerate(order, start=1)
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkAhead:
+    """Claimable jobs ahead of one, of one batch key: how many takes (rows) in all."""
+
+    model: str
+    duration: float
+    takes: int
+
+
+def eta(
+    ahead: Sequence[WorkAhead],
+    job: Job,
+    running: Sequence[Job],
+    rates: GenerationRates,
+    policy: BatchPolicy,
+    workers: int = 1,
+) -> float:
+    """Seconds until ``job`` is likely done: the running jobs, then the work ahead of it in
+    full batches of its kind, then its own batch, shared by ``workers``. Costs the number of
+    batch keys ahead, not the number of jobs (:meth:`JobStore.work_ahead` sums them)."""
+    seconds = 0.0
+    rows_per_batch = max(policy.max_rows, 1)
+    for work in ahead:
+        full, rest = divmod(work.takes, rows_per_batch)
+        seconds += full * rates.rate(work.model, rows_per_batch) * work.duration
+        if rest:
+            seconds += rates.rate(work.model, rest) * work.duration
+    seconds += rates.seconds(job.request, job.takes)
+    return _running_left(running, rates) + seconds / max(workers, 1)
+
+
+def _running_left(running: Sequence[Job], rates: GenerationRates) -> float:
+    """Seconds until the running jobs are likely done (as one batch per model; workers run
+    side by side, so the longest counts)."""
+    left = 0.0
+    for job in running:
+        rows = sum(other.takes for other in running if other.worker_id == job.worker_id)
+        seconds = rates.seconds(job.request, rows) * (1 - job.fraction_done)
+        left = max(left, seconds)
+    return left

@@ -1,17 +1,19 @@
-"""The job service: what a front end submits to. It ties the fair queue, the store and the
-worker together, recovers after a restart, and shuts down without losing a job."""
+"""The job service: what a front end submits to. It checks the limits, records jobs in the
+store (where the queue is), places them in it, cancels them, and recovers after a restart."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from generation.errors import InvalidOption, QueueFull
-from generation.jobs.job import MAX_TAKES, FairQueue, Job, JobStatus, QueueLimits, ReplyAddress
+from generation.jobs.estimates import Estimate, GenerationRates, eta
+from generation.jobs.job import MAX_TAKES, Job, JobStatus, QueueLimits, ReplyAddress
 from generation.jobs.scheduling import BatchPolicy
 from generation.jobs.store import JobStore
-from generation.jobs.worker import Generator, JobListener, Worker
+from generation.jobs.watcher import JobListener, Watcher
 from generation.origin import Origin
 from generation.request import GenerationRequest
 
@@ -33,79 +35,58 @@ class StartingUp(QueueFull):
 
 
 class JobService:
-    """Submits, cancels, pauses and recovers jobs.
+    """Submits, cancels and places jobs: the gateway's side of the queue, which lives in the
+    store (workers, in this process or others, claim from it).
 
     Args:
-        generator: Runs requests (the engine).
         store: The database.
         listener: Talks to the requesters.
         limits: Live jobs per member and per server.
         hourly_limit: Jobs a member may submit in a server per hour; 0 for no limit.
-        max_attempts: Times a job may be started before it fails for good (a job that was
-            running when the bot died runs again).
-        progress_interval: Least time between two progress reports for a job, in seconds.
-        job_timeout: Longest a batch may run, in seconds; None for no limit.
-        batch_policy: How the worker groups jobs into batches.
+        max_attempts: Times a job may be started before it fails for good.
+        batch_policy: How workers group jobs into batches (for ETAs).
+        recover_running: Whether jobs the store has running belong to a dead process and go
+            back to the queue at :meth:`start` (the owner of an SQLite database); on a shared
+            database their leases decide.
+        device: Where the generation runs, for ETAs before any worker reports.
     """
 
     def __init__(
         self,
-        generator: Generator,
         store: JobStore,
         listener: JobListener,
         *,
         limits: QueueLimits | None = None,
         hourly_limit: int = 0,
         max_attempts: int = 3,
-        progress_interval: float = 5.0,
-        job_timeout: float | None = None,
         batch_policy: BatchPolicy | None = None,
+        recover_running: bool = False,
+        device: str = "cpu",
     ) -> None:
         self.store = store
-        self.queue = FairQueue(limits)
-        self.worker = Worker(
-            generator,
-            self.queue,
-            store,
-            listener,
-            progress_interval=progress_interval,
-            job_timeout=job_timeout,
-            batch_policy=batch_policy,
-        )
+        self.limits = limits or QueueLimits()
         self.hourly_limit = hourly_limit
         self.max_attempts = max_attempts
+        self.batch_policy = batch_policy or BatchPolicy()
+        self.recover_running = recover_running
+        self.rates = GenerationRates(device)
+        self.watcher = Watcher(store, listener, rates=self.rates, batch_policy=self.batch_policy)
         self._submitting = asyncio.Lock()
-        #: Whether :meth:`start` has put the jobs of the last run back in the queue; until
-        #: then new jobs are refused, so none goes ahead of them or past the limits.
+        #: Whether :meth:`start` has picked up the last run's jobs; until then new jobs are
+        #: refused, so none goes ahead of them or past the limits.
         self.started = False
 
     async def start(self) -> None:
-        """Pick up where the last run stopped: queued jobs in their order, jobs that were
-        running when it died (within ``max_attempts``), and outcomes never delivered.
-
-        Jobs are read without their audio (each job's clips are loaded when it runs), so a
-        long queue is recovered in little time and memory."""
-        await self.worker.load_rates()
-        for guild_id in await self.store.paused_guilds():
-            self.queue.pause(guild_id)
-        for job in await self.store.pending():
-            if job.status is JobStatus.RUNNING:
-                if job.attempts >= self.max_attempts:
-                    await self.store.finish(
-                        job,
-                        JobStatus.FAILED,
-                        f"It stopped {job.attempts} times while generating, so it was given "
-                        "up: try a shorter duration or a smaller model.",
-                    )
-                    continue
-                await self.store.requeue(job, count_attempt=True)
-                log.info("job=%d event=requeued (running when the bot stopped)", job.id)
-            self.queue.add(job)
-        for job in await self.store.undelivered():
-            self.worker.deliver_later(job)
+        """Pick up where the last run stopped: jobs that were running when it died go back to
+        the queue (the owner of an SQLite database only; within ``max_attempts``), and the
+        watcher delivers outcomes never delivered. Jobs are read without their audio."""
+        self.rates.load(await self.store.generation_rates(self.rates.device))
+        if self.recover_running:
+            moved = await self.store.requeue_expired(self.max_attempts, now=math.inf)
+            if moved:
+                log.info("event=recovered jobs=%d (running when the bot stopped)", moved)
+        self.watcher.start()
         self.started = True
-        self.worker.queue_changed()
-        self.worker.wake()
 
     async def submit(
         self,
@@ -118,8 +99,9 @@ class JobService:
         takes: int = 1,
         origin: Origin | None = None,
     ) -> Job:
-        """Record and queue a request (``takes`` variations of it, generated together), made
-        from ``origin`` if given.
+        """Record a request (``takes`` variations of it, generated together), made from
+        ``origin`` if given; it counts towards the limits at once, and runs once
+        :meth:`release` d.
 
         Raises:
             InvalidOption: ``takes`` is out of range.
@@ -131,11 +113,10 @@ class JobService:
             raise InvalidOption("takes", f"Ask for 1 to {MAX_TAKES} takes.")
         request = request.with_seed()
         async with self._submitting:
-            self.check_room(guild_id, user_id, per_user_limit)
+            await self.check_room(guild_id, user_id, per_user_limit)
             await self._check_hourly_limit(guild_id, user_id, takes)
             job = Job(0, request, guild_id, channel_id, user_id, takes=takes, origin=origin)
             job = await self.store.add(job)
-            self.queue.hold(job)
         log.info(
             "job=%d event=queued guild=%d user=%d model=%s duration=%g",
             job.id,
@@ -146,10 +127,22 @@ class JobService:
         )
         return job
 
-    def check_room(self, guild_id: int, user_id: int, per_user_limit: int | None = None) -> None:
+    async def check_room(
+        self, guild_id: int, user_id: int, per_user_limit: int | None = None
+    ) -> None:
         """Raise :class:`StartingUp` or :class:`QueueFull` now if :meth:`submit` would."""
         self._check_started()
-        self.queue.check_room(guild_id, user_id, per_user_limit)
+        per_user = self.limits.per_user if per_user_limit is None else per_user_limit
+        member, server = await self.store.live_counts(guild_id, user_id)
+        if member >= per_user:
+            raise QueueFull(
+                f"You already have {per_user} jobs queued or running here: "
+                "wait for one to finish, or cancel one."
+            )
+        if server >= self.limits.per_guild:
+            raise QueueFull(
+                f"This server's queue is full ({self.limits.per_guild} jobs): try again later."
+            )
 
     def _check_started(self) -> None:
         if not self.started:
@@ -159,41 +152,36 @@ class JobService:
             )
 
     async def release(self, job: Job, reply: ReplyAddress | None) -> None:
-        """Record where the requester waits for the answer (if anywhere), then queue the
-        job: it must not start before its requester has been told it is accepted."""
-        try:
-            if reply is not None:
-                await self.store.set_reply(job, reply)
-        finally:
-            if job.status is JobStatus.QUEUED:
-                self.queue.add(job)
-                self.worker.queue_changed()
-                self.worker.wake()
+        """Record where the requester waits for the answer (if anywhere), then let workers
+        claim the job: it must not start before its requester has been told it is
+        accepted."""
+        await self.store.release(job, reply)
+        self.watcher.changed()
+
+    async def estimate(self, job: Job) -> Estimate | None:
+        """A queued job's place and ETA; None if it is not waiting (it started, or its
+        server is paused)."""
+        position = await self.store.position(job)
+        if position is None:
+            return None
+        ahead = await self.store.work_ahead(job)
+        running = await self.store.running()
+        seconds = eta(ahead, job, running, self.rates, self.batch_policy, self.watcher.workers)
+        return Estimate(job.id, position, seconds)
 
     async def cancel(self, job: Job) -> bool:
         """Cancel a live job; True when it was queued (it is now cancelled, and its requester
         is being told), False when it is running and will stop at its next step."""
-        if not self.worker.cancel(job):
-            return False
-        await self.store.finish(job, JobStatus.CANCELLED)
-        log.info("job=%d event=cancelled while=queued", job.id)
-        self.worker.deliver_later(job)
-        self.worker.queue_changed()
-        return True
+        outcome = await self.store.request_cancel(job.id)
+        if outcome is JobStatus.CANCELLED:
+            log.info("job=%d event=cancelled while=queued", job.id)
+            self.watcher.changed()
+            return True
+        return False
 
-    def pause(self, guild_id: int) -> None:
-        self.queue.pause(guild_id)
-        self.worker.queue_changed()
-
-    def resume(self, guild_id: int) -> None:
-        self.queue.resume(guild_id)
-        self.worker.queue_changed()
-        self.worker.wake()
-
-    async def shutdown(self, grace: float) -> None:
-        """Stop taking jobs, give the running batch ``grace`` seconds, and close the store."""
-        await self.worker.stop(grace)
-        self.worker.close()
+    async def shutdown(self) -> None:
+        """Stop watching (deliveries under way complete) and close the store."""
+        await self.watcher.stop()
         await self.store.close()
 
     async def _check_hourly_limit(self, guild_id: int, user_id: int, takes: int) -> None:

@@ -17,7 +17,7 @@ import logging
 import sqlite3
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -27,27 +27,74 @@ import soundfile
 
 from generation.audio.stored import StoredClip, to_grid
 from generation.errors import DamagedResult, DamagedUpload, ResultMissing
-from generation.jobs.job import Job, JobStatus, ReplyAddress
+from generation.jobs.estimates import WorkAhead
+from generation.jobs.job import MAX_TAKES, Job, JobStatus, QueueEntry, ReplyAddress
 from generation.jobs.ownership import InUse, Ownership
 from generation.jobs.retention import DAY, Retention
 from generation.jobs.store import (
     MEDIAN_OF,
+    Channel,
     Expired,
     GuildSettings,
     Jam,
+    Listener,
     Pruned,
     Segment,
     Stats,
     StoreError,
     Turn,
+    WorkerInfo,
+    gave_up,
 )
 from generation.origin import Origin
-from generation.request import AudioClip, GenerationRequest
+from generation.request import AudioClip, GenerationRequest, batch_key
 
 log = logging.getLogger(__name__)
 
 #: A migration written in Python, run inside the migration's transaction.
 Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
+
+
+#: The queue's columns, tables and indexes (version 11): every read of the queue is an index
+#: range, whatever its length.
+QUEUE_SCHEMA = """
+ALTER TABLE jobs ADD COLUMN model TEXT;
+ALTER TABLE jobs ADD COLUMN duration REAL;
+ALTER TABLE jobs ADD COLUMN batch_key TEXT;
+ALTER TABLE jobs ADD COLUMN released INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE jobs ADD COLUMN fair_tag REAL NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN worker_id TEXT;
+ALTER TABLE jobs ADD COLUMN lease_expires_at REAL;
+ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN progress_done INTEGER;
+ALTER TABLE jobs ADD COLUMN progress_total INTEGER;
+CREATE TABLE queue_clock (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    virtual_time REAL NOT NULL
+);
+INSERT INTO queue_clock VALUES (1, 0);
+CREATE TABLE guild_tags (guild_id INTEGER PRIMARY KEY, last_tag REAL NOT NULL);
+CREATE TABLE paused_guilds (guild_id INTEGER PRIMARY KEY);
+CREATE TABLE workers (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    device TEXT NOT NULL,
+    models TEXT NOT NULL,
+    loaded TEXT NOT NULL DEFAULT '[]',
+    jobs TEXT NOT NULL DEFAULT '[]',
+    started_at REAL NOT NULL,
+    seen_at REAL NOT NULL
+);
+CREATE INDEX jobs_queue ON jobs (fair_tag, id) WHERE status = 'queued' AND released = 1;
+CREATE INDEX jobs_queue_by_model ON jobs (model, fair_tag, id)
+    WHERE status = 'queued' AND released = 1;
+CREATE INDEX jobs_queue_by_key ON jobs (batch_key, fair_tag, id)
+    WHERE status = 'queued' AND released = 1;
+CREATE INDEX jobs_running ON jobs (lease_expires_at) WHERE status = 'running';
+CREATE INDEX jobs_undelivered ON jobs (id)
+    WHERE status IN ('done', 'failed', 'cancelled') AND delivered = 0
+    AND delivery_failure IS NULL;
+"""
 
 
 async def _store_uploads_once(db: aiosqlite.Connection) -> None:
@@ -94,6 +141,44 @@ async def _keep_upload_lengths(db: aiosqlite.Connection) -> None:
         await db.execute(
             "UPDATE job_uploads SET seconds = ? WHERE hash = ?", (info.duration, digest)
         )
+
+
+async def _queue_in_the_store(db: aiosqlite.Connection) -> None:
+    """Version 11: the queue lives in the store. Each job carries what the claim orders and
+    batches by (its model, duration, batch key, fair tag), a lease while it runs, and its
+    progress; servers' tags, the virtual time and the workers are kept beside. Queued jobs
+    take their tags servers in turn, oldest first, as the in-memory queue served them."""
+    for statement in QUEUE_SCHEMA.split(";"):  # executescript would commit the migration
+        if statement.strip():
+            await db.execute(statement)
+    rows = await db.execute_fetchall(
+        """SELECT id, request, EXISTS (SELECT 1 FROM job_uploads WHERE job_id = jobs.id)
+           FROM jobs"""
+    )
+    updates = []
+    for job_id, request_json, has_uploads in rows:
+        request = GenerationRequest(**json.loads(request_json))
+        key = _key_of_job(job_id) if has_uploads else _key(request)
+        updates.append((request.model, request.duration, key, job_id))
+    await db.executemany(
+        "UPDATE jobs SET model = ?, duration = ?, batch_key = ? WHERE id = ?", updates
+    )
+    await db.execute(
+        """UPDATE jobs SET fair_tag = (SELECT tag FROM (
+               SELECT id, ROW_NUMBER() OVER (PARTITION BY guild_id ORDER BY id) AS tag
+               FROM jobs WHERE status IN ('queued', 'running')) AS ranked
+           WHERE ranked.id = jobs.id)
+           WHERE status IN ('queued', 'running')"""
+    )
+    await db.execute(
+        """INSERT INTO guild_tags SELECT guild_id, MAX(fair_tag) FROM jobs
+           WHERE status IN ('queued', 'running') GROUP BY guild_id"""
+    )
+    for guild_id, settings in await db.execute_fetchall(
+        "SELECT guild_id, settings FROM guild_settings"
+    ):
+        if json.loads(settings).get("paused"):
+            await db.execute("INSERT INTO paused_guilds VALUES (?)", (guild_id,))
 
 
 #: Each entry migrates the schema from version i to i + 1: a script, or a :data:`Migration`.
@@ -207,6 +292,7 @@ MIGRATIONS: tuple[str | Migration, ...] = (
     CREATE INDEX jobs_finished_by_guild ON jobs (guild_id, finished_at)
         WHERE finished_at IS NOT NULL;
     """,
+    _queue_in_the_store,
 )
 
 _AUDIO_OPTIONS = ("melody", "continuation")
@@ -217,6 +303,19 @@ _AUDIO_OPTIONS = ("melody", "continuation")
 _SETTLED = (
     "status IN ('done', 'failed', 'cancelled') AND (delivered = 1 OR delivery_failure IS NOT NULL)"
 )
+
+
+#: A job workers may claim: queued, released by its requester, its server not paused.
+CLAIMABLE = """status = 'queued' AND released = 1
+    AND guild_id NOT IN (SELECT guild_id FROM paused_guilds)"""
+#: What a claim needs of the claimable jobs, to choose among them.
+CLAIMABLE_HEADS = f"""SELECT id, model, submitted_at, batch_key, takes, fair_tag FROM jobs
+    WHERE {CLAIMABLE}"""
+#: A run that ends (or goes back to the queue) leaves no lease, progress or cancel request.
+ENDED = """worker_id = NULL, lease_expires_at = NULL, cancel_requested = 0,
+    progress_done = NULL, progress_total = NULL"""
+SET_REPLY = """UPDATE jobs SET reply_application_id = ?, reply_token = ?, reply_expires_at = ?,
+    reply_message_id = ?, reply_max_upload_bytes = ? WHERE id = ?"""
 
 
 #: :meth:`SqliteStore.stats`' reads: each goes through an index, never over a server's history.
@@ -235,6 +334,7 @@ class SqliteStore:
         self._db = connection
         self._ownership = ownership
         self._writing = asyncio.Lock()  # one transaction at a time on the one connection
+        self._listeners: dict[Channel, list[Listener]] = {}
         self.path = path
         self.results = path.parent / f"{path.stem}-results"
 
@@ -304,12 +404,14 @@ class SqliteStore:
         job.request = replace(
             job.request, **{option: stored.clip for option, (stored, _) in uploads.items()}
         )
+        key = _key(job.request)  # of the clips as stored
         async with self._transaction():
+            tag = await self._next_tag(job.guild_id)
             cursor = await self._db.execute(
                 """INSERT INTO jobs (guild_id, channel_id, user_id, request, takes, origin,
                        status, reply_application_id, reply_token, reply_expires_at,
-                       submitted_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       submitted_at, model, duration, batch_key, released, fair_tag)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)""",
                 (
                     job.guild_id,
                     job.channel_id,
@@ -322,6 +424,10 @@ class SqliteStore:
                     job.reply.token if job.reply else None,
                     job.reply.expires_at if job.reply else None,
                     job.submitted_at,
+                    job.request.model,
+                    job.request.duration,
+                    key,
+                    tag,
                 ),
             )
             job.id = cursor.lastrowid
@@ -333,54 +439,351 @@ class SqliteStore:
         """Record where the requester waits for the answer."""
         job.reply = reply
         async with self._transaction():
-            await self._db.execute(
-                """UPDATE jobs SET reply_application_id = ?, reply_token = ?,
-                       reply_expires_at = ?, reply_message_id = ?, reply_max_upload_bytes = ?
-                   WHERE id = ?""",
-                (
-                    reply.application_id,
-                    reply.token,
-                    reply.expires_at,
-                    reply.message_id,
-                    reply.max_upload_bytes,
-                    job.id,
-                ),
-            )
+            await self._db.execute(SET_REPLY, (*_reply_values(reply), job.id))
 
-    async def claim(self, job: Job) -> bool:
-        """Mark a queued job running, counting the attempt; False if it was not queued."""
+    async def release(self, job: Job, reply: ReplyAddress | None) -> None:
+        """Record where the requester waits (if anywhere) and let workers claim the job; a
+        job cancelled meanwhile stays cancelled."""
+        if reply is not None:
+            job.reply = reply
+        async with self._transaction():
+            if reply is not None:
+                await self._db.execute(SET_REPLY, (*_reply_values(reply), job.id))
+            await self._db.execute(
+                "UPDATE jobs SET released = 1 WHERE id = ? AND status = 'queued'", (job.id,)
+            )
+        self._notify(Channel.QUEUE)
+
+    async def live_counts(self, guild_id: int, user_id: int) -> tuple[int, int]:
+        ((member, server),) = await self._db.execute_fetchall(
+            """SELECT COALESCE(SUM(user_id = ?), 0), COUNT(*) FROM jobs
+               WHERE guild_id = ? AND status IN ('queued', 'running')""",
+            (user_id, guild_id),
+        )
+        return member, server
+
+    async def claim(
+        self,
+        worker_id: str,
+        *,
+        models: Sequence[str] | None,
+        loaded: Sequence[str],
+        max_rows: int,
+        max_model_wait: float,
+        lease_seconds: float,
+        now: float | None = None,
+    ) -> list[Job]:
+        """Take the next batch for ``worker_id`` and lease it for ``lease_seconds``.
+
+        The first job is the next claimable one in fair order (for one of ``models``, if
+        given), unless its model is not ``loaded`` and it has waited less than
+        ``max_model_wait``: then the next one for a loaded model goes first, so models are
+        not swapped back and forth. Jobs with the first's batch key join it in fair order
+        while their takes fit in ``max_rows``. Each claim counts an attempt.
+        """
+        now = time.time() if now is None else now
+        async with self._transaction():
+            head = await self._first_claimable(models)
+            if head is None:
+                return []
+            first = head
+            if (
+                loaded
+                and head["model"] not in loaded
+                and now - head["submitted_at"] < max_model_wait
+            ):
+                wanted = [m for m in loaded if models is None or m in models]
+                first = await self._first_claimable(wanted) or head
+            chosen, rows = [first], first["takes"]
+            for row in await self._db.execute_fetchall(
+                f"{CLAIMABLE_HEADS} AND batch_key = ? ORDER BY fair_tag, id LIMIT ?",
+                (first["batch_key"], max_rows * MAX_TAKES),
+            ):
+                if row["id"] != first["id"] and rows + row["takes"] <= max_rows:
+                    chosen.append(row)
+                    rows += row["takes"]
+            ids = [row["id"] for row in chosen]
+            marks = ", ".join("?" * len(ids))
+            await self._db.execute(
+                f"""UPDATE jobs SET status = 'running', attempts = attempts + 1,
+                        started_at = ?, worker_id = ?, lease_expires_at = ?,
+                        cancel_requested = 0, progress_done = NULL, progress_total = NULL
+                    WHERE id IN ({marks}) AND status = 'queued'""",
+                (now, worker_id, now + lease_seconds, *ids),
+            )
+            await self._db.execute(
+                "UPDATE queue_clock SET virtual_time = MAX(virtual_time, ?)",
+                (max(row["fair_tag"] for row in chosen),),
+            )
+            jobs = await self._jobs(f"WHERE id IN ({marks})", tuple(ids), with_audio=False)
+        self._notify(Channel.JOBS)
+        order = {job_id: index for index, job_id in enumerate(ids)}
+        return sorted(jobs, key=lambda job: order[job.id])
+
+    async def heartbeat(
+        self, worker_id: str, job_ids: Sequence[int], lease_seconds: float, now: float | None = None
+    ) -> set[int]:
+        """Extend the leases of ``worker_id``'s running jobs among ``job_ids``; returns those
+        it must stop: cancelled, or no longer its own (its lease ran out and the job moved)."""
+        now = time.time() if now is None else now
+        marks = ", ".join("?" * len(job_ids))
+        async with self._transaction():
+            await self._db.execute("UPDATE workers SET seen_at = ? WHERE id = ?", (now, worker_id))
+            if not job_ids:
+                return set()
+            await self._db.execute(
+                f"""UPDATE jobs SET lease_expires_at = ?
+                    WHERE id IN ({marks}) AND status = 'running' AND worker_id = ?""",
+                (now + lease_seconds, *job_ids, worker_id),
+            )
+            rows = await self._db.execute_fetchall(
+                f"""SELECT id FROM jobs WHERE id IN ({marks}) AND status = 'running'
+                    AND worker_id = ? AND cancel_requested = 0""",
+                (*job_ids, worker_id),
+            )
+        return set(job_ids) - {row[0] for row in rows}
+
+    async def requeue_expired(self, max_attempts: int, now: float | None = None) -> int:
+        """Queue again every running job whose lease ran out before ``now`` (``math.inf``:
+        every running job, which only the owner of an SQLite database may do at start-up),
+        keeping its place; a job that used up ``max_attempts`` fails for good."""
+        now = time.time() if now is None else now
+        async with self._transaction():
+            rows = await self._db.execute_fetchall(
+                """SELECT id, attempts FROM jobs
+                   WHERE status = 'running' AND lease_expires_at < ?""",
+                (now,),
+            )
+            for job_id, attempts in rows:
+                if attempts >= max_attempts:
+                    await self._db.execute(
+                        f"UPDATE jobs SET {ENDED}, status = 'failed', error = ?, "
+                        "finished_at = ? WHERE id = ?",
+                        (gave_up(attempts), time.time(), job_id),
+                    )
+                else:
+                    await self._db.execute(
+                        f"UPDATE jobs SET {ENDED}, status = 'queued', started_at = NULL "
+                        "WHERE id = ?",
+                        (job_id,),
+                    )
+        if rows:
+            log.info("event=requeued-expired jobs=%s", ",".join(str(row[0]) for row in rows))
+            self._notify(Channel.QUEUE)
+            self._notify(Channel.JOBS)
+        return len(rows)
+
+    async def requeue(self, job: Job, *, count_attempt: bool = True) -> bool:
+        """Put a job its worker is stopping back in the queue, in its place; False if the
+        job is no longer the caller's (see :meth:`finish`)."""
         async with self._transaction():
             cursor = await self._db.execute(
-                """UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?
-                   WHERE id = ? AND status = 'queued'""",
-                (time.time(), job.id),
+                f"""UPDATE jobs SET {ENDED}, status = 'queued', started_at = NULL,
+                        attempts = attempts - ? WHERE id = ? AND status = ? AND attempts = ?""",
+                (0 if count_attempt else 1, job.id, job.status.value, job.attempts),
             )
         if cursor.rowcount != 1:
             return False
-        job.status, job.attempts = JobStatus.RUNNING, job.attempts + 1
-        return True
-
-    async def requeue(self, job: Job, *, count_attempt: bool = True) -> None:
-        """Put a job that was running back in the queue (to run again)."""
-        async with self._transaction():
-            await self._db.execute(
-                """UPDATE jobs SET status = 'queued', started_at = NULL,
-                       attempts = attempts - ? WHERE id = ?""",
-                (0 if count_attempt else 1, job.id),
-            )
-        job.status = JobStatus.QUEUED
+        job.status, job.worker_id = JobStatus.QUEUED, None
         if not count_attempt:
             job.attempts -= 1
+        self._notify(Channel.QUEUE)
+        return True
 
-    async def finish(self, job: Job, status: JobStatus, error: str | None = None) -> None:
-        """Record how a job ended (the requester is told next: see :meth:`mark_delivered`)."""
-        job.status, job.error, job.finished_at = status, error, time.time()
+    async def finish(self, job: Job, status: JobStatus, error: str | None = None) -> bool:
+        """Record how a job ended (the requester is told next: see :meth:`mark_delivered`).
+
+        Fenced: it applies only while the job is in the store as ``job`` says (same status
+        and attempt); False, and nothing changed, when it is not (its worker lost the lease,
+        and the job was queued again or ran elsewhere)."""
+        finished_at = time.time()
+        async with self._transaction():
+            cursor = await self._db.execute(
+                f"""UPDATE jobs SET {ENDED}, status = ?, error = ?, finished_at = ?,
+                        generation_seconds = ?
+                    WHERE id = ? AND status = ? AND attempts = ?""",
+                (
+                    status.value,
+                    error,
+                    finished_at,
+                    job.generation_seconds,
+                    job.id,
+                    job.status.value,
+                    job.attempts,
+                ),
+            )
+        if cursor.rowcount != 1:
+            return False
+        job.status, job.error, job.finished_at = status, error, finished_at
+        self._notify(Channel.JOBS)
+        return True
+
+    async def request_cancel(self, job_id: int) -> JobStatus | None:
+        async with self._transaction():
+            cursor = await self._db.execute(
+                """UPDATE jobs SET status = 'cancelled', finished_at = ?
+                   WHERE id = ? AND status = 'queued'""",
+                (time.time(), job_id),
+            )
+            if cursor.rowcount == 1:
+                cancelled: JobStatus | None = JobStatus.CANCELLED
+            else:
+                cursor = await self._db.execute(
+                    """UPDATE jobs SET cancel_requested = 1
+                       WHERE id = ? AND status = 'running'""",
+                    (job_id,),
+                )
+                cancelled = JobStatus.RUNNING if cursor.rowcount == 1 else None
+        if cancelled is JobStatus.CANCELLED:
+            self._notify(Channel.JOBS)
+        elif cancelled is JobStatus.RUNNING:
+            self._notify(Channel.CANCEL, str(job_id))
+        return cancelled
+
+    async def set_progress(self, job: Job, done: int, total: int) -> None:
+        job.progress = (done, total)
         async with self._transaction():
             await self._db.execute(
-                """UPDATE jobs SET status = ?, error = ?, finished_at = ?,
-                       generation_seconds = ? WHERE id = ?""",
-                (status.value, error, job.finished_at, job.generation_seconds, job.id),
+                """UPDATE jobs SET progress_done = ?, progress_total = ?
+                   WHERE id = ? AND status = 'running' AND attempts = ?""",
+                (done, total, job.id, job.attempts),
             )
+        self._notify(Channel.JOBS)
+
+    async def running(self) -> list[Job]:
+        return await self._jobs("WHERE status = 'running' ORDER BY id", (), with_audio=False)
+
+    async def queued(self, guild_id: int) -> list[Job]:
+        return await self._jobs(
+            """WHERE guild_id = ? AND status = 'queued' AND released = 1
+               ORDER BY fair_tag, id""",
+            (guild_id,),
+            with_audio=False,
+        )
+
+    async def position(self, job: Job) -> int | None:
+        """1 + the claimable jobs ahead of ``job`` (counted through the queue's index); None
+        if it is not queued, or its server is paused. A job not yet released counts as
+        claimable."""
+        rows = await self._db.execute_fetchall(
+            """SELECT fair_tag FROM jobs WHERE id = ? AND status = 'queued'
+               AND guild_id NOT IN (SELECT guild_id FROM paused_guilds)""",
+            (job.id,),
+        )
+        if not rows:
+            return None
+        ((ahead,),) = await self._db.execute_fetchall(
+            f"SELECT COUNT(*) FROM jobs WHERE {CLAIMABLE} AND (fair_tag, id) < (?, ?)",
+            (rows[0][0], job.id),
+        )
+        return ahead + 1
+
+    async def work_ahead(self, job: Job) -> list[WorkAhead]:
+        """The claimable jobs ahead of ``job``, summed by batch key (one index range)."""
+        rows = await self._db.execute_fetchall(
+            f"""SELECT MIN(model), MIN(duration), SUM(takes) FROM jobs WHERE {CLAIMABLE}
+                AND (fair_tag, id) < (SELECT fair_tag, id FROM jobs WHERE id = ?)
+                GROUP BY batch_key""",
+            (job.id,),
+        )
+        return [WorkAhead(*row) for row in rows]
+
+    async def queue_order(self) -> list[QueueEntry]:
+        rows = await self._db.execute_fetchall(
+            f"""SELECT id, guild_id, model, duration, takes, batch_key FROM jobs
+                WHERE {CLAIMABLE} ORDER BY fair_tag, id"""
+        )
+        return [QueueEntry(*row) for row in rows]
+
+    # Workers
+
+    async def register_worker(self, info: WorkerInfo) -> None:
+        async with self._transaction():
+            await self._db.execute(
+                """INSERT INTO workers VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at""",
+                (
+                    info.id,
+                    info.host,
+                    info.device,
+                    json.dumps(info.models),
+                    json.dumps(info.loaded),
+                    json.dumps(info.jobs),
+                    info.started_at,
+                    info.seen_at,
+                ),
+            )
+
+    async def update_worker(
+        self, worker_id: str, loaded: Sequence[str], jobs: Sequence[int]
+    ) -> None:
+        async with self._transaction():
+            await self._db.execute(
+                "UPDATE workers SET loaded = ?, jobs = ?, seen_at = ? WHERE id = ?",
+                (json.dumps(list(loaded)), json.dumps(list(jobs)), time.time(), worker_id),
+            )
+
+    async def forget_worker(self, worker_id: str) -> None:
+        async with self._transaction():
+            await self._db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    async def workers(self, seen_since: float) -> list[WorkerInfo]:
+        rows = await self._db.execute_fetchall(
+            "SELECT * FROM workers WHERE seen_at >= ? ORDER BY started_at", (seen_since,)
+        )
+        return [
+            WorkerInfo(
+                id=row["id"],
+                host=row["host"],
+                device=row["device"],
+                models=tuple(json.loads(row["models"])),
+                loaded=tuple(json.loads(row["loaded"])),
+                jobs=tuple(json.loads(row["jobs"])),
+                started_at=row["started_at"],
+                seen_at=row["seen_at"],
+            )
+            for row in rows
+        ]
+
+    # Notifications
+
+    def subscribe(self, channel: Channel, listener: Listener) -> None:
+        """Call ``listener`` after each commit that notifies ``channel`` (in this process:
+        one process owns an SQLite database)."""
+        self._listeners.setdefault(channel, []).append(listener)
+
+    def _notify(self, channel: Channel, payload: str = "") -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners.get(channel, ()):
+            loop.call_soon(listener, payload)
+
+    async def _next_tag(self, guild_id: int) -> float:
+        """The fair tag of a job the server queues now (start-time fair queuing): one past
+        the later of the virtual time and the server's last tag."""
+        ((tag,),) = await self._db.execute_fetchall(
+            """SELECT MAX((SELECT virtual_time FROM queue_clock),
+                   COALESCE((SELECT last_tag FROM guild_tags WHERE guild_id = ?), 0)) + 1""",
+            (guild_id,),
+        )
+        await self._db.execute(
+            """INSERT INTO guild_tags VALUES (?, ?)
+               ON CONFLICT (guild_id) DO UPDATE SET last_tag = excluded.last_tag""",
+            (guild_id, tag),
+        )
+        return tag
+
+    async def _first_claimable(self, models: Sequence[str] | None) -> aiosqlite.Row | None:
+        if models is None:
+            rows = await self._db.execute_fetchall(
+                f"{CLAIMABLE_HEADS} ORDER BY fair_tag, id LIMIT 1"
+            )
+        else:
+            marks = ", ".join("?" * len(models))
+            rows = await self._db.execute_fetchall(
+                f"{CLAIMABLE_HEADS} AND model IN ({marks}) ORDER BY fair_tag, id LIMIT 1",
+                tuple(models),
+            )
+        return rows[0] if rows else None
 
     async def mark_delivered(self, job: Job, result_url: str | None = None) -> None:
         """Record that the requester was told; their interaction token is forgotten."""
@@ -425,16 +828,6 @@ class SqliteStore:
     async def get(self, job_id: int) -> Job | None:
         rows = await self._jobs("WHERE id = ?", (job_id,))
         return rows[0] if rows else None
-
-    async def pending(self) -> list[Job]:
-        """Queued and running jobs, oldest first: the work to resume after a restart.
-
-        Their uploads stay in the store (:attr:`Job.uploads_in_store`): a long queue is
-        recovered without decoding or holding its audio; :meth:`load_uploads` reads a job's
-        clips when it runs."""
-        return await self._jobs(
-            "WHERE status IN ('queued', 'running') ORDER BY id", (), with_audio=False
-        )
 
     async def undelivered(self) -> list[Job]:
         """Jobs that ended without their requester being told, and are still to be (without
@@ -658,6 +1051,8 @@ class SqliteStore:
         return GuildSettings(guild_id=guild_id, **values)
 
     async def save_guild_settings(self, settings: GuildSettings) -> None:
+        """Keep a server's settings; pausing or resuming its queue takes effect at the next
+        claim, in every process."""
         values = asdict(settings)
         del values["guild_id"]
         async with self._transaction():
@@ -666,10 +1061,20 @@ class SqliteStore:
                    ON CONFLICT (guild_id) DO UPDATE SET settings = excluded.settings""",
                 (settings.guild_id, json.dumps(values)),
             )
+            if settings.paused:
+                await self._db.execute(
+                    "INSERT OR IGNORE INTO paused_guilds VALUES (?)", (settings.guild_id,)
+                )
+            else:
+                await self._db.execute(
+                    "DELETE FROM paused_guilds WHERE guild_id = ?", (settings.guild_id,)
+                )
+        if not settings.paused:
+            self._notify(Channel.QUEUE)
 
     async def paused_guilds(self) -> list[int]:
-        rows = await self._db.execute_fetchall("SELECT guild_id, settings FROM guild_settings")
-        return [row[0] for row in rows if json.loads(row[1]).get("paused")]
+        rows = await self._db.execute_fetchall("SELECT guild_id FROM paused_guilds")
+        return [row[0] for row in rows]
 
     # Generation rates
 
@@ -985,8 +1390,30 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
         uploads_expired_at=row["uploads_expired_at"],
         delivery_attempts=row["delivery_attempts"],
         delivery_failure=row["delivery_failure"],
+        worker_id=row["worker_id"],
+        progress=(row["progress_done"] or 0, row["progress_total"] or 0),
     )
 
 
 def _date(timestamp: float | None) -> str:
     return time.strftime("%Y-%m-%d (UTC)", time.gmtime(timestamp))
+
+
+def _reply_values(reply: ReplyAddress) -> tuple:
+    return (
+        reply.application_id,
+        reply.token,
+        reply.expires_at,
+        reply.message_id,
+        reply.max_upload_bytes,
+    )
+
+
+def _key(request: GenerationRequest) -> str:
+    """A request's :func:`generation.request.batch_key` as the store keeps it."""
+    return json.dumps(batch_key(request), default=list)
+
+
+def _key_of_job(job_id: int) -> str:
+    """The batch key of a job whose clips are not at hand: it runs alone."""
+    return json.dumps(["job", job_id])

@@ -18,7 +18,8 @@ from typing import Protocol
 import numpy as np
 
 from generation.errors import GenerationError
-from generation.jobs.job import Job, JobStatus, ReplyAddress
+from generation.jobs.estimates import WorkAhead
+from generation.jobs.job import Job, JobStatus, QueueEntry, ReplyAddress
 from generation.jobs.retention import Retention
 
 
@@ -195,7 +196,11 @@ class JobStore(Protocol):
         """A server's queued, released jobs in the order they will run."""
         ...
 
-    async def queue_order(self) -> list[Job]:
+    async def work_ahead(self, job: Job) -> list[WorkAhead]:
+        """The claimable jobs ahead of ``job``, their takes summed by batch key."""
+        ...
+
+    async def queue_order(self) -> list[QueueEntry]:
         """Every job that can be claimed, in the order they will be (without audio)."""
         ...
 
@@ -249,6 +254,7 @@ class JobStore(Protocol):
 
     async def finish(self, job: Job, status: JobStatus, error: str | None = None) -> bool: ...
     async def requeue(self, job: Job, *, count_attempt: bool = True) -> bool: ...
+    async def set_reply(self, job: Job, reply: ReplyAddress) -> None: ...
     async def save_result(
         self, job: Job, audio: np.ndarray, sample_rate: int, take: int = 0
     ) -> None: ...
@@ -293,6 +299,14 @@ class JobStore(Protocol):
     def subscribe(self, channel: Channel, listener: Listener) -> None:
         """Call ``listener`` on the event loop whenever ``channel`` is notified."""
         ...
+
+
+def gave_up(attempts: int) -> str:
+    """Why a job whose runs kept dying (its worker stopped heartbeating) failed for good."""
+    return (
+        f"It stopped {attempts} times while generating, so it was given up: try a shorter "
+        "duration or a smaller model."
+    )
 
 
 def is_postgres(database: str) -> bool:

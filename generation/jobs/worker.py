@@ -1,21 +1,18 @@
-"""The single generation worker: takes batches of jobs from the fair queue and runs them.
+"""A generation worker: claims batches from the store, runs them on the engine, and records
+each outcome there; the gateway (:mod:`generation.jobs.watcher`) tells the requesters.
 
-Jobs that can share a pass of the model run together (see :mod:`generation.jobs.scheduling`), each
-delivered on its own. The model runs on a one-thread executor, so the event loop (and the
-Discord heartbeat) keeps going while it decodes; progress crosses back to the loop with
-``call_soon_threadsafe``. The worker task starts when there is work and returns when the queue
-is empty.
+Any number of workers may share a store. A claim leases its jobs; the worker renews the
+lease by heartbeat while it generates, and each heartbeat says which of its jobs were
+cancelled (a ``CANCEL`` notification makes it beat at once, so a cancel reaches the next
+decoding step). A worker that stops heartbeating (killed, machine lost) loses its jobs to
+:meth:`JobStore.requeue_expired`, which every worker runs from time to time, and every write
+it makes about a job is fenced, so it cannot overwrite the job's next run.
 
-Every step of a job is recorded in the store before anyone is told of it: a job is claimed
-before it runs, its result is saved before it is delivered, and it is marked delivered only
-once the listener has delivered it. A restart at any point can pick up from the store.
-
-Nothing after a job is taken leaves it hanging: a write the store refuses is tried again with
-back-off; a job that cannot be claimed goes back to the queue; a result that cannot be kept
-fails its job; an end the store never takes is told to the requester all the same (the store
-still has the job running, so it runs again after a restart). A delivery that fails is tried
-again with back-off, each try counted in the store, and kept for the member's history when
-nobody can be told.
+The model runs on a one-thread executor, so the event loop keeps going while it decodes;
+progress crosses back to the loop with ``call_soon_threadsafe`` and is written to the store
+at most once per ``progress_interval``. Nothing after a claim leaves a job hanging: a write
+the store refuses is tried again with back-off; a job whose end is never recorded is queued
+again when its lease runs out.
 """
 
 from __future__ import annotations
@@ -23,45 +20,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from generation.audio.output import normalise_loudness
-from generation.engine.musicgen import CancelFlag, GenerationResult, ProgressCallback
-from generation.errors import GenerationCancelled, GenerationError, Undeliverable
-from generation.jobs.estimates import Estimate, GenerationRates, forecast
-from generation.jobs.job import FairQueue, Job, JobStatus
-from generation.jobs.scheduling import BatchPolicy, plan_batch
-from generation.jobs.store import JobStore
+from generation.engine.results import CancelFlag, GenerationResult, ProgressCallback
+from generation.errors import GenerationCancelled, GenerationError
+from generation.jobs.estimates import GenerationRates
+from generation.jobs.job import Job, JobStatus
+from generation.jobs.retry import STORE_RETRY, Backoff, retrying
+from generation.jobs.scheduling import BatchPolicy
+from generation.jobs.store import Channel, JobStore, WorkerInfo
 from generation.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 #: The requester is told this when a track was made but could not be saved.
 NOT_KEPT = "The track was made but could not be saved on the bot's side; please try again."
-#: Kept as the reason when every try at a delivery failed.
-DELIVERY_FAILED = "it could not be delivered"
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """How to try again something that failed: ``tries`` in all, waiting ``first`` seconds
-    after the first failure, then twice as long each time, up to ``longest``."""
-
-    first: float = 1.0
-    longest: float = 30.0
-    tries: int = 8
-
-    def delays(self, tried: int = 0) -> Iterator[float]:
-        """The waits before each try left, when ``tried`` tries have already failed."""
-        for attempt in range(tried, self.tries - 1):
-            yield min(self.first * 2**attempt, self.longest)
 
 
 class Generator(Protocol):
@@ -82,265 +64,179 @@ class Generator(Protocol):
     ) -> list[GenerationResult]: ...
 
 
-class JobListener(Protocol):
-    """Told of each job's life; the Discord layer implements it to talk to members.
+@dataclass(frozen=True)
+class Leases:
+    """How a worker holds its jobs.
 
-    ``job_finished``, ``job_failed`` and ``job_cancelled`` deliver the outcome to the
-    requester and return a link to it, if there is one; if they raise, the delivery is tried
-    again later, unless they raise :class:`~generation.errors.Undeliverable` (nobody can be
-    told: the outcome is kept for the member's history).
-    ``queue_moved`` hears every queued job's position and ETA whenever they change; it
-    runs on the event loop and must return at once.
+    Args:
+        seconds: How long a claim (or a heartbeat) holds a job; a worker silent that long
+            loses it to another.
+        heartbeat: Seconds between heartbeats while generating (well under ``seconds``).
+        sweep: Seconds between looks for other workers' expired leases.
+        poll: Seconds an idle worker waits for a notification before looking at the queue
+            anyway (a notification lost with a connection is not waited for forever).
     """
 
-    def queue_moved(self, estimates: Sequence[Estimate]) -> None: ...
-    async def job_started(self, job: Job) -> None: ...
-    async def job_progress(self, job: Job) -> None: ...
-    async def job_finished(self, job: Job, results: list[GenerationResult]) -> str | None: ...
-    async def job_failed(self, job: Job, error: GenerationError) -> str | None: ...
-    async def job_cancelled(self, job: Job) -> str | None: ...
+    seconds: float = 60.0
+    heartbeat: float = 10.0
+    sweep: float = 15.0
+    poll: float = 5.0
 
 
 class Worker:
-    """Runs queued jobs a batch at a time, records them, and reports on them to ``listener``.
+    """Claims and runs batches of jobs until stopped.
 
     Args:
         generator: Runs a batch of requests (blocking); only ever called from one thread.
-        queue: Where jobs wait.
-        store: Where every job's state and result is kept.
-        listener: Told when jobs start, progress, finish, fail or are cancelled.
-        progress_interval: Least time between two progress reports for a job, in seconds.
+        store: Where the queue is and every job's state and result is kept.
+        models: The models this worker serves; None for any.
+        batch_policy: How big a batch may be, and how long a job for a model not loaded may
+            be passed over.
+        leases: How it holds its jobs.
+        max_attempts: Times a job may be started before it fails for good.
+        progress_interval: Least time between two progress writes for a batch, in seconds.
         job_timeout: Longest a batch may run, in seconds; None for no limit.
-        batch_policy: How jobs are grouped into batches.
-        store_retry: How a write the store refuses (a locked or read-only database, a full
-            disk) is tried again.
-        delivery_retry: How a delivery that fails is tried again (its tries are counted in
-            the store, across restarts).
+        store_retry: How a write the store refuses is tried again.
     """
 
     def __init__(
         self,
         generator: Generator,
-        queue: FairQueue,
         store: JobStore,
-        listener: JobListener,
         *,
+        models: Sequence[str] | None = None,
+        batch_policy: BatchPolicy | None = None,
+        leases: Leases | None = None,
+        max_attempts: int = 3,
         progress_interval: float = 5.0,
         job_timeout: float | None = None,
-        batch_policy: BatchPolicy | None = None,
-        store_retry: Backoff = Backoff(first=0.5, longest=30.0, tries=8),
-        delivery_retry: Backoff = Backoff(first=10.0, longest=600.0, tries=6),
+        store_retry: Backoff = STORE_RETRY,
     ) -> None:
         self.generator = generator
-        self.queue = queue
         self.store = store
-        self.listener = listener
+        self.models = tuple(models) if models is not None else None
+        self.batch_policy = batch_policy or BatchPolicy()
+        self.leases = leases or Leases()
+        self.max_attempts = max_attempts
         self.progress_interval = progress_interval
         self.job_timeout = job_timeout
-        self.batch_policy = batch_policy or BatchPolicy()
         self.store_retry = store_retry
-        self.delivery_retry = delivery_retry
         self.rates = GenerationRates(generator.device)
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.accepting = True
+        #: The jobs generating now.
+        self.running: list[Job] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
         self._task: asyncio.Task[None] | None = None
-        self._reports: set[asyncio.Task[None]] = set()
-        self._deliveries: set[asyncio.Task[None]] = set()
-        #: Deliveries waiting to try again: a shutdown leaves them to the next start.
-        self._waiting: set[asyncio.Task] = set()
+        self._work = asyncio.Event()  # there may be work to claim
+        self._beat = asyncio.Event()  # a running job may have been cancelled
+        self._writes: set[asyncio.Task[None]] = set()
 
     @property
-    def busy(self) -> bool:
-        return self._task is not None and not self._task.done()
+    def info(self) -> WorkerInfo:
+        now = time.time()
+        return WorkerInfo(
+            id=self.id,
+            host=socket.gethostname(),
+            device=self.generator.device,
+            models=self.models or (),
+            loaded=tuple(self.generator.loaded_models),
+            started_at=now,
+            seen_at=now,
+        )
+
+    async def start(self) -> None:
+        """Advertise the worker, take up the rates learnt before, and start serving."""
+        self.rates.load(await self.store.generation_rates(self.rates.device))
+        await self.store.register_worker(self.info)
+        self.store.subscribe(Channel.QUEUE, lambda _: self._work.set())
+        self.store.subscribe(Channel.CANCEL, self._on_cancel)
+        self._work.set()
+        self._task = asyncio.get_running_loop().create_task(self._serve(), name="worker")
+        log.info(
+            "worker=%s event=started device=%s models=%s",
+            self.id,
+            self.generator.device,
+            ",".join(self.models) if self.models else "any",
+        )
 
     def wake(self) -> None:
-        """Start working through the queue, unless already at it or stopping."""
-        if self.accepting and not self.busy:
-            self._task = asyncio.get_running_loop().create_task(self._drain(), name="worker")
-
-    async def join(self) -> None:
-        """Wait until the worker has run out of jobs."""
-        while self.busy:
-            assert self._task is not None
-            await asyncio.shield(self._task)
+        """Look at the queue now (a job was queued in this process)."""
+        self._work.set()
 
     async def stop(self, grace: float) -> None:
-        """Take no more jobs; give the running batch ``grace`` seconds, then stop it and put
-        its jobs back in the queue to run again after a restart. Deliveries under way
-        complete."""
+        """Claim no more jobs; give the running batch ``grace`` seconds, then stop it and put
+        its jobs back in the queue, for this worker after a restart or for another now."""
         self.accepting = False
-        if self._task is not None and not self._task.done():
+        self._work.set()
+        if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), grace)
             except TimeoutError:
-                for job in self.queue.running:
+                for job in self.running:
                     log.info("job=%d event=stopped reason=shutdown (it will run again)", job.id)
                     job.stop("shutdown")
                 await self._task
-        for task in self._waiting:
-            task.cancel()
-        if self._deliveries:
-            await asyncio.gather(*self._deliveries, return_exceptions=True)
-
-    def cancel(self, job: Job) -> bool:
-        """Cancel ``job``: a queued one leaves the queue now (returns True), a running one
-        stops (returns False; the listener hears of it when its batch ends: at the next step
-        when it runs alone, or when the other jobs in its batch are done)."""
-        if job.status is JobStatus.QUEUED and job not in self.queue.running:
-            self.queue.remove(job)
-            return True
-        job.stop("cancelled")
-        return False
-
-    def forecast(self) -> list[Estimate]:
-        """Every queued job's position and ETA, in the order they will run."""
-        return forecast(
-            self.queue.service_order(),
-            self.queue.running,
-            self.rates,
-            self.batch_policy,
-            self.queue.is_paused,
-        )
-
-    def estimate(self, job: Job) -> Estimate:
-        """A queued (or held) job's position and ETA."""
-        return next(estimate for estimate in self.forecast() if estimate.job is job)
-
-    def queue_changed(self) -> None:
-        """Tell the listener where every queued job stands now (they moved, or their ETA
-        did)."""
-        try:
-            self.listener.queue_moved(self.forecast())
-        except Exception:
-            log.exception("job listener failed")
-
-    async def load_rates(self) -> None:
-        """Take up the generation rates learnt before the last restart."""
-        self.rates.load(await self.store.generation_rates(self.rates.device))
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.store.forget_worker(self.id)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def run_blocking(self, function: Callable[[], object]) -> asyncio.Future:
         """Run ``function`` on the generation thread (e.g. loading a model at start-up)."""
         return asyncio.get_running_loop().run_in_executor(self._executor, function)
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def _on_cancel(self, payload: str) -> None:
+        if not payload or any(str(job.id) == payload for job in self.running):
+            self._beat.set()
 
-    def deliver_later(self, job: Job, results: list[GenerationResult] | None = None) -> None:
-        """:meth:`deliver` in the background, so the next batch need not wait for an upload."""
-        task = asyncio.get_running_loop().create_task(self.deliver(job, results))
-        self._deliveries.add(task)
-        task.add_done_callback(self._deliveries.discard)
-
-    async def deliver(self, job: Job, results: list[GenerationResult] | None = None) -> None:
-        """Tell the requester how ``job`` ended, and record that they were told.
-
-        A failed delivery is tried again after a while (see ``delivery_retry``); one that
-        failed every try, or that nobody can receive, is kept for the member's history.
-        ``results`` (one per take) are read back from the store when not given (after a
-        restart).
-        """
-        if self._reports:  # let progress edits land before the outcome replaces them
-            await asyncio.gather(*self._reports, return_exceptions=True)
-        delays = self.delivery_retry.delays(job.delivery_attempts)
-        while True:
+    async def _serve(self) -> None:
+        swept_at = float("-inf")
+        while self.accepting:
+            if time.monotonic() - swept_at >= self.leases.sweep:
+                swept_at = time.monotonic()
+                await self._sweep()
             try:
-                url = await self._tell(job, results)
-                break
-            except Undeliverable as refused:
-                log.warning("job=%d event=undeliverable reason=%r", job.id, str(refused))
-                await self._keep_undelivered(job, str(refused))
-                return
-            except Exception as error:
-                await self._write(
-                    "count-delivery", job, partial(self.store.count_failed_delivery, job)
-                )
-                delay = next(delays, None)
-                log.warning(
-                    "job=%d event=delivery-failed attempt=%d error=%r (%s)",
-                    job.id,
-                    job.delivery_attempts,
-                    error,
-                    "given up" if delay is None else f"trying again in {delay:g} s",
-                    exc_info=delay is None,
-                )
-                if delay is None:
-                    await self._keep_undelivered(job, DELIVERY_FAILED)
-                    return
-                if not await self._wait(delay):
-                    return  # shutting down: the next start delivers it
-        await self._write("mark-delivered", job, partial(self.store.mark_delivered, job, url))
-        log.info("job=%d event=delivered status=%s", job.id, job.status.value)
+                batch = await self._claim()
+            except Exception:
+                log.exception("worker=%s event=claim-failed (trying again)", self.id)
+                batch = []
+            if batch:
+                await self._run(batch)
+                continue
+            self._work.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._work.wait(), self.leases.poll)
+            if self.accepting and self._work.is_set():
+                await asyncio.sleep(self.batch_policy.window)  # let requests sent together meet
 
-    async def _tell(self, job: Job, results: list[GenerationResult] | None) -> str | None:
-        if job.status is JobStatus.DONE:
-            if results is None:
-                results = await self.stored_results(job)
-            return await self.listener.job_finished(job, results)
-        if job.status is JobStatus.CANCELLED:
-            return await self.listener.job_cancelled(job)
-        return await self.listener.job_failed(job, GenerationError(job.error or ""))
+    async def _sweep(self) -> None:
+        """Queue again the jobs of workers that stopped heartbeating."""
+        try:
+            await self.store.requeue_expired(self.max_attempts)
+        except Exception:
+            log.exception("worker=%s event=sweep-failed (tried again later)", self.id)
 
-    async def _keep_undelivered(self, job: Job, reason: str) -> None:
-        await self._write(
-            "keep-undelivered", job, partial(self.store.keep_undelivered, job, reason)
+    async def _claim(self) -> list[Job]:
+        return await self.store.claim(
+            self.id,
+            models=self.models,
+            loaded=self.generator.loaded_models,
+            max_rows=self.batch_policy.max_rows,
+            max_model_wait=self.batch_policy.max_model_wait,
+            lease_seconds=self.leases.seconds,
         )
 
-    async def _wait(self, delay: float) -> bool:
-        """Sleep ``delay`` seconds; False if a shutdown cut it short."""
-        if not self.accepting:
-            return False
-        task = asyncio.current_task()
-        assert task is not None
-        self._waiting.add(task)
+    async def _run(self, claimed: list[Job]) -> None:
+        ready = await self._with_uploads(claimed)
+        if not ready:
+            return
+        self.running = ready
+        beating = asyncio.get_running_loop().create_task(self._heartbeat(ready))
         try:
-            await asyncio.sleep(delay)
-        except asyncio.CancelledError:
-            if self.accepting:
-                raise
-            return False
-        finally:
-            self._waiting.discard(task)
-        return True
-
-    async def stored_results(self, job: Job) -> list[GenerationResult]:
-        """A finished job's takes, read back from the store.
-
-        Raises:
-            GenerationError: a take's file is missing.
-        """
-        results = []
-        for take, request in enumerate(job.take_requests()):
-            audio, sample_rate = await self.store.load_result(job, take)
-            seconds = job.generation_seconds or 0.0
-            results.append(GenerationResult(request, audio, sample_rate, seconds))
-        return results
-
-    async def _drain(self) -> None:
-        await asyncio.sleep(self.batch_policy.window)
-        while self.accepting:
-            batch = plan_batch(
-                self.queue.runnable(),
-                policy=self.batch_policy,
-                loaded_models=self.generator.loaded_models,
-                now=time.time(),
-            )
-            if not batch:
-                return
-            self.queue.take(batch)
-            await self._run(batch)
-
-    async def _run(self, batch: list[Job]) -> None:
-        self.queue.running = batch
-        self.queue_changed()  # the jobs behind moved up, and wait for this batch
-        claimed: list[Job] = []
-        outcomes: dict[int, list[GenerationResult]] = {}
-        try:
-            claimed = await self._claim(batch)
-            ready = await self._with_uploads(claimed)
-            self.queue.running = ready
-            started_at = time.time()
+            await self._write("update-worker", ready[0], self._advertise)
             for job in ready:
-                job.started_at = started_at
                 log.info(
                     "job=%d event=started attempt=%d model=%s duration=%g guild=%d batch=%s",
                     job.id,
@@ -350,19 +246,22 @@ class Worker:
                     job.guild_id,
                     ",".join(str(other.id) for other in ready),
                 )
-                await self._guarded(self.listener.job_started(job))
-            if ready:
-                outcomes = await self._generate(ready)
+            await self._generate(ready)
         finally:
-            self.queue.running = []
-        for job in claimed:  # those that failed to load their clips too
-            if job.status is not JobStatus.QUEUED:  # stopped by shutdown: waits for the restart
-                self.deliver_later(job, outcomes.get(job.id))
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+            self.running = []
+            await self._write("update-worker", ready[0], self._advertise)
+
+    async def _advertise(self) -> None:
+        await self.store.update_worker(
+            self.id, self.generator.loaded_models, [job.id for job in self.running]
+        )
 
     async def _with_uploads(self, jobs: list[Job]) -> list[Job]:
-        """Load the clips of the jobs read back after a restart (:meth:`JobStore.load_uploads`,
-        decoded on a thread); a job whose clip expired or is damaged fails, and its requester
-        is told. Returns the jobs ready to run."""
+        """Load the claimed jobs' clips (decoded on a thread); a job whose clip expired or
+        is damaged fails, and its requester is told. Returns the jobs ready to run."""
         ready = []
         for job in jobs:
             try:
@@ -373,40 +272,41 @@ class Worker:
                 ready.append(job)
         return ready
 
-    async def _claim(self, batch: list[Job]) -> list[Job]:
-        """Mark the batch's jobs running in the store; those it will not take (after trying
-        again) go back to the front of the queue, to be tried again."""
-        claimed = []
-        for index, job in enumerate(batch):
+    async def _heartbeat(self, jobs: list[Job]) -> None:
+        """Renew the batch's leases every ``leases.heartbeat`` seconds (at once on a cancel
+        notification), and stop the jobs the store says to: cancelled ones, and ones whose
+        lease was lost (another worker may run them now)."""
+        ids = [job.id for job in jobs]
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat.wait(), self.leases.heartbeat)
+            self._beat.clear()
             try:
-                taken = await self._retrying("claim", job, partial(self.store.claim, job))
+                stopped = await self.store.heartbeat(self.id, ids, self.leases.seconds)
             except Exception:
-                log.exception("job=%d event=not-claimed (queued again)", job.id)
-                self.queue.put_back(batch[index:])
-                break
-            if taken:
-                claimed.append(job)
-            else:
-                log.warning("job=%d event=skipped (not queued in the store)", job.id)
-        return claimed
+                log.exception("worker=%s event=heartbeat-failed", self.id)
+                continue
+            for job in jobs:
+                if job.id in stopped and not job.cancel_event.is_set():
+                    current = await self.store.get(job.id)
+                    lost = current is None or current.status is not JobStatus.RUNNING
+                    lost = lost or current.worker_id != self.id
+                    job.stop("lost" if lost else "cancelled")
+                    log.info("job=%d event=stopping reason=%s", job.id, job.stop_reason)
 
-    async def _generate(self, jobs: list[Job]) -> dict[int, list[GenerationResult]]:
-        """Run the batch and record each job's outcome; returns the results of the jobs that
-        succeeded, one per take, by job id."""
+    async def _generate(self, jobs: list[Job]) -> None:
+        """Run the batch and record each job's outcome."""
         loop = asyncio.get_running_loop()
         last_report = time.monotonic()
 
         def on_progress(done: int, total: int) -> None:  # on the event loop
             nonlocal last_report
-            for job in jobs:
-                job.progress = (done, total)
             now = time.monotonic()
             if now - last_report >= self.progress_interval and done < total:
                 last_report = now
                 for job in jobs:
                     if not job.cancel_event.is_set():
-                        self._spawn(self.listener.job_progress(job))
-                self.queue_changed()  # the jobs waiting behind are closer
+                        self._spawn(job, partial(self.store.set_progress, job, done, total))
 
         def progress(done: int, total: int) -> None:  # on the generation thread
             loop.call_soon_threadsafe(on_progress, done, total)
@@ -429,11 +329,11 @@ class Worker:
             )
             for job in jobs:
                 await self._failed(job, error)
-            return {}
+            return
         except GenerationCancelled:
             for job in jobs:
                 await self._stopped(job)
-            return {}
+            return
         except Exception as error:
             if len(jobs) > 1:  # find the job at fault: each runs alone, and fails alone
                 log.warning(
@@ -441,62 +341,54 @@ class Worker:
                     ",".join(str(job.id) for job in jobs),
                     error,
                 )
-                alone: dict[int, list[GenerationResult]] = {}
                 for job in jobs:
-                    alone |= await self._generate([job])
-                return alone
+                    await self._generate([job])
+                return
             await self._failed(jobs[0], error)
-            return {}
+            return
         await self._learn(results)
-        outcomes = {}
         for job in jobs:
             takes, results = results[: job.takes], results[job.takes :]
-            if job.stop_reason == "cancelled":  # while the rest of its batch went on
+            if job.stop_reason is not None:  # cancelled or lost while its batch went on
                 await self._stopped(job)
-            elif (kept := await self._finished(job, takes)) is not None:
-                outcomes[job.id] = kept
-        return outcomes
+            else:
+                await self._finished(job, takes)
 
     async def _learn(self, results: list[GenerationResult]) -> None:
-        """Learn the batch's generation rate, and keep it for after a restart."""
+        """Learn the batch's generation rate, and keep it for every process to plan with."""
         first = results[0]
         model, rows = first.request.model, len(results)
         rate = self.rates.observe(model, rows, first.seconds, first.generation_seconds)
         try:
             await self.store.save_generation_rate(self.rates.device, model, rows, rate)
         except Exception:  # a nicety: the jobs' own records matter, and they are tried again
-            log.exception("model=%s event=rate-not-kept (known until the bot stops)", model)
+            log.exception("model=%s event=rate-not-kept (known until the worker stops)", model)
 
-    async def _finished(
-        self, job: Job, results: list[GenerationResult]
-    ) -> list[GenerationResult] | None:
-        """Normalise and keep each take, then record the job done; returns the takes, or
-        None when they could not be kept (the job failed)."""
+    async def _finished(self, job: Job, results: list[GenerationResult]) -> None:
+        """Normalise and keep each take, then record the job done (or failed, when the takes
+        could not be kept)."""
         loop = asyncio.get_running_loop()
-        normalised = []
-        for result in results:
-            audio = await loop.run_in_executor(
-                None, normalise_loudness, result.audio, result.sample_rate
-            )
-            normalised.append(replace(result, audio=audio))
         try:
-            for take, result in enumerate(normalised):
-                save = partial(self.store.save_result, job, result.audio, result.sample_rate, take)
-                await self._retrying("save-result", job, save)
+            for take, result in enumerate(results):
+                audio = await loop.run_in_executor(
+                    None, normalise_loudness, result.audio, result.sample_rate
+                )
+                save = partial(self.store.save_result, job, audio, result.sample_rate, take)
+                await retrying("save-result", job.id, save, self.store_retry)
         except Exception as error:
             log.error("job=%d event=result-not-kept", job.id, exc_info=error)
             await self._end(job, JobStatus.FAILED, NOT_KEPT)
-            return None
+            return
         job.generation_seconds = results[0].generation_seconds
-        await self._end(job, JobStatus.DONE)
-        log.info("job=%d event=finished seconds=%.1f", job.id, job.generation_seconds)
-        return normalised
+        if await self._end(job, JobStatus.DONE):
+            log.info("job=%d event=finished seconds=%.1f", job.id, job.generation_seconds)
 
     async def _stopped(self, job: Job) -> None:
-        if job.stop_reason == "shutdown":
-            # If the store refuses, it still has the job running: it runs again all the same.
-            await self._write("requeue", job, partial(self.store.requeue, job, count_attempt=False))
-            job.status = JobStatus.QUEUED
+        if job.stop_reason == "lost":
+            log.warning("job=%d event=lease-lost (another worker runs it)", job.id)
+        elif job.stop_reason == "shutdown":
+            requeue = partial(self.store.requeue, job, count_attempt=False)
+            await self._write("requeue", job, requeue)
         else:
             await self._end(job, JobStatus.CANCELLED)
             log.info("job=%d event=cancelled while=running", job.id)
@@ -510,50 +402,40 @@ class Worker:
             message = "Something went wrong while generating; please try again."
         await self._end(job, JobStatus.FAILED, message)
 
-    async def _end(self, job: Job, status: JobStatus, error: str | None = None) -> None:
-        """Record how ``job`` ended. If the store never takes it, the requester is told all
-        the same; the store still has the job running, so it runs again after a restart."""
-        await self._write("finish", job, partial(self.store.finish, job, status, error))
-        job.status, job.error = status, error
+    async def _end(self, job: Job, status: JobStatus, error: str | None = None) -> bool:
+        """Record how ``job`` ended; False if it was not recorded (the store refused every
+        try, or the job is no longer this worker's: its lease ran out). Either way the
+        store still holds the job's real state, and its lease decides what happens next."""
+        try:
+            ended = await retrying(
+                "finish", job.id, partial(self.store.finish, job, status, error), self.store_retry
+            )
+        except Exception:
+            log.exception("job=%d event=finish-not-recorded (it runs again)", job.id)
+            return False
+        if not ended:
+            log.warning("job=%d event=finish-fenced (no longer this worker's)", job.id)
+        return ended
 
     async def _write(self, what: str, job: Job, write: Callable[[], Awaitable[object]]) -> None:
-        """:meth:`_retrying`, logging a write that never succeeds instead of raising it."""
+        """:func:`retrying` ``write``, logging one that never succeeds instead of raising."""
         try:
-            await self._retrying(what, job, write)
+            await retrying(what, job.id, write, self.store_retry)
         except Exception:
             log.exception("job=%d event=%s-not-recorded", job.id, what)
 
-    async def _retrying(self, what: str, job: Job, write: Callable[[], Awaitable[T]]) -> T:
-        """Await ``write()``, trying again with back-off while it fails (the
-        store refuses writes, the disk is full); the last failure is raised."""
-        delays = self.store_retry.delays()
-        while True:
+    def _spawn(self, job: Job, write: Callable[[], Awaitable[object]]) -> None:
+        """Write progress in the background: generation does not wait for it."""
+
+        async def guarded() -> None:
             try:
-                return await write()
-            except Exception as error:
-                delay = next(delays, None)
-                if delay is None:
-                    raise
-                log.warning(
-                    "job=%d event=%s-failed error=%r (trying again in %g s)",
-                    job.id,
-                    what,
-                    error,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+                await write()
+            except Exception:
+                log.warning("job=%d event=progress-not-recorded", job.id, exc_info=True)
 
-    def _spawn(self, report: Awaitable[None]) -> None:
-        task = asyncio.get_running_loop().create_task(self._guarded(report))
-        self._reports.add(task)
-        task.add_done_callback(self._reports.discard)
-
-    async def _guarded(self, report: Awaitable[None]) -> None:
-        """Await a listener call; its failure is logged and never stops the worker."""
-        try:
-            await report
-        except Exception:
-            log.exception("job listener failed")
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
 
 class _AllStopped:
