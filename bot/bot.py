@@ -1,4 +1,8 @@
-"""The bot itself: a discord.py Bot that owns the generation engine and the job service."""
+"""The bot itself: a discord.py Bot that owns the job service, and, when it generates too
+(``musicgen-bot run``), a generation worker in its own process.
+
+A gateway (``musicgen-bot gateway``) only talks to Discord and the store; it never imports
+torch: the worker is imported only when this process generates."""
 
 from __future__ import annotations
 
@@ -6,18 +10,21 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import astuple
+from typing import TYPE_CHECKING
 
 import discord
 from discord.ext import commands, tasks
 
-from generation.engine.musicgen import MusicGenEngine
 from generation.jobs.job import QueueLimits
 from generation.jobs.scheduling import BatchPolicy
 from generation.jobs.service import JobService
-from generation.jobs.store import open_store
+from generation.jobs.store import is_postgres, open_store
 
 from .access import Access
 from .config import Config
+
+if TYPE_CHECKING:
+    from generation.jobs.worker import Worker
 from .delivery import JobReporter
 from .errors import on_app_command_error
 
@@ -35,7 +42,7 @@ class MusicGenBot(commands.Bot):
     reporter: JobReporter
     access: Access
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, generates: bool = True) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=discord.Intents.default(),
@@ -43,36 +50,39 @@ class MusicGenBot(commands.Bot):
             allowed_mentions=discord.AllowedMentions.none(),
         )
         self.config = config
+        self.generates = generates
+        #: The generation worker in this process (``run``), once started.
+        self.worker: Worker | None = None
         self._recovering = False
-        device = config.generation.device
-        self.engine = MusicGenEngine(
-            device=None if device == "auto" else device,
-            max_duration=config.generation.max_duration,
-            memory_budget_gb=config.generation.memory_budget_gb,
-        )
 
     async def setup_hook(self) -> None:
         queue, generation = self.config.queue, self.config.generation
-        store = await open_store(str(self.config.storage.database))
+        database = str(self.config.storage.database)
+        store = await open_store(database)
         self.reporter = JobReporter(self, queue.progress_interval)
         self.service = JobService(
-            self.engine,
             store,
             self.reporter,
             limits=QueueLimits(queue.max_jobs_per_user, queue.max_jobs_per_guild),
             hourly_limit=queue.max_jobs_per_user_per_hour,
             max_attempts=queue.max_attempts,
-            progress_interval=queue.progress_interval,
-            job_timeout=queue.job_timeout,
-            batch_policy=BatchPolicy(
-                generation.max_batch, queue.max_model_wait, generation.batch_window
-            ),
+            batch_policy=self.batch_policy,
+            # One process owns an SQLite database: what it had running died with it.
+            recover_running=not is_postgres(database),
+            device="cpu" if generation.device == "auto" else generation.device,
         )
         self.access = Access(store, self.config)
         self.tree.on_error = on_app_command_error
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         await self.sync_commands()
+
+    @property
+    def batch_policy(self) -> BatchPolicy:
+        generation = self.config.generation
+        return BatchPolicy(
+            generation.max_batch, self.config.queue.max_model_wait, generation.batch_window
+        )
 
     async def on_ready(self) -> None:
         """Once connected (the bot shows online at once), recover the last run's jobs; until
@@ -83,12 +93,30 @@ class MusicGenBot(commands.Bot):
         self._recovering = True
         try:
             await self.service.start()
+            if self.generates:
+                await self._start_worker()
         except Exception:  # as a failed start-up did: stop, rather than refuse every request
             log.exception("recovering the jobs of the last run failed: stopping")
             await self.close()
             return
         log.info("picked up the jobs of the last run")
         self.prune.start()
+
+    async def _start_worker(self) -> None:
+        from generation.jobs.serving import WorkerSettings, start_worker  # torch
+
+        generation, queue = self.config.generation, self.config.queue
+        settings = WorkerSettings(
+            device=generation.device,
+            models=generation.models,
+            max_duration=generation.max_duration,
+            memory_budget_gb=generation.memory_budget_gb,
+            batch_policy=self.batch_policy,
+            max_attempts=queue.max_attempts,
+            progress_interval=queue.progress_interval,
+            job_timeout=queue.job_timeout,
+        )
+        self.worker = await start_worker(self.service.store, settings)
 
     async def close(self) -> None:
         """Stop taking jobs, let the running batch finish (or queue its jobs again), close
@@ -97,8 +125,10 @@ class MusicGenBot(commands.Bot):
             self.prune.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.prune.get_task()
+        if self.worker is not None:
+            await self.worker.stop(self.config.queue.shutdown_grace)
         if hasattr(self, "service"):
-            await self.service.shutdown(self.config.queue.shutdown_grace)
+            await self.service.shutdown()
         await super().close()
 
     @tasks.loop(minutes=PRUNE_INTERVAL_MINUTES)
@@ -141,7 +171,8 @@ class MusicGenBot(commands.Bot):
             log.info("synced %d commands to guild %d", len(synced), guild_id)
 
 
-def create_bot(config: Config) -> MusicGenBot:
+def create_bot(config: Config, *, generates: bool = True) -> MusicGenBot:
     """An unstarted bot; it opens its database and syncs its commands in ``setup_hook``, and
-    recovers its jobs once connected."""
-    return MusicGenBot(config)
+    recovers its jobs once connected. ``generates=False`` is a gateway: workers in other
+    processes generate."""
+    return MusicGenBot(config, generates=generates)

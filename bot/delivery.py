@@ -40,7 +40,7 @@ WAVEFORM_NAME = "waveform.png"
 
 
 class JobReporter:
-    """The worker's :class:`generation.jobs.worker.JobListener`, speaking Discord.
+    """The watcher's :class:`generation.jobs.watcher.JobListener`, speaking Discord.
 
     Cogs hear of each job's end through the ``on_job_ended(job)`` event, once its outcome
     is posted (``job.result_url`` links to it).
@@ -56,28 +56,33 @@ class JobReporter:
         #: What each queued job's status message says above its place in the queue
         #: ("Re-roll of job #1 with a new seed."), by job id.
         self._notes: dict[int, str] = {}
+        #: The queued jobs this gateway answered, by id: their messages show their place.
+        self._waiting: dict[int, Job] = {}
 
     def acknowledged(self, job: Job, note: str, content: str) -> None:
         """The job's status message says ``content``; keep ``note`` at its top while the
         job waits."""
         if note:
             self._notes[job.id] = note
+        self._waiting[job.id] = job
         self.status.shown(job, content)
 
-    def queued_text(self, estimate: Estimate) -> str:
+    def queued_text(self, job: Job, estimate: Estimate | None) -> str:
         """A queued job's status message: its note (after a restart, where it came from),
         then its place in the queue."""
-        text = presentation.queued_text(estimate)
-        job = estimate.job
+        text = presentation.queued_text(job, estimate)
         note = self._notes.get(job.id) or presentation.origin_text(job)
         return limits.fit_content(f"{note}\n{text}") if note else text
 
     def queue_moved(self, estimates: Sequence[Estimate]) -> None:
         for estimate in estimates:
-            self.status.update(estimate.job, self.queued_text(estimate))
+            job = self._waiting.get(estimate.job_id)
+            if job is not None:
+                self.status.update(job, self.queued_text(job, estimate))
 
     async def job_started(self, job: Job) -> None:
         self._notes.pop(job.id, None)
+        self._waiting.pop(job.id, None)
         await self.status.replace(job, presentation.running_text(job))
 
     async def job_progress(self, job: Job) -> None:
@@ -121,6 +126,7 @@ class JobReporter:
             raise
         except BaseException:
             self._notes.pop(job.id, None)
+            self._waiting.pop(job.id, None)
             self.status.forget(job)
             raise
         self._ended(job, url)
@@ -129,6 +135,7 @@ class JobReporter:
 
     def _ended(self, job: Job, url: str | None) -> None:
         """Tell the cogs (``on_job_ended``) that ``job`` ended and where that is told."""
+        self._waiting.pop(job.id, None)
         job.result_url = url
         self.client.dispatch("job_ended", job)
 

@@ -13,7 +13,7 @@ from generation.engine.models import ModelSpec
 from generation.engine.results import GenerationResult
 from generation.jobs.estimates import Estimate
 from generation.jobs.job import Job, JobStatus
-from generation.jobs.store import GuildSettings, Jam, Segment, Stats
+from generation.jobs.store import GuildSettings, Jam, Segment, Stats, WorkerInfo
 from generation.origin import OriginKind
 from generation.request import GenerationRequest
 
@@ -103,11 +103,11 @@ def job_choice(job: Job, owner: str | None = None) -> str:
     return head + short(job.request.prompt, CHOICE_NAME_CHARS - len(head) - len(tail)) + tail
 
 
-def queued_text(estimate: Estimate) -> str:
-    """A queued job's status: its place and ETA, or that it waits for an admin."""
-    job = estimate.job
+def queued_text(job: Job, estimate: Estimate | None) -> str:
+    """A queued job's status: its place and ETA, or (no estimate) that it waits for an
+    admin."""
     text = f"Queued as job #{job.id}: **{short(job.request.prompt, 100)}**"
-    if estimate.seconds is None:
+    if estimate is None:
         return f"{text}. {PAUSED}"
     return f"{text}, position {estimate.position}, ready in {duration_text(estimate.seconds)}."
 
@@ -271,7 +271,9 @@ def jam_filename(jam: Jam) -> str:
     return f"{slug}.mp3"
 
 
-def queue_embed(running: list[Job], queued: list[Estimate], paused: bool) -> discord.Embed:
+def queue_embed(
+    running: list[Job], queued: list[tuple[Job, Estimate | None]], paused: bool
+) -> discord.Embed:
     """A server's queue: the running jobs, then each queued job with position and ETA."""
     embed = discord.Embed(title="Music queue", colour=COLOUR)
     for job in running:
@@ -281,13 +283,10 @@ def queue_embed(running: list[Job], queued: list[Estimate], paused: bool) -> dis
             inline=False,
         )
     lines = [
-        f"{estimate.position}. {job_summary(estimate.job)}, "
-        + (
-            "waits for an admin"
-            if estimate.seconds is None
-            else f"ready in {duration_text(estimate.seconds)}"
-        )
-        for estimate in queued
+        f"{index}. {job_summary(job)}, waits for an admin"
+        if estimate is None
+        else f"{estimate.position}. {job_summary(job)}, ready in {duration_text(estimate.seconds)}"
+        for index, (job, estimate) in enumerate(queued, start=1)
     ]
     embed.description = (
         limits.fit_lines(lines, limits.DESCRIPTION) if lines else "No jobs waiting in this server."
@@ -371,9 +370,11 @@ def stats_embed(
     *,
     queued_here: int,
     queued_everywhere: int,
-    loaded_models: Sequence[str],
+    workers: Sequence[WorkerInfo],
     memory: dict[str, int],
 ) -> discord.Embed:
+    """``/music stats``: the server's finished jobs, the queue, and every live worker with its
+    models and what it runs (``memory``: the engine's, when it runs in this process)."""
     embed = discord.Embed(title="How the bot is doing", colour=COLOUR)
     values = {
         "Served": str(stats.served),
@@ -382,8 +383,14 @@ def stats_embed(
         "Median wait": _seconds(stats.median_wait_seconds),
         "Median generation": _seconds(stats.median_generation_seconds),
         "Queued": f"{queued_here} here, {queued_everywhere} in all",
-        "Loaded models": ", ".join(loaded_models) or "none",
     }
+    if not workers:
+        values["Workers"] = "none connected: queued jobs wait for one"
+    for worker in workers[:MAX_WORKERS_SHOWN]:
+        doing = ", ".join(f"#{job}" for job in worker.jobs) or "idle"
+        values[short(f"Worker {worker.host} ({worker.device})", 256)] = short(
+            f"Loaded: {', '.join(worker.loaded) or 'none'}; running: {doing}", 1024
+        )
     values.update({f"Memory ({kind})": f"{size / 2**20:,.0f} MiB" for kind, size in memory.items()})
     for name, value in values.items():
         embed.add_field(name=name, value=value)
@@ -391,6 +398,10 @@ def stats_embed(
         text=f"Counts: the finished jobs kept here. Medians: the last {stats.median_of:,}."
     )
     return limits.fit_embed(embed)
+
+
+#: Workers listed one by one in ``/music stats`` (an embed holds 25 fields).
+MAX_WORKERS_SHOWN = 10
 
 
 def _seconds(value: float | None) -> str:

@@ -1,7 +1,7 @@
 """/music: generate, queue, cancel, history, show, models, help, and the admin commands."""
 
-import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -29,6 +29,7 @@ from generation.request import (
     AudioClip,
     GenerationRequest,
     check_audio_options,
+    validate_request,
 )
 
 from .. import limits, presentation
@@ -41,6 +42,9 @@ if TYPE_CHECKING:
     from ..bot import MusicGenBot
 
 log = logging.getLogger(__name__)
+
+#: Seconds without a heartbeat after which ``/music stats`` no longer lists a worker.
+WORKER_SILENCE = 180.0
 
 DEFAULTS = GenerationRequest(prompt="", model="")
 HISTORY_LENGTH = 10
@@ -72,11 +76,16 @@ class Music(commands.Cog):
         self.music.add_command(generate_command(self))
         self.admin.add_command(settings_command(self))
 
+    def validate(self, request: GenerationRequest) -> None:
+        """Check ``request`` as the engine will (the gateway has no engine of its own).
+
+        Raises:
+            InvalidOption: naming the option at fault.
+        """
+        validate_request(request, resolve_model(request.model), max_duration=self.max_duration)
+
     async def cog_load(self) -> None:
         self.bot.add_dynamic_items(CancelButton)
-        # Load the default model now, so the first member does not wait for it.
-        preload = self.service.worker.run_blocking(lambda: self.bot.engine.load(self.models[0]))
-        preload.add_done_callback(_log_preload_failure)
 
     async def cog_unload(self) -> None:
         self.bot.remove_dynamic_items(CancelButton)
@@ -92,7 +101,7 @@ class Music(commands.Cog):
         """Queue a /music generate request with its uploads (read once it is checked)."""
 
         async def with_uploads(request: GenerationRequest) -> GenerationRequest:
-            self.bot.engine.validate(request)
+            self.validate(request)
             clips = await self._read_uploads_in_time(interaction, request, uploads)
             return replace(request, **clips)
 
@@ -132,7 +141,7 @@ class Music(commands.Cog):
             self.service.check_room(guild_id, user_id, rules.max_jobs_per_user)
             if prepare is not None:
                 request = _apply_rules(await prepare(request), rules)
-            self.bot.engine.validate(request)
+            self.validate(request)
             job = await self.service.submit(
                 request,
                 guild_id=guild_id,
@@ -196,8 +205,8 @@ class Music(commands.Cog):
     ) -> ReplyAddress:
         """Answer with the job's place in the queue and a Cancel button; returns where to
         reach the member."""
-        estimate = self.service.worker.estimate(job)
-        status = presentation.queued_text(estimate)
+        estimate = await self.service.estimate(job)
+        status = presentation.queued_text(job, estimate)
         if note:
             status = limits.fit_content(f"{note}\n{status}")
         view = status_view(job.id)
@@ -221,15 +230,12 @@ class Music(commands.Cog):
     @music.command(name="queue", description="This server's queue and the job running now")
     async def show_queue(self, interaction: discord.Interaction) -> None:
         guild_id = interaction.guild_id
-        queue = self.service.queue
+        running = [job for job in await self.store.running() if job.guild_id == guild_id]
         queued = [
-            estimate
-            for estimate in self.service.worker.forecast()
-            if estimate.job.guild_id == guild_id
+            (job, await self.service.estimate(job)) for job in await self.store.queued(guild_id)
         ]
-        embed = presentation.queue_embed(
-            queue.running_in(guild_id), queued, queue.is_paused(guild_id)
-        )
+        paused = guild_id in await self.store.paused_guilds()
+        embed = presentation.queue_embed(running, queued, paused)
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
     @music.command(name="cancel", description="Cancel your queued or running job")
@@ -245,7 +251,7 @@ class Music(commands.Cog):
             await self._cancel(interaction, job_id)
 
     async def _cancel(self, interaction: discord.Interaction, job_id: int | None) -> None:
-        target = self._job_to_cancel(interaction, job_id)
+        target = await self._job_to_cancel(interaction, job_id)
         if await self.service.cancel(target):
             message = f"Cancelled job #{target.id}."
         else:
@@ -260,32 +266,35 @@ class Music(commands.Cog):
         they typed."""
         jobs = [
             job
-            for job in self._live_jobs(interaction.guild_id)
+            for job in await self._live_jobs(interaction.guild_id)
             if may_manage(interaction, job.user_id)
         ]
         return self._choices(interaction, jobs, current)
 
-    def _job_to_cancel(self, interaction: discord.Interaction, job_id: int | None) -> Job:
+    async def _job_to_cancel(self, interaction: discord.Interaction, job_id: int | None) -> Job:
         mine = interaction.user.id
         if job_id is None:
-            own = [job for job in self._live_jobs(interaction.guild_id) if job.user_id == mine]
+            live = await self._live_jobs(interaction.guild_id)
+            own = [job for job in live if job.user_id == mine]
             if not own:
                 raise JobNotFound("You have no queued or running job in this server.")
             return own[-1]
-        job = self.service.queue.get(job_id)
+        job = await self.store.get(job_id)
+        if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            raise JobNotFound(f"There is no queued or running job #{job_id}.")
         if job.guild_id != interaction.guild_id:
             raise JobNotFound(f"There is no queued or running job #{job_id} in this server.")
         if not may_manage(interaction, job.user_id):
             raise JobNotFound(
                 f"Job #{job_id} is not yours: only members with Manage Server can cancel it."
             )
-        if job.status is JobStatus.RUNNING and job.cancel_event.is_set():
-            raise JobNotFound(f"Job #{job_id} is already stopping.")
         return job
 
-    def _live_jobs(self, guild_id: int | None) -> list[Job]:
-        queue = self.service.queue
-        return queue.running_in(guild_id or 0) + queue.queued(guild_id or 0)
+    async def _live_jobs(self, guild_id: int | None) -> list[Job]:
+        """A server's running jobs, then its queued ones in order (at most the server's
+        queue limit: both reads go through indexes)."""
+        running = [job for job in await self.store.running() if job.guild_id == guild_id]
+        return running + await self.store.queued(guild_id or 0)
 
     @music.command(name="history", description="Your recent tracks in this server")
     async def history(self, interaction: discord.Interaction) -> None:
@@ -303,7 +312,7 @@ class Music(commands.Cog):
             raise JobNotFound(f"There is no job #{job} in this server.")
         if found.status is not JobStatus.DONE:
             raise JobNotFound(f"Job #{job} has no track: it is {found.status.value}.")
-        results = await self.service.worker.stored_results(found)
+        results = await self.service.watcher.stored_results(found)
         await interaction.response.defer(thinking=True)
         posted = await result_message(found, results, interaction.filesize_limit, complete=True)
         await interaction.followup.send(
@@ -378,10 +387,6 @@ class Music(commands.Cog):
         log.info(
             "guild %d %s by %d", guild_id, "paused" if paused else "resumed", interaction.user.id
         )
-        if paused:
-            self.service.pause(guild_id)
-        else:
-            self.service.resume(guild_id)
 
     async def update_settings(
         self, interaction: discord.Interaction, changes: dict[str, object]
@@ -438,13 +443,13 @@ class Music(commands.Cog):
     @app_commands.checks.has_permissions(manage_guild=True)
     async def stats(self, interaction: discord.Interaction) -> None:
         guild_id = interaction.guild_id
-        queue = self.service.queue
+        worker = self.bot.worker
         embed = presentation.stats_embed(
             await self.store.stats(guild_id),
-            queued_here=len(queue.queued(guild_id)),
-            queued_everywhere=len(queue.service_order()),
-            loaded_models=self.bot.engine.loaded_models,
-            memory=self.bot.engine.memory_in_use(),
+            queued_here=len(await self.store.queued(guild_id)),
+            queued_everywhere=await self.store.queue_length(),
+            workers=await self.store.workers(time.time() - WORKER_SILENCE),
+            memory=worker.generator.memory_in_use() if worker is not None else {},
         )
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
@@ -571,11 +576,6 @@ def _with_melody_model(request: GenerationRequest, rules: Rules) -> tuple[Genera
         return replace(request, model=default), ""
     model = melody_models[0]
     return replace(request, model=model), f"{default} cannot follow a melody, so this uses {model}."
-
-
-def _log_preload_failure(future: "asyncio.Future[object]") -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("could not preload the default model: %s", future.exception())
 
 
 async def setup(bot: "MusicGenBot") -> None:

@@ -678,6 +678,13 @@ class SqliteStore:
         )
         return ahead + 1
 
+    async def queue_length(self) -> int:
+        """Queued jobs in every server (from the running counts: as many rows as servers)."""
+        ((count,),) = await self._db.execute_fetchall(
+            "SELECT COALESCE(SUM(jobs), 0) FROM job_counts WHERE status = 'queued'"
+        )
+        return count
+
     async def work_ahead(self, job: Job) -> list[WorkAhead]:
         """The claimable jobs ahead of ``job``, summed by batch key (one index range)."""
         rows = await self._db.execute_fetchall(

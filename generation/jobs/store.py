@@ -196,6 +196,10 @@ class JobStore(Protocol):
         """A server's queued, released jobs in the order they will run."""
         ...
 
+    async def queue_length(self) -> int:
+        """Queued jobs in every server."""
+        ...
+
     async def work_ahead(self, job: Job) -> list[WorkAhead]:
         """The claimable jobs ahead of ``job``, their takes summed by batch key."""
         ...
