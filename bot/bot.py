@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 EXTENSIONS = ("bot.cogs.music", "bot.cogs.remix", "bot.cogs.jam")
 #: How often the running bot applies the retention policy and forgets expired tokens.
 PRUNE_INTERVAL_MINUTES = 10
+#: How often the job service and the worker look at the store without a notification.
+TICK_SECONDS = 5.0
 
 
 class MusicGenBot(commands.Bot):
@@ -101,6 +103,7 @@ class MusicGenBot(commands.Bot):
             return
         log.info("picked up the jobs of the last run")
         self.prune.start()
+        self.tick.start()
 
     async def _start_worker(self) -> None:
         from generation.jobs.serving import WorkerSettings, start_worker  # torch
@@ -121,15 +124,24 @@ class MusicGenBot(commands.Bot):
     async def close(self) -> None:
         """Stop taking jobs, let the running batch finish (or queue its jobs again), close
         the store."""
-        if self.prune.is_running():
-            self.prune.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.prune.get_task()
+        for loop in (self.prune, self.tick):
+            if loop.is_running():
+                loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop.get_task()
         if self.worker is not None:
             await self.worker.stop(self.config.queue.shutdown_grace)
         if hasattr(self, "service"):
             await self.service.shutdown()
         await super().close()
+
+    @tasks.loop(seconds=TICK_SECONDS)
+    async def tick(self) -> None:
+        """Look at the store now and then, whatever notifications said: jobs other
+        processes started or ended, leases to renew and expired ones to take back."""
+        await self.service.watcher.tick()
+        if self.worker is not None:
+            await self.worker.tick()
 
     @tasks.loop(minutes=PRUNE_INTERVAL_MINUTES)
     async def prune(self) -> None:

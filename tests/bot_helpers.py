@@ -36,9 +36,13 @@ async def close_databases() -> None:
 async def end_process(bot) -> None:
     """What the end of ``bot``'s process does, without any graceful shutdown: its worker
     thread stops and its database closes (and with it the lock that made it the owner)."""
+    worker = getattr(bot, "worker", None)
+    if worker is not None:
+        worker.accepting = False
+        worker.close()
     service = getattr(bot, "service", None)
     if service is not None:
-        service.worker.close()
+        service.watcher.accepting = False
         await service.store.close()
 
 

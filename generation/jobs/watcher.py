@@ -2,11 +2,11 @@
 their job is doing: started, progress, its place in the queue, and how it ended.
 
 Workers (in this process or others) only write to the store; a ``JOBS`` notification wakes
-the watcher, which also looks every ``poll`` seconds, so nothing depends on a notification
-arriving. An outcome is delivered exactly once by the one gateway: it is marked delivered in
-the store once the listener has delivered it, and a restart delivers what was not. A failed
-delivery is tried again with back-off, each try counted in the store, and kept for the
-member's history when nobody can be told.
+the watcher, and its driver (a timer loop) makes it look every few seconds anyway, so nothing
+depends on a notification arriving. An outcome is delivered exactly once by the one gateway:
+it is marked delivered in the store once the listener has delivered it, and a restart
+delivers what was not. A failed delivery is tried again with back-off, each try counted in
+the store, and kept for the member's history when nobody can be told.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ class Watcher:
         listener: Talks to the requesters.
         rates: Generation rates, for ETAs (refreshed from the store).
         batch_policy: How workers form batches, for ETAs.
-        poll: Seconds between looks at the store when no notification comes.
         eta_interval: Least time between two refreshes of every queued job's ETA.
         store_retry: How a write the store refuses is tried again.
         delivery_retry: How a delivery that fails is tried again.
@@ -75,7 +74,6 @@ class Watcher:
         *,
         rates: GenerationRates,
         batch_policy: BatchPolicy,
-        poll: float = 2.0,
         eta_interval: float = 5.0,
         store_retry: Backoff = STORE_RETRY,
         delivery_retry: Backoff = DELIVERY_RETRY,
@@ -84,15 +82,14 @@ class Watcher:
         self.listener = listener
         self.rates = rates
         self.batch_policy = batch_policy
-        self.poll = poll
         self.eta_interval = eta_interval
         self.store_retry = store_retry
         self.delivery_retry = delivery_retry
         #: Live workers, for ETAs (at least 1: a job waits for a worker to come).
         self.workers = 1
         self.accepting = True
-        self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._again = False
         #: Running jobs the listener was told about, and the progress it last heard.
         self._running: dict[int, tuple[int, int]] = {}
         self._delivering: dict[int, asyncio.Task[None]] = {}
@@ -102,14 +99,24 @@ class Watcher:
         self._eta_at = float("-inf")
 
     def start(self) -> None:
-        self.store.subscribe(Channel.JOBS, lambda _: self._changed.set())
-        self.store.subscribe(Channel.QUEUE, lambda _: self._changed.set())
-        self._changed.set()
-        self._task = asyncio.get_running_loop().create_task(self._watch(), name="watcher")
+        self.store.subscribe(Channel.JOBS, lambda _: self.changed())
+        self.store.subscribe(Channel.QUEUE, lambda _: self.changed())
+        self.changed()
 
     def changed(self) -> None:
-        """Look at the store now (this process changed the queue)."""
-        self._changed.set()
+        """Look at the store soon (a notification came, or this process changed the queue):
+        one look at a time, and one more if anything changed during it."""
+        if not self.accepting:
+            return
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._watch(), name="watcher")
+
+    async def tick(self) -> None:
+        """Look at the store (its driver calls it every few seconds: a notification may have
+        been lost with a connection)."""
+        self.changed()
 
     async def settle(self) -> None:
         """Wait until what the store holds now has been told (tests, shutdown)."""
@@ -122,8 +129,7 @@ class Watcher:
         to the next start."""
         self.accepting = False
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(Exception):
                 await self._task
         for task in self._waiting:
             task.cancel()
@@ -131,14 +137,13 @@ class Watcher:
             await asyncio.gather(*self._delivering.values(), return_exceptions=True)
 
     async def _watch(self) -> None:
-        while self.accepting:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self.poll)
-            self._changed.clear()
+        self._again = True
+        while self._again and self.accepting:
+            self._again = False
             try:
                 await self._look()
             except Exception:
-                log.exception("watching the jobs failed (tried again)")
+                log.exception("watching the jobs failed (tried again next tick)")
 
     async def _look(self) -> None:
         running = await self.store.running()

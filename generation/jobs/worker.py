@@ -128,9 +128,8 @@ class Worker:
         self.running: list[Job] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
         self._task: asyncio.Task[None] | None = None
-        self._work = asyncio.Event()  # there may be work to claim
-        self._beat = asyncio.Event()  # a running job may have been cancelled
         self._writes: set[asyncio.Task[None]] = set()
+        self._beaten_at = self._swept_at = float("-inf")
 
     @property
     def info(self) -> WorkerInfo:
@@ -149,10 +148,9 @@ class Worker:
         """Advertise the worker, take up the rates learnt before, and start serving."""
         self.rates.load(await self.store.generation_rates(self.rates.device))
         await self.store.register_worker(self.info)
-        self.store.subscribe(Channel.QUEUE, lambda _: self._work.set())
+        self.store.subscribe(Channel.QUEUE, lambda _: self.wake())
         self.store.subscribe(Channel.CANCEL, self._on_cancel)
-        self._work.set()
-        self._task = asyncio.get_running_loop().create_task(self._serve(), name="worker")
+        self.wake()
         log.info(
             "worker=%s event=started device=%s models=%s",
             self.id,
@@ -160,15 +158,38 @@ class Worker:
             ",".join(self.models) if self.models else "any",
         )
 
+    @property
+    def busy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     def wake(self) -> None:
-        """Look at the queue now (a job was queued in this process)."""
-        self._work.set()
+        """Work through the queue now, unless already at it or stopping: a task that claims
+        batches until there is nothing left to claim, then returns."""
+        if self.accepting and not self.busy:
+            self._task = asyncio.get_running_loop().create_task(self._drain(), name="worker")
+
+    async def tick(self) -> None:
+        """What a worker does every few seconds (its driver calls it: a timer loop): renew
+        the leases of the jobs it runs, queue again other workers' expired ones now and
+        then, and look at the queue (a notification may have been lost)."""
+        if self.running:
+            await self._beat()
+        if time.monotonic() - self._swept_at >= self.leases.sweep:
+            self._swept_at = time.monotonic()
+            await self._sweep()
+        self.wake()
+
+    async def serve_forever(self) -> None:
+        """Drive :meth:`tick` every ``leases.poll`` seconds until :meth:`stop` (a worker
+        process's main loop)."""
+        while self.accepting:
+            await self.tick()
+            await asyncio.sleep(self.leases.poll)
 
     async def stop(self, grace: float) -> None:
         """Claim no more jobs; give the running batch ``grace`` seconds, then stop it and put
         its jobs back in the queue, for this worker after a restart or for another now."""
         self.accepting = False
-        self._work.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), grace)
@@ -181,6 +202,10 @@ class Worker:
             await asyncio.gather(*self._writes, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.store.forget_worker(self.id)
+        self.close()
+
+    def close(self) -> None:
+        """Let the generation thread go (what the end of the process does)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def run_blocking(self, function: Callable[[], object]) -> asyncio.Future:
@@ -188,28 +213,22 @@ class Worker:
         return asyncio.get_running_loop().run_in_executor(self._executor, function)
 
     def _on_cancel(self, payload: str) -> None:
-        if not payload or any(str(job.id) == payload for job in self.running):
-            self._beat.set()
+        if self.running and (not payload or any(str(job.id) == payload for job in self.running)):
+            self._spawn(self.running[0], self._beat)
 
-    async def _serve(self) -> None:
-        swept_at = float("-inf")
+    async def _drain(self) -> None:
+        await asyncio.sleep(self.batch_policy.window)  # let requests sent together meet
         while self.accepting:
-            if time.monotonic() - swept_at >= self.leases.sweep:
-                swept_at = time.monotonic()
-                await self._sweep()
             try:
                 batch = await self._claim()
             except Exception:
-                log.exception("worker=%s event=claim-failed (trying again)", self.id)
-                batch = []
-            if batch:
-                await self._run(batch)
-                continue
-            self._work.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._work.wait(), self.leases.poll)
-            if self.accepting and self._work.is_set():
-                await asyncio.sleep(self.batch_policy.window)  # let requests sent together meet
+                log.exception(
+                    "worker=%s event=claim-failed (tried again at the next tick)", self.id
+                )
+                return
+            if not batch:
+                return
+            await self._run(batch)
 
     async def _sweep(self) -> None:
         """Queue again the jobs of workers that stopped heartbeating."""
@@ -233,7 +252,7 @@ class Worker:
         if not ready:
             return
         self.running = ready
-        beating = asyncio.get_running_loop().create_task(self._heartbeat(ready))
+        self._beaten_at = time.monotonic()
         try:
             await self._write("update-worker", ready[0], self._advertise)
             for job in ready:
@@ -248,9 +267,6 @@ class Worker:
                 )
             await self._generate(ready)
         finally:
-            beating.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beating
             self.running = []
             await self._write("update-worker", ready[0], self._advertise)
 
@@ -272,27 +288,24 @@ class Worker:
                 ready.append(job)
         return ready
 
-    async def _heartbeat(self, jobs: list[Job]) -> None:
-        """Renew the batch's leases every ``leases.heartbeat`` seconds (at once on a cancel
-        notification), and stop the jobs the store says to: cancelled ones, and ones whose
-        lease was lost (another worker may run them now)."""
-        ids = [job.id for job in jobs]
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat.wait(), self.leases.heartbeat)
-            self._beat.clear()
-            try:
-                stopped = await self.store.heartbeat(self.id, ids, self.leases.seconds)
-            except Exception:
-                log.exception("worker=%s event=heartbeat-failed", self.id)
-                continue
-            for job in jobs:
-                if job.id in stopped and not job.cancel_event.is_set():
-                    current = await self.store.get(job.id)
-                    lost = current is None or current.status is not JobStatus.RUNNING
-                    lost = lost or current.worker_id != self.id
-                    job.stop("lost" if lost else "cancelled")
-                    log.info("job=%d event=stopping reason=%s", job.id, job.stop_reason)
+    async def _beat(self) -> None:
+        """Renew the running jobs' leases, and stop the jobs the store says to: cancelled
+        ones, and ones whose lease was lost (another worker may run them now)."""
+        jobs = list(self.running)
+        self._beaten_at = time.monotonic()
+        try:
+            stopped = await self.store.heartbeat(
+                self.id, [job.id for job in jobs], self.leases.seconds
+            )
+        except Exception:
+            log.exception("worker=%s event=heartbeat-failed", self.id)
+            return
+        for job in jobs:
+            if job.id in stopped and not job.cancel_event.is_set():
+                current = await self.store.get(job.id)
+                lost = current is None or current.status is not JobStatus.RUNNING
+                job.stop("lost" if lost or current.worker_id != self.id else "cancelled")
+                log.info("job=%d event=stopping reason=%s", job.id, job.stop_reason)
 
     async def _generate(self, jobs: list[Job]) -> None:
         """Run the batch and record each job's outcome."""
@@ -302,6 +315,9 @@ class Worker:
         def on_progress(done: int, total: int) -> None:  # on the event loop
             nonlocal last_report
             now = time.monotonic()
+            if now - self._beaten_at >= self.leases.heartbeat:
+                self._beaten_at = now
+                self._spawn(jobs[0], self._beat)
             if now - last_report >= self.progress_interval and done < total:
                 last_report = now
                 for job in jobs:
@@ -425,13 +441,13 @@ class Worker:
             log.exception("job=%d event=%s-not-recorded", job.id, what)
 
     def _spawn(self, job: Job, write: Callable[[], Awaitable[object]]) -> None:
-        """Write progress in the background: generation does not wait for it."""
+        """Write progress (or beat) in the background: generation does not wait for it."""
 
         async def guarded() -> None:
             try:
                 await write()
             except Exception:
-                log.warning("job=%d event=progress-not-recorded", job.id, exc_info=True)
+                log.warning("job=%d event=write-failed", job.id, exc_info=True)
 
         task = asyncio.get_running_loop().create_task(guarded())
         self._writes.add(task)
