@@ -1,62 +1,29 @@
-"""The worker runs real generations off the event loop and reports each job's life."""
+"""The worker claims from the store, runs real generations off the event loop, holds its jobs
+by lease, and records each outcome there; the watcher tells the requesters."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from generation.audio.output import normalise_loudness
-from generation.engine.results import GenerationResult
-from generation.errors import GenerationError, Undeliverable
-from generation.jobs.estimates import Estimate
-from generation.jobs.job import FairQueue, Job, JobStatus
+from generation.errors import Undeliverable
+from generation.jobs.job import Job, JobStatus
+from generation.jobs.retry import Backoff
 from generation.jobs.sqlite import SqliteStore
-from generation.jobs.worker import DELIVERY_FAILED, Backoff, Worker
-from generation.request import GenerationRequest
+from generation.jobs.store import Channel
+from generation.jobs.watcher import DELIVERY_FAILED
+from generation.jobs.worker import Leases
+from generation.request import AudioClip
 
-REQUEST = GenerationRequest(prompt="lo-fi", model="debug", duration=1.0, seed=1)
-
-
-class Recorder:
-    """A JobListener that writes down what it hears."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, int]] = []
-        self.results: dict[int, list[GenerationResult]] = {}
-        self.errors: dict[int, GenerationError] = {}
-        self.moves: list[list[tuple[int, int, float | None]]] = []
-
-    def queue_moved(self, estimates: Sequence[Estimate]) -> None:
-        self.moves.append([(e.job.id, e.position, e.seconds) for e in estimates])
-
-    async def job_started(self, job: Job) -> None:
-        self.events.append(("started", job.id))
-
-    async def job_progress(self, job: Job) -> None:
-        self.events.append(("progress", job.id))
-
-    async def job_finished(self, job: Job, results: list[GenerationResult]) -> str:
-        self.events.append(("finished", job.id))
-        self.results[job.id] = results
-        return f"https://example.invalid/{job.id}"
-
-    async def job_failed(self, job: Job, error: GenerationError) -> None:
-        self.events.append(("failed", job.id))
-        self.errors[job.id] = error
-
-    async def job_cancelled(self, job: Job) -> None:
-        self.events.append(("cancelled", job.id))
-
-
-@pytest.fixture
-def queue():
-    return FairQueue()
+from .helpers import sine
+from .job_helpers import QUICK, REQUEST, Recorder, System, ended, submit, until_stored
 
 
 @pytest.fixture
@@ -72,156 +39,169 @@ async def store(tmp_path):
 
 
 @pytest.fixture
-async def worker(engine, queue, store, recorder):
-    worker = Worker(engine, queue, store, recorder, progress_interval=0.0)
-    yield worker
-    await worker.stop(grace=60)
-    worker.close()
+async def system(store, recorder, engine):
+    system = System(store, recorder, engine)
+    system.start()
+    yield system
+    await system.stop()
 
 
-@pytest.fixture
-def submit(queue, store):
-    async def submit(request: GenerationRequest = REQUEST, guild: int = 1) -> Job:
-        job = await store.add(Job(0, request, guild, 1, 1))
-        queue.add(job)
-        return job
-
-    return submit
-
-
-async def test_the_event_loop_keeps_running_while_a_model_generates(
-    worker, queue, recorder, submit
-):
-    await submit(replace(REQUEST, duration=8.0))
+async def test_the_event_loop_keeps_running_while_a_model_generates(system, store):
+    job = await submit(store, replace(REQUEST, duration=8.0))
     gaps: list[float] = []
-
-    async def heartbeat() -> None:
-        last = time.monotonic()
-        while worker.busy:
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
-    worker.wake()
-    await asyncio.gather(heartbeat(), worker.join())
-    assert ("finished", 1) in recorder.events
+    await system.worker()
+    last = time.monotonic()
+    while (await store.get(job.id)).status is not JobStatus.DONE:
+        await asyncio.sleep(0.01)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
     assert len(gaps) > 20  # the loop ticked all through the generation
     assert max(gaps) < 0.5
 
 
-async def test_each_job_is_reported_started_progressing_and_finished(
-    worker, queue, recorder, submit
-):
-    job = await submit()
-    worker.wake()
-    await worker.join()
-    kinds = [kind for kind, _ in recorder.events]
-    assert kinds[0] == "started" and kinds[-1] == "finished"
+async def test_each_job_is_reported_started_progressing_and_finished(system, store, recorder):
+    job = await submit(store, replace(REQUEST, duration=2.0))
+    worker = await system.worker()
+    (stored,) = await system.settled(job)
+    kinds = recorder.kinds(job)
+    assert kinds[0] == "started" and kinds[-1] == "finished" and kinds.count("finished") == 1
     assert "progress" in kinds
-    assert job.status is JobStatus.DONE
-    assert job.progress[0] == job.progress[1] > 0
-    assert recorder.results[job.id][0].audio.shape == (1, 32_000)
-    assert worker.queue.running == []
+    heard = recorder.progress[job.id]
+    assert heard == sorted(heard) and all(0 < done < total for done, total in heard)
+    assert (stored.status, stored.attempts, stored.delivered) == (JobStatus.DONE, 1, True)
+    assert stored.worker_id is None and stored.progress == (0, 0)  # the lease went with the run
+    assert recorder.results[job.id][0].audio.shape == (1, 64_000)
+    assert worker.running == [] and await store.running() == []
 
 
-async def test_a_running_job_can_be_cancelled(worker, queue, recorder, submit):
-    job = await submit(replace(REQUEST, duration=20.0))
-    after = await submit()
-
-    async def cancel_once_started() -> None:
-        while job.progress[0] < 5:
-            await asyncio.sleep(0.01)
-        assert worker.cancel(job) is False  # stops at its next step
-
-    worker.wake()
-    await asyncio.gather(cancel_once_started(), worker.join())
-    assert job.status is JobStatus.CANCELLED
-    assert job.progress[0] < job.progress[1]
-    assert ("cancelled", job.id) in recorder.events
-    assert after.status is JobStatus.DONE
+async def test_progress_is_written_at_most_once_per_interval(system, store):
+    writes: list[float] = []
+    store.subscribe(Channel.JOBS, lambda _: writes.append(time.monotonic()))
+    job = await submit(store, replace(REQUEST, duration=8.0))
+    await system.worker(progress_interval=0.2)
+    started = time.monotonic()
+    await ended(store, job)
+    took = time.monotonic() - started
+    progress_writes = len(writes) - 2  # the claim and the finish notify too
+    assert 1 <= progress_writes <= took / 0.2 + 1
+    assert all(b - a >= 0.15 for a, b in itertools.pairwise(writes[1:-1]))
 
 
-async def test_a_queued_job_leaves_the_queue_at_once(worker, queue, submit):
-    job = await submit()
-    assert worker.cancel(job) is True
-    assert queue.runnable() == []
+async def test_a_cancel_in_the_store_stops_a_running_job_at_its_next_step(system, store, recorder):
+    job = await submit(store, replace(REQUEST, duration=30.0))
+    after = await submit(store, guild=2)
+    # Heartbeats are rare: only the CANCEL notification can reach the worker in time.
+    await system.worker(leases=Leases(seconds=600, heartbeat=300, sweep=300, poll=0.1))
+    await recorder.until(lambda: any(done >= 5 for done, _ in recorder.progress.get(job.id, [])))
+    asked = time.monotonic()
+    assert await store.request_cancel(job.id) is JobStatus.RUNNING
+    await ended(store, job)
+    assert time.monotonic() - asked < 2.0
+    stored, done = await system.settled(job, after)
+    assert (stored.status, stored.delivered) == (JobStatus.CANCELLED, True)
+    assert recorder.kinds(job)[-1] == "cancelled"
+    assert max(done for done, _ in recorder.progress[job.id]) < 30 * 50  # it did not run out
+    assert done.status is JobStatus.DONE
 
 
-async def test_a_failing_job_fails_alone(worker, queue, recorder, submit):
-    broken = await submit(replace(REQUEST, model="facebook/musicgen-large"))  # cannot download
-    fine = await submit()
-    worker.wake()
-    await worker.join()
+async def test_cancelling_one_job_of_a_batch_lets_the_others_finish(system, store, recorder):
+    stopped = await submit(store, replace(REQUEST, duration=4.0))
+    kept = await submit(store, replace(REQUEST, duration=4.0, seed=2), guild=2)
+    await system.worker()
+    await recorder.until(
+        lambda: any(done >= 5 for done, _ in recorder.progress.get(stopped.id, []))
+    )
+    assert {job.id for job in await store.running()} == {stopped.id, kept.id}
+    assert await store.request_cancel(stopped.id) is JobStatus.RUNNING
+    stopped, kept = await system.settled(stopped, kept)
+    assert stopped.status is JobStatus.CANCELLED
+    assert recorder.kinds(stopped)[-1] == "cancelled"
+    assert kept.status is JobStatus.DONE
+    assert recorder.results[kept.id][0].audio.shape == (1, 4 * 32_000)
+
+
+async def test_a_failing_job_fails_alone(system, store, recorder):
+    broken = await submit(store, replace(REQUEST, model="facebook/musicgen-large"))
+    fine = await submit(store)
+    await system.worker()
+    broken, fine = await system.settled(broken, fine)
     assert broken.status is JobStatus.FAILED
     assert "facebook/musicgen-large" in recorder.errors[broken.id].args[0]
     assert fine.status is JobStatus.DONE
 
 
-async def test_a_listener_that_raises_does_not_stop_the_worker(
-    engine, queue, store, submit, caplog
-):
+async def test_a_job_that_breaks_its_batch_fails_alone(system, store, recorder):
+    broken = await submit(store, replace(REQUEST, prompt="x" * 5000))  # past the prompt limit
+    fine = await submit(store, guild=2)
+    await system.worker()
+    broken, fine = await system.settled(broken, fine)
+    assert broken.started_at == fine.started_at  # they were claimed as one batch
+    assert broken.status is JobStatus.FAILED
+    assert "prompt" in recorder.errors[broken.id].args[0].lower()
+    assert fine.status is JobStatus.DONE
+    assert broken.attempts == fine.attempts == 1
+
+
+async def test_a_job_past_its_time_limit_fails_and_the_next_runs(system, store, recorder):
+    slow = await submit(store, replace(REQUEST, duration=120.0))
+    quick = await submit(store, guild=2)
+    await system.worker(job_timeout=0.3)
+    slow, quick = await system.settled(slow, quick)
+    assert slow.status is JobStatus.FAILED
+    assert "took longer than 0.3 s" in str(recorder.errors[slow.id])
+    assert quick.status is JobStatus.DONE
+
+
+async def test_a_listener_that_raises_does_not_stop_the_watcher(engine, store, caplog):
     class Broken(Recorder):
         async def job_started(self, job: Job) -> None:
             raise RuntimeError("Discord is down")
 
     broken = Broken()
-    worker = Worker(engine, queue, store, broken)
-    first, second = await submit(), await submit()
-    worker.wake()
-    await worker.join()
-    await worker.stop(grace=60)
-    worker.close()
+    system = System(store, broken, engine)
+    system.start()
+    try:
+        first, second = await submit(store), await submit(store, guild=2)
+        await system.worker()
+        first, second = await system.settled(first, second)
+    finally:
+        await system.stop()
     assert first.status is second.status is JobStatus.DONE
-    assert [kind for kind, _ in broken.events] == ["finished", "finished"]
+    assert [kind for kind, _ in broken.events if kind != "progress"] == ["finished", "finished"]
     assert "job listener failed" in caplog.text
 
 
-async def test_eta_adds_up_the_jobs_ahead(worker, queue, submit):
-    worker.rates.load({("debug", 1): 2.0})  # seconds of work per second of audio
-    first = await submit(replace(REQUEST, duration=10.0))
-    second = await submit(replace(REQUEST, duration=5.0), guild=2)
-    assert worker.estimate(first).seconds == pytest.approx(20.0)
-    assert worker.estimate(second).seconds == pytest.approx(30.0)
-    assert [e.position for e in worker.forecast()] == [1, 2]
-
-
-async def test_the_jobs_behind_hear_where_they_stand_as_a_batch_starts(worker, recorder, submit):
-    worker.rates.load({("debug", 1): 2.0})
-    first = await submit(replace(REQUEST, duration=2.0))
-    second = await submit(replace(REQUEST, duration=1.0), guild=2)
-    worker.wake()
-    await worker.join()
-    # Taken: the second is next, after all of the first (2 s of work per second of audio).
-    assert recorder.moves[0] == [(second.id, 1, pytest.approx(4.0 + 2.0))]
-    assert first.status is second.status is JobStatus.DONE
-
-
-async def test_the_rate_is_learnt_from_finished_jobs_and_kept(worker, store, recorder, submit):
-    job = await submit()
-    worker.wake()
-    await worker.join()
+async def test_the_rate_is_learnt_from_finished_jobs_and_kept(system, store, recorder):
+    job = await submit(store)
+    worker = await system.worker()
+    await system.settled(job)
     (result,) = recorder.results[job.id]
     expected = result.generation_seconds / result.seconds
     assert worker.rates.seconds(REQUEST) == pytest.approx(expected * REQUEST.duration)
     assert await store.generation_rates("cpu") == {("debug", 1): pytest.approx(expected)}
+    later = await system.worker()  # another worker, or this one after a restart
+    assert later.rates.rate("debug") == pytest.approx(expected)
 
 
 async def test_compatible_jobs_of_several_servers_share_each_step_and_arrive_apart(
-    engine, worker, recorder, submit
+    engine, system, store, recorder
 ):
-    jobs = [await submit(replace(REQUEST, prompt=f"tune {n}", seed=n), guild=n) for n in (1, 2, 3)]
+    jobs = [
+        await submit(store, replace(REQUEST, prompt=f"tune {n}", seed=n), guild=n)
+        for n in (1, 2, 3)
+    ]
     batch_sizes: list[int] = []
     hook = engine.load("debug").lm.transformer.register_forward_hook(
         lambda module, args, output: batch_sizes.append(args[0].shape[0])
     )
     try:
-        worker.wake()
-        await worker.join()
+        await system.worker()
+        stored = await system.settled(*jobs)
     finally:
         hook.remove()
     assert set(batch_sizes) == {2 * 3}  # three requests and their guidance twins, every step
-    for job in jobs:
+    for job in stored:
         assert job.status is JobStatus.DONE
         (result,) = recorder.results[job.id]
         assert result.request == job.request
@@ -232,85 +212,124 @@ async def test_compatible_jobs_of_several_servers_share_each_step_and_arrive_apa
     ]
 
 
-async def test_a_job_with_takes_gets_a_result_per_seed_kept_for_later(
-    worker, queue, store, recorder
-):
-    job = await store.add(Job(0, REQUEST, 1, 1, 1, takes=3))
-    queue.add(job)
-    worker.wake()
-    await worker.join()
+async def test_a_job_with_takes_gets_a_result_per_seed_kept_for_later(system, store, recorder):
+    job = await submit(store, takes=3)
+    await system.worker()
+    (job,) = await system.settled(job)
     results = recorder.results[job.id]
     assert [result.request.seed for result in results] == [1, 2, 3]
     assert not np.allclose(results[0].audio, results[1].audio, atol=1e-3)
-    stored = await worker.stored_results(job)
+    stored = await system.watcher.stored_results(job)
     for kept, delivered in zip(stored, results, strict=True):
         assert kept.request == delivered.request
         np.testing.assert_allclose(kept.audio, delivered.audio, atol=1e-6)  # 24-bit FLAC
 
 
-async def test_cancelling_one_job_of_a_batch_lets_the_others_finish(
-    worker, queue, recorder, submit
+async def test_requests_sent_together_to_an_idle_worker_share_the_first_batch(system, store):
+    await system.worker()
+    await asyncio.sleep(0.3)  # the worker found nothing, and waits for work
+    jobs = [await submit(store, replace(REQUEST, seed=seed), guild=seed) for seed in (1, 2, 3)]
+    stored = await system.settled(*jobs)
+    assert len({job.started_at for job in stored}) == 1
+
+
+async def test_a_job_with_a_clip_loads_it_from_the_store_when_it_runs(
+    engine, system, store, recorder
 ):
-    stopped = await submit(replace(REQUEST, duration=3.0))
-    kept = await submit(replace(REQUEST, duration=3.0, seed=2), guild=2)
-
-    async def cancel_once_started() -> None:
-        while stopped.progress[0] < 5:
-            await asyncio.sleep(0.01)
-        assert worker.cancel(stopped) is False
-        assert queue.running == [stopped, kept]
-
-    worker.wake()
-    await asyncio.gather(cancel_once_started(), worker.join())
-    assert stopped.status is JobStatus.CANCELLED
-    assert ("cancelled", stopped.id) in recorder.events
-    assert kept.status is JobStatus.DONE
-    assert kept.progress[0] == kept.progress[1]
+    intro = AudioClip(sine(0.5, 330.0), 32_000)
+    job = await submit(store, replace(REQUEST, duration=1.0, continuation=intro))
+    (claimed,) = await store.queued(1)
+    assert claimed.uploads_in_store and claimed.request.continuation is None  # not read yet
+    await system.worker()
+    (stored,) = await system.settled(job)
+    assert stored.status is JobStatus.DONE
+    (result,) = recorder.results[job.id]
+    alone = normalise_loudness(engine.generate(job.request).audio, 32_000)  # the clip as kept
+    np.testing.assert_allclose(result.audio, alone, atol=1e-4)
 
 
-async def test_a_job_that_breaks_its_batch_fails_alone(worker, recorder, submit):
-    broken = await submit(replace(REQUEST, prompt="x" * 5000))  # past the prompt limit
-    fine = await submit(guild=2)
-    worker.wake()
-    await worker.join()
-    assert broken.status is JobStatus.FAILED
-    assert "prompt" in recorder.errors[broken.id].args[0].lower()
+async def test_a_job_whose_clip_expired_fails_and_says_so(system, store, recorder):
+    intro = AudioClip(sine(0.5, 330.0), 32_000)
+    job = await submit(store, replace(REQUEST, duration=1.0, continuation=intro))
+    await store._db.execute("DELETE FROM uploads")  # deleted by hand while the job waited
+    fine = await submit(store, guild=2)
+    await system.worker()
+    job, fine = await system.settled(job, fine)
+    assert (job.status, job.delivered) == (JobStatus.FAILED, True)
+    message = str(recorder.errors[job.id])
+    assert f"The audio job #{job.id} was given" in message and "upload it again" in message
     assert fine.status is JobStatus.DONE
-    assert broken.attempts == fine.attempts == 1
 
 
-async def test_requests_sent_together_to_an_idle_worker_share_the_first_batch(
-    worker, recorder, submit
+async def test_a_deleted_results_folder_is_made_again(system, store, recorder):
+    job = await submit(store)
+    shutil.rmtree(store.results)
+    await system.worker()
+    (job,) = await system.settled(job)
+    assert ("finished", job.id) in recorder.events and job.delivered
+    assert store.result_path(job).exists()
+
+
+# Leases: a worker holds its jobs only while it heartbeats.
+
+
+async def test_a_job_whose_worker_stopped_heartbeating_runs_once_elsewhere(system, store, recorder):
+    job = await submit(store)
+    (dead,) = await store.claim(
+        "dead-worker", models=None, loaded=(), max_rows=4, max_model_wait=0, lease_seconds=0.3
+    )  # then its process died
+    assert (dead.id, dead.status, dead.attempts) == (job.id, JobStatus.RUNNING, 1)
+    await system.worker()  # its sweep finds the lease run out, and queues the job again
+    (job,) = await system.settled(job)
+    assert (job.status, job.attempts, job.delivered) == (JobStatus.DONE, 2, True)
+    assert recorder.kinds(job).count("finished") == 1
+    # The dead worker coming back cannot overwrite the run that counted.
+    assert await store.finish(dead, JobStatus.FAILED, "late") is False
+    assert await store.requeue(dead) is False
+    assert dead.status is JobStatus.RUNNING and dead.error is None
+    stored = await store.get(job.id)
+    assert (stored.status, stored.error) == (JobStatus.DONE, None)
+
+
+async def test_a_worker_that_lost_its_lease_stops_and_writes_nothing(
+    system, store, recorder, caplog
 ):
-    first = await submit()
-    worker.wake()  # as the job service does for each job it queues
-    await asyncio.sleep(0)
-    later = [await submit(replace(REQUEST, seed=seed), guild=seed) for seed in (2, 3)]
-    for _ in later:
-        worker.wake()
-    await worker.join()
-    assert {job.started_at for job in [first, *later]} == {first.started_at}
+    job = await submit(store, replace(REQUEST, duration=30.0))
+    worker = await system.worker(leases=Leases(seconds=600, heartbeat=0.1, sweep=300, poll=0.1))
+    await recorder.until(lambda: any(done >= 5 for done, _ in recorder.progress.get(job.id, [])))
+    # Another worker's sweep saw the lease out (a stalled machine): the job is queued again.
+    assert await store.requeue_expired(3, now=time.time() + 3600) == 1
+    await until_stored(store, lambda: _idle(worker))
+    stored = await store.get(job.id)
+    assert "lease-lost" in caplog.text
+    assert stored.status in (JobStatus.QUEUED, JobStatus.RUNNING)  # to run again, not ended
+    assert "finished" not in recorder.kinds(job) and "cancelled" not in recorder.kinds(job)
+    await store.request_cancel(job.id)  # no need to wait for its next run here
 
 
-#: Quick retries, so a test sees a store come back (or not) in well under a second.
-QUICK = Backoff(first=0.02, longest=0.1, tries=20)
+async def _idle(worker) -> bool:
+    return worker.running == [] or worker.running[0].attempts > 1
 
 
-class ReadOnlyOnStart(Recorder):
-    """Makes the database refuse every write as a job starts, for ``seconds``."""
+async def test_stopping_the_worker_requeues_its_jobs_without_counting_an_attempt(
+    system, store, recorder
+):
+    job = await submit(store, replace(REQUEST, duration=60.0))
+    worker = await system.worker()
+    await recorder.until(lambda: bool(recorder.progress.get(job.id)))
+    await worker.stop(grace=0.0)
+    stored = await store.get(job.id)
+    assert (stored.status, stored.attempts, stored.worker_id) == (JobStatus.QUEUED, 0, None)
+    assert await store.position(stored) == 1  # its place kept
+    await system.watcher.settle()
+    assert "finished" not in recorder.kinds(job) and "cancelled" not in recorder.kinds(job)
+    assert await store.workers(0) == []  # it said it went
 
-    def __init__(self, store: SqliteStore, seconds: float) -> None:
-        super().__init__()
-        self.store = store
-        self.seconds = seconds
-        self.reopening: list[asyncio.Task] = []
 
-    async def job_started(self, job: Job) -> None:
-        await super().job_started(job)
-        await refuse_writes(self.store, self.seconds, self.reopening)
+# The store refuses writes for a while (read-only, locked, disk full): retried with back-off.
 
 
-async def refuse_writes(store: SqliteStore, seconds: float, reopening: list[asyncio.Task]) -> None:
+async def refuse_writes(store: SqliteStore, seconds: float) -> asyncio.Task:
     """The real store, made to refuse writes as a read-only database does, for a while."""
     await store._db.execute("PRAGMA query_only = ON")
 
@@ -318,91 +337,55 @@ async def refuse_writes(store: SqliteStore, seconds: float, reopening: list[asyn
         await asyncio.sleep(seconds)
         await store._db.execute("PRAGMA query_only = OFF")
 
-    reopening.append(asyncio.get_running_loop().create_task(allow_later()))
+    return asyncio.get_running_loop().create_task(allow_later())
 
 
 async def test_a_job_whose_end_the_database_refuses_is_recorded_once_it_takes_writes_again(
-    engine, queue, store, submit
+    system, store, recorder
 ):
-    listener = ReadOnlyOnStart(store, seconds=0.3)
-    worker = Worker(engine, queue, store, listener, store_retry=QUICK)
-    first, second = await submit(), await submit()
-    worker.wake()
-    await worker.join()
-    await worker.stop(grace=60)
-    worker.close()
-    for job in (first, second):  # the worker kept serving
-        stored = await store.get(job.id)
-        assert (stored.status, stored.delivered) == (JobStatus.DONE, True)
-        assert ("finished", job.id) in listener.events
-    assert (await store.load_result(first)) is not None
+    first, second = await submit(store), await submit(store, replace(REQUEST, duration=1.0))
+    reopening: list[asyncio.Task] = []
+
+    async def refuse_once_started() -> None:
+        await recorder.until(lambda: bool(recorder.progress.get(first.id)))
+        reopening.append(await refuse_writes(store, 0.5))  # past the end of its generation
+
+    await system.worker()
+    await asyncio.gather(refuse_once_started(), ended(store, first, second))
+    stored = await system.settled(first, second)
+    for job in stored:  # the worker kept serving
+        assert (job.status, job.delivered, job.attempts) == (JobStatus.DONE, True, 1)
+        assert recorder.kinds(job).count("finished") == 1
+    assert (await store.load_result(stored[0])) is not None
 
 
-async def test_a_job_whose_end_is_never_recorded_is_still_told_and_the_worker_goes_on(
-    engine, queue, store, submit
+async def test_a_job_whose_end_is_never_recorded_runs_again_when_its_lease_runs_out(
+    system, store, recorder
 ):
-    listener = ReadOnlyOnStart(store, seconds=0.5)
-    worker = Worker(engine, queue, store, listener, store_retry=Backoff(0.01, 0.01, tries=3))
-    job = await submit()
-    worker.wake()
-    await worker.join()
-    await asyncio.gather(*listener.reopening)
-    listener.seconds = 0.0
-    later = await submit()
-    worker.wake()
-    await worker.join()
-    await worker.stop(grace=60)
-    worker.close()
-    assert ("finished", job.id) in listener.events  # told, though the store could not say so
-    assert (await store.get(job.id)).status is JobStatus.RUNNING  # so a restart runs it again
-    assert ("finished", later.id) in listener.events
-    assert (await store.get(later.id)).status is JobStatus.DONE
+    job = await submit(store)
+    await system.worker(store_retry=Backoff(0.01, 0.01, tries=3))
+    await recorder.until(lambda: bool(recorder.progress.get(job.id)))
+    reopening = await refuse_writes(store, 0.3)  # longer than the worker tries
+    await reopening
+    (job,) = await system.settled(job)
+    assert (job.status, job.delivered, job.attempts) == (JobStatus.DONE, True, 2)
+    assert recorder.kinds(job).count("finished") == 1  # told once, of the run that counted
 
 
 async def test_a_job_the_store_will_not_claim_for_a_while_waits_then_runs_once(
-    worker, queue, store, recorder, submit
+    system, store, caplog
 ):
-    worker.store_retry = QUICK
-    job = await submit()
-    reopening: list[asyncio.Task] = []
-    await refuse_writes(store, 0.3, reopening)
-    worker.wake()
-    await worker.join()
-    await worker.stop(grace=60)
-    stored = await store.get(job.id)
-    assert (stored.status, stored.attempts, stored.delivered) == (JobStatus.DONE, 1, True)
-    assert queue.runnable() == []
+    await system.worker()
+    job = await submit(store)
+    reopening = await refuse_writes(store, 0.3)  # the worker waits for more requests first
+    await reopening
+    assert (await store.get(job.id)).status is JobStatus.QUEUED
+    assert "event=claim-failed" in caplog.text
+    (job,) = await system.settled(job)
+    assert (job.status, job.attempts, job.delivered) == (JobStatus.DONE, 1, True)
 
 
-async def test_a_job_the_store_never_claims_goes_back_to_the_queue(
-    worker, queue, store, recorder, submit
-):
-    worker.store_retry = Backoff(0.01, 0.01, tries=2)
-    job = await submit()
-    reopening: list[asyncio.Task] = []
-    await refuse_writes(store, 60.0, reopening)
-    queue.take([job])  # one batch, as the worker's loop runs it
-    await worker._run([job])
-    assert queue.runnable() == [job]
-    assert job.status is JobStatus.QUEUED
-    assert recorder.events == []
-    await store._db.execute("PRAGMA query_only = OFF")
-    reopening[0].cancel()
-    worker.wake()
-    await worker.join()
-    await worker.stop(grace=60)
-    assert (await store.get(job.id)).status is JobStatus.DONE
-
-
-async def test_a_deleted_results_folder_is_made_again(worker, store, recorder, submit):
-    job = await submit()
-    shutil.rmtree(store.results)
-    worker.wake()
-    await worker.join()
-    await worker.stop(grace=60)
-    assert ("finished", job.id) in recorder.events
-    assert (await store.get(job.id)).delivered
-    assert store.result_path(job).exists()
+# Delivery: the watcher tells each outcome once, tries again when it fails, keeps what fails.
 
 
 class FailsToDeliver(Recorder):
@@ -413,48 +396,44 @@ class FailsToDeliver(Recorder):
         self.times = times
         self.error = error
 
-    async def job_finished(self, job: Job, results: list[GenerationResult]) -> str:
+    async def job_finished(self, job, results):
         if self.times:
             self.times -= 1
             raise self.error
         return await super().job_finished(job, results)
 
 
-async def deliver_with(engine, queue, store, submit, listener) -> Job:
-    worker = Worker(engine, queue, store, listener, delivery_retry=replace(QUICK, tries=4))
-    job = await submit()
-    worker.wake()
-    await worker.join()
-    while worker._deliveries:
-        await asyncio.sleep(0.01)
-    await worker.stop(grace=60)
-    worker.close()
-    stored = await store.get(job.id)
-    assert stored is not None
-    return stored
+async def deliver_with(engine, store, listener) -> Job:
+    system = System(store, listener, engine)
+    system.watcher.delivery_retry = replace(QUICK, tries=4)
+    system.start()
+    try:
+        job = await submit(store)
+        await system.worker()
+        (job,) = await system.settled(job)
+    finally:
+        await system.stop()
+    return job
 
 
-async def test_a_failed_delivery_is_tried_again_and_each_try_counted(engine, queue, store, submit):
+async def test_a_failed_delivery_is_tried_again_and_each_try_counted(engine, store):
     listener = FailsToDeliver(2, ConnectionError("Discord is down"))
-    job = await deliver_with(engine, queue, store, submit, listener)
-    assert ("finished", job.id) in listener.events
+    job = await deliver_with(engine, store, listener)
+    assert listener.kinds(job).count("finished") == 1
     assert (job.delivered, job.delivery_attempts, job.delivery_failure) == (True, 2, None)
 
 
-async def test_a_delivery_that_always_fails_is_given_up_and_kept_for_history(
-    engine, queue, store, submit
-):
+async def test_a_delivery_that_always_fails_is_given_up_and_kept_for_history(engine, store):
     listener = FailsToDeliver(100, ConnectionError("Discord is down"))
-    job = await deliver_with(engine, queue, store, submit, listener)
+    job = await deliver_with(engine, store, listener)
     assert (job.delivered, job.delivery_attempts) == (False, 4)
     assert job.delivery_failure == DELIVERY_FAILED
     assert await store.undelivered() == []  # no restart tries it again
+    assert [job.id for job in await store.history(1, 1)] == [job.id]
 
 
-async def test_an_outcome_nobody_can_receive_is_kept_for_history_at_once(
-    engine, queue, store, submit
-):
+async def test_an_outcome_nobody_can_receive_is_kept_for_history_at_once(engine, store):
     listener = FailsToDeliver(100, Undeliverable("the channel and direct messages refuse it"))
-    job = await deliver_with(engine, queue, store, submit, listener)
+    job = await deliver_with(engine, store, listener)
     assert (job.delivered, job.delivery_attempts) == (False, 0)
     assert job.delivery_failure == "the channel and direct messages refuse it"
