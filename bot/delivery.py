@@ -235,12 +235,11 @@ async def result_message(
 ) -> ResultMessage:
     """Render the waveforms and encode the MP3s so that they fit ``max_bytes`` together;
     ``complete`` shows every option in the embed (see :func:`presentation.result_embed`)."""
-    intro = job.request.continuation
     waveform = await asyncio.to_thread(
         render_waveforms,
         [result.audio for result in results],
         results[0].sample_rate,
-        intro_seconds=intro.seconds if intro is not None else 0.0,
+        intro_seconds=job.clip_seconds.get("continuation", 0.0),
     )
     files, bitrate = await encode_for_upload(job, results, max_bytes - len(waveform))
     files.append(discord.File(io.BytesIO(waveform), WAVEFORM_NAME))

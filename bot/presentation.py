@@ -152,10 +152,11 @@ def result_embed(
     for field, (name, text) in _OPTION_FIELDS.items():
         if complete or getattr(request, field) != getattr(_DEFAULTS, field):
             values[name] = text(getattr(request, field))
-    if request.melody is not None:
-        values["Melody"] = f"{request.melody.seconds:.1f} s clip"
-    if request.continuation is not None:
-        values["Continuation of"] = f"{request.continuation.seconds:.1f} s intro"
+    clips = job.clip_seconds
+    if "melody" in clips:
+        values["Melody"] = f"{clips['melody']:.1f} s clip"
+    if "continuation" in clips:
+        values["Continuation of"] = f"{clips['continuation']:.1f} s intro"
     if complete:
         values["Generated in"] = f"{result.generation_seconds:.1f} s"
     if complete or bitrate < MP3_BITRATES[0]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import subprocess
 from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
+import soundfile
 
 #: ffmpeg encoder and container for each upload format the bot accepts.
 FORMATS = {
@@ -108,3 +110,12 @@ def with_id3v1(mp3: bytes, title: bytes) -> bytes:
 def encode_titled_tone(path: Path, title: bytes, *, seconds: float = 1.0) -> Path:
     """A mono tone whose title tag holds ``title``'s bytes as they are."""
     return encode_tone(path, seconds=seconds, channels=1, title=title)
+
+
+def as_stored(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """A result as the store keeps it, and the gateway delivers it: 24-bit FLAC."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, audio.T, sample_rate, format="FLAC", subtype="PCM_24")
+    buffer.seek(0)
+    stored, _ = soundfile.read(buffer, dtype="float32", always_2d=True)
+    return np.ascontiguousarray(stored.T)

@@ -17,7 +17,7 @@ from generation.request import GenerationRequest
 
 from .bot_helpers import fields, mp3_of, outcome, private_reply
 from .bot_helpers import job_id as job_number
-from .helpers import encode_tone, ima_adpcm_wav, wav_without_decoder
+from .helpers import as_stored, encode_tone, ima_adpcm_wav, wav_without_decoder
 
 # Debug-model jobs take well under a second, but the first melody model build imports
 # demucs and compiles librosa's filters.
@@ -72,7 +72,7 @@ async def test_every_option_reaches_the_engine(alice, channel, engine):
     request = GenerationRequest(prompt="ambient pads", use_sampling=True, **options)
     direct = engine.generate(request)
     data, _ = encode_mp3_within(
-        normalise_loudness(direct.audio, direct.sample_rate),
+        as_stored(normalise_loudness(direct.audio, direct.sample_rate), direct.sample_rate),
         direct.sample_rate,
         25 * 2**20,
         tags=request_tags(direct.request),

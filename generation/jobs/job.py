@@ -73,8 +73,14 @@ class Job:
     #: The request's clips (melody, intro) are still in the store, not loaded: a job read
     #: back after a restart holds no audio until the worker loads it to run it.
     uploads_in_store: bool = False
+    #: The length in seconds of each clip the job was given, by option ("melody",
+    #: "continuation"), known without the clips (kept after they expire).
+    clip_seconds: dict[str, float] = field(default_factory=dict)
+    #: The worker running it (an id from :class:`generation.jobs.store.WorkerInfo`).
+    worker_id: str | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
-    #: Why ``cancel_event`` was set: "cancelled", "timeout" or "shutdown".
+    #: Why ``cancel_event`` was set: "cancelled", "timeout", "shutdown", or "lost" (the
+    #: worker's lease ran out: the job is another's now).
     stop_reason: str | None = None
 
     def stop(self, reason: str) -> None:

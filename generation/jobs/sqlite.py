@@ -404,6 +404,7 @@ class SqliteStore:
         job.request = replace(
             job.request, **{option: stored.clip for option, (stored, _) in uploads.items()}
         )
+        job.clip_seconds = {option: stored.seconds for option, (stored, _) in uploads.items()}
         key = _key(job.request)  # of the clips as stored
         async with self._transaction():
             tag = await self._next_tag(job.guild_id)
@@ -1212,18 +1213,18 @@ class SqliteStore:
         """The jobs ``where`` selects; ``with_audio=False`` leaves their clips in the store
         (marking the jobs that have some)."""
         rows = await self._db.execute_fetchall(
-            f"""SELECT *, EXISTS (SELECT 1 FROM job_uploads WHERE job_uploads.job_id = jobs.id)
-                    AS has_uploads
+            f"""SELECT *, (SELECT json_group_object(option, seconds) FROM job_uploads
+                    WHERE job_uploads.job_id = jobs.id) AS clips
                 FROM jobs {where}""",
             parameters,
         )
         jobs = [_job_from_row(row) for row in rows]
-        if with_audio:
-            for job in jobs:
+        for job, row in zip(jobs, rows, strict=True):
+            job.clip_seconds = json.loads(row["clips"])
+            if with_audio:
                 job.request = await self._with_uploads(job.id, job.request)
-        else:
-            for job, row in zip(jobs, rows, strict=True):
-                job.uploads_in_store = bool(row["has_uploads"])
+            else:
+                job.uploads_in_store = bool(job.clip_seconds)
         return jobs
 
     async def _with_uploads(self, job_id: int, request: GenerationRequest) -> GenerationRequest:
