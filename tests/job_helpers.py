@@ -79,10 +79,10 @@ class Recorder:
 
 
 async def submit(
-    store: JobStore, request: GenerationRequest = REQUEST, guild: int = 1, **job
+    store: JobStore, request: GenerationRequest = REQUEST, guild: int = 1, user: int = 1, **job
 ) -> Job:
     """Record and release a job, as the job service does once its requester was told."""
-    added = await store.add(Job(0, request, guild, guild * 10, 1, **job))
+    added = await store.add(Job(0, request, guild, guild * 10, user, **job))
     await store.release(added, None)
     return added
 
