@@ -1,89 +1,122 @@
-"""Forming batches: servers in turn, compatible jobs together, the loaded model first."""
+"""How a worker's claims form batches: servers in turn, compatible jobs together, takes as
+rows, the loaded model first for a while."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 
-from generation.jobs.job import FairQueue, Job
-from generation.jobs.scheduling import BatchPolicy, plan_batch
-from generation.request import GenerationRequest
+import pytest
 
-REQUEST = GenerationRequest(prompt="lo-fi", model="debug", duration=1.0, seed=1)
-_ids = itertools.count(1)
+from generation.jobs.job import Job, JobStatus
+from generation.jobs.scheduling import BatchPolicy
+from generation.jobs.sqlite import SqliteStore
+from generation.request import AudioClip, GenerationRequest
 
+from .helpers import sine
+from .job_helpers import Recorder, System, submit
 
-def queued(queue: FairQueue, guild: int, request: GenerationRequest = REQUEST, **job) -> Job:
-    added = Job(next(_ids), request, guild, guild * 10, 1, **job)
-    queue.add(added)
-    return added
-
-
-def plan(queue: FairQueue, max_rows: int = 4, loaded=("debug",), now=0.0, wait=120.0):
-    policy = BatchPolicy(max_rows=max_rows, max_model_wait=wait)
-    return plan_batch(queue.runnable(), policy=policy, loaded_models=loaded, now=now)
+REQUEST = GenerationRequest(prompt="lo-fi", model="debug", duration=0.5, seed=1)
 
 
-def test_compatible_jobs_from_every_server_share_a_batch_in_turn():
-    queue = FairQueue()
-    a1, a2, a3 = (queued(queue, 1, replace(REQUEST, prompt=f"a{n}")) for n in range(3))
-    b1 = queued(queue, 2)
-    c1 = queued(queue, 3, replace(REQUEST, prompt="c", seed=None))
+@pytest.fixture
+async def store(tmp_path):
+    store = await SqliteStore.open(tmp_path / "jobs.sqlite3")
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def system(store, engine):
+    system = System(store, Recorder(), engine)
+    system.start()
+    yield system
+    await system.stop()
+
+
+async def batches(system: System, *jobs: Job, **policy) -> list[list[int]]:
+    """Let a worker run ``jobs``; the batches it claimed, in order (a claim starts its
+    jobs at one time)."""
+    await system.worker(batch_policy=BatchPolicy(**policy))
+    stored = await system.settled(*jobs)
+    assert all(job.status is JobStatus.DONE for job in stored)
+    by_start: dict[float, list[int]] = {}
+    for job in sorted(stored, key=lambda job: (job.started_at, job.id)):
+        by_start.setdefault(job.started_at, []).append(job.id)
+    return list(by_start.values())
+
+
+def ids(*jobs: Job) -> list[int]:
+    """A batch's jobs (which of them went first within it is not seen from outside)."""
+    return sorted(job.id for job in jobs)
+
+
+@pytest.mark.parametrize("max_rows", [3, 5])
+async def test_compatible_jobs_from_every_server_share_a_batch_in_turn(system, store, max_rows):
+    a1, a2, a3 = [await submit(store, replace(REQUEST, prompt=f"a{n}"), 1) for n in range(3)]
+    b1 = await submit(store, REQUEST, 2)
+    c1 = await submit(store, replace(REQUEST, prompt="c", seed=None), 3)
+    planned = await batches(system, a1, a2, a3, b1, c1, max_rows=max_rows)
     # Each server gets a row before any gets a second one.
-    assert plan(queue, max_rows=3) == [a1, b1, c1]
-    assert plan(queue, max_rows=5) == [a1, b1, c1, a2, a3]
+    if max_rows == 3:
+        assert planned == [ids(a1, b1, c1), ids(a2, a3)]
+    else:
+        assert planned == [ids(a1, b1, c1, a2, a3)]
 
 
-def test_jobs_with_other_options_wait_for_a_batch_of_their_own():
-    queue = FairQueue()
-    a1 = queued(queue, 1)
-    longer = queued(queue, 2, replace(REQUEST, duration=2.0))
-    a2 = queued(queue, 1)
-    assert plan(queue) == [a1, a2]
-    queue.take([a1, a2])
-    assert plan(queue) == [longer]
+async def test_jobs_with_other_options_wait_for_a_batch_of_their_own(system, store):
+    a1 = await submit(store, REQUEST, 1)
+    longer = await submit(store, replace(REQUEST, duration=1.0), 2)
+    a2 = await submit(store, REQUEST, 1)
+    assert await batches(system, a1, longer, a2) == [ids(a1, a2), ids(longer)]
 
 
-def test_takes_count_as_rows():
-    queue = FairQueue()
-    variations = queued(queue, 1, takes=3)
-    b1 = queued(queue, 2)
-    queued(queue, 3)  # no room left for it
-    assert plan(queue, max_rows=4) == [variations, b1]
-    big = FairQueue()
-    alone = queued(big, 1, takes=4)
-    assert plan(big, max_rows=2) == [alone]  # a job's takes always run together
+async def test_takes_count_as_rows(system, store):
+    variations = await submit(store, REQUEST, 1, takes=3)
+    b1 = await submit(store, REQUEST, 2)
+    c1 = await submit(store, REQUEST, 3)  # no room left for it
+    assert await batches(system, variations, b1, c1, max_rows=4) == [
+        ids(variations, b1),
+        ids(c1),
+    ]
 
 
-def test_jobs_for_the_loaded_model_go_first_for_a_while():
-    queue = FairQueue()
-    stereo = queued(queue, 1, replace(REQUEST, model="debug-stereo"), submitted_at=100.0)
-    mono = queued(queue, 2, submitted_at=100.0)
-    assert plan(queue, loaded=("debug",), now=150.0, wait=120.0) == [mono]
-    # Once the other model's job has waited long enough, the model is switched.
-    assert plan(queue, loaded=("debug",), now=220.0, wait=120.0) == [stereo]
-    assert plan(queue, loaded=("debug-stereo",), now=150.0) == [stereo]
-    assert plan(queue, loaded=(), now=150.0) == [stereo]  # nothing loaded: plain turns
+async def test_a_job_with_more_takes_than_rows_runs_alone_all_together(system, store):
+    alone = await submit(store, REQUEST, 1, takes=4)
+    other = await submit(store, REQUEST, 2)
+    assert await batches(system, alone, other, max_rows=2) == [ids(alone), ids(other)]
 
 
-def test_taking_a_batch_gives_each_of_its_servers_its_turn():
-    queue = FairQueue()
-    a1, b1 = queued(queue, 1), queued(queue, 2)
-    a2, b2 = queued(queue, 1), queued(queue, 2)
-    c1 = queued(queue, 3, replace(REQUEST, duration=2.0))
-    queue.take(plan(queue, max_rows=2))
+@pytest.mark.parametrize("max_model_wait", [120.0, 0.0])
+async def test_jobs_for_the_loaded_model_go_first_for_a_while(
+    engine, system, store, max_model_wait
+):
+    engine.load("debug")
+    stereo = await submit(store, replace(REQUEST, model="debug-stereo"), 1)
+    mono = await submit(store, REQUEST, 2)
+    planned = await batches(system, stereo, mono, max_model_wait=max_model_wait)
+    if max_model_wait:
+        assert planned == [ids(mono), ids(stereo)]  # the model is not swapped for one job
+    else:  # once the other model's job has waited long enough, the model is switched
+        assert planned == [ids(stereo), ids(mono)]
+
+
+async def test_taking_a_batch_gives_each_of_its_servers_its_turn(system, store):
+    a1, b1 = await submit(store, REQUEST, 1), await submit(store, REQUEST, 2)
+    a2, b2 = await submit(store, REQUEST, 1), await submit(store, REQUEST, 2)
+    c1 = await submit(store, replace(REQUEST, duration=1.0), 3)
     # c waited while a and b were served: it goes before their second jobs.
-    assert queue.runnable() == [c1, a2, b2]
-    assert {a1.id, b1.id}.isdisjoint(job.id for job in queue.runnable())
+    assert await batches(system, a1, b1, a2, b2, c1, max_rows=2) == [
+        ids(a1, b1),
+        ids(c1),
+        ids(a2, b2),
+    ]
 
 
-def test_a_job_whose_clips_are_still_in_the_store_runs_alone():
-    """Read back after a restart, its melody's shape (part of the batch key) is unknown."""
-    queue = FairQueue()
-    recovered = queued(queue, 1, uploads_in_store=True)
-    a2 = queued(queue, 1)
-    b1 = queued(queue, 2)
-    assert plan(queue) == [recovered]
-    queue.take([recovered])
-    queued(queue, 2, uploads_in_store=True)  # behind b1: never joins another's batch
-    assert plan(queue) == [b1, a2]
+async def test_jobs_whose_clips_are_in_the_store_batch_with_their_own_kind(system, store):
+    """Their batch key is known from the clips as kept, so they need not run alone."""
+    intro = AudioClip(sine(0.5, 330.0), 32_000)
+    extending = replace(REQUEST, duration=1.0, continuation=intro)
+    first = await submit(store, extending, 1)
+    second = await submit(store, replace(extending, seed=2), 2)
+    plain = await submit(store, REQUEST, 3)
+    assert await batches(system, first, second, plain) == [ids(first, second), ids(plain)]
