@@ -53,7 +53,7 @@ class MusicGenBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         queue, generation = self.config.queue, self.config.generation
-        store = await open_store(str(self.config.storage.database))
+        store = await open_store(self.config.storage.database)
         self.reporter = JobReporter(self, queue.progress_interval)
         self.service = JobService(
             self.engine,
