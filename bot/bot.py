@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import astuple
+from typing import Any
 
 import discord
 from discord.ext import commands, tasks
@@ -35,12 +36,13 @@ class MusicGenBot(commands.Bot):
     reporter: JobReporter
     access: Access
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, **options: Any) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=discord.Intents.default(),
             help_command=None,
             allowed_mentions=discord.AllowedMentions.none(),
+            **options,
         )
         self.config = config
         self._recovering = False
@@ -141,7 +143,18 @@ class MusicGenBot(commands.Bot):
             log.info("synced %d commands to guild %d", len(synced), guild_id)
 
 
+class ShardedMusicGenBot(MusicGenBot, commands.AutoShardedBot):
+    """The same bot on discord.py's shard manager: ``discord.shard_count`` gateway connections
+    in this process ("auto": as many as Discord recommends), for bots in many servers."""
+
+    def __init__(self, config: Config) -> None:
+        count = config.discord.shard_count
+        super().__init__(config, shard_count=None if count == "auto" else count)
+
+
 def create_bot(config: Config) -> MusicGenBot:
-    """An unstarted bot; it opens its database and syncs its commands in ``setup_hook``, and
-    recovers its jobs once connected."""
-    return MusicGenBot(config)
+    """An unstarted bot, sharded if ``discord.shard_count`` is set; it opens its database and
+    syncs its commands in ``setup_hook``, and recovers its jobs once connected."""
+    if config.discord.shard_count is None:
+        return MusicGenBot(config)
+    return ShardedMusicGenBot(config)

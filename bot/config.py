@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from generation.engine.models import catalogue_name, resolve_model
 from generation.errors import InvalidOption
@@ -35,6 +35,10 @@ class DiscordConfig:
     token: str = field(default="", repr=False)
     #: Servers to sync the commands to at once; empty syncs them globally.
     guilds: tuple[int, ...] = ()
+    #: None: one gateway connection (discord.py's Bot). "auto" (the count Discord recommends)
+    #: or a number of shards: discord.py's AutoShardedBot. Discord requires sharding from
+    #: 2,500 servers; discord.py recommends it from about 1,000.
+    shard_count: int | Literal["auto"] | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,12 @@ def _convert(value: Any, default: Any, source: str, key: str) -> Any:
     def fail(expected: str) -> ConfigError:
         return ConfigError(f"{source}: {key} must be {expected}, not {value!r}.")
 
+    if key == "discord.shard_count":  # the one key with two kinds of value
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ):
+            return value
+        raise fail('"auto" or a whole number of shards, 1 or more')
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise fail("true or false")

@@ -33,7 +33,9 @@ def test_the_example_documents_and_sets_every_key():
     for section in fields(Config):
         assert f"[{section.name}]" in text
         for key in fields(getattr(config, section.name)):
-            assert f"\n{key.name} = " in text, f"{section.name}.{key.name} is not documented"
+            # TOML has no null: a key whose default is "absent" is shown commented out.
+            setting = f"\n{key.name} = " if key.default is not None else f"\n# {key.name} = "
+            assert setting in text, f"{section.name}.{key.name} is not documented"
     assert config.generation.default_model == "facebook/musicgen-small"
 
 
@@ -42,6 +44,12 @@ def test_the_token_comes_from_the_environment_first():
     assert parse_config(raw, source="t", environ={}).discord.token == "from-file"
     env = {"DISCORD_TOKEN": "from-env"}
     assert parse_config(raw, source="t", environ=env).discord.token == "from-env"
+
+
+@pytest.mark.parametrize(("value", "parsed"), [(None, None), ("auto", "auto"), (1, 1), (40, 40)])
+def test_shard_count_is_absent_auto_or_a_number(value, parsed):
+    raw = {"discord": {} if value is None else {"shard_count": value}}
+    assert parse_config(raw, source="t", environ={}).discord.shard_count == parsed
 
 
 def test_the_token_never_shows_in_repr():
@@ -62,6 +70,12 @@ def test_the_token_never_shows_in_repr():
         ({"queue": {"max_jobs_per_user": 0}}, "at least 1"),
         ({"queue": {"max_jobs_per_user": 2.5}}, "must be a whole number"),
         ({"discord": {"guilds": ["123"]}}, "list of server ids"),
+        ({"discord": {"shard_count": 0}}, 'discord.shard_count must be "auto" or a whole number'),
+        ({"discord": {"shard_count": -2}}, "discord.shard_count must be"),
+        ({"discord": {"shard_count": "4"}}, "discord.shard_count must be .*, not '4'"),
+        ({"discord": {"shard_count": "Auto"}}, "discord.shard_count must be"),
+        ({"discord": {"shard_count": 2.5}}, "discord.shard_count must be"),
+        ({"discord": {"shard_count": True}}, "discord.shard_count must be"),
         ({"storage": {"database": ""}}, "storage.database must be a file path"),
         ({"storage": {"database": 3}}, "storage.database must be a string"),
         ({"storage": {"database": "mysql://db/jobs"}}, "sqlite:///relative/path"),
