@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import astuple
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord.ext import commands, tasks
@@ -44,12 +44,13 @@ class MusicGenBot(commands.Bot):
     reporter: JobReporter
     access: Access
 
-    def __init__(self, config: Config, *, generates: bool = True) -> None:
+    def __init__(self, config: Config, *, generates: bool = True, **options: Any) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=discord.Intents.default(),
             help_command=None,
             allowed_mentions=discord.AllowedMentions.none(),
+            **options,
         )
         self.config = config
         self.generates = generates
@@ -59,7 +60,7 @@ class MusicGenBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         queue, generation = self.config.queue, self.config.generation
-        database = str(self.config.storage.database)
+        database = self.config.storage.database
         store = await open_store(database)
         self.reporter = JobReporter(self, queue.progress_interval)
         self.service = JobService(
@@ -183,8 +184,21 @@ class MusicGenBot(commands.Bot):
             log.info("synced %d commands to guild %d", len(synced), guild_id)
 
 
+class ShardedMusicGenBot(MusicGenBot, commands.AutoShardedBot):
+    """The same bot on discord.py's shard manager: ``discord.shard_count`` gateway connections
+    in this process ("auto": as many as Discord recommends), for bots in many servers."""
+
+    def __init__(self, config: Config, *, generates: bool = True) -> None:
+        count = config.discord.shard_count
+        super().__init__(
+            config, generates=generates, shard_count=None if count == "auto" else count
+        )
+
+
 def create_bot(config: Config, *, generates: bool = True) -> MusicGenBot:
-    """An unstarted bot; it opens its database and syncs its commands in ``setup_hook``, and
-    recovers its jobs once connected. ``generates=False`` is a gateway: workers in other
-    processes generate."""
-    return MusicGenBot(config, generates=generates)
+    """An unstarted bot, sharded if ``discord.shard_count`` is set; it opens its database and
+    syncs its commands in ``setup_hook``, and recovers its jobs once connected.
+    ``generates=False`` is a gateway: workers in other processes generate."""
+    if config.discord.shard_count is None:
+        return MusicGenBot(config, generates=generates)
+    return ShardedMusicGenBot(config, generates=generates)

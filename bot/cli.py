@@ -158,22 +158,22 @@ def prune_storage(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _prune(path: Path, retention: Retention) -> Pruned:
+async def _prune(database: str, retention: Retention) -> Pruned:
     from generation.jobs.store import open_store
 
     # Not the owner: prune runs beside the bot, and never runs or recovers a job.
-    store = await open_store(str(path), owner=False)
+    store = await open_store(database, owner=False)
     try:
         return await store.prune(retention)
     finally:
         await store.close()
 
 
-async def _check_database(path: Path) -> None:
+async def _check_database(database: str) -> None:
     """Refuse a damaged database, or one another bot owns, before connecting to Discord."""
     from generation.jobs.store import open_store
 
-    store = await open_store(str(path))
+    store = await open_store(database)
     await store.close()
 
 

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from generation.engine.models import catalogue_name, resolve_model
 from generation.errors import InvalidOption
+from generation.jobs.addresses import hide_passwords, redacted
 from generation.jobs.retention import Retention
+from generation.jobs.store import is_postgres
 from generation.request import DEFAULT_MAX_DURATION
 
 TOKEN_VARIABLE = "DISCORD_TOKEN"
@@ -32,6 +35,10 @@ class DiscordConfig:
     token: str = field(default="", repr=False)
     #: Servers to sync the commands to at once; empty syncs them globally.
     guilds: tuple[int, ...] = ()
+    #: None: one gateway connection (discord.py's Bot). "auto" (the count Discord recommends)
+    #: or a number of shards: discord.py's AutoShardedBot. Discord requires sharding from
+    #: 2,500 servers; discord.py recommends it from about 1,000.
+    shard_count: int | Literal["auto"] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,10 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
-    #: The SQLite file that holds jobs, server settings and history.
-    database: Path = Path("data/musicgen-bot.sqlite3")
+    #: Where jobs, server settings and history live: an SQLite file's path (resolved
+    #: against the configuration's folder), or a PostgreSQL address as given. Out of repr:
+    #: an address may hold a password.
+    database: str = field(default="data/musicgen-bot.sqlite3", repr=False)
     #: Days after a job finished that its track (the result files) is kept; 0 = forever.
     keep_results_days: float = Retention.results_days
     #: Days after a job finished that the audio it was given (melody, intro) is kept, unless
@@ -143,17 +152,16 @@ def parse_config(
     """
     _check_keys(raw, Config, source, "")
     config = Config(
-        **{
-            name: _section(cls, raw.get(name, {}), source, name, base_dir)
-            for name, cls in _SECTIONS.items()
-        }
+        **{name: _section(cls, raw.get(name, {}), source, name) for name, cls in _SECTIONS.items()}
     )
     token = (environ.get(TOKEN_VARIABLE) or config.discord.token).strip()
     models = tuple(_model_path(name, base_dir) for name in config.generation.models)
+    database = _database(config.storage.database, base_dir, source)
     config = replace(
         config,
         discord=replace(config.discord, token=token),
         generation=replace(config.generation, models=models),
+        storage=replace(config.storage, database=database),
     )
     _check_values(config, source)
     return config
@@ -162,26 +170,31 @@ def parse_config(
 _SECTIONS: dict[str, type] = {f.name: type(f.default) for f in fields(Config)}
 
 
-def _section(cls: type, values: Any, source: str, name: str, base_dir: Path) -> Any:
+def _section(cls: type, values: Any, source: str, name: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: [{name}] must be a table.")
     _check_keys(values, cls, source, f"{name}.")
     defaults = cls()
     return cls(
         **{
-            key: _convert(value, getattr(defaults, key), source, f"{name}.{key}", base_dir)
+            key: _convert(value, getattr(defaults, key), source, f"{name}.{key}")
             for key, value in values.items()
         }
     )
 
 
-def _convert(value: Any, default: Any, source: str, key: str, base_dir: Path) -> Any:
-    """``value`` as the type of ``default``, or a ConfigError naming ``key``; a relative path
-    is taken relative to ``base_dir``."""
+def _convert(value: Any, default: Any, source: str, key: str) -> Any:
+    """``value`` as the type of ``default``, or a ConfigError naming ``key``."""
 
     def fail(expected: str) -> ConfigError:
         return ConfigError(f"{source}: {key} must be {expected}, not {value!r}.")
 
+    if key == "discord.shard_count":  # the one key with two kinds of value
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ):
+            return value
+        raise fail('"auto" or a whole number of shards, 1 or more')
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise fail("true or false")
@@ -201,13 +214,60 @@ def _convert(value: Any, default: Any, source: str, key: str, base_dir: Path) ->
         if not isinstance(value, int) or isinstance(value, bool):
             raise fail("a whole number")
         return value
-    if isinstance(default, Path):
-        if not isinstance(value, str) or not value:
-            raise fail("a file path")
-        return base_dir / Path(value).expanduser()
     if not isinstance(value, str):
         raise fail("a string")
     return value
+
+
+#: What ``storage.database`` may be, for its error messages.
+DATABASE_FORMS = (
+    "a file path, sqlite:///relative/path, sqlite:////absolute/path or "
+    "postgresql://user@host:5432/database"
+)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _database(value: str, base_dir: Path, source: str) -> str:
+    """``storage.database`` as the store opens it: a PostgreSQL address as given (once
+    checked), else the SQLite file's path, a relative one (plain, or SQLAlchemy's
+    ``sqlite:///relative``) taken relative to ``base_dir``."""
+    if is_postgres(value):
+        _check_postgres(value, source)
+        return value
+    if value.startswith("sqlite:///") and len(value) > len("sqlite:///"):
+        return str(base_dir / value.removeprefix("sqlite:///"))
+    if not value or _SCHEME.match(value):
+        raise ConfigError(
+            f"{source}: storage.database must be {DATABASE_FORMS}, not {redacted(value)!r}."
+        )
+    return str(base_dir / Path(value).expanduser())
+
+
+def _check_postgres(address: str, source: str) -> None:
+    """Refuse a PostgreSQL address libpq cannot parse, or one without a host, a database or
+    with a bad port; the messages never show its password."""
+    from psycopg import ProgrammingError  # only PostgreSQL users pay for importing psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    def fail(problem: str) -> ConfigError:
+        return ConfigError(
+            f"{source}: storage.database {redacted(address)!r} {problem}: write it as "
+            "postgresql://user@host:5432/database (percent-encode special characters; "
+            "the password may come from PGPASSWORD instead)."
+        )
+
+    try:
+        params = conninfo_to_dict(address)
+    except ProgrammingError as error:
+        detail = hide_passwords(str(error).strip(), address)
+        raise fail(f"is not a valid address ({detail})") from None  # its text holds secrets
+    if not (params.get("host") or params.get("hostaddr")):
+        raise fail("names no host")
+    if not params.get("dbname"):
+        raise fail("names no database")
+    for port in str(params.get("port", "")).split(","):
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise fail(f"has a bad port {port!r}")
 
 
 def _model_path(name: str, base_dir: Path) -> str:

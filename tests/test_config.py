@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
@@ -32,7 +33,9 @@ def test_the_example_documents_and_sets_every_key():
     for section in fields(Config):
         assert f"[{section.name}]" in text
         for key in fields(getattr(config, section.name)):
-            assert f"\n{key.name} = " in text, f"{section.name}.{key.name} is not documented"
+            # TOML has no null: a key whose default is "absent" is shown commented out.
+            setting = f"\n{key.name} = " if key.default is not None else f"\n# {key.name} = "
+            assert setting in text, f"{section.name}.{key.name} is not documented"
     assert config.generation.default_model == "facebook/musicgen-small"
 
 
@@ -41,6 +44,12 @@ def test_the_token_comes_from_the_environment_first():
     assert parse_config(raw, source="t", environ={}).discord.token == "from-file"
     env = {"DISCORD_TOKEN": "from-env"}
     assert parse_config(raw, source="t", environ=env).discord.token == "from-env"
+
+
+@pytest.mark.parametrize(("value", "parsed"), [(None, None), ("auto", "auto"), (1, 1), (40, 40)])
+def test_shard_count_is_absent_auto_or_a_number(value, parsed):
+    raw = {"discord": {} if value is None else {"shard_count": value}}
+    assert parse_config(raw, source="t", environ={}).discord.shard_count == parsed
 
 
 def test_the_token_never_shows_in_repr():
@@ -61,7 +70,22 @@ def test_the_token_never_shows_in_repr():
         ({"queue": {"max_jobs_per_user": 0}}, "at least 1"),
         ({"queue": {"max_jobs_per_user": 2.5}}, "must be a whole number"),
         ({"discord": {"guilds": ["123"]}}, "list of server ids"),
-        ({"storage": {"database": ""}}, "a file path"),
+        ({"discord": {"shard_count": 0}}, 'discord.shard_count must be "auto" or a whole number'),
+        ({"discord": {"shard_count": -2}}, "discord.shard_count must be"),
+        ({"discord": {"shard_count": "4"}}, "discord.shard_count must be .*, not '4'"),
+        ({"discord": {"shard_count": "Auto"}}, "discord.shard_count must be"),
+        ({"discord": {"shard_count": 2.5}}, "discord.shard_count must be"),
+        ({"discord": {"shard_count": True}}, "discord.shard_count must be"),
+        ({"storage": {"database": ""}}, "storage.database must be a file path"),
+        ({"storage": {"database": 3}}, "storage.database must be a string"),
+        ({"storage": {"database": "mysql://db/jobs"}}, "sqlite:///relative/path"),
+        ({"storage": {"database": "sqlite://jobs.sqlite3"}}, "sqlite:////absolute/path"),
+        ({"storage": {"database": "sqlite:///"}}, "storage.database must be"),
+        ({"storage": {"database": "postgresql:///jobs"}}, "storage.database .* names no host"),
+        ({"storage": {"database": "postgresql://db"}}, "names no database"),
+        ({"storage": {"database": "postgres://db:54x/jobs"}}, "bad port '54x'"),
+        ({"storage": {"database": "postgres://db:70000/jobs"}}, "bad port '70000'"),
+        ({"storage": {"database": "postgresql://db/jobs?colour=red"}}, '"colour"'),
         ({"storage": {"keep_results_days": -1}}, r"storage.keep_results_days .* 0 or more"),
         ({"storage": {"keep_uploads_days": float("nan")}}, "storage.keep_uploads_days"),
         ({"storage": {"keep_jobs_days": float("inf")}}, "0 keeps forever"),
@@ -126,11 +150,61 @@ def test_relative_paths_are_relative_to_the_configuration_file(tmp_path, monkeyp
     )
     monkeypatch.chdir(tmp_path)  # not the configuration's folder
     config = load_config("bot/config.toml")
-    assert config.storage.database == folder / "data" / "jobs.sqlite3"
+    assert config.storage.database == str(folder / "data" / "jobs.sqlite3")
     assert config.generation.models == ("debug", str(checkpoint))
     assert resolve_model(config.generation.models[1]).stereo
     (folder / "config.toml").write_text(f'[storage]\ndatabase = "{tmp_path}/jobs.sqlite3"\n')
-    assert load_config("bot/config.toml").storage.database == tmp_path / "jobs.sqlite3"
+    assert load_config("bot/config.toml").storage.database == str(tmp_path / "jobs.sqlite3")
+
+
+@pytest.mark.parametrize(
+    ("database", "opened"),
+    [
+        (None, "{folder}/data/musicgen-bot.sqlite3"),  # the default, too
+        ("jobs.sqlite3", "{folder}/jobs.sqlite3"),
+        ("sqlite:///data/jobs.sqlite3", "{folder}/data/jobs.sqlite3"),
+        ("sqlite:////srv/jobs.sqlite3", "/srv/jobs.sqlite3"),
+        ("/srv/jobs.sqlite3", "/srv/jobs.sqlite3"),
+        ("postgresql://bot:s3cret@db:5432/jobs", "postgresql://bot:s3cret@db:5432/jobs"),
+        (
+            "postgres://bot@db1,db2/jobs?sslmode=require",
+            "postgres://bot@db1,db2/jobs?sslmode=require",
+        ),
+        ("postgresql:///jobs?host=/run/postgresql", "postgresql:///jobs?host=/run/postgresql"),
+    ],
+)
+def test_the_database_is_a_file_relative_to_the_configuration_or_a_postgresql_address(
+    tmp_path, database, opened
+):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[storage]\ndatabase = "{database}"\n' if database else "")
+    assert load_config(path).storage.database == opened.format(folder=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "postgresql://bot:s3cret@db:5432",  # no database
+        "postgresql://bot:s3cret@/jobs",  # no host
+        "postgresql://bot:s3cret@db:x/jobs",
+        "postgresql://bot:s3cret@db/jobs?colour=red",
+        "postgresql://bot:s3cret%zz@db/jobs",  # libpq quotes the bad token
+        "postgresql://db/jobs?password=s3cret%zz",
+        "mysql://bot:s3cret@db/jobs",
+    ],
+)
+def test_a_refused_database_address_never_shows_its_password(address):
+    raw = {"storage": {"database": address}}
+    with pytest.raises(ConfigError, match=r"storage\.database") as refused:
+        parse_config(raw, source="config.toml", environ={})
+    # Nor does the traceback: libpq's error, which quotes the address, is not chained.
+    assert "s3cret" not in "".join(traceback.format_exception(refused.value))
+
+
+def test_the_database_address_never_shows_in_repr():
+    raw = {"storage": {"database": "postgresql://bot:s3cret@db/jobs"}}
+    config = parse_config(raw, source="t", environ={})
+    assert "s3cret" not in repr(config)
 
 
 async def test_a_global_sync_says_commands_can_take_an_hour(simcord_env, database, caplog):

@@ -1,4 +1,5 @@
-"""Project-wide rules: the package boundary, the Dockerfile, and the README's commands."""
+"""Project-wide rules: the package boundary, the Dockerfile, compose.yaml, and the README's
+commands."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml  # PyYAML: transformers needs it, so the locked environment holds it
+
+from bot.config import QueueConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -227,3 +232,35 @@ def test_dev_without_uv_or_venv_says_what_to_install(tmp_path):
     assert "sudo apt install python3-venv" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (project / ".tools" / "uv").exists()
+
+
+def test_compose_runs_postgres_a_gateway_and_a_gpu_worker_from_the_image():
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "gateway", "worker"}
+    postgres = services["postgres"]
+    assert postgres["image"] == "postgres:15"
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert "/var/lib/postgresql/data" in postgres["volumes"][0]
+    # The image's entrypoint is musicgen-bot: the command is its arguments.
+    assert 'ENTRYPOINT ["musicgen-bot"]' in (ROOT / "Dockerfile").read_text()
+    for role in ("gateway", "worker"):
+        service = services[role]
+        assert service["build"] == "."
+        assert service["command"] == [role, "--config", "/config/config.toml"]
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert "./config.toml:/config/config.toml:ro" in service["volumes"]
+        # Secrets come from .env at `docker compose up`, never from the file itself.
+        for value in service["environment"].values():
+            assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", value), value
+    assert "DISCORD_TOKEN" in services["gateway"]["environment"]
+    assert "DISCORD_TOKEN" not in services["worker"]["environment"]
+    assert "deploy" not in services["gateway"]
+    (gpu,) = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["driver"] == "nvidia"
+    assert gpu["capabilities"] == ["gpu"]
+    # The running batch gets queue.shutdown_grace before Docker kills the worker.
+    grace = float(services["worker"]["stop_grace_period"].removesuffix("s"))
+    assert grace > QueueConfig().shutdown_grace
+    assert "/.env" in (ROOT / ".gitignore").read_text().split()
+    assert ".env" in (ROOT / ".dockerignore").read_text().split()
