@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 
 import psycopg
 from psycopg import sql
@@ -18,6 +19,9 @@ from psycopg import sql
 from generation.jobs.store import Channel, Listener
 
 log = logging.getLogger(__name__)
+
+#: How the listening connection shows in ``pg_stat_activity`` (one per process).
+APPLICATION_NAME = f"musicgen-bot listener {os.getpid()}"
 
 #: Seconds between tries at connecting again, doubling up to the last.
 RECONNECT_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -51,7 +55,7 @@ class Listening:
         while True:
             try:
                 connection = await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True, application_name="musicgen-bot listener"
+                    self._conninfo, autocommit=True, application_name=APPLICATION_NAME
                 )
             except psycopg.OperationalError as error:
                 delay = RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)]
