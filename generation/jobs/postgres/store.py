@@ -1,18 +1,14 @@
-"""The PostgreSQL job store: :class:`PostgresStore` (see the package's docstring)."""
+"""The PostgreSQL job store: :class:`PostgresStore` (see the package's docstring): opening,
+submitting, a job's life, results and retention."""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
-import math
 import statistics
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import asdict, fields, replace
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 import psycopg
@@ -21,53 +17,45 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from generation.audio.stored import StoredClip, to_grid
 from generation.errors import DamagedResult, DamagedUpload, ResultMissing
 from generation.jobs.job import Job, JobStatus, ReplyAddress
 from generation.jobs.postgres import queries as q
+from generation.jobs.postgres.db import CONNECT_TIMEOUT, configure, fetch_row, fetch_value, notify
 from generation.jobs.postgres.listener import Listening
+from generation.jobs.postgres.queue import QueueOperations
+from generation.jobs.postgres.rows import (
+    AUDIO_OPTIONS,
+    decoded,
+    flac_of,
+    keep_upload,
+    on_grid,
+    read_flac,
+    request_json,
+)
 from generation.jobs.postgres.schema import migrate
+from generation.jobs.postgres.servers import ServersAndJams
 from generation.jobs.retention import DAY, Retention
 from generation.jobs.store import (
     MEDIAN_OF,
     Channel,
     Expired,
-    GuildSettings,
-    Jam,
     Listener,
     Pruned,
-    Segment,
     Stats,
     StoreError,
-    Turn,
-    WorkerInfo,
 )
-from generation.origin import Origin
-from generation.request import AudioClip, GenerationRequest, batch_key
+from generation.request import AudioClip, batch_key
 
 log = logging.getLogger(__name__)
 
-Connection = psycopg.AsyncConnection[dict]
 
-_AUDIO_OPTIONS = ("melody", "continuation")
-
-#: Seconds to wait for the server when connecting, and for a free connection of the pool.
-CONNECT_TIMEOUT = 10
-#: The longest any one statement may run, in milliseconds (a stuck query fails, named).
-STATEMENT_TIMEOUT_MS = 60_000
-#: The most job ids one heartbeat may carry (a worker runs one batch at a time).
-MAX_HEARTBEAT_JOBS = 1_000
-
-
-class PostgresStore:
+class PostgresStore(QueueOperations, ServersAndJams):
     """The bot's database on a PostgreSQL server, shared by a gateway and its workers.
     Open with :meth:`open`, close with :meth:`close`."""
 
     def __init__(self, pool: AsyncConnectionPool, conninfo: str, address: str) -> None:
-        self._pool = pool
+        super().__init__(pool, address)
         self._listening = Listening(conninfo, address)
-        #: The server and database, without any password (for messages and logs).
-        self.address = address
 
     @classmethod
     async def open(cls, url: str, *, max_connections: int = 10) -> PostgresStore:
@@ -95,7 +83,7 @@ class PostgresStore:
             min_size=1,
             max_size=max_connections,
             kwargs={"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT},
-            configure=_configure,
+            configure=configure,
             timeout=CONNECT_TIMEOUT,
             open=False,
         )
@@ -120,7 +108,7 @@ class PostgresStore:
         whenever the store starts listening again: read the state again)."""
         self._listening.subscribe(channel, listener)
 
-    # Submitting and the queue
+    # Submitting
 
     async def add(self, job: Job) -> Job:
         """Record a new job, not yet released, with its uploaded clips; give it its id and
@@ -130,16 +118,16 @@ class PostgresStore:
         is kept is exactly what ran; a clip the store already holds is not stored again.
         """
         uploads = {}
-        for option in _AUDIO_OPTIONS:
+        for option in AUDIO_OPTIONS:
             clip: AudioClip | None = getattr(job.request, option)
             if clip is not None:
-                uploads[option] = await asyncio.to_thread(_on_grid, clip)
+                uploads[option] = await asyncio.to_thread(on_grid, clip)
         job.request = replace(
             job.request, **{option: stored.clip for option, (stored, _) in uploads.items()}
         )
         async with self._transaction() as db:
-            tag = await _value(db, q.NEXT_TAG, {"guild_id": job.guild_id})
-            job.id = await _value(
+            tag = await fetch_value(db, q.NEXT_TAG, {"guild_id": job.guild_id})
+            job.id = await fetch_value(
                 db,
                 """INSERT INTO jobs (guild_id, channel_id, user_id, request, takes, origin,
                        model, duration, batch_key, status, fair_tag, reply_application_id,
@@ -150,7 +138,7 @@ class PostgresStore:
                     job.guild_id,
                     job.channel_id,
                     job.user_id,
-                    _request_json(job.request),
+                    request_json(job.request),
                     job.takes,
                     job.origin.to_json() if job.origin else None,
                     job.request.model,
@@ -167,35 +155,8 @@ class PostgresStore:
             if uploads:
                 await db.execute("SELECT pg_advisory_xact_lock_shared(%s)", (q.UPLOADS_LOCK,))
             for option, (stored, digest) in uploads.items():
-                await _keep_upload(db, job.id, option, stored, digest)
+                await keep_upload(db, job.id, option, stored, digest)
         return job
-
-    async def release(self, job: Job, reply: ReplyAddress | None) -> None:
-        """Record where the requester waits (if anywhere) and let workers claim the job;
-        nothing happens to a job that is no longer queued (cancelled meanwhile)."""
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                """UPDATE jobs SET released = true,
-                       reply_application_id = COALESCE(%(app)s, reply_application_id),
-                       reply_token = CASE WHEN %(set)s THEN %(token)s ELSE reply_token END,
-                       reply_expires_at = COALESCE(%(expires)s, reply_expires_at),
-                       reply_message_id = COALESCE(%(message)s, reply_message_id),
-                       reply_max_upload_bytes = COALESCE(%(max_bytes)s, reply_max_upload_bytes)
-                   WHERE id = %(id)s AND status = 'queued'""",
-                {
-                    "id": job.id,
-                    "set": reply is not None,
-                    "app": reply.application_id if reply else None,
-                    "token": reply.token if reply else None,
-                    "expires": reply.expires_at if reply else None,
-                    "message": reply.message_id if reply else None,
-                    "max_bytes": reply.max_upload_bytes if reply else None,
-                },
-            )
-            if cursor.rowcount == 1:
-                await _notify(db, Channel.QUEUE)
-        if reply is not None:
-            job.reply = reply
 
     async def set_reply(self, job: Job, reply: ReplyAddress) -> None:
         """Record where the requester waits for the answer."""
@@ -214,244 +175,6 @@ class PostgresStore:
                     job.id,
                 ),
             )
-
-    async def live_counts(self, guild_id: int, user_id: int) -> tuple[int, int]:
-        """The member's and the server's live jobs (queued, released or not, or running)."""
-        async with self._read() as db:
-            row = await (
-                await db.execute(q.LIVE_COUNTS, {"guild_id": guild_id, "user_id": user_id})
-            ).fetchone()
-        assert row is not None
-        return row["member"], row["server"]
-
-    async def position(self, job: Job) -> int | None:
-        """1 for the job claimed next, and so on; None if ``job`` cannot be claimed now."""
-        async with self._read() as db:
-            row = await (await db.execute(q.POSITION, {"id": job.id})).fetchone()
-        return None if row is None else next(iter(row.values()))
-
-    async def queued(self, guild_id: int) -> list[Job]:
-        """A server's queued, released jobs in queue order (paused or not), without audio."""
-        return await self._jobs(
-            "WHERE guild_id = %s AND status = 'queued' AND released ORDER BY fair_tag, id",
-            (guild_id,),
-            with_audio=False,
-        )
-
-    async def queue_order(self) -> list[Job]:
-        """Every claimable job in queue order, without audio (one index scan)."""
-        return await self._jobs(f"WHERE {q.CLAIMABLE} ORDER BY fair_tag, id", (), with_audio=False)
-
-    async def running(self) -> list[Job]:
-        """The jobs running now, with their progress and worker, without audio."""
-        return await self._jobs(
-            "WHERE status = 'running' ORDER BY started_at, id", (), with_audio=False
-        )
-
-    async def request_cancel(self, job_id: int) -> JobStatus | None:
-        """Cancel a queued job now (CANCELLED), or ask the worker running it to stop
-        (RUNNING, and ``Channel.CANCEL`` carries its id); None if the job is not live."""
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                """UPDATE jobs SET status = 'cancelled', finished_at = %s
-                   WHERE id = %s AND status = 'queued'""",
-                (time.time(), job_id),
-            )
-            if cursor.rowcount == 1:
-                await _notify(db, Channel.JOBS, str(job_id))
-                return JobStatus.CANCELLED
-            cursor = await db.execute(
-                """UPDATE jobs SET cancel_requested = true
-                   WHERE id = %s AND status = 'running'""",
-                (job_id,),
-            )
-            if cursor.rowcount == 1:
-                await _notify(db, Channel.CANCEL, str(job_id))
-                return JobStatus.RUNNING
-        return None
-
-    # Workers
-
-    async def claim(
-        self,
-        worker_id: str,
-        *,
-        models: Sequence[str] | None,
-        loaded: Sequence[str],
-        max_rows: int,
-        max_model_wait: float,
-        lease_seconds: float,
-        now: float | None = None,
-    ) -> list[Job]:
-        """Take the next batch for a worker, in fair order, and lease it.
-
-        The head is the first claimable job (of ``models``, unless None). While it has waited
-        less than ``max_model_wait`` for a model the worker has not ``loaded``, the first job
-        for a loaded model goes first instead (if any). Jobs with the first one's batch key
-        then join in queue order while the takes stay within ``max_rows`` (the first always
-        goes). Rows another claim holds are skipped (``FOR UPDATE SKIP LOCKED``), so two
-        workers never take the same job. The jobs come without their clips, in queue order.
-        """
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be at least 1, not {max_rows}")
-        now = time.time() if now is None else now
-        models = None if models is None else list(models)
-        async with self._transaction() as db:
-            head = await _row(db, q.CLAIM_HEAD, {"models": models})
-            if head is None:
-                return []
-            preferred = [m for m in loaded if models is None or m in models]
-            if (
-                preferred
-                and head["model"] not in preferred
-                and now - head["submitted_at"] < max_model_wait
-            ):
-                head = await _row(db, q.CLAIM_HEAD, {"models": preferred}) or head
-            chosen, room = [head], max_rows - head["takes"]
-            if room > 0:
-                joining = await (
-                    await db.execute(
-                        q.CLAIM_BATCH,
-                        {"batch_key": head["batch_key"], "first": head["id"], "room": room},
-                    )
-                ).fetchall()
-                for row in joining:
-                    if row["takes"] <= room:
-                        chosen.append(row)
-                        room -= row["takes"]
-            rows = await (
-                await db.execute(
-                    q.LEASE,
-                    {
-                        "ids": [row["id"] for row in chosen],
-                        "now": now,
-                        "worker_id": worker_id,
-                        "lease_seconds": lease_seconds,
-                    },
-                )
-            ).fetchall()
-            await db.execute(q.ADVANCE_CLOCK, {"tag": max(row["fair_tag"] for row in chosen)})
-            await _notify(db, Channel.JOBS)
-        rows.sort(key=lambda row: (row["fair_tag"], row["id"]))
-        return [_job_without_audio(row) for row in rows]
-
-    async def heartbeat(
-        self, worker_id: str, job_ids: Sequence[int], lease_seconds: float, now: float | None = None
-    ) -> set[int]:
-        """Extend the leases of those of ``job_ids`` still running under ``worker_id`` (and
-        mark the worker seen); returns the ids it must stop: cancel requested, or no longer
-        its own (the lease was lost)."""
-        if len(job_ids) > MAX_HEARTBEAT_JOBS:
-            raise ValueError(
-                f"A heartbeat carries at most {MAX_HEARTBEAT_JOBS} jobs, not {len(job_ids)}."
-            )
-        now = time.time() if now is None else now
-        async with self._transaction() as db:
-            rows = await (
-                await db.execute(
-                    q.EXTEND_LEASES,
-                    {
-                        "ids": list(job_ids),
-                        "now": now,
-                        "lease_seconds": lease_seconds,
-                        "worker_id": worker_id,
-                    },
-                )
-            ).fetchall()
-            await db.execute("UPDATE workers SET seen_at = %s WHERE id = %s", (now, worker_id))
-        held = {row["id"] for row in rows if not row["cancel_requested"]}
-        return set(job_ids) - held
-
-    async def requeue_expired(self, max_attempts: int, now: float | None = None) -> int:
-        """Queue again the running jobs whose lease ran out (``now=math.inf``: every running
-        job), failing for good those that used up ``max_attempts``; returns how many moved.
-        One sweeper runs at a time: another one finding it busy returns 0."""
-        now = time.time() if now is None else now
-        async with self._transaction() as db:
-            if not await _value(db, "SELECT pg_try_advisory_xact_lock(%s)", (q.SWEEP_LOCK,)):
-                return 0
-            rows = await (
-                await db.execute(
-                    q.REQUEUE_EXPIRED,
-                    {
-                        "max_attempts": max_attempts,
-                        "now": math.inf if math.isinf(now) else now,
-                        "given_up": q.GIVEN_UP,
-                    },
-                )
-            ).fetchall()
-            if rows:
-                await _notify(db, Channel.QUEUE)
-                await _notify(db, Channel.JOBS)
-        return len(rows)
-
-    async def set_progress(self, job: Job, done: int, total: int) -> None:
-        """Record a running job's progress (the worker throttles its calls)."""
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                """UPDATE jobs SET progress_done = %s, progress_total = %s
-                   WHERE id = %s AND status = 'running' AND attempts = %s""",
-                (done, total, job.id, job.attempts),
-            )
-            if cursor.rowcount == 1:
-                await _notify(db, Channel.JOBS, str(job.id))
-        job.progress = (done, total)
-
-    async def register_worker(self, info: WorkerInfo) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                """INSERT INTO workers VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
-                   ON CONFLICT (id) DO UPDATE SET host = excluded.host,
-                       device = excluded.device, models = excluded.models,
-                       loaded = excluded.loaded, jobs = excluded.jobs,
-                       started_at = excluded.started_at, seen_at = excluded.seen_at""",
-                (
-                    info.id,
-                    info.host,
-                    info.device,
-                    list(info.models),
-                    list(info.loaded),
-                    list(info.jobs),
-                    info.started_at,
-                    info.seen_at,
-                ),
-            )
-
-    async def update_worker(
-        self, worker_id: str, loaded: Sequence[str], jobs: Sequence[int]
-    ) -> None:
-        """Record the models a worker holds in memory and the jobs it runs now."""
-        async with self._transaction() as db:
-            await db.execute(
-                "UPDATE workers SET loaded = %s, jobs = %s WHERE id = %s",
-                (list(loaded), list(jobs), worker_id),
-            )
-
-    async def forget_worker(self, worker_id: str) -> None:
-        async with self._transaction() as db:
-            await db.execute("DELETE FROM workers WHERE id = %s", (worker_id,))
-
-    async def workers(self, seen_since: float) -> list[WorkerInfo]:
-        """The workers whose last heartbeat was at ``seen_since`` or later."""
-        async with self._read() as db:
-            rows = await (
-                await db.execute(
-                    "SELECT * FROM workers WHERE seen_at >= %s ORDER BY id", (seen_since,)
-                )
-            ).fetchall()
-        return [
-            WorkerInfo(
-                id=row["id"],
-                host=row["host"],
-                device=row["device"],
-                models=tuple(row["models"]),
-                loaded=tuple(row["loaded"]),
-                jobs=tuple(row["jobs"]),
-                started_at=row["started_at"],
-                seen_at=row["seen_at"],
-            )
-            for row in rows
-        ]
 
     # A job's life
 
@@ -477,7 +200,7 @@ class PostgresStore:
             )
             if cursor.rowcount != 1:
                 return False
-            await _notify(db, Channel.JOBS, str(job.id))
+            await notify(db, Channel.JOBS, str(job.id))
         job.status, job.error, job.finished_at = status, error, finished_at
         return True
 
@@ -495,8 +218,8 @@ class PostgresStore:
             )
             if cursor.rowcount != 1:
                 return False
-            await _notify(db, Channel.QUEUE)
-            await _notify(db, Channel.JOBS, str(job.id))
+            await notify(db, Channel.QUEUE)
+            await notify(db, Channel.JOBS, str(job.id))
         job.status, job.worker_id, job.progress = JobStatus.QUEUED, None, (0, 0)
         if not count_attempt:
             job.attempts -= 1
@@ -583,7 +306,7 @@ class PostgresStore:
         for row in rows:
             try:
                 clips[row["option"]] = await asyncio.to_thread(
-                    _decoded, row["flac"], row["exponent"]
+                    decoded, row["flac"], row["exponent"]
                 )
             except soundfile.SoundFileError as error:
                 log.warning(
@@ -663,7 +386,7 @@ class PostgresStore:
     ) -> None:
         """Keep one take of a job's (normalised) audio, losslessly (FLAC, 24-bit), in the
         database, where every process reaches it."""
-        flac = await asyncio.to_thread(_flac, audio, sample_rate)
+        flac = await asyncio.to_thread(flac_of, audio, sample_rate)
         async with self._transaction() as db:
             await db.execute(
                 """INSERT INTO results VALUES (%s, %s, %s)
@@ -682,13 +405,13 @@ class PostgresStore:
         if job.result_expired_at is not None:
             raise Expired.track(job)
         async with self._read() as db:
-            row = await _row(
+            row = await fetch_row(
                 db, "SELECT flac FROM results WHERE job_id = %s AND take = %s", (job.id, take)
             )
         if row is None:
             raise ResultMissing(job.id)
         try:
-            audio, sample_rate = await asyncio.to_thread(_read_flac, row["flac"])
+            audio, sample_rate = await asyncio.to_thread(read_flac, row["flac"])
         except soundfile.SoundFileError as error:
             log.warning("job=%d event=result-damaged take=%d error=%s", job.id, take, error)
             raise DamagedResult(job.id) from error
@@ -759,295 +482,6 @@ class PostgresStore:
             )
         return cursor.rowcount
 
-    # Server settings
-
-    async def guild_settings(self, guild_id: int) -> GuildSettings:
-        async with self._read() as db:
-            row = await _row(
-                db, "SELECT settings FROM guild_settings WHERE guild_id = %s", (guild_id,)
-            )
-        if row is None:
-            return GuildSettings(guild_id)
-        values = json.loads(row["settings"])
-        known = {f.name for f in fields(GuildSettings)}
-        values = {key: value for key, value in values.items() if key in known}
-        for key in ("allowed_models", "allowed_channels"):
-            values[key] = tuple(values.get(key, ()))
-        return GuildSettings(guild_id=guild_id, **values)
-
-    async def save_guild_settings(self, settings: GuildSettings) -> None:
-        """Save a server's settings; pausing or resuming it changes what can be claimed."""
-        values = asdict(settings)
-        del values["guild_id"]
-        async with self._transaction() as db:
-            await db.execute(
-                """INSERT INTO guild_settings VALUES (%s, %s)
-                   ON CONFLICT (guild_id) DO UPDATE SET settings = excluded.settings""",
-                (settings.guild_id, json.dumps(values)),
-            )
-            if settings.paused:
-                await db.execute(
-                    "INSERT INTO paused_guilds VALUES (%s) ON CONFLICT DO NOTHING",
-                    (settings.guild_id,),
-                )
-            else:
-                cursor = await db.execute(
-                    "DELETE FROM paused_guilds WHERE guild_id = %s", (settings.guild_id,)
-                )
-                if cursor.rowcount:
-                    await _notify(db, Channel.QUEUE)
-
-    async def paused_guilds(self) -> list[int]:
-        async with self._read() as db:
-            rows = await (
-                await db.execute("SELECT guild_id FROM paused_guilds ORDER BY guild_id")
-            ).fetchall()
-        return [row["guild_id"] for row in rows]
-
-    # Generation rates
-
-    async def generation_rates(self, device: str) -> dict[tuple[str, int], float]:
-        """Seconds of work per second of audio learnt on ``device``, by (model, batch size)."""
-        async with self._read() as db:
-            rows = await (
-                await db.execute(
-                    """SELECT model, rows, seconds_per_second FROM generation_rates
-                       WHERE device = %s""",
-                    (device,),
-                )
-            ).fetchall()
-        return {(row["model"], row["rows"]): row["seconds_per_second"] for row in rows}
-
-    async def save_generation_rate(self, device: str, model: str, rows: int, rate: float) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                """INSERT INTO generation_rates VALUES (%s, %s, %s, %s, %s)
-                   ON CONFLICT (device, model, rows) DO UPDATE SET
-                       seconds_per_second = excluded.seconds_per_second,
-                       updated_at = excluded.updated_at""",
-                (device, model, rows, rate, time.time()),
-            )
-
-    # Relay jams
-
-    async def add_jam(self, jam: Jam) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO jams VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (
-                    jam.thread_id,
-                    jam.guild_id,
-                    jam.channel_id,
-                    jam.user_id,
-                    jam.title,
-                    jam.timeline_message_id,
-                    time.time(),
-                ),
-            )
-
-    async def jam(self, thread_id: int) -> Jam | None:
-        async with self._read() as db:
-            row = await _row(
-                db,
-                """SELECT thread_id, guild_id, channel_id, user_id, title, timeline_message_id
-                   FROM jams WHERE thread_id = %s""",
-                (thread_id,),
-            )
-        return None if row is None else Jam(**row)
-
-    async def jams_started_by(self, guild_id: int, user_id: int) -> list[int]:
-        """The threads of the jams a member started in a server."""
-        async with self._read() as db:
-            rows = await (
-                await db.execute(
-                    "SELECT thread_id FROM jams WHERE guild_id = %s AND user_id = %s",
-                    (guild_id, user_id),
-                )
-            ).fetchall()
-        return [row["thread_id"] for row in rows]
-
-    async def jam_of_job(self, job_id: int) -> Jam | None:
-        """The jam that ``job_id`` is a turn of, if any."""
-        turn = await self.turn_of_job(job_id)
-        return None if turn is None else await self.jam(turn[0])
-
-    async def turn_of_job(self, job_id: int) -> tuple[int, int] | None:
-        """The jam (its thread) and the turn that ``job_id`` is, if it is a jam's turn."""
-        async with self._read() as db:
-            row = await _row(
-                db,
-                "SELECT thread_id, position FROM jam_segments WHERE job_id = %s LIMIT 1",
-                (job_id,),
-            )
-        return None if row is None else (row["thread_id"], row["position"])
-
-    async def replace_segment(self, jam: Jam, position: int, job: Job) -> Segment:
-        """Make ``job`` (another take of it) the jam's turn ``position``."""
-        async with self._transaction() as db:
-            await db.execute(
-                """UPDATE jam_segments SET job_id = %s, user_id = %s
-                   WHERE thread_id = %s AND position = %s""",
-                (job.id, job.user_id, jam.thread_id, position),
-            )
-        return Segment(position, job.id, job.user_id)
-
-    async def add_segment(self, jam: Jam, job: Job) -> Segment:
-        """Make ``job`` the jam's next turn (the jam's row is locked while it is counted, so
-        two turns added at once get positions one after the other)."""
-        async with self._transaction() as db:
-            await db.execute("SELECT 1 FROM jams WHERE thread_id = %s FOR UPDATE", (jam.thread_id,))
-            position = await _value(
-                db,
-                "SELECT COUNT(*) + 1 FROM jam_segments WHERE thread_id = %s",
-                (jam.thread_id,),
-            )
-            await db.execute(
-                "INSERT INTO jam_segments VALUES (%s, %s, %s, %s)",
-                (jam.thread_id, position, job.id, job.user_id),
-            )
-        return Segment(position, job.id, job.user_id)
-
-    async def segments(self, thread_id: int) -> list[Segment]:
-        """A jam's turns, in order."""
-        async with self._read() as db:
-            rows = await (
-                await db.execute(
-                    """SELECT position, job_id, user_id FROM jam_segments
-                       WHERE thread_id = %s ORDER BY position""",
-                    (thread_id,),
-                )
-            ).fetchall()
-        return [Segment(**row) for row in rows]
-
-    async def turns(self, thread_id: int) -> list[Turn]:
-        """A jam's turns in order, read in one query, without decoding any audio."""
-        async with self._read() as db:
-            rows = await (
-                await db.execute(
-                    """SELECT jobs.*, jam_segments.position, jam_segments.user_id AS player,
-                           CASE WHEN job_uploads.job_id IS NULL THEN 0.0
-                               ELSE job_uploads.seconds END AS intro_seconds
-                       FROM jam_segments JOIN jobs ON jobs.id = jam_segments.job_id
-                       LEFT JOIN job_uploads ON job_uploads.job_id = jobs.id
-                           AND job_uploads.option = 'continuation'
-                       WHERE jam_segments.thread_id = %s ORDER BY jam_segments.position""",
-                    (thread_id,),
-                )
-            ).fetchall()
-        return [
-            Turn(
-                Segment(row["position"], row["id"], row["player"]),
-                _job_from_row(row),
-                row["intro_seconds"],
-            )
-            for row in rows
-        ]
-
-    # Internals
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Connection]:
-        """A connection in a transaction: committed on success, rolled back on error."""
-        async with self._connection() as db, db.transaction():
-            yield db
-
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[Connection]:
-        async with self._connection() as db:
-            yield db
-
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Connection]:
-        try:
-            async with self._pool.connection() as db:
-                yield db
-        except PoolTimeout as error:
-            raise StoreError(
-                f"No connection to the PostgreSQL database {self.address} within "
-                f"{CONNECT_TIMEOUT} s: is the server up, and are its connections not all used?"
-            ) from error
-
-    async def _jobs(
-        self, where: str, parameters: Sequence[object], *, with_audio: bool = True
-    ) -> list[Job]:
-        """The jobs ``where`` selects; ``with_audio=False`` leaves their clips in the store
-        (marking the jobs that have some)."""
-        async with self._read() as db:
-            rows = await (
-                await db.execute(
-                    f"""SELECT *, EXISTS (SELECT 1 FROM job_uploads
-                                          WHERE job_uploads.job_id = jobs.id) AS has_uploads
-                        FROM jobs {where}""",  # type: ignore[arg-type]  # our own SQL
-                    parameters,
-                )
-            ).fetchall()
-            if not with_audio:
-                return [_job_without_audio(row) for row in rows]
-            jobs = []
-            for row in rows:
-                job = _job_from_row(row)
-                job.request = await _with_uploads(db, job.id, job.request)
-                jobs.append(job)
-        return jobs
-
-
-async def _configure(connection: Connection) -> None:
-    """Each pooled connection: no statement runs forever."""
-    await connection.set_autocommit(True)
-    await connection.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-    await connection.set_autocommit(False)
-
-
-async def _row(db: Connection, query: str, parameters: object = None) -> dict | None:
-    return await (await db.execute(query, parameters)).fetchone()  # type: ignore[arg-type]
-
-
-async def _value(db: Connection, query: str, parameters: object = None) -> Any:
-    row = await _row(db, query, parameters)
-    assert row is not None, query
-    return next(iter(row.values()))
-
-
-async def _notify(db: Connection, channel: Channel, payload: str = "") -> None:
-    """NOTIFY inside the caller's transaction: listeners hear it once it commits."""
-    await db.execute("SELECT pg_notify(%s, %s)", (channel.value, payload))
-
-
-async def _with_uploads(
-    db: Connection, job_id: int, request: GenerationRequest
-) -> GenerationRequest:
-    rows = await (
-        await db.execute(
-            """SELECT job_uploads.option, uploads.exponent, uploads.flac
-               FROM job_uploads JOIN uploads ON uploads.hash = job_uploads.hash
-               WHERE job_uploads.job_id = %s""",
-            (job_id,),
-        )
-    ).fetchall()
-    clips = {}
-    for row in rows:
-        clips[row["option"]] = await asyncio.to_thread(_decoded, row["flac"], row["exponent"])
-    return replace(request, **clips) if clips else request
-
-
-async def _keep_upload(
-    db: Connection, job_id: int, option: str, stored: StoredClip, digest: str
-) -> None:
-    """Make ``stored`` the job's ``option`` clip, storing its FLAC unless it is already there
-    (the caller holds :data:`queries.UPLOADS_LOCK` shared, so a prune cannot delete it before
-    the job refers to it)."""
-    known = await _row(db, "SELECT 1 FROM uploads WHERE hash = %s", (digest,))
-    if known is None:
-        flac = await asyncio.to_thread(stored.flac)
-        await db.execute(
-            "INSERT INTO uploads VALUES (%s, %s, %s) ON CONFLICT (hash) DO NOTHING",
-            (digest, stored.exponent, flac),
-        )
-    await db.execute(
-        "INSERT INTO job_uploads (job_id, option, hash, seconds) VALUES (%s, %s, %s, %s)",
-        (job_id, option, digest, stored.seconds),
-    )
-
 
 def public_address(url: str) -> str:
     """``url`` without its password (and other options): for messages and logs."""
@@ -1063,76 +497,3 @@ def public_address(url: str) -> str:
 
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-def _decoded(flac: bytes, exponent: int) -> AudioClip:
-    return StoredClip.from_flac(flac, exponent).clip
-
-
-def _on_grid(clip: AudioClip) -> tuple[StoredClip, str]:
-    """``clip`` as the store keeps it, and its content hash (CPU work: run it in a thread)."""
-    stored = to_grid(clip)
-    return stored, stored.content_hash
-
-
-def _flac(audio: np.ndarray, sample_rate: int) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, audio.T, sample_rate, format="FLAC", subtype="PCM_24")
-    return buffer.getvalue()
-
-
-def _read_flac(flac: bytes) -> tuple[np.ndarray, int]:
-    audio, sample_rate = soundfile.read(io.BytesIO(flac), dtype="float32", always_2d=True)
-    return np.ascontiguousarray(audio.T), sample_rate
-
-
-def _request_json(request: GenerationRequest) -> str:
-    values = {
-        f.name: getattr(request, f.name)
-        for f in fields(GenerationRequest)
-        if f.name not in _AUDIO_OPTIONS
-    }
-    return json.dumps(values)
-
-
-def _job_without_audio(row: dict) -> Job:
-    job = _job_from_row(row)
-    job.uploads_in_store = bool(row["has_uploads"])
-    return job
-
-
-def _job_from_row(row: dict) -> Job:
-    reply = None
-    if row["reply_message_id"] is not None:  # kept after the token is forgotten, to link to
-        reply = ReplyAddress(
-            row["reply_application_id"],
-            row["reply_token"],
-            row["reply_expires_at"],
-            row["reply_message_id"],
-            row["reply_max_upload_bytes"],
-        )
-    return Job(
-        id=row["id"],
-        request=GenerationRequest(**json.loads(row["request"])),
-        takes=row["takes"],
-        origin=Origin.from_json(row["origin"]),
-        guild_id=row["guild_id"],
-        channel_id=row["channel_id"],
-        user_id=row["user_id"],
-        status=JobStatus(row["status"]),
-        reply=reply,
-        attempts=row["attempts"],
-        worker_id=row["worker_id"],
-        progress=(row["progress_done"] or 0, row["progress_total"] or 0),
-        submitted_at=row["submitted_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        generation_seconds=row["generation_seconds"],
-        error=row["error"],
-        delivered=row["delivered"],
-        result_url=row["result_url"],
-        result_expired_at=row["result_expired_at"],
-        uploads_expired_at=row["uploads_expired_at"],
-        delivery_attempts=row["delivery_attempts"],
-        delivery_failure=row["delivery_failure"],
-    )
