@@ -69,8 +69,13 @@ async def test_a_newer_schema_is_refused(url):
 
 async def test_two_processes_opening_at_once_migrate_once(url):
     first, second = await asyncio.gather(PostgresStore.open(url), PostgresStore.open(url))
-    await first.close()
-    await second.close()
+    remember_url(first, url)
+    try:
+        assert await sql(first, "SELECT version FROM musicgen_schema") == [(len(MIGRATIONS),)]
+    finally:
+        forget_url(first)
+        await first.close()
+        await second.close()
 
 
 async def test_listeners_are_told_to_read_again_after_the_connection_drops(url):

@@ -83,16 +83,20 @@ async def test_a_server_arriving_after_claims_goes_before_the_busy_ones_next_job
 
 
 async def test_a_held_job_counts_toward_the_limits_but_cannot_be_claimed(store):
+    ahead = await queue(store, guild_id=2)
     held = await store.add(Job(0, REQUEST, 1, 2, 7))
     assert await store.live_counts(1, 7) == (1, 1)
     assert await store.live_counts(1, 8) == (0, 1)
-    assert await store.position(held) is None
-    assert await store.queue_order() == [] and await store.queued(1) == []
+    # It has its place already (the requester is shown it before the release)...
+    assert await store.position(held) == 2
+    # ...but no worker can take it yet.
+    assert ids(await store.queue_order()) == [ahead.id] and await store.queued(1) == []
+    assert ids(await claim(store)) == [ahead.id]
     assert await claim(store) == []
     reply = ReplyAddress(9, "token", time.time() + 900, 55, 1024)
     await store.release(held, reply)
-    assert await store.position(held) == 1
     assert (await store.get(held.id)).reply == reply
+    assert await store.position(held) == 1
     (running,) = await claim(store)
     assert await store.live_counts(1, 7) == (1, 1)  # running still counts
     await store.finish(running, JobStatus.DONE)

@@ -72,7 +72,7 @@ class Listening:
             try:
                 async with connection:
                     await self._receive(connection)
-            except psycopg.OperationalError as error:
+            except psycopg.Error as error:  # dropped: listen again on a new connection
                 log.warning("event=listen-dropped address=%s error=%s", self._address, error)
 
     async def _receive(self, connection: psycopg.AsyncConnection) -> None:

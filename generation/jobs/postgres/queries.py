@@ -72,10 +72,12 @@ SWEEP_LOCK = 0x6D75_7369_6353_7765  # "musicSwe"
 #: deleted, so a clip is never deleted between a job finding it and referring to it.
 UPLOADS_LOCK = 0x6D75_7369_6355_706C  # "musicUpl"
 
+#: 1 + the claimable jobs ahead of a queued job; a job not yet released has its place
+#: already (the requester is shown it before the job is released).
 POSITION = f"""SELECT 1 + (SELECT count(*) FROM jobs
         WHERE {CLAIMABLE} AND (jobs.fair_tag, jobs.id) < (me.fair_tag, me.id))
     FROM jobs AS me
-    WHERE me.id = %(id)s AND me.status = 'queued' AND me.released
+    WHERE me.id = %(id)s AND me.status = 'queued'
     AND NOT EXISTS (SELECT 1 FROM paused_guilds WHERE paused_guilds.guild_id = me.guild_id)"""
 
 LIVE_COUNTS = """SELECT count(*) FILTER (WHERE user_id = %(user_id)s) AS member,

@@ -61,7 +61,8 @@ class QueueOperations(Database):
         return row["member"], row["server"]
 
     async def position(self, job: Job) -> int | None:
-        """1 for the job claimed next, and so on; None if ``job`` cannot be claimed now."""
+        """1 + the claimable jobs ahead of ``job`` (one index range); None if it is not
+        queued, or its server is paused. A job not yet released has its place already."""
         async with self._read() as db:
             row = await (await db.execute(q.POSITION, {"id": job.id})).fetchone()
         return None if row is None else next(iter(row.values()))
@@ -256,11 +257,11 @@ class QueueOperations(Database):
     async def update_worker(
         self, worker_id: str, loaded: Sequence[str], jobs: Sequence[int]
     ) -> None:
-        """Record the models a worker holds in memory and the jobs it runs now."""
+        """Record the models a worker holds in memory and the jobs it runs now (it is seen)."""
         async with self._transaction() as db:
             await db.execute(
-                "UPDATE workers SET loaded = %s, jobs = %s WHERE id = %s",
-                (list(loaded), list(jobs), worker_id),
+                "UPDATE workers SET loaded = %s, jobs = %s, seen_at = %s WHERE id = %s",
+                (list(loaded), list(jobs), time.time(), worker_id),
             )
 
     async def forget_worker(self, worker_id: str) -> None:
@@ -272,7 +273,8 @@ class QueueOperations(Database):
         async with self._read() as db:
             rows = await (
                 await db.execute(
-                    "SELECT * FROM workers WHERE seen_at >= %s ORDER BY id", (seen_since,)
+                    "SELECT * FROM workers WHERE seen_at >= %s ORDER BY started_at, id",
+                    (seen_since,),
                 )
             ).fetchall()
         return [

@@ -84,6 +84,7 @@ class PostgresStore(QueueOperations, ServersAndJams):
             max_size=max_connections,
             kwargs={"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT},
             configure=configure,
+            check=AsyncConnectionPool.check_connection,  # a server restart costs no query
             timeout=CONNECT_TIMEOUT,
             open=False,
         )
