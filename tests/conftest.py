@@ -15,9 +15,13 @@ import discord
 import pytest
 
 from generation.engine.musicgen import MusicGenEngine
+from generation.jobs.postgres import PostgresStore
+from generation.jobs.sqlite import SqliteStore
 
 from .bot_helpers import close_databases, end_process, make_bot
 from .helpers import encode_tone
+from .postgres import fresh_schema
+from .stores import forget_url, remember_url
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +61,24 @@ def tone(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture
 def database(tmp_path: Path) -> Path:
     return tmp_path / "bot.sqlite3"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request, tmp_path: Path):
+    """A fresh job store of each kind: an SQLite file, and a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        store = await SqliteStore.open(tmp_path / "bot.sqlite3")
+        yield store
+        await store.close()
+        return
+    async with fresh_schema() as url:
+        store = await PostgresStore.open(url)
+        remember_url(store, url)
+        try:
+            yield store
+        finally:
+            forget_url(store)
+            await store.close()
 
 
 @pytest.fixture

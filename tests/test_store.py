@@ -1,4 +1,5 @@
-"""The SQLite store: schema, atomic claims, uploads, results, settings, a damaged file."""
+"""Both job stores (through the ``store`` fixture): jobs, uploads, results, settings, jams,
+retention, stats; and the SQLite store's own: its file, its lock, its migrations."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from generation.audio.stored import content_hash
 from generation.errors import ResultMissing
 from generation.jobs import sqlite as store_module
 from generation.jobs.job import Job, JobStatus, ReplyAddress
+from generation.jobs.postgres import store as postgres_module
 from generation.jobs.retention import DAY, Retention
 from generation.jobs.sqlite import (
     MIGRATIONS,
@@ -37,18 +39,19 @@ from generation.origin import Origin, OriginKind
 from generation.request import AudioClip, GenerationRequest
 
 from .helpers import sine
+from .stores import has_result, lose_result, sql, start, upload_rows
 
 REQUEST = GenerationRequest(prompt="lo-fi", model="debug", seed=3, top_p=0.5)
 
 
 @pytest.fixture
-async def store(tmp_path):
+async def sqlite_store(tmp_path):
     store = await SqliteStore.open(tmp_path / "bot.sqlite3")
     yield store
     await store.close()
 
 
-async def test_the_schema_is_versioned_and_the_journal_is_wal(store, tmp_path):
+async def test_the_schema_is_versioned_and_the_journal_is_wal(sqlite_store, tmp_path):
     connection = sqlite3.connect(tmp_path / "bot.sqlite3")
     assert connection.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -64,7 +67,7 @@ async def test_a_job_keeps_every_request_field_its_audio_and_its_reply_address(s
         application_id=9, token="secret", expires_at=1e9, message_id=77, max_upload_bytes=1024
     )
     await store.set_reply(job, reply)
-    (loaded,) = await store.pending()
+    (loaded,) = await store.history(1, 3)
     await store.load_uploads(loaded)
     assert loaded.id == job.id and loaded.status is JobStatus.QUEUED
     assert (loaded.guild_id, loaded.channel_id, loaded.user_id) == (1, 2, 3)
@@ -77,11 +80,11 @@ async def test_a_job_keeps_every_request_field_its_audio_and_its_reply_address(s
     assert "secret" not in repr(loaded)
 
 
-async def test_pending_jobs_come_back_without_their_clips_until_loaded(store):
+async def test_jobs_read_back_come_without_their_clips_until_loaded(store):
     melody = AudioClip(sine(1.0, 440.0), 32_000)
     with_melody = await store.add(Job(0, replace(REQUEST, melody=melody), 1, 2, 3))
     plain = await store.add(Job(0, REQUEST, 1, 2, 3))
-    loaded, other = await store.pending()
+    other, loaded = await store.history(1, 3)
     assert (loaded.request.melody, loaded.uploads_in_store) == (None, True)
     assert not other.uploads_in_store
     await store.load_uploads(loaded)
@@ -91,27 +94,30 @@ async def test_pending_jobs_come_back_without_their_clips_until_loaded(store):
     assert other.request == plain.request
 
 
+async def claim_one(store):
+    return await store.claim(
+        "worker", models=None, loaded=(), max_rows=1, max_model_wait=0.0, lease_seconds=60.0
+    )
+
+
 async def test_claiming_is_atomic_and_counts_attempts(store):
-    job = await store.add(Job(0, REQUEST, 1, 1, 1))
-    assert await store.claim(job) is True
-    assert await store.claim(job) is False  # already running
+    job = await start(store, await store.add(Job(0, REQUEST, 1, 1, 1)))
+    assert await claim_one(store) == []  # already running
     assert job.attempts == 1
-    await store.requeue(job)
-    assert await store.claim(job) is True
+    assert await store.requeue(job) is True
+    assert [claimed.id for claimed in await claim_one(store)] == [job.id]
     assert (await store.get(job.id)).attempts == 2
 
 
 async def test_a_shutdown_requeue_does_not_count_the_attempt(store):
-    job = await store.add(Job(0, REQUEST, 1, 1, 1))
-    await store.claim(job)
+    job = await start(store, await store.add(Job(0, REQUEST, 1, 1, 1)))
     await store.requeue(job, count_attempt=False)
     stored = await store.get(job.id)
     assert (stored.status, stored.attempts) == (JobStatus.QUEUED, 0)
 
 
 async def test_outcomes_wait_for_delivery(store):
-    job = await store.add(Job(0, REQUEST, 1, 1, 1))
-    await store.claim(job)
+    job = await start(store, await store.add(Job(0, REQUEST, 1, 1, 1)))
     await store.save_result(job, sine(1.0, 440.0), 32_000)
     await store.finish(job, JobStatus.DONE)
     assert [j.id for j in await store.undelivered()] == [job.id]
@@ -124,12 +130,11 @@ async def test_outcomes_wait_for_delivery(store):
     assert latest.result_url == "https://discord.com/channels/1/2/3"
 
 
-async def test_a_result_gone_from_disk_is_named_not_returned_as_nothing(store):
-    job = await store.add(Job(0, REQUEST, 1, 1, 1))
-    await store.claim(job)
+async def test_a_result_gone_is_named_not_returned_as_nothing(store):
+    job = await start(store, await store.add(Job(0, REQUEST, 1, 1, 1)))
     await store.save_result(job, sine(1.0, 440.0), 32_000)
     await store.finish(job, JobStatus.DONE)
-    store.result_path(job).unlink()  # deleted by hand, or a lost disk
+    await lose_result(store, job)
     with pytest.raises(ResultMissing, match=f"track of job #{job.id} is no longer kept"):
         await store.load_result(job)
 
@@ -157,8 +162,7 @@ async def test_stats_count_outcomes_and_take_medians(store):
         (JobStatus.FAILED, None),
         (JobStatus.CANCELLED, None),
     ):
-        job = await store.add(Job(0, REQUEST, 1, 1, 1))
-        await store.claim(job)
+        job = await start(store, await store.add(Job(0, REQUEST, 1, 1, 1)))
         job.generation_seconds = seconds
         await store.finish(job, status)
     stats = await store.stats(1)
@@ -172,7 +176,7 @@ async def test_data_survives_reopening(tmp_path):
     job = await store.add(Job(0, REQUEST, 1, 1, 1))
     await store.close()
     store = await SqliteStore.open(tmp_path / "bot.sqlite3")
-    assert [j.id for j in await store.pending()] == [job.id]
+    assert [j.id for j in await store.history(1, 1)] == [job.id]
     await store.close()
 
 
@@ -213,8 +217,8 @@ async def test_a_jam_keeps_its_turns_in_order(store):
     assert await store.jam(51) is None and await store.jam_of_job(999) is None
 
 
-def upload_rows(path) -> tuple[int, int]:
-    """(stored clips, job references to them) in the database at ``path``."""
+def sqlite_upload_rows(path) -> tuple[int, int]:
+    """(stored clips, job references to them) in the SQLite database at ``path``."""
     connection = sqlite3.connect(path)
     counts = tuple(
         connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
@@ -224,20 +228,15 @@ def upload_rows(path) -> tuple[int, int]:
     return counts
 
 
-async def test_re_rolls_of_a_job_with_a_melody_store_the_melody_once(store, tmp_path):
+async def test_re_rolls_of_a_job_with_a_melody_store_the_melody_once(store):
     """Each Re-roll records the source job's request again: the melody must not be."""
     melody = AudioClip(sine(20.0, 440.0, 32_000, channels=2), 32_000)
     first = await store.add(Job(0, replace(REQUEST, melody=melody), 1, 2, 3))
-    database = tmp_path / "bot.sqlite3"
-    size_after_first = database.stat().st_size + Path(f"{database}-wal").stat().st_size
     for _ in range(5):
         source = await store.get(first.id)
         await store.add(Job(0, replace(source.request, seed=None), 1, 2, 3))
-    assert upload_rows(database) == (1, 6)
-    size = database.stat().st_size + Path(f"{database}-wal").stat().st_size
-    melody_bytes = melody.samples.nbytes  # 5 MB of float32: what each re-roll used to add
-    assert size - size_after_first < melody_bytes / 10
-    for job in await store.pending():
+    assert await upload_rows(store) == (1, 6)
+    for job in await store.history(1, 3):
         await store.load_uploads(job)
         np.testing.assert_array_equal(job.request.melody.samples, first.request.melody.samples)
 
@@ -279,11 +278,11 @@ async def test_version_3_uploads_move_to_the_shared_store(tmp_path):
     connection.close()
 
     store = await SqliteStore.open(path)
-    jobs = {job.id: job for job in await store.pending()}
+    jobs = {job.id: job for job in await store.history(1, 3)}
     for job in jobs.values():
         await store.load_uploads(job)
     await store.close()
-    assert upload_rows(path) == (2, 3)
+    assert sqlite_upload_rows(path) == (2, 3)
     np.testing.assert_allclose(jobs[1].request.melody.samples, melody, atol=2**-23)
     np.testing.assert_array_equal(jobs[2].request.melody.samples, jobs[1].request.melody.samples)
     np.testing.assert_allclose(jobs[3].request.continuation.samples, intro, atol=2**-23)
@@ -298,14 +297,7 @@ async def test_version_3_uploads_move_to_the_shared_store(tmp_path):
     assert lengths == {1: 3.0, 2: 3.0, 3: 2.0}
 
 
-def stored_tokens(path) -> dict[int, str | None]:
-    connection = sqlite3.connect(path)
-    tokens = dict(connection.execute("SELECT id, reply_token FROM jobs"))
-    connection.close()
-    return tokens
-
-
-async def test_tokens_are_forgotten_once_delivered_or_expired(store, tmp_path):
+async def test_tokens_are_forgotten_once_delivered_or_expired(store):
     now = time.time()
     jobs = []
     for expires_at in (now + 900, now + 900, now - 1):
@@ -317,7 +309,7 @@ async def test_tokens_are_forgotten_once_delivered_or_expired(store, tmp_path):
     await store.mark_delivered(delivered)
     assert delivered.reply.token is None
     assert await store.clear_expired_tokens(now) == 1
-    assert stored_tokens(tmp_path / "bot.sqlite3") == {
+    assert dict(await sql(store, "SELECT id, reply_token FROM jobs")) == {
         delivered.id: None,
         waiting.id: f"token-{waiting.id}",
         expired.id: None,
@@ -332,19 +324,17 @@ async def test_tokens_are_forgotten_once_delivered_or_expired(store, tmp_path):
 
 async def finished(store, request=REQUEST, *, delivered=True, days_ago=0.0, takes=1) -> Job:
     """A job that finished ``days_ago``, with a result file per take."""
-    job = await store.add(Job(0, request, 1, 2, 3, takes=takes))
-    await store.claim(job)
+    job = await start(store, await store.add(Job(0, request, 1, 2, 3, takes=takes)))
     for take in range(takes):
         await store.save_result(job, sine(0.5, 440.0), 32_000, take)
     await store.finish(job, JobStatus.DONE)
     if delivered:
         await store.mark_delivered(job, "https://discord.com/channels/1/2/3")
-    connection = sqlite3.connect(store.path)
-    connection.execute(
-        "UPDATE jobs SET finished_at = ? WHERE id = ?", (time.time() - days_ago * DAY, job.id)
+    await sql(
+        store,
+        "UPDATE jobs SET finished_at = ? WHERE id = ?",
+        (time.time() - days_ago * DAY, job.id),
     )
-    connection.commit()
-    connection.close()
     return job
 
 
@@ -361,16 +351,16 @@ async def test_pruning_deletes_what_the_policy_no_longer_keeps(store):
 
     assert (pruned.results, pruned.jobs) == (1, 1)
     assert await store.get(ancient.id) is None
-    assert not store.result_path(ancient).exists()
+    assert not await has_result(store, ancient)
     old = await store.get(old.id)
     assert old.result_expired_at is not None and old.uploads_expired_at is not None
-    assert not store.result_path(old, 0).exists() and not store.result_path(old, 1).exists()
+    assert not await has_result(store, old, 0) and not await has_result(store, old, 1)
     with pytest.raises(Expired, match=rf"job #{old.id} expired on \d{{4}}-\d\d-\d\d"):
         await store.load_result(old)
     assert await store.load_result(recent) is not None
     assert await store.load_result(undelivered) is not None  # never pruned before delivery
     # The melody is still used by a live job and an undelivered one: kept.
-    assert pruned.uploads == 0 and upload_rows(store.path)[0] == 1
+    assert pruned.uploads == 0 and (await upload_rows(store))[0] == 1
     assert (await store.get(queued.id)).request.melody is not None
     assert [job.id for job in await store.history(1, 3, limit=10)] == [
         queued.id,
@@ -385,7 +375,7 @@ async def test_a_clip_goes_when_no_job_within_the_period_uses_it(store):
     job = await finished(store, melody, days_ago=8)
     assert (await store.prune(Retention(uploads_days=10))).uploads == 0
     pruned = await store.prune(Retention(uploads_days=7))
-    assert pruned.uploads == 1 and upload_rows(store.path) == (0, 1)  # the hash stays known
+    assert pruned.uploads == 1 and await upload_rows(store) == (0, 1)  # the hash stays known
     expired = await store.get(job.id)
     assert expired.request.melody is None and expired.uploads_expired_at is not None
     assert (await store.load_result(expired)) is not None  # results have their own period
@@ -404,10 +394,7 @@ async def test_a_jam_goes_only_when_all_its_turns_have(store):
     second = await finished(store, days_ago=10)
     await store.add_segment(jam, first)
     await store.add_segment(jam, second)
-    connection = sqlite3.connect(store.path)
-    connection.execute("UPDATE jams SET created_at = ?", (time.time() - 500 * DAY,))
-    connection.commit()
-    connection.close()
+    await sql(store, "UPDATE jams SET created_at = ?", (time.time() - 500 * DAY,))
     assert (await store.prune(Retention(jobs_days=365))).jobs == 0
     assert len(await store.segments(50)) == 2
     assert (await store.prune(Retention(jobs_days=5))).jobs == 2
@@ -425,7 +412,7 @@ async def test_a_job_keeps_its_origin(store):
     assert (await store.get((await store.add(Job(0, REQUEST, 1, 2, 3))).id)).origin is None
 
 
-async def test_finished_jobs_are_read_newest_first_through_an_index(store, tmp_path):
+async def test_finished_jobs_are_read_newest_first(store):
     jobs = [await store.add(Job(0, REQUEST, 1, 1, user)) for user in (5, 6, 5, 5)]
     for job in jobs[:3]:
         await store.finish(job, JobStatus.DONE)
@@ -433,6 +420,9 @@ async def test_finished_jobs_are_read_newest_first_through_an_index(store, tmp_p
     assert [job.id for job in await store.finished_jobs(1)] == [j.id for j in jobs[2::-1]]
     assert [job.id for job in await store.finished_jobs(1, limit=1)] == [jobs[2].id]
     assert await store.finished_jobs(2, 5) == []
+
+
+async def test_sqlite_reads_finished_jobs_through_an_index(sqlite_store, tmp_path):
     connection = sqlite3.connect(tmp_path / "bot.sqlite3")
     for member in ("AND user_id = 5", ""):
         plan = " ".join(
@@ -461,10 +451,10 @@ asyncio.run(hold())
 """
 
 
-async def test_a_second_owner_is_refused_until_the_first_closes(store, tmp_path):
+async def test_a_second_owner_is_refused_until_the_first_closes(sqlite_store, tmp_path):
     with pytest.raises(StoreError, match=IN_USE):
         await SqliteStore.open(tmp_path / "bot.sqlite3")
-    await store.close()
+    await sqlite_store.close()
     again = await SqliteStore.open(tmp_path / "bot.sqlite3")
     await again.close()
 
@@ -489,9 +479,9 @@ async def test_a_killed_owner_leaves_no_lock_behind(tmp_path):
     await store.close()
 
 
-async def test_a_store_that_does_not_own_opens_beside_the_owner_and_prunes(store, tmp_path):
-    job = await store.add(Job(0, REQUEST, 1, 1, 1))
-    await store.claim(job)
+async def test_a_store_that_does_not_own_opens_beside_the_owner_and_prunes(sqlite_store, tmp_path):
+    store = sqlite_store
+    job = await start(store, await store.add(Job(0, REQUEST, 1, 1, 1)))
     await store.finish(job, JobStatus.DONE)
     await store.mark_delivered(job)
     pruner = await SqliteStore.open(tmp_path / "bot.sqlite3", owner=False)
@@ -510,22 +500,18 @@ async def ended(store, guild_id, status, *, started=True, seconds=None, finished
     ``started``), settled: its requester was told."""
     job = await store.add(Job(0, REQUEST, guild_id, 1, 1))
     if started:
-        await store.claim(job)
+        await start(store, job)
     job.generation_seconds = seconds
     await store.finish(job, status)
     await store.mark_delivered(job)
     if finished_at is not None:
-        connection = sqlite3.connect(store.path)
-        with connection:
-            connection.execute(
-                "UPDATE jobs SET finished_at = ? WHERE id = ?", (finished_at, job.id)
-            )
-        connection.close()
+        await sql(store, "UPDATE jobs SET finished_at = ? WHERE id = ?", (finished_at, job.id))
     return job
 
 
 async def test_stats_follow_finishes_cancellations_and_pruning(store, monkeypatch):
-    monkeypatch.setattr(store_module, "MEDIAN_OF", 3)
+    for module in (store_module, postgres_module):
+        monkeypatch.setattr(module, "MEDIAN_OF", 3)
     old = time.time() - 10 * DAY
     await ended(store, 1, JobStatus.DONE, seconds=100.0, finished_at=old)
     await ended(store, 1, JobStatus.FAILED, finished_at=old)
@@ -533,8 +519,7 @@ async def test_stats_follow_finishes_cancellations_and_pruning(store, monkeypatc
     await ended(store, 1, JobStatus.DONE, seconds=3.0)
     await ended(store, 1, JobStatus.CANCELLED, started=False)  # never ran: no wait
     await ended(store, 2, JobStatus.DONE, seconds=50.0)  # another server
-    running = await store.add(Job(0, REQUEST, 1, 1, 1))
-    await store.claim(running)
+    running = await start(store, await store.add(Job(0, REQUEST, 1, 1, 1)))
     await store.add(Job(0, REQUEST, 1, 1, 1))  # queued
     stats = await store.stats(1)
     assert (stats.served, stats.failed, stats.cancelled) == (3, 1, 1)
@@ -576,7 +561,7 @@ async def test_an_upgraded_database_counts_the_jobs_it_already_had(tmp_path, mon
     assert stats.median_generation_seconds == 2.0
 
 
-def test_the_stats_read_through_indexes_not_the_whole_history(store, tmp_path):
+def test_the_stats_read_through_indexes_not_the_whole_history(sqlite_store, tmp_path):
     connection = sqlite3.connect(tmp_path / "bot.sqlite3")
     plans = [
         " ".join(row[3] for row in connection.execute(f"EXPLAIN QUERY PLAN {query}", values))

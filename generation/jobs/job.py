@@ -54,6 +54,8 @@ class Job:
     reply: ReplyAddress | None = None
     #: Times the job has been started (a crash or a shutdown can make it run again).
     attempts: int = 0
+    #: The worker running it now (None while it is not running).
+    worker_id: str | None = None
     #: Decoding steps done and in all, while running.
     progress: tuple[int, int] = (0, 0)
     submitted_at: float = field(default_factory=time.time)
