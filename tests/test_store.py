@@ -540,6 +540,10 @@ async def test_stats_follow_finishes_cancellations_and_pruning(store, monkeypatc
     assert await store.stats(3) == store_module.Stats(0, 0, 0, None, None, 3)
 
 
+#: A request as older versions kept it (every field but the clips, as JSON).
+OLD_REQUEST = json.dumps({"prompt": "old", "model": "debug", "duration": 1.0})
+
+
 async def test_an_upgraded_database_counts_the_jobs_it_already_had(tmp_path, monkeypatch):
     counted_from = next(
         index
@@ -548,10 +552,18 @@ async def test_an_upgraded_database_counts_the_jobs_it_already_had(tmp_path, mon
     )
     monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:counted_from])
     store = await SqliteStore.open(tmp_path / "bot.sqlite3")
-    await ended(store, 1, JobStatus.DONE, seconds=2.0)
-    await ended(store, 1, JobStatus.FAILED)
     await store.close()
     monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    with sqlite3.connect(tmp_path / "bot.sqlite3") as connection:  # jobs as that version kept
+        connection.executemany(
+            """INSERT INTO jobs (guild_id, channel_id, user_id, request, status, submitted_at,
+                   started_at, finished_at, generation_seconds, delivered)
+               VALUES (1, 1, 1, ?, ?, 0, 1, 2, ?, 1)""",
+            [
+                (OLD_REQUEST, "done", 2.0),
+                (OLD_REQUEST, "failed", None),
+            ],
+        )
     store = await SqliteStore.open(tmp_path / "bot.sqlite3")
     try:
         stats = await store.stats(1)

@@ -57,7 +57,8 @@ async def claim(
 
 
 def ids(jobs) -> list[int]:
-    return [job.id for job in jobs]
+    """The ids of jobs, or of queue entries."""
+    return [getattr(job, "id", None) or job.job_id for job in jobs]
 
 
 async def test_servers_take_turns_whoever_queued_more(store):
