@@ -142,11 +142,14 @@ class System:
         self._timer = asyncio.get_running_loop().create_task(self._tick())
 
     async def _tick(self) -> None:
+        ticked: dict[str, float] = {}
         while True:
             await asyncio.sleep(0.1)
             await self.watcher.tick()
             for worker in self.workers:
-                if worker.accepting:
+                now = asyncio.get_running_loop().time()
+                if worker.accepting and now - ticked.get(worker.id, 0.0) >= worker.leases.poll:
+                    ticked[worker.id] = now
                     await worker.tick()
 
     async def worker(self, *, start: bool = True, **options) -> Worker:
