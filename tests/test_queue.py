@@ -69,18 +69,6 @@ async def test_a_server_arriving_while_another_runs_waits_for_at_most_one_more_j
     assert order[-1] == a4.id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="claim sets the virtual time to the claimed job's tag, so a server arriving while "
-    "another's first job runs ties with that server's second job and goes after it by id",
-)
-async def test_a_server_arriving_while_another_runs_goes_next(store):
-    _, a2, a3 = [await submit(store, REQUEST, guild=1) for _ in range(3)]
-    await store.claim("w", models=None, loaded=(), max_rows=1, max_model_wait=0, lease_seconds=60)
-    b1 = await submit(store, REQUEST, guild=2)
-    assert [entry.job_id for entry in await store.queue_order()] == [b1.id, a2.id, a3.id]
-
-
 async def test_paused_servers_are_skipped_and_keep_their_jobs(system, store):
     await store.save_guild_settings(GuildSettings(1, paused=True))
     paused = await submit(store, REQUEST, guild=1)
