@@ -28,7 +28,6 @@ from generation.engine.results import GenerationResult
 from generation.errors import GenerationError, OutputTooLarge, Undeliverable
 from generation.jobs.estimates import Estimate
 from generation.jobs.job import Job
-from generation.origin import Origin
 
 from . import limits, presentation
 from .status import StatusMessages, jump_url, live_reply
@@ -239,7 +238,7 @@ async def result_message(
         render_waveforms,
         [result.audio for result in results],
         results[0].sample_rate,
-        intro_seconds=job.clip_seconds.get("continuation", 0.0),
+        intro_seconds=intro.seconds if (intro := job.clips.get("continuation")) else 0.0,
     )
     files, bitrate = await encode_for_upload(job, results, max_bytes - len(waveform))
     files.append(discord.File(io.BytesIO(waveform), WAVEFORM_NAME))
@@ -256,19 +255,21 @@ async def encode_for_upload(
     loop = asyncio.get_running_loop()
     files, bitrates = [], []
     for result in results:
-        encode = partial(_encode_mp3, result, max_bytes // len(results), job.origin)
+        encode = partial(_encode_mp3, job, result, max_bytes // len(results))
         data, bitrate = await loop.run_in_executor(None, encode)
         files.append(discord.File(io.BytesIO(data), mp3_filename(result.request)))
         bitrates.append(bitrate)
     return files, min(bitrates)
 
 
-def _encode_mp3(
-    result: GenerationResult, max_bytes: int, origin: Origin | None
-) -> tuple[bytes, int]:
-    """Blocking (the tags hash the audio inputs): run it off the event loop."""
-    tags = request_tags(result.request, origin)
+def _encode_mp3(job: Job, result: GenerationResult, max_bytes: int) -> tuple[bytes, int]:
+    """Blocking: run it off the event loop."""
+    tags = request_tags(result.request, job.origin, _clip_hashes(job))
     return encode_mp3_within(result.audio, result.sample_rate, max_bytes, tags=tags)
+
+
+def _clip_hashes(job: Job) -> dict[str, str]:
+    return {option: clip.sha256 for option, clip in job.clips.items()}
 
 
 def _mention(job: Job) -> discord.AllowedMentions:

@@ -152,11 +152,11 @@ def result_embed(
     for field, (name, text) in _OPTION_FIELDS.items():
         if complete or getattr(request, field) != getattr(_DEFAULTS, field):
             values[name] = text(getattr(request, field))
-    clips = job.clip_seconds
+    clips = job.clips
     if "melody" in clips:
-        values["Melody"] = f"{clips['melody']:.1f} s clip"
+        values["Melody"] = f"{clips['melody'].seconds:.1f} s clip"
     if "continuation" in clips:
-        values["Continuation of"] = f"{clips['continuation']:.1f} s intro"
+        values["Continuation of"] = f"{clips['continuation'].seconds:.1f} s intro"
     if complete:
         values["Generated in"] = f"{result.generation_seconds:.1f} s"
     if complete or bitrate < MP3_BITRATES[0]:

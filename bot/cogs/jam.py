@@ -370,7 +370,8 @@ def _stereo(model: str) -> bool | None:
 
 def _encode_part(job: Job, part: np.ndarray, sample_rate: int, max_bytes: int) -> tuple[bytes, int]:
     """A turn's part as MP3, with its own request in its tags (blocking: they hash audio)."""
-    tags = request_tags(job.request, job.origin)
+    hashes = {option: clip.sha256 for option, clip in job.clips.items()}
+    tags = request_tags(job.request, job.origin, hashes)
     return encode_mp3_within(part, sample_rate, max_bytes, tags=tags)
 
 

@@ -7,6 +7,7 @@ import io
 import re
 import shutil
 import warnings
+from collections.abc import Mapping
 from functools import cache, reduce
 
 import numpy as np
@@ -65,18 +66,27 @@ def mp3_filename(request: GenerationRequest) -> str:
     return f"{slug}-{request.seed}.mp3"
 
 
-def request_tags(request: GenerationRequest, origin: Origin | None = None) -> dict[str, str]:
+def request_tags(
+    request: GenerationRequest,
+    origin: Origin | None = None,
+    clip_hashes: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """ID3 tags that make a result reproducible: the prompt as title, every option as TXXX,
     and for a melody or an intro its content hash and, from ``origin``, its source (the job
     and take whose end was continued, or the uploaded file's name).
 
-    Blocking for long audio inputs (hashing them): run it off the event loop.
+    ``clip_hashes`` gives the hashes of clips the request does not carry (read back from the
+    store without them); the others are hashed, which blocks for long clips: run it off the
+    event loop.
     """
     parameters = request.parameters()
+    known = clip_hashes or {}
     for option in ("melody", "continuation"):
         clip: AudioClip | None = getattr(request, option)
         if clip is not None:
             parameters[f"{option}_sha256"] = content_hash(clip)
+        elif option in known:
+            parameters[f"{option}_sha256"] = known[option]
     if origin is not None:
         parameters.update(origin.tags())
     tags = {

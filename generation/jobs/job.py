@@ -37,6 +37,14 @@ class ReplyAddress:
     max_upload_bytes: int
 
 
+@dataclass(frozen=True)
+class ClipRecord:
+    """A clip a job was given, as the store files it: its length and content hash."""
+
+    seconds: float
+    sha256: str
+
+
 @dataclass(eq=False)
 class Job:
     """One request on its way through the queue; ids are plain ints, never Discord objects."""
@@ -75,9 +83,9 @@ class Job:
     #: The request's clips (melody, intro) are still in the store, not loaded: a job read
     #: back after a restart holds no audio until the worker loads it to run it.
     uploads_in_store: bool = False
-    #: The length in seconds of each clip the job was given, by option ("melody",
-    #: "continuation"), known without the clips (kept after they expire).
-    clip_seconds: dict[str, float] = field(default_factory=dict)
+    #: Each clip the job was given, by option ("melody", "continuation"), as the store
+    #: knows it without decoding it (kept after the clip expires).
+    clips: dict[str, ClipRecord] = field(default_factory=dict)
     #: The worker running it (an id from :class:`generation.jobs.store.WorkerInfo`).
     worker_id: str | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)

@@ -28,7 +28,7 @@ import soundfile
 from generation.audio.stored import StoredClip, to_grid
 from generation.errors import DamagedResult, DamagedUpload, ResultMissing
 from generation.jobs.estimates import WorkAhead
-from generation.jobs.job import MAX_TAKES, Job, JobStatus, QueueEntry, ReplyAddress
+from generation.jobs.job import MAX_TAKES, ClipRecord, Job, JobStatus, QueueEntry, ReplyAddress
 from generation.jobs.ownership import InUse, Ownership
 from generation.jobs.retention import DAY, Retention
 from generation.jobs.store import (
@@ -404,7 +404,10 @@ class SqliteStore:
         job.request = replace(
             job.request, **{option: stored.clip for option, (stored, _) in uploads.items()}
         )
-        job.clip_seconds = {option: stored.seconds for option, (stored, _) in uploads.items()}
+        job.clips = {
+            option: ClipRecord(stored.seconds, digest)
+            for option, (stored, digest) in uploads.items()
+        }
         key = _key(job.request)  # of the clips as stored
         async with self._transaction():
             tag = await self._next_tag(job.guild_id)
@@ -1213,18 +1216,21 @@ class SqliteStore:
         """The jobs ``where`` selects; ``with_audio=False`` leaves their clips in the store
         (marking the jobs that have some)."""
         rows = await self._db.execute_fetchall(
-            f"""SELECT *, (SELECT json_group_object(option, seconds) FROM job_uploads
-                    WHERE job_uploads.job_id = jobs.id) AS clips
+            f"""SELECT *, (SELECT json_group_object(option, json_array(seconds, hash))
+                    FROM job_uploads WHERE job_uploads.job_id = jobs.id) AS clips
                 FROM jobs {where}""",
             parameters,
         )
         jobs = [_job_from_row(row) for row in rows]
         for job, row in zip(jobs, rows, strict=True):
-            job.clip_seconds = json.loads(row["clips"])
+            job.clips = {
+                option: ClipRecord(seconds, digest)
+                for option, (seconds, digest) in json.loads(row["clips"]).items()
+            }
             if with_audio:
                 job.request = await self._with_uploads(job.id, job.request)
             else:
-                job.uploads_in_store = bool(job.clip_seconds)
+                job.uploads_in_store = bool(job.clips)
         return jobs
 
     async def _with_uploads(self, job_id: int, request: GenerationRequest) -> GenerationRequest:
