@@ -7,9 +7,9 @@ import asyncio
 import io
 import json
 from dataclasses import fields, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
+import psycopg
 import soundfile
 
 from generation.audio.stored import StoredClip, to_grid
@@ -17,15 +17,11 @@ from generation.jobs.job import Job, JobStatus, ReplyAddress
 from generation.origin import Origin
 from generation.request import AudioClip, GenerationRequest
 
-if TYPE_CHECKING:
-    from generation.jobs.postgres.db import Connection
-
-
 AUDIO_OPTIONS = ("melody", "continuation")
 
 
 async def with_uploads(
-    db: Connection, job_id: int, request: GenerationRequest
+    db: psycopg.AsyncConnection[dict], job_id: int, request: GenerationRequest
 ) -> GenerationRequest:
     rows = await (
         await db.execute(
@@ -42,7 +38,7 @@ async def with_uploads(
 
 
 async def keep_upload(
-    db: Connection, job_id: int, option: str, stored: StoredClip, digest: str
+    db: psycopg.AsyncConnection[dict], job_id: int, option: str, stored: StoredClip, digest: str
 ) -> None:
     """Make ``stored`` the job's ``option`` clip, storing its FLAC unless it is already there
     (the caller holds :data:`queries.UPLOADS_LOCK` shared, so a prune cannot delete it before
