@@ -20,7 +20,14 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from generation.errors import DamagedResult, DamagedUpload, ResultMissing
 from generation.jobs.job import Job, JobStatus, ReplyAddress
 from generation.jobs.postgres import queries as q
-from generation.jobs.postgres.db import CONNECT_TIMEOUT, configure, fetch_row, fetch_value, notify
+from generation.jobs.postgres.db import (
+    APPLICATION_NAME,
+    CONNECT_TIMEOUT,
+    configure,
+    fetch_row,
+    fetch_value,
+    notify,
+)
 from generation.jobs.postgres.listener import Listening
 from generation.jobs.postgres.queue import QueueOperations
 from generation.jobs.postgres.rows import (
@@ -82,7 +89,11 @@ class PostgresStore(QueueOperations, ServersAndJams):
             url,
             min_size=1,
             max_size=max_connections,
-            kwargs={"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT},
+            kwargs={
+                "row_factory": dict_row,
+                "connect_timeout": CONNECT_TIMEOUT,
+                "application_name": APPLICATION_NAME,
+            },
             configure=configure,
             check=AsyncConnectionPool.check_connection,  # a server restart costs no query
             timeout=CONNECT_TIMEOUT,
