@@ -37,12 +37,10 @@ async def with_uploads(
     return replace(request, **clips) if clips else request
 
 
-async def keep_upload(
-    db: psycopg.AsyncConnection[dict], job_id: int, option: str, stored: StoredClip, digest: str
-) -> None:
-    """Make ``stored`` the job's ``option`` clip, storing its FLAC unless it is already there
-    (the caller holds :data:`queries.UPLOADS_LOCK` shared, so a prune cannot delete it before
-    the job refers to it)."""
+async def keep_flac(db: psycopg.AsyncConnection[dict], stored: StoredClip, digest: str) -> None:
+    """Store ``stored``'s FLAC (encoded on a thread) unless it is already there. The caller
+    holds :data:`queries.UPLOADS_LOCK` shared until its job refers to the clip, so a prune
+    cannot delete it meanwhile."""
     known = await (await db.execute("SELECT 1 FROM uploads WHERE hash = %s", (digest,))).fetchone()
     if known is None:
         flac = await asyncio.to_thread(stored.flac)
@@ -50,10 +48,6 @@ async def keep_upload(
             "INSERT INTO uploads VALUES (%s, %s, %s) ON CONFLICT (hash) DO NOTHING",
             (digest, stored.exponent, flac),
         )
-    await db.execute(
-        "INSERT INTO job_uploads (job_id, option, hash, seconds) VALUES (%s, %s, %s, %s)",
-        (job_id, option, digest, stored.seconds),
-    )
 
 
 def decoded(flac: bytes, exponent: int) -> AudioClip:
