@@ -45,7 +45,7 @@ async def fresh_schema(prefix: str = "test") -> AsyncIterator[str]:
             "(`pg_ctlcluster --skip-systemctl-redirect 15 main start`)."
         )
         if os.environ.get("CI") == "true":
-            pytest.fail(reason)
+            pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
     schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     async with admin:

@@ -8,7 +8,8 @@ import pytest
 
 from generation.jobs.job import Job
 from generation.jobs.postgres import PostgresStore, public_address
-from generation.jobs.postgres.listener import APPLICATION_NAME
+from generation.jobs.postgres.db import APPLICATION_NAME
+from generation.jobs.postgres.listener import APPLICATION_NAME as LISTENER_NAME
 from generation.jobs.postgres.schema import MIGRATIONS
 from generation.jobs.store import Channel, StoreError, open_store
 from generation.request import GenerationRequest
@@ -89,7 +90,7 @@ async def test_listeners_are_told_to_read_again_after_the_connection_drops(url):
             store,
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE application_name = ?",
-            (APPLICATION_NAME,),
+            (LISTENER_NAME,),
         )
         assert killed == 1
         assert await asyncio.wait_for(received.get(), 10) == ""  # listening again: read again
@@ -100,6 +101,24 @@ async def test_listeners_are_told_to_read_again_after_the_connection_drops(url):
         )
         await store.request_cancel(job.id)
         assert await asyncio.wait_for(received.get(), 10) == str(job.id)
+    finally:
+        forget_url(store)
+        await store.close()
+
+
+async def test_the_store_carries_on_after_the_server_dropped_its_connections(url):
+    store = await PostgresStore.open(url)
+    remember_url(store, url)
+    try:
+        job = await store.add(Job(0, REQUEST, 1, 2, 3))
+        ((killed,),) = await sql(
+            store,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = ?",
+            (APPLICATION_NAME,),
+        )
+        assert killed >= 1  # as a server restart would
+        assert (await store.get(job.id)).id == job.id
     finally:
         forget_url(store)
         await store.close()

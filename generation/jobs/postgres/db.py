@@ -3,6 +3,7 @@ PostgreSQL store uses."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +19,9 @@ from generation.jobs.store import (
 )
 
 Connection = psycopg.AsyncConnection[dict]
+
+#: How the pool's connections show in ``pg_stat_activity`` (one name per process).
+APPLICATION_NAME = f"musicgen-bot {os.getpid()}"
 
 #: Seconds to wait for the server when connecting, and for a free connection of the pool.
 CONNECT_TIMEOUT = 10

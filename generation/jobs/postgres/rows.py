@@ -7,9 +7,9 @@ import asyncio
 import io
 import json
 from dataclasses import fields, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
+import psycopg
 import soundfile
 
 from generation.audio.stored import StoredClip, to_grid
@@ -17,15 +17,11 @@ from generation.jobs.job import Job, JobStatus, ReplyAddress
 from generation.origin import Origin
 from generation.request import AudioClip, GenerationRequest
 
-if TYPE_CHECKING:
-    from generation.jobs.postgres.db import Connection
-
-
 AUDIO_OPTIONS = ("melody", "continuation")
 
 
 async def with_uploads(
-    db: Connection, job_id: int, request: GenerationRequest
+    db: psycopg.AsyncConnection[dict], job_id: int, request: GenerationRequest
 ) -> GenerationRequest:
     rows = await (
         await db.execute(
@@ -41,12 +37,10 @@ async def with_uploads(
     return replace(request, **clips) if clips else request
 
 
-async def keep_upload(
-    db: Connection, job_id: int, option: str, stored: StoredClip, digest: str
-) -> None:
-    """Make ``stored`` the job's ``option`` clip, storing its FLAC unless it is already there
-    (the caller holds :data:`queries.UPLOADS_LOCK` shared, so a prune cannot delete it before
-    the job refers to it)."""
+async def keep_flac(db: psycopg.AsyncConnection[dict], stored: StoredClip, digest: str) -> None:
+    """Store ``stored``'s FLAC (encoded on a thread) unless it is already there. The caller
+    holds :data:`queries.UPLOADS_LOCK` shared until its job refers to the clip, so a prune
+    cannot delete it meanwhile."""
     known = await (await db.execute("SELECT 1 FROM uploads WHERE hash = %s", (digest,))).fetchone()
     if known is None:
         flac = await asyncio.to_thread(stored.flac)
@@ -54,10 +48,6 @@ async def keep_upload(
             "INSERT INTO uploads VALUES (%s, %s, %s) ON CONFLICT (hash) DO NOTHING",
             (digest, stored.exponent, flac),
         )
-    await db.execute(
-        "INSERT INTO job_uploads (job_id, option, hash, seconds) VALUES (%s, %s, %s, %s)",
-        (job_id, option, digest, stored.seconds),
-    )
 
 
 def decoded(flac: bytes, exponent: int) -> AudioClip:

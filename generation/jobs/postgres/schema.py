@@ -63,6 +63,10 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE status = 'queued' AND released;
     CREATE INDEX jobs_queued_by_guild ON jobs (guild_id, fair_tag, id)
         WHERE status = 'queued' AND released;
+    -- Which keys and models are queued is not what the history says (most rows are done):
+    -- statistics over the pairs let the planner pick the batch and model ranges.
+    CREATE STATISTICS jobs_queued_keys (mcv) ON status, batch_key FROM jobs;
+    CREATE STATISTICS jobs_queued_models (mcv) ON status, model FROM jobs;
     CREATE INDEX jobs_running ON jobs (lease_expires_at) WHERE status = 'running';
     CREATE INDEX jobs_live_by_member ON jobs (guild_id, user_id)
         WHERE status IN ('queued', 'running');

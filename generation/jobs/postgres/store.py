@@ -20,14 +20,21 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from generation.errors import DamagedResult, DamagedUpload, ResultMissing
 from generation.jobs.job import Job, JobStatus, ReplyAddress
 from generation.jobs.postgres import queries as q
-from generation.jobs.postgres.db import CONNECT_TIMEOUT, configure, fetch_row, fetch_value, notify
+from generation.jobs.postgres.db import (
+    APPLICATION_NAME,
+    CONNECT_TIMEOUT,
+    configure,
+    fetch_row,
+    fetch_value,
+    notify,
+)
 from generation.jobs.postgres.listener import Listening
 from generation.jobs.postgres.queue import QueueOperations
 from generation.jobs.postgres.rows import (
     AUDIO_OPTIONS,
     decoded,
     flac_of,
-    keep_upload,
+    keep_flac,
     on_grid,
     read_flac,
     request_json,
@@ -82,7 +89,11 @@ class PostgresStore(QueueOperations, ServersAndJams):
             url,
             min_size=1,
             max_size=max_connections,
-            kwargs={"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT},
+            kwargs={
+                "row_factory": dict_row,
+                "connect_timeout": CONNECT_TIMEOUT,
+                "application_name": APPLICATION_NAME,
+            },
             configure=configure,
             check=AsyncConnectionPool.check_connection,  # a server restart costs no query
             timeout=CONNECT_TIMEOUT,
@@ -127,6 +138,10 @@ class PostgresStore(QueueOperations, ServersAndJams):
             job.request, **{option: stored.clip for option, (stored, _) in uploads.items()}
         )
         async with self._transaction() as db:
+            if uploads:  # first, so the server's tag is locked only for a moment
+                await db.execute("SELECT pg_advisory_xact_lock_shared(%s)", (q.UPLOADS_LOCK,))
+            for stored, digest in uploads.values():
+                await keep_flac(db, stored, digest)
             tag = await fetch_value(db, q.NEXT_TAG, {"guild_id": job.guild_id})
             job.id = await fetch_value(
                 db,
@@ -153,10 +168,12 @@ class PostgresStore(QueueOperations, ServersAndJams):
                     job.submitted_at,
                 ),
             )
-            if uploads:
-                await db.execute("SELECT pg_advisory_xact_lock_shared(%s)", (q.UPLOADS_LOCK,))
             for option, (stored, digest) in uploads.items():
-                await keep_upload(db, job.id, option, stored, digest)
+                await db.execute(
+                    "INSERT INTO job_uploads (job_id, option, hash, seconds) "
+                    "VALUES (%s, %s, %s, %s)",
+                    (job.id, option, digest, stored.seconds),
+                )
         return job
 
     async def set_reply(self, job: Job, reply: ReplyAddress) -> None:
