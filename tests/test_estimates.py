@@ -53,15 +53,7 @@ async def claimed_one_batch_at_a_time(store: SqliteStore, rates, policy) -> dict
     return etas
 
 
-#: The claim looks at only ``max_rows * MAX_TAKES`` jobs of the first's kind for joiners, so a
-#: job that fits, behind that many too big for the room left, is missed (the forecast, as the
-#: contract says, skips the too-big ones and takes it).
-SCAN_LIMIT = pytest.mark.xfail(strict=True, reason="claim's joiner scan stops at a LIMIT")
-
-
-@pytest.mark.parametrize(
-    "seed", [pytest.param(seed, marks=SCAN_LIMIT) if seed == 18 else seed for seed in range(20)]
-)
+@pytest.mark.parametrize("seed", range(20))
 async def test_the_forecast_batches_the_queue_as_the_store_claims_it(tmp_path, seed):
     chance = random.Random(seed)
     store = await SqliteStore.open(tmp_path / "jobs.sqlite3")

@@ -122,10 +122,6 @@ async def test_jobs_whose_clips_are_in_the_store_batch_with_their_own_kind(syste
     assert await batches(system, first, second, plain) == [ids(first, second), ids(plain)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="claim looks at only max_rows * MAX_TAKES jobs of the first's kind for joiners",
-)
 async def test_a_job_that_fits_joins_however_many_too_big_ones_are_ahead_of_it(system, store):
     first = await submit(store, REQUEST, 1)
     too_big = [await submit(store, REQUEST, guild, takes=2) for guild in range(2, 9)]

@@ -79,8 +79,8 @@ async def test_a_server_arriving_after_claims_goes_before_the_busy_ones_next_job
     busy = [await queue(store, guild_id=1) for _ in range(4)]
     assert ids(await claim(store)) == [busy[0].id]
     assert ids(await claim(store)) == [busy[1].id]
-    late = await queue(store, guild_id=2)  # its tag starts from the virtual time, not 0
-    assert ids(await store.queue_order()) == [busy[2].id, late.id, busy[3].id]
+    late = await queue(store, guild_id=2)  # it starts at the virtual time: the job claimed last
+    assert ids(await store.queue_order()) == [late.id, busy[2].id, busy[3].id]
 
 
 async def test_a_held_job_counts_toward_the_limits_but_cannot_be_claimed(store):

@@ -28,7 +28,7 @@ import soundfile
 from generation.audio.stored import StoredClip, to_grid
 from generation.errors import DamagedResult, DamagedUpload, ResultMissing
 from generation.jobs.estimates import WorkAhead
-from generation.jobs.job import MAX_TAKES, ClipRecord, Job, JobStatus, QueueEntry, ReplyAddress
+from generation.jobs.job import ClipRecord, Job, JobStatus, QueueEntry, ReplyAddress
 from generation.jobs.ownership import InUse, Ownership
 from generation.jobs.retention import DAY, Retention
 from generation.jobs.store import (
@@ -171,7 +171,7 @@ async def _queue_in_the_store(db: aiosqlite.Connection) -> None:
            WHERE status IN ('queued', 'running')"""
     )
     await db.execute(
-        """INSERT INTO guild_tags SELECT guild_id, MAX(fair_tag) FROM jobs
+        """INSERT INTO guild_tags SELECT guild_id, MAX(fair_tag) + 1 FROM jobs
            WHERE status IN ('queued', 'running') GROUP BY guild_id"""
     )
     for guild_id, settings in await db.execute_fetchall(
@@ -498,14 +498,7 @@ class SqliteStore:
             ):
                 wanted = [m for m in loaded if models is None or m in models]
                 first = await self._first_claimable(wanted) or head
-            chosen, rows = [first], first["takes"]
-            for row in await self._db.execute_fetchall(
-                f"{CLAIMABLE_HEADS} AND batch_key = ? ORDER BY fair_tag, id LIMIT ?",
-                (first["batch_key"], max_rows * MAX_TAKES),
-            ):
-                if row["id"] != first["id"] and rows + row["takes"] <= max_rows:
-                    chosen.append(row)
-                    rows += row["takes"]
+            chosen = [first, *await self._batch_for(first, max_rows - first["takes"])]
             ids = [row["id"] for row in chosen]
             marks = ", ".join("?" * len(ids))
             await self._db.execute(
@@ -583,8 +576,9 @@ class SqliteStore:
         async with self._transaction():
             cursor = await self._db.execute(
                 f"""UPDATE jobs SET {ENDED}, status = 'queued', started_at = NULL,
-                        attempts = attempts - ? WHERE id = ? AND status = ? AND attempts = ?""",
-                (0 if count_attempt else 1, job.id, job.status.value, job.attempts),
+                        attempts = attempts - ? WHERE id = ? AND status = ? AND attempts = ?
+                        AND worker_id IS ?""",
+                (0 if count_attempt else 1, job.id, job.status.value, job.attempts, job.worker_id),
             )
         if cursor.rowcount != 1:
             return False
@@ -598,14 +592,14 @@ class SqliteStore:
         """Record how a job ended (the requester is told next: see :meth:`mark_delivered`).
 
         Fenced: it applies only while the job is in the store as ``job`` says (same status
-        and attempt); False, and nothing changed, when it is not (its worker lost the lease,
-        and the job was queued again or ran elsewhere)."""
+        attempt and worker); False, and nothing changed, when it is not (its worker lost the
+        lease, and the job was queued again or ran elsewhere)."""
         finished_at = time.time()
         async with self._transaction():
             cursor = await self._db.execute(
                 f"""UPDATE jobs SET {ENDED}, status = ?, error = ?, finished_at = ?,
                         generation_seconds = ?
-                    WHERE id = ? AND status = ? AND attempts = ?""",
+                    WHERE id = ? AND status = ? AND attempts = ? AND worker_id IS ?""",
                 (
                     status.value,
                     error,
@@ -614,11 +608,13 @@ class SqliteStore:
                     job.id,
                     job.status.value,
                     job.attempts,
+                    job.worker_id,
                 ),
             )
         if cursor.rowcount != 1:
             return False
         job.status, job.error, job.finished_at = status, error, finished_at
+        job.worker_id = None
         self._notify(Channel.JOBS)
         return True
 
@@ -769,19 +765,39 @@ class SqliteStore:
             loop.call_soon(listener, payload)
 
     async def _next_tag(self, guild_id: int) -> float:
-        """The fair tag of a job the server queues now (start-time fair queuing): one past
-        the later of the virtual time and the server's last tag."""
+        """The fair tag of a job the server queues now (start-time fair queuing): its start,
+        the later of the virtual time (the tag last claimed) and the end of the server's
+        previous job, each job costing 1. A server that was idle starts at the virtual time,
+        so it goes before the next job of a server that queued many."""
         ((tag,),) = await self._db.execute_fetchall(
             """SELECT MAX((SELECT virtual_time FROM queue_clock),
-                   COALESCE((SELECT last_tag FROM guild_tags WHERE guild_id = ?), 0)) + 1""",
+                   COALESCE((SELECT last_tag FROM guild_tags WHERE guild_id = ?), 0))""",
             (guild_id,),
         )
         await self._db.execute(
             """INSERT INTO guild_tags VALUES (?, ?)
                ON CONFLICT (guild_id) DO UPDATE SET last_tag = excluded.last_tag""",
-            (guild_id, tag),
+            (guild_id, tag + 1),
         )
         return tag
+
+    async def _batch_for(self, first: aiosqlite.Row, room: int) -> list[aiosqlite.Row]:
+        """The claimable jobs that join ``first``'s batch: its batch key, in fair order, each
+        the next one whose takes fit the ``room`` left (at most ``room`` index seeks)."""
+        joining: list[aiosqlite.Row] = []
+        after = (first["fair_tag"], first["id"])
+        while room > 0:
+            rows = await self._db.execute_fetchall(
+                f"""{CLAIMABLE_HEADS} AND batch_key = ? AND takes <= ? AND id != ?
+                    AND (fair_tag, id) > (?, ?) ORDER BY fair_tag, id LIMIT 1""",
+                (first["batch_key"], room, first["id"], *after),
+            )
+            if not rows:
+                break
+            joining.append(rows[0])
+            room -= rows[0]["takes"]
+            after = (rows[0]["fair_tag"], rows[0]["id"])
+        return joining
 
     async def _first_claimable(self, models: Sequence[str] | None) -> aiosqlite.Row | None:
         if models is None:
