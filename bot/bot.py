@@ -104,6 +104,8 @@ class MusicGenBot(commands.Bot):
             return
         log.info("picked up the jobs of the last run")
         self.prune.start()
+        # Often enough that an in-process worker's heartbeats keep its leases.
+        self.tick.change_interval(seconds=min(TICK_SECONDS, self.config.queue.lease_seconds / 4))
         self.tick.start()
 
     async def _start_worker(self) -> None:
@@ -119,6 +121,7 @@ class MusicGenBot(commands.Bot):
             max_attempts=queue.max_attempts,
             progress_interval=queue.progress_interval,
             job_timeout=queue.job_timeout,
+            leases=WorkerSettings.leases_of(queue.lease_seconds),
         )
         self.worker = await start_worker(self.service.store, settings)
 

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING
 
 from generation import cli as generation_cli
 from generation.jobs.retention import Retention
+from generation.jobs.store import is_postgres
 
 from .config import TOKEN_VARIABLE, Config, ConfigError, load_config
 from .log_redaction import redact_logs
+from .worker_command import NEEDS_POSTGRES, add_worker_command, serve, worker_settings
 
 if TYPE_CHECKING:
     from generation.jobs.store import Pruned
@@ -47,15 +49,60 @@ KEEP_IN_FILE = 'or set token = "..." under [discord] in {config} (keep that file
 
 def add_run_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "run", help="start the Discord bot", description="Start the Discord bot."
+        "run",
+        help="start the Discord bot, generating in the same process",
+        description="Start the Discord bot, generating in the same process (SQLite or PostgreSQL).",
     )
     _add_config_argument(parser)
     parser.set_defaults(handler=run_bot, command_parser=parser)
 
 
-def run_bot(args: argparse.Namespace) -> int:
-    """Start the bot and run until it is stopped (Ctrl+C or SIGTERM)."""
+def add_gateway_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "gateway",
+        help="start the Discord bot without generating (workers generate)",
+        description="Start the Discord bot without generating: `musicgen-bot worker` "
+        "processes sharing its PostgreSQL database generate.",
+    )
+    _add_config_argument(parser)
+    parser.set_defaults(handler=run_gateway, command_parser=parser)
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    """Start a gateway: Discord, the queue and delivery; no torch in this process."""
     config = _load_config(args)
+    if not is_postgres(config.storage.database):
+        return _fail(f"gateway: {NEEDS_POSTGRES}")
+    return run_bot(args, config=config, generates=False)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Start a generation worker and run until SIGTERM or Ctrl+C."""
+    config = _load_config(args)
+    if not is_postgres(config.storage.database):
+        return _fail(f"worker: {NEEDS_POSTGRES}")
+    try:
+        settings = worker_settings(config, args.device, args.models)
+    except ValueError as error:
+        args.command_parser.error(str(error))
+    from generation.jobs.store import StoreError
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(serve(config, settings))
+    except StoreError as error:
+        return _fail(str(error))
+    return 0
+
+
+def run_bot(
+    args: argparse.Namespace, *, config: Config | None = None, generates: bool = True
+) -> int:
+    """Start the bot and run until it is stopped (Ctrl+C or SIGTERM); ``generates=False``
+    is a gateway."""
+    config = config or _load_config(args)
     if not config.discord.token:
         print(no_token_message(args.config), end="", file=sys.stderr)
         return 2
@@ -77,7 +124,7 @@ def run_bot(args: argparse.Namespace) -> int:
     # discord.py closes cleanly on KeyboardInterrupt; treat `docker stop` (SIGTERM) the same.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        create_bot(config).run(config.discord.token, log_handler=None)
+        create_bot(config, generates=generates).run(config.discord.token, log_handler=None)
     except discord.LoginFailure:
         return _fail(
             f"Discord refused the bot token: reset it in the Developer Portal (Bot > Reset "
@@ -182,7 +229,15 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return generation_cli.main(argv, adders=[add_run_command, add_prune_command])
+    return generation_cli.main(
+        argv,
+        adders=[
+            add_run_command,
+            add_gateway_command,
+            lambda commands: add_worker_command(commands, _add_config_argument, run_worker),
+            add_prune_command,
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -102,6 +102,10 @@ class QueueConfig:
     shutdown_grace: float = 30.0
     #: Longest a job may be passed over by jobs for a model already in memory, in seconds.
     max_model_wait: float = 120.0
+    #: How long a worker holds a job without a heartbeat, in seconds: a worker silent that
+    #: long (killed, its machine lost) loses its jobs to the queue, each such loss counting
+    #: an attempt. Workers beat every quarter of it.
+    lease_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -317,6 +321,8 @@ def _check_values(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: generation.batch_window must be 0 to 10 seconds.")
     if generation.memory_budget_gb < 0:
         raise ConfigError(f"{source}: generation.memory_budget_gb must be 0 or more.")
+    if queue.lease_seconds < 2:
+        raise ConfigError(f"{source}: queue.lease_seconds must be 2 or more.")
     if queue.max_model_wait < 0:
         raise ConfigError(f"{source}: queue.max_model_wait must be 0 or more.")
     if min(queue.max_jobs_per_user, queue.max_jobs_per_guild, queue.max_attempts) < 1:

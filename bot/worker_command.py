@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from generation.jobs.scheduling import BatchPolicy
 
@@ -18,12 +18,16 @@ from .config import Config
 log = logging.getLogger(__name__)
 
 NEEDS_POSTGRES = (
-    "storage.database must be a postgresql:// address for workers: they share it with the "
-    "gateway. With an SQLite file, `musicgen-bot run` generates in the bot's own process."
+    "storage.database must be a postgresql:// address: a gateway and its workers share it. "
+    "With an SQLite file, `musicgen-bot run` generates in the bot's own process."
 )
 
 
-def add_worker_command(commands: argparse._SubParsersAction, add_config) -> None:
+def add_worker_command(
+    commands: argparse._SubParsersAction,
+    add_config: Callable[[argparse.ArgumentParser], None],
+    handler: Callable[[argparse.Namespace], int],
+) -> None:
     parser = commands.add_parser(
         "worker",
         help="generate for a gateway (one per GPU, any machine reaching the database)",
@@ -42,7 +46,7 @@ def add_worker_command(commands: argparse._SubParsersAction, add_config) -> None
         metavar="MODEL",
         help="serve only these of generation.models (default: all of them)",
     )
-    parser.set_defaults(command_parser=parser)
+    parser.set_defaults(handler=handler, command_parser=parser)
 
 
 def worker_settings(config: Config, device: str | None, models: Sequence[str] | None):
@@ -73,6 +77,7 @@ def worker_settings(config: Config, device: str | None, models: Sequence[str] | 
         progress_interval=queue.progress_interval,
         job_timeout=queue.job_timeout,
         serves_any=not models,
+        leases=WorkerSettings.leases_of(queue.lease_seconds),
     )
 
 

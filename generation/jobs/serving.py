@@ -37,6 +37,16 @@ class WorkerSettings:
     serves_any: bool = True
     leases: Leases = field(default_factory=Leases)
 
+    @staticmethod
+    def leases_of(lease_seconds: float) -> Leases:
+        """Leases of ``lease_seconds``: a heartbeat every quarter, a sweep every half."""
+        return Leases(
+            seconds=lease_seconds,
+            heartbeat=lease_seconds / 4,
+            sweep=lease_seconds / 2,
+            poll=min(5.0, lease_seconds / 4),
+        )
+
 
 async def start_worker(store: JobStore, settings: WorkerSettings) -> Worker:
     """Start a worker on its own engine; it loads its first model in the background, so
