@@ -18,7 +18,7 @@ from discord.ext import commands, tasks
 from generation.jobs.job import QueueLimits
 from generation.jobs.scheduling import BatchPolicy
 from generation.jobs.service import JobService
-from generation.jobs.store import is_postgres, open_store
+from generation.jobs.store import JobStore, is_postgres, open_store
 
 from .access import Access
 from .config import Config
@@ -44,7 +44,14 @@ class MusicGenBot(commands.Bot):
     reporter: JobReporter
     access: Access
 
-    def __init__(self, config: Config, *, generates: bool = True, **options: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        generates: bool = True,
+        store: JobStore | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=discord.Intents.default(),
@@ -54,6 +61,7 @@ class MusicGenBot(commands.Bot):
         )
         self.config = config
         self.generates = generates
+        self._store = store
         #: The generation worker in this process (``run``), once started.
         self.worker: Worker | None = None
         self._recovering = False
@@ -61,7 +69,7 @@ class MusicGenBot(commands.Bot):
     async def setup_hook(self) -> None:
         queue, generation = self.config.queue, self.config.generation
         database = self.config.storage.database
-        store = await open_store(database)
+        store = self._store or await open_store(database)
         self.reporter = JobReporter(self, queue.progress_interval)
         self.service = JobService(
             store,
@@ -191,17 +199,24 @@ class ShardedMusicGenBot(MusicGenBot, commands.AutoShardedBot):
     """The same bot on discord.py's shard manager: ``discord.shard_count`` gateway connections
     in this process ("auto": as many as Discord recommends), for bots in many servers."""
 
-    def __init__(self, config: Config, *, generates: bool = True) -> None:
+    def __init__(
+        self, config: Config, *, generates: bool = True, store: JobStore | None = None
+    ) -> None:
         count = config.discord.shard_count
         super().__init__(
-            config, generates=generates, shard_count=None if count == "auto" else count
+            config,
+            generates=generates,
+            store=store,
+            shard_count=None if count == "auto" else count,
         )
 
 
-def create_bot(config: Config, *, generates: bool = True) -> MusicGenBot:
-    """An unstarted bot, sharded if ``discord.shard_count`` is set; it opens its database and
-    syncs its commands in ``setup_hook``, and recovers its jobs once connected.
-    ``generates=False`` is a gateway: workers in other processes generate."""
-    if config.discord.shard_count is None:
-        return MusicGenBot(config, generates=generates)
-    return ShardedMusicGenBot(config, generates=generates)
+def create_bot(
+    config: Config, *, generates: bool = True, store: JobStore | None = None
+) -> MusicGenBot:
+    """An unstarted bot, sharded if ``discord.shard_count`` is set; it opens its database
+    (unless given an open ``store``, which it then owns) and syncs its commands in
+    ``setup_hook``, and recovers its jobs once connected. ``generates=False`` is a gateway:
+    workers in other processes generate."""
+    kind = MusicGenBot if config.discord.shard_count is None else ShardedMusicGenBot
+    return kind(config, generates=generates, store=store)

@@ -46,13 +46,15 @@ async def end_process(bot) -> None:
         await service.store.close()
 
 
-def make_bot(database, **sections):
-    """A fresh, unstarted bot on the SQLite file ``database``."""
+def make_bot(database, *, generates: bool = True, store=None, **sections):
+    """A fresh, unstarted bot on ``database`` (an SQLite file, or a PostgreSQL address;
+    ``store``: already open on it); ``generates=False`` makes a gateway."""
     raw = {name: dict(values) for name, values in CONFIG.items()}
     raw["storage"] = {"database": str(database)}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
-    bot = create_bot(parse_config(raw, source="test", environ={}))
+    config = parse_config(raw, source="test", environ={})
+    bot = create_bot(config, generates=generates, store=store)
     MADE.append(bot)
     return bot
 

@@ -1,0 +1,231 @@
+"""One gateway (under SimCord) and two ``musicgen-bot worker`` processes sharing one
+PostgreSQL database: the many-GPUs set-up, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import discord
+import pytest
+
+from generation.jobs.job import JobStatus
+from generation.jobs.postgres import PostgresStore
+from generation.jobs.store import Channel
+
+from .bot_helpers import make_bot
+from .postgres import fresh_schema
+
+pytestmark = pytest.mark.simcord(settle_timeout=60)
+
+#: Short leases, so that a killed worker's job is taken back within seconds.
+LEASE = 3.0
+
+
+@pytest.fixture
+async def database():
+    async with fresh_schema("workers") as url:
+        yield url
+
+
+@pytest.fixture
+async def gateway_store(database):
+    """The gateway's store, opened (and listening) before SimCord watches the bot: its
+    connection pool and its LISTEN connection wait on the network for the process's life,
+    which SimCord would take for work that never settles."""
+    store = await PostgresStore.open(database)
+    store.subscribe(Channel.QUEUE, lambda _: None)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def simcord_bot(database, gateway_store):
+    return make_bot(database, generates=False, store=gateway_store, queue={"lease_seconds": LEASE})
+
+
+@pytest.fixture
+async def store(database):
+    """The test's own view of the database."""
+    store = await PostgresStore.open(database)
+    yield store
+    await store.close()
+
+
+class Workers:
+    """``musicgen-bot worker`` processes on the test's database (CPU, debug models)."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, log: Path) -> subprocess.Popen:
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bot.cli", "worker", "--config", str(self.config)],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=environment,
+        )
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture
+def workers(database, tmp_path):
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        f"""[generation]
+models = ["debug", "debug-melody", "debug-stereo", "facebook/musicgen-small"]
+device = "cpu"
+max_duration = 60
+
+[storage]
+database = "{database}"
+
+[queue]
+lease_seconds = {LEASE}
+"""
+    )
+    running = Workers(config)
+    yield running
+    running.stop()
+
+
+async def until(check, what: str, seconds: float = 120.0, env=None):
+    """Wait (settling the gateway) until ``check()`` is truthy; returns it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if env is not None:
+            await env.settle()
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+def tracks(*channels) -> list[discord.Message]:
+    return [m for channel in channels for m in channel.history() if m.attachments]
+
+
+async def test_two_workers_serve_several_servers_and_a_killed_one_loses_nothing(
+    simcord_env, store, workers, tmp_path
+):
+    servers = [simcord_env.create_guild(f"Server {n}") for n in range(3)]
+    channels = [server.create_text_channel("music") for server in servers]
+    members = [
+        server.add_member(simcord_env.create_user(f"member{n}")) for n, server in enumerate(servers)
+    ]
+    first = workers.start(tmp_path / "worker-1.log")
+    second = workers.start(tmp_path / "worker-2.log")
+    await until(lambda: _count_workers(store, 2), "both workers to register")
+
+    # A long job for the first worker to be killed in the middle of.
+    long = await members[0].slash(channels[0], "music generate", prompt="long", duration=20.0)
+    assert "Queued as job #" in long.response.content
+    running = await until(lambda: _running(store), "the long job to start", env=simcord_env)
+    (job,) = running
+    victim = first if str(first.pid) in job.worker_id else second
+    survivor = second if victim is first else first
+    await until(lambda: _progressed(store, job.id), "the long job to progress")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+
+    # Meanwhile, jobs from every server.
+    for member, channel in zip(members, channels, strict=True):
+        for prompt in ("a", "b"):
+            await member.slash(channel, "music generate", prompt=prompt, duration=1.0)
+
+    done = await until(
+        lambda: len(tracks(*channels)) >= 7 and tracks(*channels),
+        "every track to be delivered",
+        seconds=240,
+        env=simcord_env,
+    )
+    assert sorted(m.embeds[0].title for m in done) == ["a", "a", "a", "b", "b", "b", "long"]
+    long_job = await store.get(job.id)
+    # Killed once: the survivor took it back after the lease ran out, and delivered it once.
+    assert (long_job.status, long_job.attempts, long_job.delivered) == (JobStatus.DONE, 2, True)
+    assert survivor.poll() is None
+
+
+async def test_jobs_are_spread_over_both_workers(simcord_env, store, workers, tmp_path):
+    servers = [simcord_env.create_guild(f"Server {n}") for n in range(4)]
+    channels = [server.create_text_channel("music") for server in servers]
+    members = [
+        server.add_member(simcord_env.create_user(f"member{n}")) for n, server in enumerate(servers)
+    ]
+    workers.start(tmp_path / "worker-1.log")
+    workers.start(tmp_path / "worker-2.log")
+    await until(lambda: _count_workers(store, 2), "both workers to register")
+    for number, (member, channel) in enumerate(zip(members, channels, strict=True)):
+        # Different durations: jobs that cannot share a batch.
+        await member.slash(channel, "music generate", prompt="x", duration=4.0 + number)
+    await until(lambda: len(tracks(*channels)) >= 4, "every track", seconds=240, env=simcord_env)
+    for log in ("worker-1.log", "worker-2.log"):  # each finished some of them
+        assert "event=finished" in (tmp_path / log).read_text()
+
+
+async def test_cancel_reaches_a_job_running_in_another_process(
+    simcord_env, store, workers, tmp_path
+):
+    guild = simcord_env.create_guild("Jam")
+    channel = guild.create_text_channel("music")
+    alice = guild.add_member(simcord_env.create_user("alice"))
+    workers.start(tmp_path / "worker.log")
+    await until(lambda: _count_workers(store, 1), "the worker to register")
+    queued = await alice.slash(channel, "music generate", prompt="long", duration=30.0)
+    (job,) = await until(lambda: _running(store), "the job to start", env=simcord_env)
+    await until(lambda: _progressed(store, job.id), "the job to progress")
+    cancelled = await alice.slash(channel, "music cancel", job=job.id)
+    assert "Stopping job" in cancelled.response.content
+    ended = await until(lambda: _ended(store, job.id), "the job to stop", seconds=60)
+    assert ended.status is JobStatus.CANCELLED
+    await until(
+        lambda: "was cancelled" in queued.response.content or _edited(channel, job.id),
+        "the member to be told",
+        env=simcord_env,
+    )
+
+
+async def _count_workers(store, count: int) -> bool:
+    return len(await store.workers(time.time() - 60)) >= count
+
+
+async def _running(store):
+    return await store.running()
+
+
+async def _progressed(store, job_id: int) -> bool:
+    job = await store.get(job_id)
+    return job is not None and job.progress[0] > 0
+
+
+async def _ended(store, job_id: int):
+    job = await store.get(job_id)
+    live = (JobStatus.QUEUED, JobStatus.RUNNING)
+    return job if job is not None and job.status not in live else None
+
+
+def _edited(channel, job_id: int) -> bool:
+    return any(f"Job #{job_id} was cancelled" in m.content for m in channel.history())
