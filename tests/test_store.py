@@ -20,7 +20,7 @@ import pytest
 from generation.audio.stored import content_hash
 from generation.errors import ResultMissing
 from generation.jobs import sqlite as store_module
-from generation.jobs.job import Job, JobStatus, ReplyAddress
+from generation.jobs.job import ClipRecord, Job, JobStatus, ReplyAddress
 from generation.jobs.postgres import store as postgres_module
 from generation.jobs.retention import DAY, Retention
 from generation.jobs.sqlite import (
@@ -92,6 +92,32 @@ async def test_jobs_read_back_come_without_their_clips_until_loaded(store):
     np.testing.assert_array_equal(loaded.request.melody.samples, with_melody.request.melody.samples)
     await store.load_uploads(other)
     assert other.request == plain.request
+
+
+async def test_every_read_of_a_job_carries_its_clips_lengths_and_hashes(store):
+    melody = AudioClip(sine(1.5, 440.0), 32_000)
+    intro = AudioClip(sine(2.0, 220.0), 32_000)
+    job = await store.add(Job(0, replace(REQUEST, melody=melody, continuation=intro), 1, 2, 3))
+    plain = await store.add(Job(0, REQUEST, 1, 2, 3))
+    clips = {
+        "melody": ClipRecord(1.5, content_hash(job.request.melody)),
+        "continuation": ClipRecord(2.0, content_hash(job.request.continuation)),
+    }
+    assert job.clips == clips and plain.clips == {}
+    assert (await store.get(job.id)).clips == clips  # with its audio
+    (_, read) = await store.history(1, 3)  # without
+    assert (read.clips, read.uploads_in_store) == (clips, True)
+    await store.release(job, None)
+    (claimed,) = await claim_one(store)
+    assert claimed.clips == clips
+    await store.finish(claimed, JobStatus.DONE)
+    await store.mark_delivered(claimed)
+    await sql(
+        store, "UPDATE jobs SET finished_at = ? WHERE id = ?", (time.time() - 9 * DAY, job.id)
+    )
+    assert (await store.prune(Retention(uploads_days=7))).uploads == 2
+    expired = await store.get(job.id)  # the clips are gone, what they were is kept
+    assert (expired.clips, expired.request.melody) == (clips, None)
 
 
 async def claim_one(store):

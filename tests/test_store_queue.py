@@ -11,7 +11,8 @@ from dataclasses import replace
 
 import pytest
 
-from generation.jobs.job import Job, JobStatus, ReplyAddress
+from generation.jobs.estimates import WorkAhead
+from generation.jobs.job import Job, JobStatus, QueueEntry, ReplyAddress
 from generation.jobs.postgres import PostgresStore
 from generation.jobs.store import Channel, GuildSettings, JobStore, WorkerInfo
 from generation.request import AudioClip, GenerationRequest
@@ -167,6 +168,49 @@ async def test_a_batch_takes_jobs_of_the_same_key_up_to_max_rows(store):
     assert ids(await claim(store, max_rows=2)) == [too_big.id]
 
 
+async def test_a_job_that_fits_joins_however_many_too_big_ones_are_ahead_of_it(store):
+    first = await queue(store, guild_id=1)
+    pair = await queue(store, guild_id=2, takes=2)
+    # Each fitted the room left after the first (3), but not after the pair joined (1).
+    too_big = [await queue(store, guild_id=guild, takes=2) for guild in range(3, 13)]
+    fits = await queue(store, guild_id=13)
+    assert ids(await claim(store, max_rows=4)) == [first.id, pair.id, fits.id]
+    assert ids(await store.queue_order()) == ids(too_big)
+
+
+async def test_the_queue_order_and_the_work_ahead_are_read_without_requests(store):
+    first = await queue(store, guild_id=1, takes=2)
+    longer = await queue(store, guild_id=2, duration=8.0)
+    second = await queue(store, guild_id=3, takes=3)
+    paused = await queue(store, guild_id=4, model="small")
+    job = await queue(store, guild_id=5)
+    held = await store.add(Job(0, REQUEST, 6, 2, 1))
+    await store.save_guild_settings(GuildSettings(4, paused=True))
+    entries = await store.queue_order()
+    assert all(isinstance(entry, QueueEntry) for entry in entries)
+    assert [(e.job_id, e.guild_id, e.model, e.duration, e.takes) for e in entries] == [
+        (first.id, 1, "debug", 5.0, 2),
+        (longer.id, 2, "debug", 8.0, 1),
+        (second.id, 3, "debug", 5.0, 3),
+        (job.id, 5, "debug", 5.0, 1),
+    ]
+    keys = [entry.batch_key for entry in entries]
+    assert keys[0] == keys[2] == keys[3] != keys[1]
+    # Summed by batch key: the paused server's job and those behind are not ahead.
+    ahead = await store.work_ahead(job)
+    assert sorted(ahead, key=lambda work: work.duration) == [
+        WorkAhead("debug", 5.0, 5),
+        WorkAhead("debug", 8.0, 1),
+    ]
+    assert await store.work_ahead(first) == []
+    # Every queued job counts, held or paused; a running one does not.
+    assert await store.queue_length() == 6
+    await claim(store)
+    assert await store.queue_length() == 5
+    assert await store.work_ahead(first) == []  # no longer queued
+    assert {held.id, paused.id}.isdisjoint(ids(await store.queue_order()))
+
+
 async def test_a_worker_prefers_a_loaded_model_for_a_while(store):
     small = await queue(store, guild_id=1, model="small")
     debug = await queue(store, guild_id=2, model="debug")
@@ -264,6 +308,23 @@ async def test_a_worker_that_lost_its_lease_is_fenced_out(store):
     assert (await store.get(job.id)).status is JobStatus.DONE
 
 
+async def test_the_fence_names_the_worker_that_holds_the_job(store):
+    job = await queue(store, guild_id=1)
+    (stale,) = await claim(store, "w1")
+    # Given back without counting the attempt (as a shutdown does), then taken by another
+    # worker: the same status and attempt as the first worker holds, but not its run.
+    assert await store.requeue(await store.get(job.id), count_attempt=False) is True
+    (current,) = await claim(store, "w2")
+    assert (current.attempts, stale.attempts) == (1, 1)
+    assert await store.finish(stale, JobStatus.DONE) is False
+    assert await store.requeue(stale) is False
+    assert (await store.get(job.id)).worker_id == "w2"
+    assert await store.finish(current, JobStatus.DONE) is True
+    assert current.worker_id is None  # the run ended: no worker holds it
+    ended = await store.get(job.id)
+    assert (ended.status, ended.worker_id, ended.progress) == (JobStatus.DONE, None, (0, 0))
+
+
 async def test_cancelling_a_queued_job_ends_it_and_a_running_one_asks_its_worker(store):
     held = await store.add(Job(0, REQUEST, 1, 2, 3))
     queued = await queue(store, guild_id=1)
@@ -328,6 +389,15 @@ async def test_releasing_notifies_the_queue_and_cancelling_a_running_job_its_wor
     await claim(store)
     assert await store.request_cancel(job.id) is JobStatus.RUNNING
     assert await asyncio.wait_for(cancels.get(), 10) == str(job.id)
+
+
+async def test_resuming_a_paused_server_notifies_the_queue(store):
+    await store.save_guild_settings(GuildSettings(1, paused=True))
+    job = await queue(store, guild_id=1)
+    (work,) = await listen(store, Channel.QUEUE)
+    await store.save_guild_settings(GuildSettings(1, paused=False))
+    await asyncio.wait_for(work.get(), 10)
+    assert ids(await claim(store)) == [job.id]
 
 
 async def test_a_job_ending_notifies_the_jobs_channel(store):

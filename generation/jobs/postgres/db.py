@@ -12,6 +12,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from generation.jobs.job import Job
+from generation.jobs.postgres.queries import CLIPS
 from generation.jobs.postgres.rows import job_from_row, job_without_audio, with_uploads
 from generation.jobs.store import (
     Channel,
@@ -62,14 +63,13 @@ class Database:
     async def _jobs(
         self, where: str, parameters: Sequence[object], *, with_audio: bool = True
     ) -> list[Job]:
-        """The jobs ``where`` selects; ``with_audio=False`` leaves their clips in the store
-        (marking the jobs that have some)."""
+        """The jobs ``where`` selects, each with its clips' lengths and hashes;
+        ``with_audio=False`` leaves the clips themselves in the store (marking the jobs that
+        have some)."""
         async with self._read() as db:
             rows = await (
                 await db.execute(
-                    f"""SELECT *, EXISTS (SELECT 1 FROM job_uploads
-                                          WHERE job_uploads.job_id = jobs.id) AS has_uploads
-                        FROM jobs {where}""",  # type: ignore[arg-type]  # our own SQL
+                    f"SELECT *, {CLIPS} FROM jobs {where}",  # type: ignore[arg-type]  # our SQL
                     parameters,
                 )
             ).fetchall()

@@ -3,19 +3,18 @@ heartbeats, expired leases, cancels, progress and the workers' records (SQL in :
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
-from generation.jobs.job import Job, JobStatus, ReplyAddress
+from generation.jobs.estimates import WorkAhead
+from generation.jobs.job import Job, JobStatus, QueueEntry, ReplyAddress
 from generation.jobs.postgres import queries as q
-from generation.jobs.postgres.db import Database, fetch_row, fetch_value, notify
-from generation.jobs.postgres.rows import (
-    job_without_audio,
-)
-from generation.jobs.store import (
-    Channel,
-    WorkerInfo,
-)
+from generation.jobs.postgres.db import Connection, Database, fetch_row, fetch_value, notify
+from generation.jobs.postgres.rows import job_without_audio
+from generation.jobs.store import Channel, WorkerInfo, gave_up
+
+log = logging.getLogger(__name__)
 
 #: The most job ids one heartbeat may carry (a worker runs one batch at a time).
 MAX_HEARTBEAT_JOBS = 1_000
@@ -75,9 +74,23 @@ class QueueOperations(Database):
             with_audio=False,
         )
 
-    async def queue_order(self) -> list[Job]:
-        """Every claimable job in queue order, without audio (one index scan)."""
-        return await self._jobs(f"WHERE {q.CLAIMABLE} ORDER BY fair_tag, id", (), with_audio=False)
+    async def queue_length(self) -> int:
+        """Queued jobs in every server, released or not (one index-only count)."""
+        async with self._read() as db:
+            return await fetch_value(db, q.QUEUE_LENGTH)
+
+    async def work_ahead(self, job: Job) -> list[WorkAhead]:
+        """The claimable jobs ahead of ``job``, their takes summed by batch key (one index
+        range); none if ``job`` is not queued."""
+        async with self._read() as db:
+            rows = await (await db.execute(q.WORK_AHEAD, {"id": job.id})).fetchall()
+        return [WorkAhead(**row) for row in rows]
+
+    async def queue_order(self) -> list[QueueEntry]:
+        """Every claimable job in queue order, as the forecast needs it (one index range)."""
+        async with self._read() as db:
+            rows = await (await db.execute(q.QUEUE_ORDER)).fetchall()
+        return [QueueEntry(**row) for row in rows]
 
     async def running(self) -> list[Job]:
         """The jobs running now, with their progress and worker, without audio."""
@@ -125,9 +138,10 @@ class QueueOperations(Database):
         The head is the first claimable job (of ``models``, unless None). While it has waited
         less than ``max_model_wait`` for a model the worker has not ``loaded``, the first job
         for a loaded model goes first instead (if any). Jobs with the first one's batch key
-        then join in queue order while the takes stay within ``max_rows`` (the first always
-        goes). Rows another claim holds are skipped (``FOR UPDATE SKIP LOCKED``), so two
-        workers never take the same job. The jobs come without their clips, in queue order.
+        then join in queue order, each the next one whose takes fit the room left (the first
+        always goes), found one index seek at a time. Rows another claim holds are skipped
+        (``FOR UPDATE SKIP LOCKED``), so two workers never take the same job. The jobs come
+        without their clips (with what they were: :attr:`Job.clips`), in queue order.
         """
         if max_rows < 1:
             raise ValueError(f"max_rows must be at least 1, not {max_rows}")
@@ -144,18 +158,7 @@ class QueueOperations(Database):
                 and now - head["submitted_at"] < max_model_wait
             ):
                 head = await fetch_row(db, q.CLAIM_HEAD, {"models": preferred}) or head
-            chosen, room = [head], max_rows - head["takes"]
-            if room > 0:
-                joining = await (
-                    await db.execute(
-                        q.CLAIM_BATCH,
-                        {"batch_key": head["batch_key"], "first": head["id"], "room": room},
-                    )
-                ).fetchall()
-                for row in joining:
-                    if row["takes"] <= room:
-                        chosen.append(row)
-                        room -= row["takes"]
+            chosen = [head, *await _joiners(db, head, max_rows - head["takes"])]
             rows = await (
                 await db.execute(
                     q.LEASE,
@@ -207,19 +210,25 @@ class QueueOperations(Database):
         async with self._transaction() as db:
             if not await fetch_value(db, "SELECT pg_try_advisory_xact_lock(%s)", (q.SWEEP_LOCK,)):
                 return 0
-            rows = await (
+            rows = await (await db.execute(q.EXPIRED, {"now": now})).fetchall()
+            again = [row["id"] for row in rows if row["attempts"] < max_attempts]
+            given_up = [row for row in rows if row["attempts"] >= max_attempts]
+            if again:
+                await db.execute(q.REQUEUE_EXPIRED, {"ids": again})
+            if given_up:
                 await db.execute(
-                    q.REQUEUE_EXPIRED,
+                    q.GIVE_UP_EXPIRED,
                     {
-                        "max_attempts": max_attempts,
-                        "now": now,
-                        "given_up": q.GIVEN_UP,
+                        "ids": [row["id"] for row in given_up],
+                        "errors": [gave_up(row["attempts"]) for row in given_up],
+                        "finished_at": time.time(),
                     },
                 )
-            ).fetchall()
             if rows:
                 await notify(db, Channel.QUEUE)
                 await notify(db, Channel.JOBS)
+        if rows:
+            log.info("event=requeued-expired jobs=%s", ",".join(str(row["id"]) for row in rows))
         return len(rows)
 
     async def set_progress(self, job: Job, done: int, total: int) -> None:
@@ -290,3 +299,28 @@ class QueueOperations(Database):
             )
             for row in rows
         ]
+
+
+async def _joiners(db: Connection, first: dict, room: int) -> list[dict]:
+    """The claimable jobs that join ``first``'s batch: its batch key, in queue order, each the
+    next one whose takes fit the ``room`` left (at most ``room`` index seeks), locked."""
+    joining: list[dict] = []
+    after_tag, after_id = first["fair_tag"], first["id"]
+    while room > 0:
+        row = await fetch_row(
+            db,
+            q.CLAIM_JOINER,
+            {
+                "batch_key": first["batch_key"],
+                "room": room,
+                "first": first["id"],
+                "after_tag": after_tag,
+                "after_id": after_id,
+            },
+        )
+        if row is None:
+            break
+        joining.append(row)
+        room -= row["takes"]
+        after_tag, after_id = row["fair_tag"], row["id"]
+    return joining

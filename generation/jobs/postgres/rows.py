@@ -13,7 +13,7 @@ import psycopg
 import soundfile
 
 from generation.audio.stored import StoredClip, to_grid
-from generation.jobs.job import Job, JobStatus, ReplyAddress
+from generation.jobs.job import ClipRecord, Job, JobStatus, ReplyAddress
 from generation.origin import Origin
 from generation.request import AudioClip, GenerationRequest
 
@@ -81,12 +81,15 @@ def request_json(request: GenerationRequest) -> str:
 
 
 def job_without_audio(row: dict) -> Job:
+    """A job read with :data:`queries.CLIPS`, its clips left in the store."""
     job = job_from_row(row)
-    job.uploads_in_store = bool(row["has_uploads"])
+    job.uploads_in_store = bool(job.clips)
     return job
 
 
 def job_from_row(row: dict) -> Job:
+    """A job from its row; the clips it was given, if the row carries
+    :data:`queries.CLIPS` (``{option: [seconds, hash]}``, decoded by psycopg)."""
     reply = None
     if row["reply_message_id"] is not None:  # kept after the token is forgotten, to link to
         reply = ReplyAddress(
@@ -120,4 +123,8 @@ def job_from_row(row: dict) -> Job:
         uploads_expired_at=row["uploads_expired_at"],
         delivery_attempts=row["delivery_attempts"],
         delivery_failure=row["delivery_failure"],
+        clips={
+            option: ClipRecord(seconds, digest)
+            for option, (seconds, digest) in (row.get("clips") or {}).items()
+        },
     )

@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from generation.errors import DamagedResult, DamagedUpload, ResultMissing
-from generation.jobs.job import Job, JobStatus, ReplyAddress
+from generation.jobs.job import ClipRecord, Job, JobStatus, ReplyAddress
 from generation.jobs.postgres import queries as q
 from generation.jobs.postgres.db import (
     APPLICATION_NAME,
@@ -137,6 +137,10 @@ class PostgresStore(QueueOperations, ServersAndJams):
         job.request = replace(
             job.request, **{option: stored.clip for option, (stored, _) in uploads.items()}
         )
+        job.clips = {
+            option: ClipRecord(stored.seconds, digest)
+            for option, (stored, digest) in uploads.items()
+        }
         async with self._transaction() as db:
             if uploads:  # first, so the server's tag is locked only for a moment
                 await db.execute("SELECT pg_advisory_xact_lock_shared(%s)", (q.UPLOADS_LOCK,))
@@ -198,14 +202,17 @@ class PostgresStore(QueueOperations, ServersAndJams):
 
     async def finish(self, job: Job, status: JobStatus, error: str | None = None) -> bool:
         """Record how a job ended (the requester is told next: see :meth:`mark_delivered`).
-        Fenced: False, and nothing changes, unless the job is as ``job`` holds it."""
+
+        Fenced: it applies only while the job is in the store as ``job`` holds it (same
+        status, attempt and worker); False, and nothing changed, when it is not (its worker
+        lost the lease, and the job was queued again or ran elsewhere)."""
         finished_at = time.time()
         async with self._transaction() as db:
             cursor = await db.execute(
-                """UPDATE jobs SET status = %s, error = %s, finished_at = %s,
-                       generation_seconds = %s, lease_expires_at = NULL,
-                       cancel_requested = false, progress_done = NULL, progress_total = NULL
-                   WHERE id = %s AND status = %s AND attempts = %s""",
+                f"""UPDATE jobs SET {q.ENDED}, status = %s, error = %s, finished_at = %s,
+                       generation_seconds = %s
+                   WHERE id = %s AND status = %s AND attempts = %s
+                   AND worker_id IS NOT DISTINCT FROM %s""",
                 (
                     status.value,
                     error,
@@ -214,12 +221,14 @@ class PostgresStore(QueueOperations, ServersAndJams):
                     job.id,
                     job.status.value,
                     job.attempts,
+                    job.worker_id,
                 ),
             )
             if cursor.rowcount != 1:
                 return False
             await notify(db, Channel.JOBS, str(job.id))
         job.status, job.error, job.finished_at = status, error, finished_at
+        job.worker_id = None
         return True
 
     async def requeue(self, job: Job, *, count_attempt: bool = True) -> bool:
@@ -228,11 +237,17 @@ class PostgresStore(QueueOperations, ServersAndJams):
         :meth:`finish`."""
         async with self._transaction() as db:
             cursor = await db.execute(
-                """UPDATE jobs SET status = 'queued', started_at = NULL,
-                       attempts = attempts - %s, worker_id = NULL, lease_expires_at = NULL,
-                       cancel_requested = false, progress_done = NULL, progress_total = NULL
-                   WHERE id = %s AND status = %s AND attempts = %s""",
-                (0 if count_attempt else 1, job.id, job.status.value, job.attempts),
+                f"""UPDATE jobs SET {q.ENDED}, status = 'queued', started_at = NULL,
+                       attempts = attempts - %s
+                   WHERE id = %s AND status = %s AND attempts = %s
+                   AND worker_id IS NOT DISTINCT FROM %s""",
+                (
+                    0 if count_attempt else 1,
+                    job.id,
+                    job.status.value,
+                    job.attempts,
+                    job.worker_id,
+                ),
             )
             if cursor.rowcount != 1:
                 return False
