@@ -224,6 +224,52 @@ async def _check_database(database: str) -> None:
     await store.close()
 
 
+def add_migrate_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "migrate",
+        help="move an SQLite bot's jobs, results, uploads, settings and jams into PostgreSQL",
+        description="Copy the configured SQLite database (stop the bot first) into an empty "
+        "PostgreSQL database, keeping every id; then point storage.database at it.",
+    )
+    _add_config_argument(parser)
+    parser.add_argument(
+        "--to", required=True, metavar="URL", help="the PostgreSQL database: postgresql://..."
+    )
+    parser.set_defaults(handler=migrate_storage, command_parser=parser)
+
+
+def migrate_storage(args: argparse.Namespace) -> int:
+    """Move the configured SQLite database into ``--to``."""
+    config = _load_config(args)
+    if is_postgres(config.storage.database):
+        args.command_parser.error("storage.database is PostgreSQL already: nothing to migrate.")
+    if not is_postgres(args.to):
+        args.command_parser.error("--to must be a postgresql:// address.")
+    from generation.jobs.addresses import redacted
+    from generation.jobs.store import StoreError
+
+    try:
+        moved = asyncio.run(_migrate(config, args.to))
+    except StoreError as error:
+        return _fail(str(error))
+    counts = ", ".join(f"{count} {table}" for table, count in moved.rows.items() if count)
+    print(f"Moved {counts or 'nothing'}, and {moved.results} result files.")
+    print(f'Now set storage.database = "{redacted(args.to)}" and start the bot again.')
+    return 0
+
+
+async def _migrate(config: Config, target: str):
+    from generation.jobs.store import open_store
+    from generation.jobs.transfer import migrate
+
+    # As the owner: a bot still running on the file is refused, nothing is copied half-way.
+    source = await open_store(config.storage.database)
+    try:
+        return await migrate(source, target, max_attempts=config.queue.max_attempts)
+    finally:
+        await source.close()
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -236,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             add_gateway_command,
             lambda commands: add_worker_command(commands, _add_config_argument, run_worker),
             add_prune_command,
+            add_migrate_command,
         ],
     )
 

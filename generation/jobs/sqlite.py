@@ -951,7 +951,7 @@ class SqliteStore:
     # Results
 
     def result_path(self, job: Job, take: int = 0) -> Path:
-        return self._result_file(job.id, take)
+        return self.result_file(job.id, take)
 
     async def save_result(
         self, job: Job, audio: np.ndarray, sample_rate: int, take: int = 0
@@ -1057,9 +1057,9 @@ class SqliteStore:
         """Delete the result files of ``(job id, takes)`` (blocking: run it in a thread)."""
         for job_id, takes in jobs:
             for take in range(takes):
-                self._result_file(job_id, take).unlink(missing_ok=True)
+                self.result_file(job_id, take).unlink(missing_ok=True)
 
-    def _result_file(self, job_id: int, take: int) -> Path:
+    def result_file(self, job_id: int, take: int) -> Path:
         return self.results / (f"{job_id}.flac" if take == 0 else f"{job_id}-{take}.flac")
 
     # Server settings
