@@ -17,7 +17,6 @@ import pytest
 
 from generation.jobs.job import JobStatus
 from generation.jobs.postgres import PostgresStore
-from generation.jobs.store import Channel
 
 from .bot_helpers import make_bot
 from .postgres import fresh_schema
@@ -36,11 +35,16 @@ async def database():
 
 @pytest.fixture
 async def gateway_store(database):
-    """The gateway's store, opened (and listening) before SimCord watches the bot: its
-    connection pool and its LISTEN connection wait on the network for the process's life,
-    which SimCord would take for work that never settles."""
+    """The gateway's store, opened before SimCord watches the bot: its connection pool waits
+    on the network for the process's life, which SimCord would take for work that never
+    settles.
+
+    The gateway hears of the workers' progress through its timer loop, not through
+    notifications: SimCord runs the bot on a virtual clock (interaction tokens expire by it),
+    and a notification would wake the gateway outside the bot's work, on the wall clock,
+    where every token looks long expired. (Workers do listen: cancel reaches them so.)"""
     store = await PostgresStore.open(database)
-    store.subscribe(Channel.QUEUE, lambda _: None)
+    store.subscribe = lambda channel, listener: None
     yield store
     await store.close()
 
@@ -64,6 +68,7 @@ class Workers:
     def __init__(self, config: Path) -> None:
         self.config = config
         self.processes: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
 
     def start(self, log: Path) -> subprocess.Popen:
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -74,7 +79,16 @@ class Workers:
             env=environment,
         )
         self.processes.append(process)
+        self.logs.append(log)
         return process
+
+    def alive(self) -> bool:
+        """True while every worker started runs (a worker that died fails the test, with
+        what it said)."""
+        for process, log in zip(self.processes, self.logs, strict=True):
+            if process.poll() is not None and process.returncode != -signal.SIGKILL:
+                raise AssertionError(f"a worker exited: {log.read_text()[-2000:]}")
+        return True
 
     def stop(self) -> None:
         for process in self.processes:
@@ -101,6 +115,7 @@ database = "{database}"
 
 [queue]
 lease_seconds = {LEASE}
+progress_interval = 1
 """
     )
     running = Workers(config)
@@ -109,11 +124,12 @@ lease_seconds = {LEASE}
 
 
 async def until(check, what: str, seconds: float = 120.0, env=None):
-    """Wait (settling the gateway) until ``check()`` is truthy; returns it."""
+    """Wait until ``check()`` is truthy (moving the gateway's clock on, if ``env``); returns
+    it."""
     deadline = time.monotonic() + seconds
     while True:
-        if env is not None:
-            await env.settle()
+        if env is not None:  # the gateway's timer loop looks at the store
+            await env.advance_time(0.5)
         value = check()
         if inspect.isawaitable(value):
             value = await value
@@ -138,10 +154,10 @@ async def test_two_workers_serve_several_servers_and_a_killed_one_loses_nothing(
     ]
     first = workers.start(tmp_path / "worker-1.log")
     second = workers.start(tmp_path / "worker-2.log")
-    await until(lambda: _count_workers(store, 2), "both workers to register")
+    await until(lambda: workers.alive() and _count_workers(store, 2), "both workers to register")
 
     # A long job for the first worker to be killed in the middle of.
-    long = await members[0].slash(channels[0], "music generate", prompt="long", duration=20.0)
+    long = await members[0].slash(channels[0], "music generate", prompt="long", duration=60.0)
     assert "Queued as job #" in long.response.content
     running = await until(lambda: _running(store), "the long job to start", env=simcord_env)
     (job,) = running
@@ -177,7 +193,7 @@ async def test_jobs_are_spread_over_both_workers(simcord_env, store, workers, tm
     ]
     workers.start(tmp_path / "worker-1.log")
     workers.start(tmp_path / "worker-2.log")
-    await until(lambda: _count_workers(store, 2), "both workers to register")
+    await until(lambda: workers.alive() and _count_workers(store, 2), "both workers to register")
     for number, (member, channel) in enumerate(zip(members, channels, strict=True)):
         # Different durations: jobs that cannot share a batch.
         await member.slash(channel, "music generate", prompt="x", duration=4.0 + number)
@@ -193,8 +209,8 @@ async def test_cancel_reaches_a_job_running_in_another_process(
     channel = guild.create_text_channel("music")
     alice = guild.add_member(simcord_env.create_user("alice"))
     workers.start(tmp_path / "worker.log")
-    await until(lambda: _count_workers(store, 1), "the worker to register")
-    queued = await alice.slash(channel, "music generate", prompt="long", duration=30.0)
+    await until(lambda: workers.alive() and _count_workers(store, 1), "the worker to register")
+    queued = await alice.slash(channel, "music generate", prompt="long", duration=60.0)
     (job,) = await until(lambda: _running(store), "the job to start", env=simcord_env)
     await until(lambda: _progressed(store, job.id), "the job to progress")
     cancelled = await alice.slash(channel, "music cancel", job=job.id)
