@@ -81,6 +81,7 @@ class MusicGenBot(commands.Bot):
             # One process owns an SQLite database: what it had running died with it.
             recover_running=not is_postgres(database),
             device="cpu" if generation.device == "auto" else generation.device,
+            lease_seconds=queue.lease_seconds,
         )
         self.access = Access(store, self.config)
         self.tree.on_error = on_app_command_error
@@ -103,7 +104,7 @@ class MusicGenBot(commands.Bot):
             return
         self._recovering = True
         try:
-            await self.service.start()
+            await self.service.start(discord.utils.utcnow().timestamp())
             if self.generates:
                 await self._start_worker()
         except Exception:  # as a failed start-up did: stop, rather than refuse every request

@@ -73,6 +73,9 @@ class JobReporter:
         note = self._notes.get(job.id) or presentation.origin_text(job)
         return limits.fit_content(f"{note}\n{text}") if note else text
 
+    def job_waiting(self, job: Job) -> None:
+        self._waiting[job.id] = job
+
     def queue_moved(self, estimates: Sequence[Estimate]) -> None:
         for estimate in estimates:
             job = self._waiting.get(estimate.job_id)

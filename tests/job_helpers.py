@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from generation.engine.results import GenerationResult
@@ -51,6 +52,9 @@ class Recorder:
                 await self._heard.wait()
 
         await asyncio.wait_for(wait(), timeout)
+
+    def job_waiting(self, job: Job) -> None:
+        self._hear("waiting", job)
 
     def queue_moved(self, estimates: Sequence[Estimate]) -> None:
         self.moves.append([(e.job_id, e.position, e.seconds) for e in estimates])
@@ -135,10 +139,10 @@ class System:
         self.workers: list[Worker] = []
         self._timer: asyncio.Task | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Start watching, and the timer loop that drives the watcher and the workers (as
         the bot's does, quicker)."""
-        self.watcher.start()
+        await self.watcher.start(time.time())
         self._timer = asyncio.get_running_loop().create_task(self._tick())
 
     async def _tick(self) -> None:

@@ -16,6 +16,7 @@ from generation.jobs.sqlite import SqliteStore
 
 from .bot_helpers import fields, make_bot, mp3_of, outcome
 from .helpers import encode_tone
+from .stores import sql
 
 pytestmark = pytest.mark.simcord(settle_timeout=60)
 
@@ -53,11 +54,13 @@ async def test_a_job_running_when_the_bot_died_runs_again_and_is_delivered_once(
     channel, alice, admin = world
     await admin.slash(channel, "music admin pause")
     queued = await alice.slash(channel, "music generate", prompt="interrupted", duration=1.0)
-    store = await SqliteStore.open(
-        database, owner=False
-    )  # the old process had started it, then died
-    (job,) = await store.pending()
-    await store.claim(job)
+    # The old process had started it, then died (its lease had not run out).
+    store = await SqliteStore.open(database, owner=False)
+    await sql(store, "DELETE FROM paused_guilds")
+    (job,) = await store.claim(
+        "dead", models=None, loaded=(), max_rows=1, max_model_wait=0.0, lease_seconds=3600.0
+    )
+    await sql(store, "INSERT INTO paused_guilds SELECT guild_id FROM guild_settings")
     await store.close()
     await simcord_env.restart_bot(make_bot(database))
     await admin.slash(channel, "music admin resume")
@@ -136,9 +139,9 @@ async def test_the_bot_recovers_its_jobs_once_connected(simcord_env, world, data
     start = JobService.start
     ready_when_started: list[bool] = []
 
-    async def recording(service):
+    async def recording(service, *now):
         ready_when_started.append(bot.is_ready())
-        await start(service)
+        await start(service, *now)
 
     monkeypatch.setattr(JobService, "start", recording)
     await simcord_env.restart_bot(bot)
@@ -147,7 +150,7 @@ async def test_the_bot_recovers_its_jobs_once_connected(simcord_env, world, data
 
 
 async def test_a_bot_that_cannot_recover_its_jobs_stops(simcord_env, world, database, monkeypatch):
-    async def failing(service):
+    async def failing(service, *now):
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(JobService, "start", failing)
@@ -246,7 +249,8 @@ async def test_stats_show_how_the_bot_is_doing(world):
     stats = await admin.slash(channel, "music stats")
     values = {f.name: f.value for f in stats.response.embeds[0].fields}
     assert (values["Served"], values["Failed"], values["Cancelled"]) == ("1", "1", "0")
-    assert values["Loaded models"] == "debug"
+    (worker,) = [name for name in values if name.startswith("Worker ")]
+    assert values[worker].startswith("Loaded: debug; running: idle")
     assert values["Median generation"].endswith(" s")
     assert values["Queued"] == "0 here, 0 in all"
     assert "Memory (process)" in values

@@ -108,7 +108,7 @@ def test_fit_embed_brings_every_part_and_the_total_within_limits():
 
 def test_a_queue_of_a_thousand_long_jobs_fits():
     running = [job(n, status=JobStatus.RUNNING) for n in range(4)]
-    queued = [Estimate(job(n), n - 4, 60.0 * n) for n in range(5, 1005)]
+    queued = [(job(n), Estimate(n, n - 4, 60.0 * n)) for n in range(5, 1005)]
     embed = presentation.queue_embed(running, queued, paused=True)
     check_embed(embed)
     lines = embed.description.splitlines()

@@ -28,7 +28,7 @@ async def store(tmp_path):
 @pytest.fixture
 async def system(store, engine):
     system = System(store, Recorder(), engine)
-    system.start()
+    await system.start()
     yield system
     await system.stop()
 

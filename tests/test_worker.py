@@ -40,7 +40,7 @@ async def store(tmp_path):
 @pytest.fixture
 async def system(store, recorder, engine):
     system = System(store, recorder, engine)
-    system.start()
+    await system.start()
     yield system
     await system.stop()
 
@@ -159,7 +159,7 @@ async def test_a_listener_that_raises_does_not_stop_the_watcher(engine, store, c
 
     broken = Broken()
     system = System(store, broken, engine)
-    system.start()
+    await system.start()
     try:
         first, second = await submit(store), await submit(store, guild=2)
         await system.worker()
@@ -405,7 +405,7 @@ class FailsToDeliver(Recorder):
 async def deliver_with(engine, store, listener) -> Job:
     system = System(store, listener, engine)
     system.watcher.delivery_retry = replace(QUICK, tries=4)
-    system.start()
+    await system.start()
     try:
         job = await submit(store)
         await system.worker()

@@ -138,7 +138,7 @@ class Music(commands.Cog):
                 request, picked = _with_melody_model(request, rules)
                 note = " ".join(part for part in (picked, note) if part)
             request = _apply_rules(request, rules).with_seed()
-            self.service.check_room(guild_id, user_id, rules.max_jobs_per_user)
+            await self.service.check_room(guild_id, user_id, rules.max_jobs_per_user)
             if prepare is not None:
                 request = _apply_rules(await prepare(request), rules)
             self.validate(request)

@@ -49,6 +49,8 @@ class JobService:
             back to the queue at :meth:`start` (the owner of an SQLite database); on a shared
             database their leases decide.
         device: Where the generation runs, for ETAs before any worker reports.
+        lease_seconds: How long a worker holds a job without a heartbeat; one not heard from
+            for that long no longer counts in ETAs.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class JobService:
         batch_policy: BatchPolicy | None = None,
         recover_running: bool = False,
         device: str = "cpu",
+        lease_seconds: float = 60.0,
     ) -> None:
         self.store = store
         self.limits = limits or QueueLimits()
@@ -70,22 +73,31 @@ class JobService:
         self.batch_policy = batch_policy or BatchPolicy()
         self.recover_running = recover_running
         self.rates = GenerationRates(device)
-        self.watcher = Watcher(store, listener, rates=self.rates, batch_policy=self.batch_policy)
+        self.watcher = Watcher(
+            store,
+            listener,
+            rates=self.rates,
+            batch_policy=self.batch_policy,
+            worker_silence=lease_seconds,
+        )
         self._submitting = asyncio.Lock()
         #: Whether :meth:`start` has picked up the last run's jobs; until then new jobs are
         #: refused, so none goes ahead of them or past the limits.
         self.started = False
 
-    async def start(self) -> None:
+    async def start(self, now: float | None = None) -> None:
         """Pick up where the last run stopped: jobs that were running when it died go back to
         the queue (the owner of an SQLite database only; within ``max_attempts``), and the
-        watcher delivers outcomes never delivered. Jobs are read without their audio."""
+        watcher delivers outcomes never delivered. Jobs are read without their audio.
+        ``now`` is the chat platform's clock, which its interaction tokens expire by."""
         self.rates.load(await self.store.generation_rates(self.rates.device))
         if self.recover_running:
+            for worker in await self.store.workers(seen_since=0.0):  # the dead process's
+                await self.store.forget_worker(worker.id)
             moved = await self.store.requeue_expired(self.max_attempts, now=math.inf)
             if moved:
                 log.info("event=recovered jobs=%d (running when the bot stopped)", moved)
-        self.watcher.start()
+        await self.watcher.start(time.time() if now is None else now)
         self.started = True
 
     async def submit(

@@ -32,6 +32,7 @@ from generation.jobs.job import ClipRecord, Job, JobStatus, QueueEntry, ReplyAdd
 from generation.jobs.ownership import InUse, Ownership
 from generation.jobs.retention import DAY, Retention
 from generation.jobs.store import (
+    ENTRY_CHUNK,
     MEDIAN_OF,
     Channel,
     Expired,
@@ -696,11 +697,17 @@ class SqliteStore:
         return [WorkAhead(*row) for row in rows]
 
     async def queue_order(self) -> list[QueueEntry]:
+        """Every claimable job in queue order (one index range), turned into entries a chunk
+        at a time so that a long queue never holds the event loop."""
         rows = await self._db.execute_fetchall(
             f"""SELECT id, guild_id, model, duration, takes, batch_key FROM jobs
                 WHERE {CLAIMABLE} ORDER BY fair_tag, id"""
         )
-        return [QueueEntry(*row) for row in rows]
+        entries: list[QueueEntry] = []
+        for start in range(0, len(rows), ENTRY_CHUNK):
+            entries += [QueueEntry(*row) for row in rows[start : start + ENTRY_CHUNK]]
+            await asyncio.sleep(0)
+        return entries
 
     # Workers
 
@@ -855,6 +862,16 @@ class SqliteStore:
     async def get(self, job_id: int) -> Job | None:
         rows = await self._jobs("WHERE id = ?", (job_id,))
         return rows[0] if rows else None
+
+    async def waiting_with_reply(self, now: float) -> list[Job]:
+        """Queued jobs whose requester can still be reached through their interaction
+        (token valid at ``now``), without audio: their status messages show their place."""
+        return await self._jobs(
+            """WHERE status = 'queued' AND reply_token IS NOT NULL AND reply_expires_at > ?
+               ORDER BY id""",
+            (now,),
+            with_audio=False,
+        )
 
     async def undelivered(self) -> list[Job]:
         """Jobs that ended without their requester being told, and are still to be (without

@@ -144,6 +144,11 @@ class WorkerInfo:
     seen_at: float = 0.0
 
 
+#: Queue entries built at a time by :meth:`JobStore.queue_order` before it lets the event loop
+#: run: 20,000 queued jobs are read without holding it for long.
+ENTRY_CHUNK = 1000
+
+
 class Channel(StrEnum):
     """What a store tells the processes that share it (``NOTIFY`` on PostgreSQL)."""
 
@@ -267,6 +272,7 @@ class JobStore(Protocol):
     async def count_failed_delivery(self, job: Job) -> None: ...
     async def keep_undelivered(self, job: Job, reason: str) -> None: ...
     async def undelivered(self) -> list[Job]: ...
+    async def waiting_with_reply(self, now: float) -> list[Job]: ...
     async def get(self, job_id: int) -> Job | None: ...
     async def history(self, guild_id: int, user_id: int, limit: int = 10) -> list[Job]: ...
     async def finished_jobs(

@@ -43,10 +43,13 @@ class JobListener(Protocol):
     again later, unless they raise :class:`~generation.errors.Undeliverable` (nobody can be
     told: the outcome is kept for the member's history).
     ``queue_moved`` hears queued jobs' positions and ETAs (in chunks) when they change; it
-    runs on the event loop and must return at once.
+    runs on the event loop and must return at once. ``job_waiting`` hears, at start-up, of
+    each queued job whose requester can still be reached (the process that answered them
+    may have been another, or this one before a restart).
     """
 
     def queue_moved(self, estimates: Sequence[Estimate]) -> None: ...
+    def job_waiting(self, job: Job) -> None: ...
     async def job_started(self, job: Job) -> None: ...
     async def job_progress(self, job: Job) -> None: ...
     async def job_finished(self, job: Job, results: list[GenerationResult]) -> str | None: ...
@@ -62,7 +65,8 @@ class Watcher:
         listener: Talks to the requesters.
         rates: Generation rates, for ETAs (refreshed from the store).
         batch_policy: How workers form batches, for ETAs.
-        eta_interval: Least time between two refreshes of every queued job's ETA.
+        worker_silence: Seconds without a heartbeat after which a worker no longer counts
+            (its lease: it has lost its jobs by then).
         store_retry: How a write the store refuses is tried again.
         delivery_retry: How a delivery that fails is tried again.
     """
@@ -74,7 +78,7 @@ class Watcher:
         *,
         rates: GenerationRates,
         batch_policy: BatchPolicy,
-        eta_interval: float = 5.0,
+        worker_silence: float = 60.0,
         store_retry: Backoff = STORE_RETRY,
         delivery_retry: Backoff = DELIVERY_RETRY,
     ) -> None:
@@ -82,7 +86,7 @@ class Watcher:
         self.listener = listener
         self.rates = rates
         self.batch_policy = batch_policy
-        self.eta_interval = eta_interval
+        self.worker_silence = worker_silence
         self.store_retry = store_retry
         self.delivery_retry = delivery_retry
         #: Live workers, for ETAs (at least 1: a job waits for a worker to come).
@@ -96,9 +100,12 @@ class Watcher:
         self._reports: set[asyncio.Task[None]] = set()
         #: Deliveries waiting to try again: a shutdown leaves them to the next start.
         self._waiting: set[asyncio.Task] = set()
-        self._eta_at = float("-inf")
 
-    def start(self) -> None:
+    async def start(self, now: float) -> None:
+        """Start watching: the listener hears of the queued jobs it can still reach (their
+        interaction tokens are valid at ``now``), then of every change."""
+        for job in await self.store.waiting_with_reply(now):
+            self.listener.job_waiting(job)
         self.store.subscribe(Channel.JOBS, lambda _: self.changed())
         self.store.subscribe(Channel.QUEUE, lambda _: self.changed())
         self.changed()
@@ -162,18 +169,19 @@ class Watcher:
         for job in await self.store.undelivered():
             if job.id not in self._delivering:
                 self._deliver_later(job)
-        if time.monotonic() - self._eta_at >= self.eta_interval:
-            self._eta_at = time.monotonic()
-            await self._refresh_estimates(running)
+        await self._refresh_estimates(running)
 
     async def _refresh_estimates(self, running: list[Job]) -> None:
         """Give the listener every queued job's place and ETA, a chunk at a time."""
-        workers = await self.store.workers(time.time() - 3 * 60)
+        workers = await self.store.workers(time.time() - self.worker_silence)
         self.workers = max(1, len(workers))
         for worker in workers:
             self.rates.load(await self.store.generation_rates(worker.device))
         order = await self.store.queue_order()
-        estimates = forecast(order, running, self.rates, self.batch_policy, self.workers)
+        # One pass over the whole queue: on a thread, so the event loop runs meanwhile.
+        estimates = await asyncio.to_thread(
+            forecast, order, running, self.rates, self.batch_policy, self.workers
+        )
         for start in range(0, len(estimates), CHUNK):
             try:
                 self.listener.queue_moved(estimates[start : start + CHUNK])

@@ -172,8 +172,7 @@ class Worker:
         """What a worker does every few seconds (its driver calls it: a timer loop): renew
         the leases of the jobs it runs, queue again other workers' expired ones now and
         then, and look at the queue (a notification may have been lost)."""
-        if self.running:
-            await self._beat()
+        await self._beat()  # idle too: the gateway counts the workers it hears from
         if time.monotonic() - self._swept_at >= self.leases.sweep:
             self._swept_at = time.monotonic()
             await self._sweep()

@@ -3,16 +3,19 @@ heartbeats, expired leases, cancels, progress and the workers' records (SQL in :
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
+
+from psycopg.rows import tuple_row
 
 from generation.jobs.estimates import WorkAhead
 from generation.jobs.job import Job, JobStatus, QueueEntry, ReplyAddress
 from generation.jobs.postgres import queries as q
 from generation.jobs.postgres.db import Connection, Database, fetch_row, fetch_value, notify
 from generation.jobs.postgres.rows import job_without_audio
-from generation.jobs.store import Channel, WorkerInfo, gave_up
+from generation.jobs.store import ENTRY_CHUNK, Channel, WorkerInfo, gave_up
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +90,17 @@ class QueueOperations(Database):
         return [WorkAhead(**row) for row in rows]
 
     async def queue_order(self) -> list[QueueEntry]:
-        """Every claimable job in queue order, as the forecast needs it (one index range)."""
+        """Every claimable job in queue order, as the forecast needs it (one index range),
+        turned into entries a chunk at a time so that a long queue never holds the event
+        loop."""
+        entries: list[QueueEntry] = []
         async with self._read() as db:
-            rows = await (await db.execute(q.QUEUE_ORDER)).fetchall()
-        return [QueueEntry(**row) for row in rows]
+            cursor = db.cursor(row_factory=tuple_row)
+            await cursor.execute(q.QUEUE_ORDER)
+            while rows := await cursor.fetchmany(ENTRY_CHUNK):
+                entries += [QueueEntry(*row) for row in rows]
+                await asyncio.sleep(0)
+        return entries
 
     async def running(self) -> list[Job]:
         """The jobs running now, with their progress and worker, without audio."""

@@ -303,6 +303,16 @@ class PostgresStore(QueueOperations, ServersAndJams):
         jobs = await self._jobs("WHERE id = %s", (job_id,))
         return jobs[0] if jobs else None
 
+    async def waiting_with_reply(self, now: float) -> list[Job]:
+        """Queued jobs whose requester can still be reached through their interaction
+        (token valid at ``now``), without audio: their status messages show their place."""
+        return await self._jobs(
+            """WHERE status = 'queued' AND reply_token IS NOT NULL AND reply_expires_at > %s
+               ORDER BY id""",
+            (now,),
+            with_audio=False,
+        )
+
     async def undelivered(self) -> list[Job]:
         """Jobs that ended without their requester being told, and are still to be (without
         their uploads: an outcome is delivered from the job and its stored tracks)."""
