@@ -9,7 +9,8 @@ subprocesses (CPU, ``OMP_NUM_THREADS=1``, the debug model) on a fresh schema of 
 the ratio measures process parallelism, not batching; jobs differ in duration and seed
 anyway. Each round starts the workers, warms them up (model loaded, a job each run), then
 submits ``--jobs`` jobs at once from several servers and times them from the submission to
-the last outcome heard; jobs per minute are medians over ``--rounds`` rounds.
+the last outcome heard. Jobs per minute, and the ratio of each round (2 processes to 1, one
+after the other), are medians over ``--rounds`` rounds.
 
     ./dev python -m bench.workers [--jobs 16 --duration 3 --rounds 2]
 """
@@ -218,17 +219,19 @@ async def main(args: argparse.Namespace) -> None:
                         rates[count].append(
                             await round_(service, outcomes, workers, count, args, first)
                         )
+                    print(f"  ratio {rates[2][-1] / rates[1][-1]:.2f}")
         finally:
             driver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await driver
             await service.shutdown()
     one, two = (statistics.median(rates[count]) for count in (1, 2))
+    ratio = statistics.median(b / a for a, b in zip(rates[1], rates[2], strict=True))
     print(
-        f"median of {args.rounds}: 1 process {one:.1f} jobs/min, 2 processes {two:.1f} jobs/min "
-        f"({args.jobs} jobs of ~{args.duration:g} s, debug model, max_batch 1)"
+        f"medians of {args.rounds} rounds: 1 process {one:.1f} jobs/min, 2 processes "
+        f"{two:.1f} jobs/min ({args.jobs} jobs of ~{args.duration:g} s, debug model, max_batch 1)"
     )
-    print(f"workers: 2 processes serve {two / one:.2f}x the jobs of 1 (target 1.8x)")
+    print(f"workers: 2 processes serve {ratio:.2f}x the jobs of 1 (target 1.8x)")
 
 
 if __name__ == "__main__":
