@@ -264,3 +264,32 @@ def test_compose_runs_postgres_a_gateway_and_a_gpu_worker_from_the_image():
     assert grace > QueueConfig().shutdown_grace
     assert "/.env" in (ROOT / ".gitignore").read_text().split()
     assert ".env" in (ROOT / ".dockerignore").read_text().split()
+
+
+#: Everything a gateway loads: the bot, its cogs, the job service and both stores.
+GATEWAY_PROBE = """
+import importlib, pkgutil, sys
+import bot, bot.cogs
+from bot.config import parse_config
+for package in (bot, bot.cogs):
+    for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        importlib.import_module(module.name)
+for name in ("service", "watcher", "sqlite", "postgres", "transfer"):
+    importlib.import_module(f"generation.jobs.{name}")
+config = parse_config({"discord": {"token": "x"}, "generation": {"models": ["debug"]}},
+                      source="probe", environ={})
+bot.create_bot(config, generates=False)
+print(",".join(sorted({n.partition(".")[0] for n in sys.modules} & {"torch", "audiocraft"})))
+"""
+
+
+def test_a_gateway_imports_neither_torch_nor_audiocraft():
+    result = subprocess.run(
+        [sys.executable, "-c", GATEWAY_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=ROOT,
+    )
+    assert result.stdout.strip() == ""

@@ -15,8 +15,9 @@ from pathlib import Path
 import discord
 import pytest
 
-from generation.jobs.job import JobStatus
+from generation.jobs.job import Job, JobStatus
 from generation.jobs.postgres import PostgresStore
+from generation.request import GenerationRequest
 
 from .bot_helpers import make_bot
 from .postgres import fresh_schema
@@ -245,3 +246,34 @@ async def _ended(store, job_id: int):
 
 def _edited(channel, job_id: int) -> bool:
     return any(f"Job #{job_id} was cancelled" in m.content for m in channel.history())
+
+
+#: Runs ``musicgen-bot worker`` and reports, as it exits, whether discord.py was loaded.
+WORKER_PROBE = """
+import runpy, sys
+sys.argv = ["musicgen-bot", *sys.argv[1:]]
+try:
+    runpy.run_module("bot.cli", run_name="__main__")
+finally:
+    print("discord loaded:", "discord" in sys.modules, file=sys.stderr)
+"""
+
+
+async def test_a_worker_generates_without_importing_discord(store, workers, tmp_path):
+    log = tmp_path / "probe.log"
+    process = subprocess.Popen(
+        [sys.executable, "-c", WORKER_PROBE, "worker", "--config", str(workers.config)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        await until(lambda: _count_workers(store, 1), "the worker to register", seconds=60)
+        job = await store.add(Job(0, GenerationRequest("hum", "debug", duration=0.5), 1, 1, 1))
+        await store.release(job, None)
+        await until(lambda: _ended(store, job.id), "the job to be generated", seconds=60)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    assert (await store.get(job.id)).status is JobStatus.DONE
+    assert "discord loaded: False" in log.read_text()

@@ -99,6 +99,7 @@ class JobService:
                 log.info("event=recovered jobs=%d (running when the bot stopped)", moved)
         await self.watcher.start(time.time() if now is None else now)
         self.started = True
+        log.info("event=service-started queued=%d", await self.store.queue_length())
 
     async def submit(
         self,

@@ -25,7 +25,7 @@ from generation.jobs.estimates import Estimate, GenerationRates, forecast
 from generation.jobs.job import Job, JobStatus
 from generation.jobs.retry import DELIVERY_RETRY, STORE_RETRY, Backoff, retrying
 from generation.jobs.scheduling import BatchPolicy
-from generation.jobs.store import Channel, JobStore
+from generation.jobs.store import Channel, JobStore, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class Watcher:
         self.accepting = True
         self._task: asyncio.Task[None] | None = None
         self._again = False
+        self._workers_seen: set[str] | None = None
         #: Running jobs the listener was told about, and the progress it last heard.
         self._running: dict[int, tuple[int, int]] = {}
         self._delivering: dict[int, asyncio.Task[None]] = {}
@@ -175,6 +176,7 @@ class Watcher:
         """Give the listener every queued job's place and ETA, a chunk at a time."""
         workers = await self.store.workers(time.time() - self.worker_silence)
         self.workers = max(1, len(workers))
+        self._log_workers(workers)
         for worker in workers:
             self.rates.load(await self.store.generation_rates(worker.device))
         order = await self.store.queue_order()
@@ -188,6 +190,18 @@ class Watcher:
             except Exception:
                 log.exception("job listener failed")
             await asyncio.sleep(0)
+
+    def _log_workers(self, workers: Sequence[WorkerInfo]) -> None:
+        """Log the live workers whenever they change (one came, one went silent)."""
+        seen = {worker.id for worker in workers}
+        if seen == self._workers_seen:
+            return
+        self._workers_seen = seen
+        described = ", ".join(f"{worker.id} ({worker.device})" for worker in workers)
+        if workers:
+            log.info("event=workers live=%d workers=%s", len(workers), described)
+        else:
+            log.warning("event=workers live=0 (queued jobs wait for a worker)")
 
     def _deliver_later(self, job: Job) -> None:
         task = asyncio.get_running_loop().create_task(self.deliver(job))
