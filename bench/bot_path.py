@@ -1,5 +1,6 @@
-"""The bot's own path around generation: the job service, its queue and worker, the store,
-MP3 encoding at the upload limit and an upload, with the bot's real code.
+"""The bot's own path around generation, with the bot's real code: the job service, the
+store (where the queue is), the watcher that tells requesters, a generation worker in the same
+process (as ``musicgen-bot run`` has), MP3 encoding at the upload limit and an upload.
 
 The upload goes to an HTTP endpoint on this machine (a multipart POST, as discord.py sends
 files), so it counts the bot's work to send a file, not the network's time.
@@ -8,6 +9,7 @@ files), so it counts the bot's work to send a file, not the network's time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import tempfile
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from bot.bot import TICK_SECONDS
 from bot.delivery import encode_for_upload
 from generation.engine.musicgen import MusicGenEngine
 from generation.engine.results import GenerationResult
@@ -27,6 +30,7 @@ from generation.jobs.job import Job, QueueLimits
 from generation.jobs.scheduling import BatchPolicy
 from generation.jobs.service import JobService
 from generation.jobs.sqlite import SqliteStore
+from generation.jobs.worker import Worker
 from generation.request import GenerationRequest
 
 UPLOAD_LIMIT = 25 * 2**20  # Discord's default for bots
@@ -47,13 +51,18 @@ class QueueRun:
 
 
 class _Uploader:
-    """A JobListener that delivers as the bot does: MP3 at the upload limit, then a POST."""
+    """A JobListener that delivers as the bot does: MP3 at the upload limit, then a POST;
+    it writes down when each job's files were uploaded."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
-        self.session, self.url = session, url
+    def __init__(self, session: aiohttp.ClientSession, url: str, count: int) -> None:
+        self.session, self.url, self.count = session, url, count
         self.delivered: dict[int, float] = {}
+        self.all_delivered = asyncio.Event()
 
     def queue_moved(self, estimates: Sequence[Estimate]) -> None:
+        pass
+
+    def job_waiting(self, job: Job) -> None:
         pass
 
     async def job_started(self, job: Job) -> None:
@@ -63,13 +72,15 @@ class _Uploader:
         pass
 
     async def job_finished(self, job: Job, results: list[GenerationResult]) -> str:
-        files, _ = await encode_for_upload(results, UPLOAD_LIMIT)
+        files, _ = await encode_for_upload(job, results, UPLOAD_LIMIT)
         form = aiohttp.FormData()
         for index, file in enumerate(files):
             form.add_field(f"files[{index}]", file.fp.read(), filename=file.filename)
         async with self.session.post(self.url, data=form) as response:
             response.raise_for_status()
         self.delivered[job.id] = time.perf_counter()
+        if len(self.delivered) == self.count:
+            self.all_delivered.set()
         return self.url
 
     async def job_failed(self, job: Job, error: GenerationError) -> None:
@@ -84,12 +95,20 @@ async def _receive(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+async def _timer(service: JobService, worker: Worker) -> None:
+    """The bot's timer loop: look at the store now and then, whatever notifications said."""
+    while True:
+        await asyncio.sleep(TICK_SECONDS)
+        await service.watcher.tick()
+        await worker.tick()
+
+
 async def run_through_queue(
     engine: MusicGenEngine, request: GenerationRequest, count: int, max_batch: int
 ) -> QueueRun:
     """Submit ``count`` copies of ``request`` (other prompts and seeds) from ``count`` servers
     at once, and time them until every MP3 is uploaded. The model is loaded beforehand, as
-    the bot does at start-up."""
+    the bot's worker does at start-up."""
     engine.load(request.model)
     app = web.Application(client_max_size=2 * UPLOAD_LIMIT)
     app.router.add_post("/upload", _receive)
@@ -99,18 +118,23 @@ async def run_through_queue(
     endpoint.bind(("127.0.0.1", 0))
     await web.SockSite(runner, endpoint).start()
     port = endpoint.getsockname()[1]
+    policy = BatchPolicy(max_rows=max_batch)
     with tempfile.TemporaryDirectory() as folder:
         async with aiohttp.ClientSession() as session:
-            listener = _Uploader(session, f"http://127.0.0.1:{port}/upload")
+            listener = _Uploader(session, f"http://127.0.0.1:{port}/upload", count)
             store = await SqliteStore.open(Path(folder) / "bench.sqlite3")
             service = JobService(
-                engine,
                 store,
                 listener,
                 limits=QueueLimits(per_user=count, per_guild=count),
-                batch_policy=BatchPolicy(max_rows=max_batch),
+                batch_policy=policy,
+                recover_running=True,
+                device=engine.device,
             )
             await service.start()
+            worker = Worker(engine, store, batch_policy=policy)
+            await worker.start()
+            timer = asyncio.get_running_loop().create_task(_timer(service, worker))
             started = time.perf_counter()
             jobs = []
             for index in range(count):
@@ -122,12 +146,17 @@ async def run_through_queue(
                 )
                 await service.release(job, None)
                 jobs.append(job)
-            await service.worker.join()
-            await service.shutdown(grace=0)
+            await listener.all_delivered.wait()
+            finished = max(listener.delivered.values())
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
+            await worker.stop(grace=0)
+            # The jobs of a batch share its start and its generation time: count each once.
+            stored = [await store.get(job.id) for job in jobs]
+            batches = {job.started_at: job.generation_seconds or 0.0 for job in stored if job}
+            await service.shutdown()
     await runner.cleanup()
-    finished = max(listener.delivered.values())
-    # The jobs of a batch share its start and its generation time: count each batch once.
-    batches = {job.started_at: job.generation_seconds or 0.0 for job in jobs}
     return QueueRun(count, finished - started, sum(batches.values()))
 
 
