@@ -153,14 +153,12 @@ async def test_two_workers_serve_several_servers_and_a_killed_one_loses_nothing(
     members = [
         server.add_member(simcord_env.create_user(f"member{n}")) for n, server in enumerate(servers)
     ]
+    # A long job for a worker to be killed in the middle of.
+    await members[0].slash(channels[0], "music generate", prompt="long", duration=60.0)
     first = workers.start(tmp_path / "worker-1.log")
     second = workers.start(tmp_path / "worker-2.log")
     await until(lambda: workers.alive() and _count_workers(store, 2), "both workers to register")
-
-    # A long job for the first worker to be killed in the middle of.
-    long = await members[0].slash(channels[0], "music generate", prompt="long", duration=60.0)
-    assert "Queued as job #" in long.response.content
-    running = await until(lambda: _running(store), "the long job to start", env=simcord_env)
+    running = await until(lambda: _running(store), "the long job to start")
     (job,) = running
     victim = first if str(first.pid) in job.worker_id else second
     survivor = second if victim is first else first
@@ -277,3 +275,30 @@ async def test_a_worker_generates_without_importing_discord(store, workers, tmp_
         process.wait(30)
     assert (await store.get(job.id)).status is JobStatus.DONE
     assert "discord loaded: False" in log.read_text()
+
+
+async def test_a_gateway_restart_loses_nothing(simcord_env, store, workers, database, tmp_path):
+    guild = simcord_env.create_guild("Jam")
+    channel = guild.create_text_channel("music")
+    alice = guild.add_member(simcord_env.create_user("alice"))
+    for prompt in ("one", "two"):
+        await alice.slash(channel, "music generate", prompt=prompt, duration=2.0)
+    # The gateway goes down with both jobs queued; a worker makes them meanwhile.
+    gateway = await PostgresStore.open(database)
+    gateway.subscribe = lambda channel, listener: None  # as the gateway_store fixture says
+    await simcord_env.restart_bot(
+        make_bot(database, generates=False, store=gateway, queue={"lease_seconds": LEASE})
+    )
+    workers.start(tmp_path / "worker.log")
+    done = await until(
+        lambda: len(tracks(channel)) >= 2 and tracks(channel), "both tracks", env=simcord_env
+    )
+    assert sorted(message.embeds[0].title for message in done) == ["one", "two"]
+    await until(lambda: _all_delivered(store), "both to be marked delivered")
+    await simcord_env.advance_time(5)  # and no second delivery after that
+    assert len(tracks(channel)) == 2
+
+
+async def _all_delivered(store) -> bool:
+    jobs = [await store.get(number) for number in (1, 2)]
+    return all(job is not None and job.delivered for job in jobs)
