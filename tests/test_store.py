@@ -621,3 +621,12 @@ async def test_pruning_forgets_workers_silent_for_a_day(store):
         await sql(store, "UPDATE workers SET seen_at = ? WHERE id = ?", (seen_at, name))
     await store.prune(Retention(), now=now)
     assert [worker.id for worker in await store.workers(seen_since=0.0)] == ["alive"]
+
+
+async def test_the_oldest_undelivered_outcomes_come_first_a_bounded_number_at_a_time(store):
+    jobs = [await store.add(Job(0, REQUEST, 1, 1, 1)) for _ in range(3)]
+    for job in jobs:
+        assert await store.request_cancel(job.id) is JobStatus.CANCELLED
+    assert [job.id for job in await store.undelivered(limit=2)] == [jobs[0].id, jobs[1].id]
+    await store.mark_delivered(jobs[0])
+    assert [job.id for job in await store.undelivered(limit=2)] == [jobs[1].id, jobs[2].id]

@@ -34,6 +34,7 @@ from generation.jobs.retention import DAY, Retention
 from generation.jobs.store import (
     ENTRY_CHUNK,
     MEDIAN_OF,
+    UNDELIVERED_AT_ONCE,
     Channel,
     Expired,
     GuildSettings,
@@ -870,13 +871,14 @@ class SqliteStore:
             with_audio=False,
         )
 
-    async def undelivered(self) -> list[Job]:
-        """Jobs that ended without their requester being told, and are still to be (without
-        their uploads: an outcome is delivered from the job and its stored tracks)."""
+    async def undelivered(self, limit: int = UNDELIVERED_AT_ONCE) -> list[Job]:
+        """The oldest ``limit`` jobs that ended without their requester being told, and are
+        still to be (without their uploads: an outcome is delivered from the job and its
+        stored tracks)."""
         return await self._jobs(
             """WHERE status IN ('done', 'failed', 'cancelled') AND delivered = 0
-               AND delivery_failure IS NULL ORDER BY id""",
-            (),
+               AND delivery_failure IS NULL ORDER BY id LIMIT ?""",
+            (limit,),
             with_audio=False,
         )
 
