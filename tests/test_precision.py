@@ -90,3 +90,24 @@ def test_greedy_tokens_mostly_agree_with_float32(name, precision, floor, record_
     record_property("agreement", agreement)
     print(f"{name} {precision}: {agreement:.4f}")
     assert agreement >= floor
+
+
+def test_the_configured_precision_reaches_the_workers_engine():
+    from bot.config import parse_config
+    from bot.worker_command import worker_settings
+
+    config = parse_config({"generation": {"precision": "fp16"}}, source="config.toml", environ={})
+    assert worker_settings(config, "cpu", None).precision == "fp16"
+
+
+def test_the_command_line_decodes_in_the_precision_asked(tmp_path, monkeypatch, capsys):
+    from generation.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "--prompt", "x", "--model", "debug", "--duration", "2", "--seed", "1"]
+    for precision in ("fp32", "bf16"):
+        assert main([*args, "--precision", precision, "--output", f"{precision}.wav"]) == 0
+    assert (tmp_path / "fp32.wav").read_bytes() != (tmp_path / "bf16.wav").read_bytes()
+    with pytest.raises(SystemExit):
+        main([*args, "--precision", "half"])
+    assert "--precision" in capsys.readouterr().err
