@@ -66,7 +66,7 @@ async def test_a_job_keeps_every_request_field_its_audio_and_its_reply_address(s
     reply = ReplyAddress(
         application_id=9, token="secret", expires_at=1e9, message_id=77, max_upload_bytes=1024
     )
-    await store.set_reply(job, reply)
+    await store.release(job, reply)
     (loaded,) = await store.history(1, 3)
     await store.load_uploads(loaded)
     assert loaded.id == job.id and loaded.status is JobStatus.QUEUED
@@ -328,7 +328,7 @@ async def test_tokens_are_forgotten_once_delivered_or_expired(store):
     jobs = []
     for expires_at in (now + 900, now + 900, now - 1):
         job = await store.add(Job(0, REQUEST, 1, 1, 1))
-        await store.set_reply(job, ReplyAddress(9, f"token-{job.id}", expires_at, 5, 1024))
+        await store.release(job, ReplyAddress(9, f"token-{job.id}", expires_at, 5, 1024))
         jobs.append(job)
     delivered, waiting, expired = jobs
     await store.finish(delivered, JobStatus.DONE)

@@ -440,12 +440,6 @@ class SqliteStore:
                 await _keep_upload(self._db, job.id, option, stored, digest)
         return job
 
-    async def set_reply(self, job: Job, reply: ReplyAddress) -> None:
-        """Record where the requester waits for the answer."""
-        job.reply = reply
-        async with self._transaction():
-            await self._db.execute(SET_REPLY, (*_reply_values(reply), job.id))
-
     async def release(self, job: Job, reply: ReplyAddress | None) -> None:
         """Record where the requester waits (if anywhere) and let workers claim the job; a
         job cancelled meanwhile stays cancelled."""

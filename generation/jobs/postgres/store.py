@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from generation.errors import DamagedResult, DamagedUpload, ResultMissing
-from generation.jobs.job import ClipRecord, Job, JobStatus, ReplyAddress
+from generation.jobs.job import ClipRecord, Job, JobStatus
 from generation.jobs.postgres import queries as q
 from generation.jobs.postgres.db import (
     APPLICATION_NAME,
@@ -179,24 +179,6 @@ class PostgresStore(QueueOperations, ServersAndJams):
                     (job.id, option, digest, stored.seconds),
                 )
         return job
-
-    async def set_reply(self, job: Job, reply: ReplyAddress) -> None:
-        """Record where the requester waits for the answer."""
-        job.reply = reply
-        async with self._transaction() as db:
-            await db.execute(
-                """UPDATE jobs SET reply_application_id = %s, reply_token = %s,
-                       reply_expires_at = %s, reply_message_id = %s, reply_max_upload_bytes = %s
-                   WHERE id = %s""",
-                (
-                    reply.application_id,
-                    reply.token,
-                    reply.expires_at,
-                    reply.message_id,
-                    reply.max_upload_bytes,
-                    job.id,
-                ),
-            )
 
     # A job's life
 
