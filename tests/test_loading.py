@@ -102,6 +102,19 @@ def test_loading_on_the_meta_device_gives_what_audiocrafts_loader_gives(tmp_path
     assert torch.equal(*outputs)
 
 
+def test_a_checkpoint_loads_its_transformer_in_the_dtype_asked(tmp_path):
+    folder = export_checkpoint_folder("debug", tmp_path)
+    full = load_checkpoint(str(folder), "cpu").lm
+    half = load_checkpoint(str(folder), "cpu", torch.float16).lm
+    assert half.cfg.dtype == "float16"
+    for (key, tensor), reference in zip(
+        half.transformer.state_dict().items(), full.transformer.state_dict().values(), strict=True
+    ):
+        assert tensor.dtype == torch.float16, key
+        assert torch.equal(tensor, reference.half()), key
+    assert {p.dtype for p in half.linears.parameters()} == {torch.float32}  # as audiocraft
+
+
 _PEAK_SCRIPT = """
 import sys
 from pathlib import Path

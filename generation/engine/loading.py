@@ -34,8 +34,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(spec: ModelSpec, device: str) -> MusicGen:
+def load_model(
+    spec: ModelSpec, device: str, transformer_dtype: torch.dtype | None = None
+) -> MusicGen:
     """Load ``spec`` onto ``device``.
+
+    ``transformer_dtype`` is what a checkpoint's LM transformer is built in; audiocraft's
+    (float32 on a CPU, float16 on a GPU) when None. Debug models are built in float32.
 
     Hub ids and checkpoint folders are read by audiocraft's checkpoint functions, which load
     the exported format (a YAML ``xp.cfg`` beside ``best_state``) with ``torch.load``'s default
@@ -48,7 +53,7 @@ def load_model(spec: ModelSpec, device: str) -> MusicGen:
     if spec.name in DEBUG_MODELS:
         return build_debug_model(spec.name, device)
     try:
-        return load_checkpoint(spec.name, device)
+        return load_checkpoint(spec.name, device, transformer_dtype)
     except pickle.UnpicklingError as error:
         raise ModelLoadError.unsafe(spec.name) from error
     except (OSError, KeyError, RuntimeError, ValueError) as error:
@@ -60,13 +65,17 @@ def load_model(spec: ModelSpec, device: str) -> MusicGen:
         ) from error
 
 
-def load_checkpoint(name: str, device: str) -> MusicGen:
+def load_checkpoint(
+    name: str, device: str, transformer_dtype: torch.dtype | None = None
+) -> MusicGen:
     """What ``MusicGen.get_pretrained(name, device)`` gives, without building random weights.
 
     ``name`` is a hub id or a checkpoint folder. Each model is built on the meta device and
-    takes the checkpoint's tensors as its weights.
+    takes the checkpoint's tensors as its weights. ``transformer_dtype`` replaces audiocraft's
+    dtype for the LM's transformer (float32 on a CPU, float16 on a GPU), so that a float32 or
+    bfloat16 model on a GPU is not first rounded to float16.
     """
-    lm = _load_lm(loaders.load_lm_model_ckpt(name), device)
+    lm = _load_lm(loaders.load_lm_model_ckpt(name), device, transformer_dtype)
     compression_model = _load_compression_model(loaders.load_compression_model_ckpt(name), device)
     if "self_wav" in lm.condition_provider.conditioners:  # as get_pretrained does
         lm.condition_provider.conditioners["self_wav"].match_len_on_eval = True
@@ -74,7 +83,7 @@ def load_checkpoint(name: str, device: str) -> MusicGen:
     return MusicGen(name, compression_model, lm)
 
 
-def _load_lm(package: dict[str, Any], device: str) -> Module:
+def _load_lm(package: dict[str, Any], device: str, transformer_dtype: torch.dtype | None) -> Module:
     """``audiocraft.models.loaders.load_lm_model`` on the meta device.
 
     The conditioners are built on ``device`` as audiocraft builds them: they are small, except
@@ -83,6 +92,8 @@ def _load_lm(package: dict[str, Any], device: str) -> Module:
     cfg = OmegaConf.create(package["xp.cfg"])
     cfg.device = str(device)
     cfg.dtype = "float32" if cfg.device == "cpu" else "float16"  # as audiocraft's loader
+    if transformer_dtype is not None:
+        cfg.dtype = str(transformer_dtype).removeprefix("torch.")
     for key in (
         "conditioners.self_wav.chroma_stem.cache_path",
         "conditioners.args.merge_text_conditions_p",

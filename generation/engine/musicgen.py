@@ -18,7 +18,7 @@ from torch.nn import Module
 from generation.engine.decoding import optimise_for_decoding
 from generation.engine.loading import default_device, load_model
 from generation.engine.models import ModelSpec, resolve_model
-from generation.engine.precision import apply_precision, resolve_precision
+from generation.engine.precision import apply_precision, resolve_precision, transformer_dtype
 from generation.engine.results import CancelFlag, GenerationResult, ProgressCallback
 from generation.engine.sampling import seeded_rows
 from generation.errors import GenerationCancelled, GenerationError
@@ -223,7 +223,7 @@ class MusicGenEngine:
             return model
         expected = (spec.vram_gb if self.device.startswith("cuda") else spec.ram_gb) * GB
         self._make_room(expected)
-        model = load_model(spec, self.device)
+        model = load_model(spec, self.device, transformer_dtype(self.precision, self.device))
         apply_precision(model, self.precision)
         optimise_for_decoding(model)
         self._models[spec.name] = model

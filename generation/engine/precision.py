@@ -53,6 +53,14 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+def transformer_dtype(precision: str, device: str | torch.device) -> torch.dtype:
+    """The dtype a checkpoint's LM transformer is loaded in for ``precision`` on ``device``:
+    float32 on a CPU (cast afterwards by :func:`apply_precision`), the precision's on a GPU."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return _DTYPES[resolve_precision(precision, device)]
+
+
 def apply_precision(model: MusicGen, precision: str) -> str:
     """Set ``model`` (as audiocraft's loader left it) to decode in ``precision``.
 
