@@ -35,6 +35,7 @@ from generation.jobs.sqlite import (
     SqliteStore,
     StoreError,
 )
+from generation.jobs.store import WorkerInfo
 from generation.origin import Origin, OriginKind
 from generation.request import AudioClip, GenerationRequest
 
@@ -611,3 +612,12 @@ def test_the_stats_read_through_indexes_not_the_whole_history(sqlite_store, tmp_
     assert plans[1] == (
         "SEARCH jobs USING INDEX jobs_finished_by_guild (guild_id=? AND finished_at>?)"
     )
+
+
+async def test_pruning_forgets_workers_silent_for_a_day(store):
+    now = time.time()
+    for name, seen_at in (("gone", now - 2 * DAY), ("alive", now - 60)):
+        await store.register_worker(WorkerInfo(name, "host", "cpu", (), started_at=0, seen_at=0))
+        await sql(store, "UPDATE workers SET seen_at = ? WHERE id = ?", (seen_at, name))
+    await store.prune(Retention(), now=now)
+    assert [worker.id for worker in await store.workers(seen_since=0.0)] == ["alive"]

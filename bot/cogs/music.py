@@ -43,9 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Seconds without a heartbeat after which ``/music stats`` no longer lists a worker.
-WORKER_SILENCE = 180.0
-
 DEFAULTS = GenerationRequest(prompt="", model="")
 HISTORY_LENGTH = 10
 #: Recent jobs an autocomplete looks through for what the member typed.
@@ -448,7 +445,8 @@ class Music(commands.Cog):
             await self.store.stats(guild_id),
             queued_here=len(await self.store.queued(guild_id)),
             queued_everywhere=await self.store.queue_length(),
-            workers=await self.store.workers(time.time() - WORKER_SILENCE),
+            # A worker silent for a lease has lost its jobs: it is no longer listed.
+            workers=await self.store.workers(time.time() - self.bot.config.queue.lease_seconds),
             memory=worker.generator.memory_in_use() if worker is not None else {},
         )
         await interaction.response.send_message(embed=embed, ephemeral=True)

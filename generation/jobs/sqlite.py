@@ -319,6 +319,9 @@ SET_REPLY = """UPDATE jobs SET reply_application_id = ?, reply_token = ?, reply_
     reply_message_id = ?, reply_max_upload_bytes = ? WHERE id = ?"""
 
 
+#: Workers not heard from since ``?``: they died without saying goodbye.
+FORGET_SILENT_WORKERS = "DELETE FROM workers WHERE seen_at < ?"
+
 #: :meth:`SqliteStore.stats`' reads: each goes through an index, never over a server's history.
 STATS_COUNTS = "SELECT status, jobs FROM job_counts WHERE guild_id = ?"
 STATS_RECENT = """SELECT started_at - submitted_at, generation_seconds FROM jobs
@@ -1001,10 +1004,13 @@ class SqliteStore:
 
         A job whose result or uploads were deleted keeps its row (history, and the date for
         :class:`Expired`); a job past ``jobs_days`` goes with its files, and a relay jam goes
-        once all its turns have. Files are deleted on a worker thread.
+        once all its turns have. Files are deleted on a worker thread. Workers not heard from
+        for a day (killed, never stopped cleanly) are forgotten.
         """
         now = time.time() if now is None else now
         tokens = await self.clear_expired_tokens(now)
+        async with self._transaction():
+            await self._db.execute(FORGET_SILENT_WORKERS, (now - DAY,))
         results = jobs = 0
         if retention.jobs_days:
             jobs = await self._delete_jobs(now - retention.jobs_days * DAY)

@@ -449,10 +449,13 @@ class PostgresStore(QueueOperations, ServersAndJams):
 
         A job whose result or uploads were deleted keeps its row (history, and the date for
         :class:`Expired`); a job past ``jobs_days`` goes with its results, and a relay jam
-        goes once all its turns have.
+        goes once all its turns have. Workers not heard from for a day are forgotten.
         """
         now = time.time() if now is None else now
         tokens = await self.clear_expired_tokens(now)
+        async with self._transaction() as db:
+            # Workers not heard from for a day died without saying goodbye.
+            await db.execute("DELETE FROM workers WHERE seen_at < %s", (now - DAY,))
         results = jobs = 0
         if retention.jobs_days:
             jobs = await self._delete_jobs(now - retention.jobs_days * DAY)
