@@ -126,6 +126,7 @@ class MusicGenBot(commands.Bot):
             models=generation.models,
             max_duration=generation.max_duration,
             memory_budget_gb=generation.memory_budget_gb,
+            precision=generation.precision,
             batch_policy=self.batch_policy,
             max_attempts=queue.max_attempts,
             progress_interval=queue.progress_interval,

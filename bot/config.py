@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from generation.engine.models import catalogue_name, resolve_model
+from generation.engine.models import PRECISIONS, catalogue_name, resolve_model
 from generation.errors import InvalidOption
 from generation.jobs.addresses import hide_passwords, redacted
 from generation.jobs.retention import Retention
@@ -58,6 +58,9 @@ class GenerationConfig:
     batch_window: float = 0.25
     #: Memory the loaded models may take together, in GB; 0 keeps only the model in use.
     memory_budget_gb: float = 0.0
+    #: Number format models decode in: "auto" (float16 autocast on a GPU as audiocraft does,
+    #: bfloat16 on a CPU with native bfloat16, else float32), "fp32", "bf16" or "fp16".
+    precision: str = "auto"
 
     @property
     def default_model(self) -> str:
@@ -321,6 +324,11 @@ def _check_values(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: generation.batch_window must be 0 to 10 seconds.")
     if generation.memory_budget_gb < 0:
         raise ConfigError(f"{source}: generation.memory_budget_gb must be 0 or more.")
+    if generation.precision not in PRECISIONS:
+        raise ConfigError(
+            f"{source}: generation.precision must be one of {', '.join(PRECISIONS)}, "
+            f"not {generation.precision!r}."
+        )
     if queue.lease_seconds < 2:
         raise ConfigError(f"{source}: queue.lease_seconds must be 2 or more.")
     if queue.max_model_wait < 0:

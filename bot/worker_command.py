@@ -70,6 +70,7 @@ def worker_settings(config: Config, device: str | None, models: Sequence[str] | 
         models=tuple(models) if models else generation.models,
         max_duration=generation.max_duration,
         memory_budget_gb=generation.memory_budget_gb,
+        precision=generation.precision,
         batch_policy=BatchPolicy(
             generation.max_batch, queue.max_model_wait, generation.batch_window
         ),

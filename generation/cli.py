@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from generation.audio.input import AudioLimits, read_audio_file
-from generation.engine.models import CATALOGUE, DEFAULT_MODEL, resolve_model
+from generation.engine.models import CATALOGUE, DEFAULT_MODEL, PRECISIONS, resolve_model
 from generation.errors import AudioInputError, GenerationError, InvalidOption
 from generation.request import (
     CODEBOOK_SIZE,
@@ -134,6 +134,13 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
     )
     add("--device", help="cpu, cuda, cuda:1... (default: the GPU if there is one)")
     add(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="number format to decode in (default: auto, float16 autocast on a GPU, "
+        "bfloat16 on a CPU with native bfloat16, else float32)",
+    )
+    add(
         "--service",
         choices=["audiocraft"],
         default="audiocraft",
@@ -185,7 +192,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from generation.audio.output import encode_audio, mp3_filename, normalise_loudness, request_tags
     from generation.engine.musicgen import MusicGenEngine
 
-    engine = MusicGenEngine(device=args.device)
+    engine = MusicGenEngine(device=args.device, precision=args.precision)
     with tqdm(total=None, unit="step", desc=request.model, disable=None) as bar:
 
         def show(done: int, total: int) -> None:

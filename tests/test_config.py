@@ -67,6 +67,8 @@ def test_the_token_never_shows_in_repr():
         ({"generation": {"max_duration": "long"}}, "generation.max_duration must be a number"),
         ({"generation": {"max_duration": -1}}, "max_duration must be above 0"),
         ({"generation": {"modle": ["debug"]}}, "unknown key generation.modle"),
+        ({"generation": {"precision": "half"}}, "generation.precision must be one of auto, fp32"),
+        ({"generation": {"precision": 16}}, "generation.precision must be a string"),
         ({"queue": {"max_jobs_per_user": 0}}, "at least 1"),
         ({"queue": {"max_jobs_per_user": 2.5}}, "must be a whole number"),
         ({"discord": {"guilds": ["123"]}}, "list of server ids"),

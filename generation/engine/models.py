@@ -13,6 +13,10 @@ from generation.errors import ModelLoadError, UnknownModel
 LM_CHECKPOINT = "state_dict.bin"
 COMPRESSION_CHECKPOINT = "compression_state_dict.bin"
 
+#: Number formats a model may decode in (``generation.precision``), here without torch so the
+#: gateway's configuration can check them; :mod:`generation.engine.precision` applies them.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 
 @dataclass(frozen=True)
 class ModelSpec:

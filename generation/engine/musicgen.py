@@ -18,6 +18,7 @@ from torch.nn import Module
 from generation.engine.decoding import optimise_for_decoding
 from generation.engine.loading import default_device, load_model
 from generation.engine.models import ModelSpec, resolve_model
+from generation.engine.precision import apply_precision, resolve_precision, transformer_dtype
 from generation.engine.results import CancelFlag, GenerationResult, ProgressCallback
 from generation.engine.sampling import seeded_rows
 from generation.errors import GenerationCancelled, GenerationError
@@ -46,6 +47,10 @@ class MusicGenEngine:
         max_duration: The longest output a request may ask for, in seconds.
         memory_budget_gb: Memory the loaded models may take together; the least recently used
             is unloaded to make room. The model in use always stays, whatever its size.
+        precision: "auto", "fp32", "bf16" or "fp16" (see :mod:`generation.engine.precision`).
+
+    Raises:
+        ValueError: ``precision`` is not one of those.
     """
 
     def __init__(
@@ -53,8 +58,11 @@ class MusicGenEngine:
         device: str | None = None,
         max_duration: float = DEFAULT_MAX_DURATION,
         memory_budget_gb: float = 0.0,
+        precision: str = "auto",
     ):
         self.device = device or default_device()
+        #: The precision models decode in here, ``auto`` resolved for the device.
+        self.precision = resolve_precision(precision, self.device)
         self.max_duration = max_duration
         self.memory_budget_gb = memory_budget_gb
         self._models: OrderedDict[str, MusicGen] = OrderedDict()  # least recently used first
@@ -215,7 +223,8 @@ class MusicGenEngine:
             return model
         expected = (spec.vram_gb if self.device.startswith("cuda") else spec.ram_gb) * GB
         self._make_room(expected)
-        model = load_model(spec, self.device)
+        model = load_model(spec, self.device, transformer_dtype(self.precision, self.device))
+        apply_precision(model, self.precision)
         optimise_for_decoding(model)
         self._models[spec.name] = model
         self._make_room(0)

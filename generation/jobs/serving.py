@@ -24,6 +24,7 @@ class WorkerSettings:
         models: The models it serves; the first is loaded at start.
         serves_any: Whether it also takes jobs for models not in ``models`` (one worker
             serving the whole bot); False when ``--models`` narrowed it.
+        precision: The number format its models decode in ("auto", "fp32", "bf16", "fp16").
     """
 
     device: str
@@ -35,6 +36,7 @@ class WorkerSettings:
     progress_interval: float
     job_timeout: float | None
     serves_any: bool = True
+    precision: str = "auto"
     leases: Leases = field(default_factory=Leases)
 
     @staticmethod
@@ -55,6 +57,7 @@ async def start_worker(store: JobStore, settings: WorkerSettings) -> Worker:
         device=None if settings.device == "auto" else settings.device,
         max_duration=settings.max_duration,
         memory_budget_gb=settings.memory_budget_gb,
+        precision=settings.precision,
     )
     worker = Worker(
         engine,
