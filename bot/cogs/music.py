@@ -50,7 +50,7 @@ CHOICES_SCANNED = 100
 
 
 class Music(commands.Cog):
-    """Members make music; one worker serves every server in turn."""
+    """Members make music; the servers take turns in the queue, whatever the workers."""
 
     music = app_commands.Group(
         name="music", description="Make music with MusicGen", guild_only=True
