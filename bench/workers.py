@@ -12,7 +12,11 @@ submits ``--jobs`` jobs at once from several servers and times them from the sub
 the last outcome heard. Jobs per minute, and the ratio of each round (2 processes to 1, one
 after the other), are medians over ``--rounds`` rounds.
 
-    ./dev python -m bench.workers [--jobs 16 --duration 3 --rounds 2]
+    ./dev python -m bench.workers [--jobs 24 --duration 10 --rounds 3]
+
+Jobs of 10 s (a typical request) by default: with jobs of 3 s, each a third of a second of
+work for the debug model, the fixed cost of a job and the noise of a shared machine take a
+visible share of each round.
 """
 
 from __future__ import annotations
@@ -236,8 +240,8 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=16, help="timed jobs per round")
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds of audio per job")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=24, help="timed jobs per round")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of audio per job")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--server", default=DEFAULT_SERVER, help="the PostgreSQL server")
     asyncio.run(main(parser.parse_args()))

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: Kept as the reason when every try at a delivery failed.
 DELIVERY_FAILED = "it could not be delivered"
+#: Seconds between two reads of the rates the workers learnt (they move slowly).
+RATES_INTERVAL = 60.0
 #: Estimates handed to the listener at a time, so a long queue never holds the event loop.
 CHUNK = 500
 
@@ -95,6 +97,7 @@ class Watcher:
         self._task: asyncio.Task[None] | None = None
         self._again = False
         self._workers_seen: set[str] | None = None
+        self._rates_at = float("-inf")
         #: Running jobs the listener was told about, and the progress it last heard.
         self._running: dict[int, tuple[int, int]] = {}
         self._delivering: dict[int, asyncio.Task[None]] = {}
@@ -177,9 +180,13 @@ class Watcher:
         workers = await self.store.workers(time.time() - self.worker_silence)
         self.workers = max(1, len(workers))
         self._log_workers(workers)
-        for worker in workers:
-            self.rates.load(await self.store.generation_rates(worker.device))
+        if time.monotonic() - self._rates_at >= RATES_INTERVAL:
+            self._rates_at = time.monotonic()
+            for device in {worker.device for worker in workers}:
+                self.rates.load(await self.store.generation_rates(device))
         order = await self.store.queue_order()
+        if not order:
+            return
         # One pass over the whole queue: on a thread, so the event loop runs meanwhile.
         estimates = await asyncio.to_thread(
             forecast, order, running, self.rates, self.batch_policy, self.workers
