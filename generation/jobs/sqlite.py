@@ -25,11 +25,19 @@ import aiosqlite
 import numpy as np
 import soundfile
 
-from generation.audio.stored import StoredClip, to_grid
+from generation.audio.stored import StoredClip
 from generation.errors import DamagedResult, DamagedUpload, ResultMissing
 from generation.jobs.estimates import WorkAhead
 from generation.jobs.job import ClipRecord, Job, JobStatus, QueueEntry, ReplyAddress
 from generation.jobs.ownership import InUse, Ownership
+from generation.jobs.records import (
+    AUDIO_OPTIONS,
+    clip_records,
+    decoded,
+    job_from_row,
+    on_grid,
+    request_json,
+)
 from generation.jobs.retention import DAY, Retention
 from generation.jobs.store import (
     ENTRY_CHUNK,
@@ -48,7 +56,6 @@ from generation.jobs.store import (
     WorkerInfo,
     gave_up,
 )
-from generation.origin import Origin
 from generation.request import AudioClip, GenerationRequest, batch_key
 
 log = logging.getLogger(__name__)
@@ -128,7 +135,7 @@ async def _store_uploads_once(db: aiosqlite.Connection) -> None:
             (job_id, option),
         )
         pcm = np.frombuffer(samples, dtype="<f4").reshape(channels, -1)
-        stored, digest = await asyncio.to_thread(_on_grid, AudioClip(pcm, sample_rate))
+        stored, digest = await asyncio.to_thread(on_grid, AudioClip(pcm, sample_rate))
         await _keep_flac(db, stored, digest)
         await db.execute("INSERT INTO job_uploads VALUES (?, ?, ?)", (job_id, option, digest))
     await db.execute("DROP TABLE uploads_v3")
@@ -158,8 +165,8 @@ async def _queue_in_the_store(db: aiosqlite.Connection) -> None:
            FROM jobs"""
     )
     updates = []
-    for job_id, request_json, has_uploads in rows:
-        request = GenerationRequest(**json.loads(request_json))
+    for job_id, stored_request, has_uploads in rows:
+        request = GenerationRequest(**json.loads(stored_request))
         key = _key_of_job(job_id) if has_uploads else _key(request)
         updates.append((request.model, request.duration, key, job_id))
     await db.executemany(
@@ -297,9 +304,6 @@ MIGRATIONS: tuple[str | Migration, ...] = (
     _queue_in_the_store,
 )
 
-_AUDIO_OPTIONS = ("melody", "continuation")
-
-
 #: A finished job whose requester has been told (or who could not be, so it was kept for
 #: their history): the retention policy may apply to it.
 _SETTLED = (
@@ -402,10 +406,10 @@ class SqliteStore:
         is kept is exactly what ran; a clip the store already holds is not stored again.
         """
         uploads = {}
-        for option in _AUDIO_OPTIONS:
+        for option in AUDIO_OPTIONS:
             clip: AudioClip | None = getattr(job.request, option)
             if clip is not None:
-                uploads[option] = await asyncio.to_thread(_on_grid, clip)
+                uploads[option] = await asyncio.to_thread(on_grid, clip)
         job.request = replace(
             job.request, **{option: stored.clip for option, (stored, _) in uploads.items()}
         )
@@ -425,7 +429,7 @@ class SqliteStore:
                     job.guild_id,
                     job.channel_id,
                     job.user_id,
-                    _request_json(job.request),
+                    request_json(job.request),
                     job.takes,
                     job.origin.to_json() if job.origin else None,
                     job.status.value,
@@ -904,7 +908,7 @@ class SqliteStore:
         clips = {}
         for option, exponent, flac in rows:
             try:
-                clips[option] = await asyncio.to_thread(_decoded, flac, exponent)
+                clips[option] = await asyncio.to_thread(decoded, flac, exponent)
             except soundfile.SoundFileError as error:
                 log.warning("job=%d event=upload-damaged option=%s error=%s", job.id, option, error)
                 raise DamagedUpload(job.id, option) from error
@@ -1236,7 +1240,7 @@ class SqliteStore:
         return [
             Turn(
                 Segment(row["position"], row["id"], row["player"]),
-                _job_from_row(row),
+                job_from_row(row),
                 row["intro_seconds"],
             )
             for row in rows
@@ -1256,12 +1260,9 @@ class SqliteStore:
                 FROM jobs {where}""",
             parameters,
         )
-        jobs = [_job_from_row(row) for row in rows]
+        jobs = [job_from_row(row) for row in rows]
         for job, row in zip(jobs, rows, strict=True):
-            job.clips = {
-                option: ClipRecord(seconds, digest)
-                for option, (seconds, digest) in json.loads(row["clips"]).items()
-            }
+            job.clips = clip_records(json.loads(row["clips"]))
             if with_audio:
                 job.request = await self._with_uploads(job.id, job.request)
             else:
@@ -1277,7 +1278,7 @@ class SqliteStore:
         )
         clips = {}
         for option, exponent, flac in rows:
-            clips[option] = await asyncio.to_thread(_decoded, flac, exponent)
+            clips[option] = await asyncio.to_thread(decoded, flac, exponent)
         return replace(request, **clips) if clips else request
 
 
@@ -1357,16 +1358,6 @@ async def _migrate(connection: aiosqlite.Connection, path: Path) -> None:
         await connection.execute("COMMIT")
 
 
-def _decoded(flac: bytes, exponent: int) -> AudioClip:
-    return StoredClip.from_flac(flac, exponent).clip
-
-
-def _on_grid(clip: AudioClip) -> tuple[StoredClip, str]:
-    """``clip`` as the store keeps it, and its content hash (CPU work: run it in a thread)."""
-    stored = to_grid(clip)
-    return stored, stored.content_hash
-
-
 async def _keep_upload(
     db: aiosqlite.Connection, job_id: int, option: str, stored: StoredClip, digest: str
 ) -> None:
@@ -1396,56 +1387,6 @@ def _write_flac(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     partial = path.with_suffix(".partial")
     soundfile.write(partial, audio.T, sample_rate, format="FLAC", subtype="PCM_24")
     partial.replace(path)  # a crash never leaves half a result under the real name
-
-
-def _request_json(request: GenerationRequest) -> str:
-    values = {
-        f.name: getattr(request, f.name)
-        for f in fields(GenerationRequest)
-        if f.name not in _AUDIO_OPTIONS
-    }
-    return json.dumps(values)
-
-
-def _job_from_row(row: aiosqlite.Row) -> Job:
-    reply = None
-    if row["reply_message_id"] is not None:  # kept after the token is forgotten, to link to
-        reply = ReplyAddress(
-            row["reply_application_id"],
-            row["reply_token"],
-            row["reply_expires_at"],
-            row["reply_message_id"],
-            row["reply_max_upload_bytes"],
-        )
-    return Job(
-        id=row["id"],
-        request=GenerationRequest(**json.loads(row["request"])),
-        takes=row["takes"],
-        origin=Origin.from_json(row["origin"]),
-        guild_id=row["guild_id"],
-        channel_id=row["channel_id"],
-        user_id=row["user_id"],
-        status=JobStatus(row["status"]),
-        reply=reply,
-        attempts=row["attempts"],
-        submitted_at=row["submitted_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        generation_seconds=row["generation_seconds"],
-        error=row["error"],
-        delivered=bool(row["delivered"]),
-        result_url=row["result_url"],
-        result_expired_at=row["result_expired_at"],
-        uploads_expired_at=row["uploads_expired_at"],
-        delivery_attempts=row["delivery_attempts"],
-        delivery_failure=row["delivery_failure"],
-        worker_id=row["worker_id"],
-        progress=(row["progress_done"] or 0, row["progress_total"] or 0),
-    )
-
-
-def _date(timestamp: float | None) -> str:
-    return time.strftime("%Y-%m-%d (UTC)", time.gmtime(timestamp))
 
 
 def _reply_values(reply: ReplyAddress) -> tuple:

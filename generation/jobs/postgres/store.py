@@ -30,17 +30,10 @@ from generation.jobs.postgres.db import (
 )
 from generation.jobs.postgres.listener import Listening
 from generation.jobs.postgres.queue import QueueOperations
-from generation.jobs.postgres.rows import (
-    AUDIO_OPTIONS,
-    decoded,
-    flac_of,
-    keep_flac,
-    on_grid,
-    read_flac,
-    request_json,
-)
+from generation.jobs.postgres.rows import flac_of, keep_flac, read_flac
 from generation.jobs.postgres.schema import migrate
 from generation.jobs.postgres.servers import ServersAndJams
+from generation.jobs.records import AUDIO_OPTIONS, decoded, on_grid, request_json
 from generation.jobs.retention import DAY, Retention
 from generation.jobs.store import (
     MEDIAN_OF,
