@@ -9,13 +9,11 @@ A decoding step on a CPU is mostly memory traffic (matrix products with 2 rows a
   layer read at every step for nothing. Each cross-attention now keeps its keys and values in
   its streaming state for the length of a ``generate`` call: the same operations on the same
   inputs, so this part is bit for bit audiocraft's, on every device and under autocast.
-- A request decodes 2 rows (the prompt and its CFG twin), and MKL's ``x @ W.T`` with 2 or 3
-  rows reads ``W`` once per row; ``(W @ x.T).T`` reads it once (about 2x faster for the
-  1024-wide inputs of MusicGen-small). Only on the CPU, outside autocast, in float32 (oneDNN's
-  bfloat16 ``F.linear`` is the fast one there: 0.45 ms against 1.6 ms for a 4096x1024 weight and
-  2 rows on AVX512-BF16) and only for 2 or 3 rows: the sum runs in another order, so results
-  differ from audiocraft's in the last bits of float32 (greedy tokens stay the same); GPU
-  numerics are left as audiocraft's.
+- The decoding loop shares steps between requests (:mod:`generation.engine.continuous`), and a
+  request's tokens must not depend on how many rows share its step. MKL's float32 ``F.linear``
+  gives every row the same bits from 4 rows on, but takes other kernels below; inside
+  :func:`batch_invariant` a float32 product on the CPU with fewer rows is padded to 4 (bfloat16
+  products are the same at any number of rows, and are left alone).
 - The self-attention's past keys and values are copied whole (``torch.cat``) at every step;
   they now grow in place in buffers with room for more steps (same values, bit for bit).
 """
@@ -23,7 +21,9 @@ A decoding step on a CPU is mostly memory traffic (matrix products with 2 rows a
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -35,9 +35,13 @@ from torch.nn import functional as F
 
 _MARK = "_musicgen_bot_optimised"
 # Streaming-state keys (no dots: audiocraft joins module names with them).
-_SOURCE, _KEYS, _VALUES = "cross_source", "cross_keys", "cross_values"
+_SOURCE = "cross_source"
+CROSS_KEYS, CROSS_VALUES = "cross_keys", "cross_values"
 _KEY_BUFFER, _VALUE_BUFFER = "key_buffer", "value_buffer"
 _KV_ROOM = 256  # steps of room in the self-attention's key/value buffers (5 s of audio)
+#: Rows from which MKL's float32 ``F.linear`` gives each row the same bits at any row count.
+_INVARIANT_ROWS = 4
+_fewest_rows: ContextVar[int] = ContextVar("fewest_rows", default=1)
 
 
 def optimise_for_decoding(model: MusicGen) -> None:
@@ -45,7 +49,7 @@ def optimise_for_decoding(model: MusicGen) -> None:
     for module in model.lm.modules():
         if getattr(module, _MARK, False):
             continue
-        if isinstance(module, StreamingMultiheadAttention) and _on_released_path(module):
+        if isinstance(module, StreamingMultiheadAttention) and on_released_path(module):
             _replace_forward(
                 module, _cross_attention if module.cross_attention else _self_attention
             )
@@ -54,28 +58,33 @@ def optimise_for_decoding(model: MusicGen) -> None:
             setattr(module, _MARK, True)
 
 
+@contextmanager
+def batch_invariant() -> Iterator[None]:
+    """Within this block, each row of a float32 product on the CPU gets the same bits whatever
+    the number of rows (see the module's docstring)."""
+    token = _fewest_rows.set(_INVARIANT_ROWS)
+    try:
+        yield
+    finally:
+        _fewest_rows.reset(token)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``, reading ``weight`` once (not once per row) for 2 or 3 rows of float32 on
-    the CPU."""
+    """``F.linear``, with fewer rows padded inside :func:`batch_invariant`."""
+    fewest = _fewest_rows.get()
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (
-        rows not in (2, 3)
-        or x.device.type != "cpu"
-        or weight.dtype != torch.float32
-        or torch.is_autocast_enabled("cpu")
-    ):
+    if rows >= fewest or x.device.type != "cpu" or weight.dtype != torch.float32:
         return F.linear(x, weight, bias)
-    y = torch.mm(weight, x.reshape(rows, -1).t()).t()
-    if bias is not None:
-        y = y + bias
-    return y.contiguous().view(*x.shape[:-1], weight.shape[0])
+    flat = x.reshape(rows, -1)
+    padded = torch.cat([flat, flat.new_zeros(fewest - rows, flat.shape[1])])
+    return F.linear(padded, weight, bias)[:rows].view(*x.shape[:-1], weight.shape[0])
 
 
 def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self.bias)
 
 
-def _on_released_path(attention: StreamingMultiheadAttention) -> bool:
+def on_released_path(attention: StreamingMultiheadAttention) -> bool:
     """Attention on audiocraft's path that the released models take.
 
     That is the custom projection with PyTorch's scaled dot product attention (released:
@@ -218,12 +227,12 @@ def _cross_attention(
     heads = attention.num_heads
     state = attention._streaming_state
     if state.get(_SOURCE) is source:
-        k, v = state[_KEYS], state[_VALUES]
+        k, v = state[CROSS_KEYS], state[CROSS_VALUES]
     else:
         k = F.linear(source, weight[dim : 2 * dim], bias_k)
         v = F.linear(source, weight[2 * dim :], bias_v)
         k, v = (rearrange(x, "b t (h d) -> b h t d", h=heads) for x in (k, v))
-        state.update({_SOURCE: source, _KEYS: k, _VALUES: v})
+        state.update({_SOURCE: source, CROSS_KEYS: k, CROSS_VALUES: v})
     q = linear(query, weight[:dim], bias_q)
     q = rearrange(q, "b t (h d) -> b h t d", h=heads)
     return _attend(attention, q, k, v, query.dtype)

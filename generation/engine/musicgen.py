@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
-import numpy as np
 import torch
 from audiocraft.models import MusicGen
 from torch.nn import Module
@@ -20,15 +18,10 @@ from generation.engine.loading import default_device, load_model
 from generation.engine.models import ModelSpec, resolve_model
 from generation.engine.precision import apply_precision, resolve_precision, transformer_dtype
 from generation.engine.results import CancelFlag, GenerationResult, ProgressCallback
-from generation.engine.sampling import seeded_rows
-from generation.errors import GenerationCancelled, GenerationError
-from generation.request import (
-    DEFAULT_MAX_DURATION,
-    AudioClip,
-    GenerationRequest,
-    batch_key,
-    validate_request,
-)
+from generation.engine.scheduler import DecodingScheduler, Submission, release_cached_memory
+from generation.engine.shared_step import supports
+from generation.errors import ModelLoadError
+from generation.request import DEFAULT_MAX_DURATION, GenerationRequest, validate_request
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +31,20 @@ GB = 10**9
 class MusicGenEngine:
     """Runs requests on audiocraft models, keeping as many loaded as ``memory_budget_gb`` allows.
 
-    ``generate`` and ``generate_batch`` block for as long as the model decodes: call them from
-    a worker thread, never from an event loop. audiocraft's ``set_generation_params`` mutates
-    the model, so calls are serialised.
+    Requests decode continuously (:mod:`generation.engine.scheduler`): every request on a
+    model shares every decoding step, whatever its options, length or arrival, and each gets
+    the music its seed gives alone. :meth:`submit` returns at once; :meth:`generate` and
+    :meth:`generate_batch` block until their results are ready: call them from a worker
+    thread, never from an event loop.
 
     Args:
         device: "cpu", "cuda", "cuda:1"...; the first GPU when there is one by default.
         max_duration: The longest output a request may ask for, in seconds.
         memory_budget_gb: Memory the loaded models may take together; the least recently used
-            is unloaded to make room. The model in use always stays, whatever its size.
+            is unloaded to make room. Models with requests decoding always stay.
         precision: "auto", "fp32", "bf16" or "fp16" (see :mod:`generation.engine.precision`).
+        max_requests: Requests decoding at once; more wait for a place. Each takes two rows
+            of the model's caches (the request and its classifier-free-guidance twin).
 
     Raises:
         ValueError: ``precision`` is not one of those.
@@ -59,6 +56,7 @@ class MusicGenEngine:
         max_duration: float = DEFAULT_MAX_DURATION,
         memory_budget_gb: float = 0.0,
         precision: str = "auto",
+        max_requests: int = 4,
     ):
         self.device = device or default_device()
         #: The precision models decode in here, ``auto`` resolved for the device.
@@ -68,12 +66,17 @@ class MusicGenEngine:
         self._models: OrderedDict[str, MusicGen] = OrderedDict()  # least recently used first
         #: A copy of the models' names other threads can read while the engine works.
         self._loaded: tuple[str, ...] = ()
-        self._lock = threading.Lock()
+        self._scheduler = DecodingScheduler(self._load, max_requests)
 
     @property
     def loaded_models(self) -> tuple[str, ...]:
         """The names of the models in memory, the most recently used last."""
         return self._loaded
+
+    @property
+    def free_places(self) -> int:
+        """How many more requests would start decoding now, rather than wait."""
+        return max(self._scheduler.max_requests - self._scheduler.in_flight, 0)
 
     def validate(self, request: GenerationRequest) -> ModelSpec:
         """Check ``request`` without running it; returns its model's spec.
@@ -85,6 +88,30 @@ class MusicGenEngine:
         validate_request(request, spec, max_duration=self.max_duration)
         return spec
 
+    def submit(
+        self,
+        request: GenerationRequest,
+        *,
+        progress: ProgressCallback | None = None,
+        cancel: CancelFlag | None = None,
+    ) -> Future[GenerationResult]:
+        """Start generating ``request`` (a missing seed is picked at random).
+
+        Args:
+            progress: Called on the decoding thread with (steps done, steps in all).
+            cancel: Once set, the request leaves at its next step.
+
+        Returns:
+            Its result to come, or its error: ``ModelLoadError``, ``GenerationCancelled``,
+            ``GenerationError`` (out of GPU memory alone, or no usable audio).
+
+        Raises:
+            InvalidOption: the request does not fit its model.
+        """
+        request = request.with_seed()
+        spec = self.validate(request)
+        return self._scheduler.submit(Submission(request, spec, progress, cancel))
+
     def generate(
         self,
         request: GenerationRequest,
@@ -92,8 +119,8 @@ class MusicGenEngine:
         progress: ProgressCallback | None = None,
         cancel: CancelFlag | None = None,
     ) -> GenerationResult:
-        """Generate the music ``request`` describes (see :meth:`generate_batch`)."""
-        return self.generate_batch([request], progress=progress, cancel=cancel)[0]
+        """Generate the music ``request`` describes, and wait for it (see :meth:`submit`)."""
+        return self.submit(request, progress=progress, cancel=cancel).result()
 
     def generate_batch(
         self,
@@ -102,105 +129,27 @@ class MusicGenEngine:
         progress: ProgressCallback | None = None,
         cancel: CancelFlag | None = None,
     ) -> list[GenerationResult]:
-        """Generate several requests in one pass of the model, a result for each.
+        """Generate several requests together, and wait for all (see :meth:`submit`).
 
-        The requests must share a :func:`generation.request.batch_key`. Each samples from its
-        own seed, so its music does not depend on the others in the batch (see
-        :mod:`generation.engine.sampling`).
-
-        Args:
-            requests: What to generate; a missing seed is picked at random.
-            progress: Called after each decoding step with (done, total).
-            cancel: When set, the generation stops at its next step.
-
-        Raises:
-            ValueError: the requests cannot share a batch.
-            InvalidOption: a request does not fit its model.
-            ModelLoadError: the model could not be loaded.
-            GenerationCancelled: ``cancel`` was set.
-            GenerationError: out of GPU memory even one request at a time, or no usable audio.
+        ``progress`` gets the steps of all of them together.
         """
-        requests = [request.with_seed() for request in requests]
-        if not requests or len({batch_key(request) for request in requests}) != 1:
-            raise ValueError("A batch needs one or more requests with the same batch key.")
-        spec = resolve_model(requests[0].model)  # one model for all: the batch key says so
-        for request in requests:
-            validate_request(request, spec, max_duration=self.max_duration)
-        with self._lock:
-            model = self._load(spec)
-            self._configure(model, requests[0])
-            started = time.perf_counter()
-            wavs = self._run_with_memory_retry(model, requests, progress, cancel)
-            elapsed = time.perf_counter() - started
-        results = []
-        for request, wav in zip(requests, wavs, strict=True):
-            audio = wav.detach().float().cpu().numpy()
-            if audio.size == 0 or not np.isfinite(audio).all():
-                raise GenerationError(
-                    "The model produced no usable audio; try again with another seed."
-                )
-            results.append(GenerationResult(request, audio, model.sample_rate, elapsed))
-        log.info(
-            "generated %d x %.1f s with %s in %.1f s",
-            len(results),
-            results[0].seconds,
-            spec.name,
-            elapsed,
-        )
-        return results
+        counts = [(0, 0)] * len(requests)
 
-    def _run_with_memory_retry(
-        self,
-        model: MusicGen,
-        requests: list[GenerationRequest],
-        progress: ProgressCallback | None,
-        cancel: CancelFlag | None,
-    ) -> list[torch.Tensor]:
-        """Run once; out of GPU memory, free what can be freed and run once more, then one
-        request at a time."""
-        for attempt in (1, 2):
-            out_of_memory = False
-            try:
-                return list(self._run_once(model, requests, progress, cancel))
-            except torch.cuda.OutOfMemoryError:
-                out_of_memory = True
-            # Freed outside the handler: the exception's frames hold the step's tensors.
-            if out_of_memory:
-                log.warning(
-                    "out of GPU memory on attempt %d with %d x %s",
-                    attempt,
-                    len(requests),
-                    requests[0].model,
-                )
-                _release_cached_memory()
-        if len(requests) > 1:
-            return [
-                wav
-                for request in requests
-                for wav in self._run_with_memory_retry(model, [request], progress, cancel)
-            ]
-        raise GenerationError(
-            "The GPU ran out of memory for this request: try a smaller model or a shorter duration."
-        )
+        def reporter(index: int) -> ProgressCallback | None:
+            if progress is None:
+                return None
 
-    @staticmethod
-    def _run_once(
-        model: MusicGen,
-        requests: list[GenerationRequest],
-        progress: ProgressCallback | None,
-        cancel: CancelFlag | None,
-    ) -> torch.Tensor:
-        steps = _StepCounter(planned_steps(model, requests[0]), progress, cancel)
-        model.set_custom_progress_callback(steps)
-        try:
-            seeds = [request.seed for request in requests]
-            torch.manual_seed(seeds[0])
-            with seeded_rows(seeds, model.device):
-                wav = _run(model, requests)
-        finally:
-            model.set_custom_progress_callback(None)
-        steps.finish()
-        return wav
+            def report(done: int, total: int) -> None:
+                counts[index] = (done, total)
+                progress(sum(c[0] for c in counts), sum(c[1] for c in counts))
+
+            return report
+
+        futures = [
+            self.submit(request, progress=reporter(index), cancel=cancel)
+            for index, request in enumerate(requests)
+        ]
+        return [future.result() for future in futures]
 
     def memory_in_use(self) -> dict[str, int]:
         """Bytes in use: the process's resident memory, and the GPU's when there is one."""
@@ -210,12 +159,16 @@ class MusicGenEngine:
         return memory
 
     def load(self, name: str) -> MusicGen:
-        """Load model ``name`` now (e.g. to have it ready at start-up)."""
+        """Load model ``name`` now (e.g. to have it ready at start-up), and wait for it."""
         spec = resolve_model(name)
-        with self._lock:
-            return self._load(spec)
+        return self._scheduler.call(lambda: self._load(spec)).result()
+
+    def close(self) -> None:
+        """Stop decoding; requests not finished fail as cancelled."""
+        self._scheduler.close()
 
     def _load(self, spec: ModelSpec) -> MusicGen:
+        """The model for ``spec``, loaded if need be (on the decoding thread)."""
         model = self._models.get(spec.name)
         if model is not None:
             self._models.move_to_end(spec.name)
@@ -224,6 +177,12 @@ class MusicGenEngine:
         expected = (spec.vram_gb if self.device.startswith("cuda") else spec.ram_gb) * GB
         self._make_room(expected)
         model = load_model(spec, self.device, transformer_dtype(self.precision, self.device))
+        if not supports(model):
+            release_weights(model)
+            raise ModelLoadError(
+                f"{spec.name} is not a MusicGen this bot can decode: its transformer differs "
+                "from the released models' (attention, positions or conditioning)."
+            )
         apply_precision(model, self.precision)
         optimise_for_decoding(model)
         self._models[spec.name] = model
@@ -232,33 +191,23 @@ class MusicGenEngine:
         return model
 
     def _make_room(self, needed: float) -> None:
-        """Unload the least recently used models until ``needed`` more bytes fit the budget;
-        the most recently used model stays."""
+        """Unload the least recently used idle models until ``needed`` more bytes fit the
+        budget; the most recently used model and those decoding stay."""
         budget = self.memory_budget_gb * GB
-        while len(self._models) > 1 or (needed and self._models):
+        busy = self._scheduler.busy_models
+        while True:
+            idle = [name for name in list(self._models)[:-1] if name not in busy]
+            if needed and self._models and list(self._models)[-1] not in busy:
+                idle.append(list(self._models)[-1])
             in_use = sum(model_bytes(model) for model in self._models.values())
-            if in_use + needed <= budget:
+            if not idle or in_use + needed <= budget:
                 return
-            name, model = self._models.popitem(last=False)
+            name = idle[0]
+            model = self._models.pop(name)
             self._loaded = tuple(self._models)
             log.info("unloading model %s to stay within %g GB", name, self.memory_budget_gb)
             release_weights(model)
-            _release_cached_memory()
-
-    @staticmethod
-    def _configure(model: MusicGen, request: GenerationRequest) -> None:
-        model.set_generation_params(
-            use_sampling=request.sampled,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            temperature=request.temperature,
-            duration=request.duration,
-            cfg_coef=request.cfg_coef,
-            two_step_cfg=request.two_step_cfg,
-            extend_stride=request.extend_stride,
-        )
-        # audiocraft's two-step CFG reads the model's own coefficient, not the one passed in.
-        model.lm.cfg_coef = request.cfg_coef
+            release_cached_memory()
 
 
 def model_bytes(model: MusicGen) -> int:
@@ -300,13 +249,6 @@ def _top_modules(model: MusicGen) -> list[Module]:
     return found
 
 
-def _release_cached_memory() -> None:
-    """Hand the GPU memory PyTorch keeps cached back to the device (no garbage collection:
-    tensors freed by reference counting are already in the cache)."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _resident_bytes() -> int:
     """The process's resident set size (Linux), or 0 where it cannot be read."""
     try:
@@ -314,83 +256,3 @@ def _resident_bytes() -> int:
     except (OSError, IndexError, ValueError):
         return 0
     return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def _run(model: MusicGen, requests: list[GenerationRequest]) -> torch.Tensor:
-    prompts = [request.prompt.strip() for request in requests]
-    first = requests[0]
-    if first.melody is not None:
-        melodies = _stack([request.melody for request in requests], model.device)
-        return model.generate_with_chroma(
-            prompts, melodies, first.melody.sample_rate, progress=True
-        )
-    if first.continuation is not None:
-        intros = _stack([request.continuation for request in requests], model.device)
-        return model.generate_continuation(
-            intros, first.continuation.sample_rate, prompts, progress=True
-        )
-    return model.generate(prompts, progress=True)
-
-
-def _stack(clips: list[AudioClip | None], device: torch.device | str) -> torch.Tensor:
-    """Same-shaped clips as one ``[batch, channels, samples]`` tensor."""
-    return torch.stack([torch.from_numpy(clip.samples) for clip in clips if clip]).to(device)
-
-
-def planned_steps(model: MusicGen, request: GenerationRequest) -> int:
-    """How many decoding steps ``request`` takes, following audiocraft's windowing.
-
-    audiocraft reports progress per window, so its counts restart when extended generation
-    moves on; counting steps against this plan gives one steady (done, total).
-    """
-    frame_rate = model.frame_rate
-    total_frames = int(request.duration * frame_rate)
-    prompt_frames = 0
-    if request.continuation is not None:
-        prompt_frames = int(np.ceil(request.continuation.seconds * frame_rate))
-    if request.duration <= model.max_duration:
-        return _window_steps(model, total_frames, prompt_frames)
-    stride_frames = int(frame_rate * request.extend_stride)
-    offset = steps = 0
-    while offset + prompt_frames < total_frames:
-        window = min(request.duration - offset / frame_rate, model.max_duration)
-        window_frames = int(window * frame_rate)
-        steps += _window_steps(model, window_frames, prompt_frames)
-        prompt_frames = window_frames - stride_frames
-        offset += stride_frames
-    return steps
-
-
-def _window_steps(model: MusicGen, frames: int, prompt_frames: int) -> int:
-    pattern = model.lm.pattern_provider.get_pattern(frames)
-    # The decoding loop runs over the whole layout (num_sequence_steps + 1 entries),
-    # starting at the first step that holds a frame after the prompt.
-    first = pattern.get_first_step_with_timesteps(prompt_frames)
-    return len(pattern.layout) - first
-
-
-class _StepCounter:
-    """audiocraft's progress callback: counts steps, reports them, and stops on cancel.
-
-    Raising from the callback is how audiocraft's own demo interrupts a generation.
-    """
-
-    def __init__(
-        self, total: int, report: ProgressCallback | None, cancel: CancelFlag | None
-    ) -> None:
-        self.total = total
-        self.done = 0
-        self._report = report
-        self._cancel = cancel
-
-    def __call__(self, generated: int, to_generate: int) -> None:
-        if self._cancel is not None and self._cancel.is_set():
-            raise GenerationCancelled("The generation was cancelled.")
-        self.done += 1
-        if self._report is not None:
-            self._report(min(self.done, self.total), self.total)
-
-    def finish(self) -> None:
-        if self._report is not None and self.done != self.total:
-            log.debug("planned %d steps, ran %d", self.total, self.done)
-            self._report(self.total, self.total)

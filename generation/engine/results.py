@@ -25,13 +25,15 @@ class CancelFlag(Protocol):
 class GenerationResult:
     """Generated audio (``[channels, samples]`` float32) and the request that made it.
 
-    ``request.seed`` is always set, so the result can be reproduced.
+    ``request.seed`` is always set, so the result can be reproduced. ``shared_with`` is how
+    many requests decoded together in its steps, on average (itself included).
     """
 
     request: GenerationRequest
     audio: np.ndarray
     sample_rate: int
     generation_seconds: float
+    shared_with: float = 1.0
 
     @property
     def seconds(self) -> float:

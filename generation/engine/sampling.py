@@ -9,6 +9,7 @@ not reproduce it. All of audiocraft's samplers (plain, top-k, top-p) draw throug
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -26,7 +27,15 @@ _audiocraft_multinomial = audiocraft_utils.multinomial
 def seeded_rows(seeds: Sequence[int], device: str | torch.device) -> Iterator[None]:
     """Sample row ``i`` of every batch drawn in this block from its own ``seeds[i]`` stream."""
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-    token = _row_generators.set(generators)
+    with drawing_from(generators):
+        yield
+
+
+@contextmanager
+def drawing_from(generators: Sequence[torch.Generator]) -> Iterator[None]:
+    """Sample row ``i`` of every batch drawn in this block from ``generators[i]``, which go
+    on from where earlier draws left them."""
+    token = _row_generators.set(list(generators))
     try:
         yield
     finally:
@@ -52,3 +61,26 @@ def _multinomial(
 
 
 audiocraft_utils.multinomial = _multinomial
+
+
+class PythonRandom:
+    """A request's own stream of Python's ``random``, which demucs draws from.
+
+    The chroma of a melody passes through demucs, whose ``apply_model`` shifts the audio by a
+    random amount from the process-wide ``random`` module: the conditioning (and so the music)
+    would depend on whatever drew before. Inside :meth:`active` the module draws from this
+    request's stream, seeded with its seed; outside, it goes on from where it was.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self._state = random.Random(seed).getstate()
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        outer = random.getstate()
+        random.setstate(self._state)
+        try:
+            yield
+        finally:
+            self._state = random.getstate()
+            random.setstate(outer)

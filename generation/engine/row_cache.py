@@ -1,0 +1,236 @@
+"""The past keys and values of rows decoding together, each row with a past of its own length.
+
+Rows join and leave at step boundaries, so their pasts differ in length: row ``r`` of every
+buffer holds its own past from step 0, and what lies beyond its length is padding, masked out
+of the attention (:meth:`RowCache.masks`). Active rows are kept packed at the front
+(``[:rows]``), so a step reads plain views, never a gathered copy: a row that leaves is
+replaced by the last row. Buffers have room for ``capacity`` rows (the configured bound on
+rows decoding together) and grow in time by ``time_room`` steps at once, so a step writes in
+place and the whole cache is copied only once every ``time_room`` steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+#: Rows ``[first, end)`` that share a ``length``.
+Span = tuple[int, int, int]
+
+#: Steps of room added to the self-attention buffers when a row reaches their end (5 s).
+TIME_ROOM = 256
+
+
+@dataclass
+class RowPast:
+    """What one row brings when it joins: per layer, its past ``[heads, time, dim]`` keys and
+    values, and the keys and values of the conditioning it cross-attends to (none for models
+    that prepend their conditioning instead)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    cross_keys: list[torch.Tensor]
+    cross_values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+    @property
+    def cross_length(self) -> int:
+        return self.cross_keys[0].shape[1] if self.cross_keys else 0
+
+
+class RowCache:
+    """Keys and values for up to ``capacity`` rows, ``[rows, heads, time, dim]`` per layer."""
+
+    def __init__(self, capacity: int, time_room: int = TIME_ROOM) -> None:
+        self.capacity = capacity
+        self.time_room = time_room
+        self.rows = 0
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._cross_keys: list[torch.Tensor] = []
+        self._cross_values: list[torch.Tensor] = []
+        #: Per row: past steps (also its position), conditioning length. Kept on the host
+        #: too, so a step's longest past is known without waiting for the device.
+        self._lengths: list[int] = []
+        self._cross_lengths: list[int] = []
+        self._device_lengths: torch.Tensor | None = None
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.rows
+
+    def add(self, pasts: Sequence[RowPast]) -> None:
+        """Append rows at the end (``[rows, rows + len(pasts))``)."""
+        if len(pasts) > self.free:
+            raise ValueError(f"{len(pasts)} rows do not fit: {self.free} free.")
+        if not self._keys:
+            self._allocate(pasts[0])
+        longest = max(past.length for past in pasts)
+        if longest + 1 > self._keys[0].shape[2]:
+            self._grow_time(longest + 1)
+        widest = max(past.cross_length for past in pasts)
+        if self._cross_keys and widest > self._cross_keys[0].shape[2]:
+            self._grow_cross(widest)
+        for past in pasts:
+            row = self.rows
+            for buffers, tensors in (
+                (self._keys, past.keys),
+                (self._values, past.values),
+                (self._cross_keys, past.cross_keys),
+                (self._cross_values, past.cross_values),
+            ):
+                for buffer, tensor in zip(buffers, tensors, strict=True):
+                    buffer[row, :, : tensor.shape[1]] = tensor
+            self._lengths.append(past.length)
+            self._cross_lengths.append(past.cross_length)
+            self.rows += 1
+        self._device_lengths = None
+
+    def remove(self, rows: Sequence[int]) -> list[tuple[int, int]]:
+        """Drop ``rows``, moving the last rows into their places.
+
+        Returns:
+            The moves made, as (from, to) row indices, for the caller's own bookkeeping.
+        """
+        moves = []
+        for row in sorted(rows, reverse=True):
+            last = self.rows - 1
+            if row != last:
+                self._move(last, row)
+                moves.append((last, row))
+            self._lengths.pop()
+            self._cross_lengths.pop()
+            self.rows -= 1
+        self._device_lengths = None
+        if self.rows == 0:
+            self.clear()
+        return moves
+
+    def clear(self) -> None:
+        """Drop every row and free the buffers."""
+        self.rows = 0
+        self._keys, self._values, self._cross_keys, self._cross_values = [], [], [], []
+        self._lengths, self._cross_lengths = [], []
+        self._device_lengths = None
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Each active row's past length (its next position), on the device."""
+        if self._device_lengths is None:
+            self._device_lengths = torch.tensor(
+                self._lengths, dtype=torch.long, device=self._keys[0].device
+            )
+        return self._device_lengths
+
+    def prepare_step(self) -> None:
+        """Make room for one more step of every row."""
+        if max(self._lengths) + 1 > self._keys[0].shape[2]:
+            self._grow_time(max(self._lengths) + 1)
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This step's attention masks, True where a row may attend: over its past and the
+        step being written (``[rows, 1, 1, time]``), and over its own conditioning (None
+        without cross-attention)."""
+        device = self._keys[0].device
+        time = max(self._lengths) + 1
+        past = torch.arange(time, device=device) <= self.lengths[:, None]
+        if not self._cross_keys:
+            return past[:, None, None], None
+        cross_lengths = torch.tensor(self._cross_lengths, device=device)
+        cross_time = max(self._cross_lengths)
+        cross = torch.arange(cross_time, device=device) < cross_lengths[:, None]
+        return past[:, None, None], cross[:, None, None]
+
+    def spans(self) -> tuple[list[Span], list[Span]]:
+        """This step's rows in runs of equal length, as (first row, end row, length): for the
+        self-attention (past and the step being written) and for the cross-attention."""
+        return _runs([length + 1 for length in self._lengths]), _runs(self._cross_lengths)
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple:
+        """Write this step's ``[rows, heads, 1, dim]`` keys and values of ``layer`` at each
+        row's own position; returns the layer's keys and values up to the longest past."""
+        rows = torch.arange(self.rows, device=keys.device)
+        self._keys[layer][rows, :, self.lengths] = keys[:, :, 0]
+        self._values[layer][rows, :, self.lengths] = values[:, :, 0]
+        time = max(self._lengths) + 1
+        return (
+            self._keys[layer][: self.rows, :, :time],
+            self._values[layer][: self.rows, :, :time],
+        )
+
+    def cross(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of ``layer``'s cross-attention, up to the longest conditioning."""
+        time = max(self._cross_lengths)
+        return (
+            self._cross_keys[layer][: self.rows, :, :time],
+            self._cross_values[layer][: self.rows, :, :time],
+        )
+
+    def advance(self) -> None:
+        """Count the step just written in every row's past."""
+        self._lengths = [length + 1 for length in self._lengths]
+        self._device_lengths = None
+
+    def row_length(self, row: int) -> int:
+        return self._lengths[row]
+
+    def nbytes(self) -> int:
+        """Memory the buffers take."""
+        buffers = (*self._keys, *self._values, *self._cross_keys, *self._cross_values)
+        return sum(buffer.numel() * buffer.element_size() for buffer in buffers)
+
+    def _allocate(self, first: RowPast) -> None:
+        heads, _, dim = first.keys[0].shape
+        layers = len(first.keys)
+        like = first.keys[0]
+        shape = (self.capacity, heads, self.time_room, dim)
+        self._keys = [like.new_zeros(shape) for _ in range(layers)]
+        self._values = [like.new_zeros(shape) for _ in range(layers)]
+        if first.cross_keys:
+            cross = (self.capacity, heads, first.cross_length, dim)
+            self._cross_keys = [first.cross_keys[0].new_zeros(cross) for _ in first.cross_keys]
+            self._cross_values = [first.cross_keys[0].new_zeros(cross) for _ in first.cross_keys]
+
+    def _grow_time(self, needed: int) -> None:
+        time = needed + self.time_room
+        self._keys = [_widened(buffer, time) for buffer in self._keys]
+        self._values = [_widened(buffer, time) for buffer in self._values]
+
+    def _grow_cross(self, needed: int) -> None:
+        self._cross_keys = [_widened(buffer, needed) for buffer in self._cross_keys]
+        self._cross_values = [_widened(buffer, needed) for buffer in self._cross_values]
+
+    def _move(self, source: int, target: int) -> None:
+        length, cross_length = self._lengths[source], self._cross_lengths[source]
+        for buffers, time in (
+            (self._keys, length),
+            (self._values, length),
+            (self._cross_keys, cross_length),
+            (self._cross_values, cross_length),
+        ):
+            for buffer in buffers:
+                buffer[target, :, :time] = buffer[source, :, :time]
+        self._lengths[target] = length
+        self._cross_lengths[target] = cross_length
+
+
+def _widened(buffer: torch.Tensor, time: int) -> torch.Tensor:
+    rows, heads, old, dim = buffer.shape
+    grown = buffer.new_zeros(rows, heads, time, dim)
+    grown[:, :, :old] = buffer
+    return grown
+
+
+def _runs(lengths: Sequence[int]) -> list[Span]:
+    runs: list[Span] = []
+    for row, length in enumerate(lengths):
+        if runs and runs[-1][2] == length:
+            runs[-1] = (runs[-1][0], row + 1, length)
+        else:
+            runs.append((row, row + 1, length))
+    return runs
