@@ -1,4 +1,5 @@
-"""Several requests in one pass of audiocraft's model, on the tiny random-weight models."""
+"""Several requests decoding together through the engine, on the tiny random-weight models
+(the tokens themselves: tests/test_continuous.py)."""
 
 from __future__ import annotations
 
@@ -42,47 +43,46 @@ def test_the_order_of_a_batch_does_not_change_anyones_music(engine):
     assert_same_music(forward[1].audio, backward[0].audio)
 
 
-def test_a_batch_decodes_every_request_in_one_forward_pass_per_step(engine):
+def test_requests_sent_together_decode_every_step_in_one_pass(engine):
     lm = engine.load("debug").lm
-    batch_sizes: list[int] = []
-    hook = lm.transformer.register_forward_hook(
-        lambda module, args, output: batch_sizes.append(args[0].shape[0])
-    )
+    rows: list[int] = []
+    hook = lm.linears[0].register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
     try:
         engine.generate_batch([replace(BASE, seed=seed) for seed in range(3)])
     finally:
         hook.remove()
     alone = count_lm_calls(engine, BASE)
-    assert len(batch_sizes) == len(alone)
-    assert set(batch_sizes) == {2 * 3}  # each request and its classifier-free-guidance twin
+    # Each request's first step on its way in, then one pass of all six rows (each request
+    # and its classifier-free-guidance twin) a step.
+    assert rows == [2, 2, 2] + [6] * (len(alone) - 1)
 
 
-def test_melody_and_continuation_requests_batch_with_their_own_kind(engine):
+def test_melody_and_continuation_requests_decode_together_with_plain_ones(engine):
     melody = AudioClip(sine(1.0, 220.0), SR)
     melodic = replace(BASE, model="debug-melody", melody=melody)
-    results = engine.generate_batch([melodic, replace(melodic, prompt="jazz", seed=4)])
+    plain = replace(BASE, model="debug-melody", prompt="jazz", seed=4, duration=2.0)
+    results = engine.generate_batch([melodic, plain])
     for result in results:
         assert_same_music(result.audio, engine.generate(result.request).audio)
 
     intro = AudioClip(sine(0.5, 330.0), SR)
     extending = replace(BASE, duration=1.5, continuation=intro)
-    results = engine.generate_batch([extending, replace(extending, seed=7)])
-    assert [result.audio.shape for result in results] == [(1, int(1.5 * SR))] * 2
+    results = engine.generate_batch([extending, replace(BASE, seed=7, top_p=0.5)])
+    assert [result.audio.shape for result in results] == [(1, int(1.5 * SR)), (1, SR)]
     for result in results:
         assert_same_music(result.audio, engine.generate(result.request).audio)
 
 
-def test_extended_generation_runs_as_a_batch(engine):
+def test_extended_generation_decodes_beside_short_requests(engine):
     long = replace(BASE, duration=32.0, extend_stride=28.0, temperature=0.0)
-    results = engine.generate_batch([long, replace(long, prompt="calm piano")])
-    assert [result.audio.shape for result in results] == [(1, 32 * SR)] * 2
+    results = engine.generate_batch([long, replace(BASE, prompt="calm piano")])
+    assert [result.audio.shape for result in results] == [(1, 32 * SR), (1, SR)]
 
 
 @pytest.mark.parametrize(
     "change",
     [
         {"duration": 2.0},
-        {"model": "debug-stereo"},
         {"temperature": 0.5},
         {"top_k": 10},
         {"top_p": 0.5},
@@ -93,40 +93,20 @@ def test_extended_generation_runs_as_a_batch(engine):
         {"continuation": AudioClip(sine(0.5, 330.0), SR)},
     ],
 )
-def test_requests_that_audiocraft_cannot_run_together_have_different_batch_keys(engine, change):
-    other = replace(BASE, **change)
-    assert batch_key(other) != batch_key(BASE)
-    with pytest.raises(ValueError, match="same batch key"):
-        engine.generate_batch([BASE, other])
+def test_requests_with_any_options_share_steps_and_keep_their_own_music(engine, change):
+    other = replace(BASE, seed=5, **change)
+    together = engine.generate_batch([BASE, other])
+    assert together[0].shared_with > 1
+    for result in together:
+        assert_same_music(result.audio, engine.generate(result.request).audio)
 
 
-def test_what_audiocraft_can_run_together_shares_a_batch_key():
+def test_what_the_queue_may_claim_together_shares_a_batch_key():
     assert batch_key(replace(BASE, prompt="jazz", seed=None)) == batch_key(BASE)
     # A temperature of 0 is greedy whatever the sampling flag says.
     greedy = replace(BASE, temperature=0.0)
     assert batch_key(greedy) == batch_key(replace(greedy, use_sampling=False))
-    melody = replace(BASE, model="debug-melody", melody=AudioClip(sine(1.0, 220.0), SR))
-    other_tune = replace(melody, melody=AudioClip(sine(1.0, 440.0), SR))
-    longer_tune = replace(melody, melody=AudioClip(sine(2.0, 220.0), SR))
-    assert batch_key(other_tune) == batch_key(melody)
-    assert batch_key(longer_tune) != batch_key(melody)
-
-
-def test_out_of_memory_in_a_batch_falls_back_to_one_request_at_a_time(engine):
-    requests = [BASE, replace(BASE, seed=2)]
-    runs = failures = 0
-
-    def out_of_memory_twice(done: int, total: int) -> None:
-        nonlocal runs, failures
-        runs += done == 1
-        if failures < 2:
-            failures += 1
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-
-    results = engine.generate_batch(requests, progress=out_of_memory_twice)
-    assert runs == 4  # the batch failed twice, then each request ran alone
-    for result in results:
-        assert_same_music(result.audio, engine.generate(result.request).audio)
+    assert batch_key(replace(BASE, top_k=10)) != batch_key(BASE)
 
 
 def test_models_stay_loaded_within_the_memory_budget():

@@ -27,11 +27,11 @@ def run(engine, **changes) -> np.ndarray:
 
 
 def count_lm_calls(engine, request: GenerationRequest) -> list[int]:
-    """Batch sizes of each forward pass of the LM's transformer while ``request`` runs."""
+    """Rows of each pass of the LM (its first output head) while ``request`` runs."""
     lm = engine.load(request.model).lm
     batch_sizes: list[int] = []
-    hook = lm.transformer.register_forward_hook(
-        lambda module, args, output: batch_sizes.append(args[0].shape[0])
+    hook = lm.linears[0].register_forward_hook(
+        lambda module, args, output: batch_sizes.append(output.shape[0])
     )
     try:
         engine.generate(request)
@@ -91,12 +91,13 @@ def test_cfg_coef_reaches_the_guidance(engine):
     )
 
 
-def test_two_step_cfg_runs_two_forward_passes_per_step(engine):
+def test_two_step_cfg_conditions_the_unconditioned_twin_on_its_own(engine):
     one_step = count_lm_calls(engine, BASE)
     two_step = count_lm_calls(engine, replace(BASE, two_step_cfg=True))
     assert set(one_step) == {2}  # the prompt and its unconditioned twin, batched
-    assert set(two_step) == {1}
-    assert len(two_step) == 2 * len(one_step)
+    # Two passes of one row for the first step, each with its own (unpadded) conditioning;
+    # then both rows share each step, each attending to its own conditioning only.
+    assert two_step == [1, 1] + one_step[1:]
 
 
 def test_two_step_cfg_honours_cfg_coef(engine):
@@ -215,23 +216,34 @@ def test_debug_models_are_the_same_every_time_they_are_built():
     assert first.max_duration == 30
 
 
-def test_out_of_gpu_memory_is_retried_once(engine):
-    raised = []
+def out_of_memory(monkeypatch, *, times: int) -> list[int]:
+    """Make the next ``times`` decoding steps run out of GPU memory (this machine has no
+    GPU to fill); returns the row counts of the steps that did."""
+    import generation.engine.continuous as continuous
 
-    def out_of_memory_once(done: int, total: int) -> None:
-        if done == 5 and not raised:
-            raised.append(done)
+    real_step, failed = continuous.shared_step, []
+
+    def step(model, cache, tokens):
+        if len(failed) < times:
+            failed.append(cache.rows)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_step(model, cache, tokens)
 
-    result = engine.generate(BASE, progress=out_of_memory_once)
-    assert raised == [5]
-    np.testing.assert_array_equal(result.audio, run(engine))  # same seed, same music
+    monkeypatch.setattr(continuous, "shared_step", step)
+    return failed
 
 
-def test_out_of_gpu_memory_twice_fails_with_advice(engine):
-    def always_out_of_memory(done: int, total: int) -> None:
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+def test_out_of_gpu_memory_is_retried_once(engine, monkeypatch):
+    expected = run(engine)
+    failed = out_of_memory(monkeypatch, times=1)
+    result = engine.generate(BASE)
+    assert failed == [2]
+    np.testing.assert_array_equal(result.audio, expected)  # same seed, same music
 
+
+def test_out_of_gpu_memory_twice_fails_with_advice(engine, monkeypatch):
+    failed = out_of_memory(monkeypatch, times=2)
     with pytest.raises(GenerationError, match="smaller model or a shorter duration"):
-        engine.generate(BASE, progress=always_out_of_memory)
+        engine.generate(BASE)
+    assert failed == [2, 2]
     assert engine.generate(BASE).audio.shape == (1, SR)

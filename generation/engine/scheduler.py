@@ -8,8 +8,8 @@ next steps do not wait for EnCodec. Cancel is read before each step; a cancelled
 leaves at once and its place is free for the next one.
 
 Out of GPU memory, the most recently joined request goes back to the front of the queue and
-the loop's room shrinks to what it held; a request alone that does not fit fails with a
-message saying what to change.
+the loop's room shrinks to what it held; a request alone that does not fit twice fails with
+a message saying what to change.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class Submission:
     cancel: CancelFlag | None
     future: Future[GenerationResult] = field(default_factory=Future)
     decoding: RequestDecoding | None = None
+    out_of_memory_alone: bool = False
 
     @property
     def cancelled(self) -> bool:
@@ -228,14 +229,17 @@ class DecodingScheduler:
 
     def _out_of_memory(self, loop: DecodingLoop, submission: Submission) -> None:
         """Shrink ``loop`` to the requests it holds, and start ``submission`` again once
-        there is room; alone, it fails."""
+        there is room; alone, it starts again once more, then fails."""
         release_cached_memory()
         held = len(loop.active)
-        if held == 0:
+        if held == 0 and submission.out_of_memory_alone:
             _fail(submission, GenerationError(OUT_OF_MEMORY))
             return
-        log.warning("out of GPU memory: %s decodes at most %d requests", loop.model.name, held)
-        loop.max_requests = held
+        if held == 0:  # what PyTorch had cached may have been in the way: once more
+            submission.out_of_memory_alone = True
+        else:
+            log.warning("out of GPU memory: %s decodes at most %d requests", loop.model.name, held)
+            loop.max_requests = held
         submission.decoding = None
         self._waiting.appendleft(submission)
 
