@@ -42,7 +42,7 @@ class QueueRun:
 
     requests: int
     wall_seconds: float
-    generation_seconds: float  # the engine's own time, summed over batches
+    generation_seconds: float  # from the first job's start to the last job's end
 
     @property
     def overhead(self) -> float:
@@ -103,6 +103,15 @@ async def _timer(service: JobService, worker: Worker) -> None:
         await worker.tick()
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """A request sent from server ``guild`` ``at`` seconds after a stream starts."""
+
+    at: float
+    guild: int
+    request: GenerationRequest
+
+
 async def run_through_queue(
     engine: MusicGenEngine, request: GenerationRequest, count: int, max_batch: int
 ) -> QueueRun:
@@ -110,6 +119,30 @@ async def run_through_queue(
     at once, and time them until every MP3 is uploaded. The model is loaded beforehand, as
     the bot's worker does at start-up."""
     engine.load(request.model)
+    stream = [
+        Arrival(0.0, index + 1, replace(request, prompt=f"{request.prompt} {index}", seed=None))
+        for index in range(count)
+    ]
+    wall, _, generation = await _run(engine, stream, max_batch, join_running=True)
+    return QueueRun(count, wall, generation)
+
+
+async def run_arrivals(
+    engine: MusicGenEngine, stream: Sequence[Arrival], max_batch: int, *, join_running: bool
+) -> tuple[float, list[float]]:
+    """Send ``stream`` through the bot as it arrives.
+
+    Returns:
+        Seconds from its start to the last MP3 uploaded, and each request's time to result
+        (its MP3 uploaded, from its arrival).
+    """
+    wall, times, _ = await _run(engine, stream, max_batch, join_running=join_running)
+    return wall, times
+
+
+async def _run(
+    engine: MusicGenEngine, stream: Sequence[Arrival], max_batch: int, *, join_running: bool
+) -> tuple[float, list[float], float]:
     app = web.Application(client_max_size=2 * UPLOAD_LIMIT)
     app.router.add_post("/upload", _receive)
     runner = web.AppRunner(app)
@@ -119,6 +152,7 @@ async def run_through_queue(
     await web.SockSite(runner, endpoint).start()
     port = endpoint.getsockname()[1]
     policy = BatchPolicy(max_rows=max_batch)
+    count = len(stream)
     with tempfile.TemporaryDirectory() as folder:
         async with aiohttp.ClientSession() as session:
             listener = _Uploader(session, f"http://127.0.0.1:{port}/upload", count)
@@ -132,17 +166,15 @@ async def run_through_queue(
                 device=engine.device,
             )
             await service.start()
-            worker = Worker(engine, store, batch_policy=policy)
+            worker = Worker(engine, store, batch_policy=policy, join_running=join_running)
             await worker.start()
             timer = asyncio.get_running_loop().create_task(_timer(service, worker))
             started = time.perf_counter()
             jobs = []
-            for index in range(count):
+            for arrival in stream:
+                await asyncio.sleep(max(0.0, started + arrival.at - time.perf_counter()))
                 job = await service.submit(
-                    replace(request, prompt=f"{request.prompt} {index}", seed=None),
-                    guild_id=index + 1,
-                    channel_id=1,
-                    user_id=1,
+                    arrival.request, guild_id=arrival.guild, channel_id=1, user_id=1
                 )
                 await service.release(job, None)
                 jobs.append(job)
@@ -152,12 +184,21 @@ async def run_through_queue(
             with contextlib.suppress(asyncio.CancelledError):
                 await timer
             await worker.stop(grace=0)
-            # The jobs of a batch share its start and its generation time: count each once.
             stored = [await store.get(job.id) for job in jobs]
-            batches = {job.started_at: job.generation_seconds or 0.0 for job in stored if job}
             await service.shutdown()
     await runner.cleanup()
-    return QueueRun(count, finished - started, sum(batches.values()))
+    times = [
+        listener.delivered[job.id] - (started + arrival.at)
+        for job, arrival in zip(jobs, stream, strict=True)
+    ]
+    # Requests decode together: the engine's time is the span from the first start to
+    # the last end, not the sum of each job's.
+    generation = max(
+        (job.finished_at or 0) - min(other.started_at or 0 for other in stored if other)
+        for job in stored
+        if job
+    )
+    return finished - started, times, generation
 
 
 def median_run(

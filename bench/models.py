@@ -20,7 +20,7 @@ import torch
 from audiocraft.models import MusicGen, builders
 from omegaconf import DictConfig, OmegaConf
 
-from generation.engine.debug_models import debug_config
+from generation.engine.debug_models import debug_config, offline_demucs, prepare_melody_conditioner
 
 #: T5-base's hidden size: the width of the released models' text embeddings.
 T5_BASE_DIM = 768
@@ -53,24 +53,28 @@ _SMALL_LM: dict[str, Any] = {
 }
 
 
-def small_config(device: str = "cpu") -> DictConfig:
-    """A training config (``xp.cfg``) shaped like facebook/musicgen-small's."""
-    cfg = debug_config("debug", device)
+def small_config(device: str = "cpu", *, melody: bool = False) -> DictConfig:
+    """A training config (``xp.cfg``) shaped like facebook/musicgen-small's; with ``melody``,
+    the chroma conditioning of the melody models (prepended, as theirs) too."""
+    cfg = debug_config("debug-melody" if melody else "debug", device)
     cfg.transformer_lm = OmegaConf.create(_SMALL_LM)
     cfg.conditioners.description.lut.dim = T5_BASE_DIM
     cfg.classifier_free_guidance.training_dropout = 0.3
     return cfg
 
 
-def build_small_musicgen(device: str = "cpu", seed: int = 0) -> MusicGen:
-    """A random-weight MusicGen-small-sized model, built by audiocraft's own builders."""
-    cfg = small_config(device)
+def build_small_musicgen(device: str = "cpu", seed: int = 0, *, melody: bool = False) -> MusicGen:
+    """A random-weight MusicGen-small-sized model, built by audiocraft's own builders (with
+    ``melody``, its chroma passes through the debug models' tiny demucs)."""
+    cfg = small_config(device, melody=melody)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         compression_model = builders.get_compression_model(cfg).eval()
-        lm = builders.get_lm_model(cfg).eval()
+        with offline_demucs(device):
+            lm = builders.get_lm_model(cfg).eval()
     lm.cfg = cfg
-    return MusicGen("bench-small", compression_model, lm)
+    prepare_melody_conditioner(lm)
+    return MusicGen("bench-small-melody" if melody else "bench-small", compression_model, lm)
 
 
 def build_small_peer(device: str = "cpu", seed: int = 0) -> torch.nn.Module:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from audiocraft.models import MusicGen
@@ -71,9 +71,12 @@ def peer_step(peer: torch.nn.Module, batch: int, steps: int, text_tokens: int) -
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     config = peer.config
-    device = next(peer.parameters()).device
+    weight = next(peer.parameters())
     rows = 2 * batch
-    encoder = torch.randn(rows, text_tokens, config.hidden_size, device=device)
+    encoder = torch.randn(
+        rows, text_tokens, config.hidden_size, device=weight.device, dtype=weight.dtype
+    )
+    device = weight.device
     codes = torch.full((rows * config.num_codebooks, 1), config.bos_token_id, device=device)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     clock = _Clock()
@@ -95,3 +98,48 @@ def peer_step(peer: torch.nn.Module, batch: int, steps: int, text_tokens: int) -
             codes = token.repeat(2, 1, 1).view(-1, 1)
             clock()
     return clock.median()
+
+
+def loop_step(model: MusicGen, batch: int, steps: int) -> StepTime:
+    """Decode ``steps`` steps of ``batch`` requests in the engine's shared decoding loop
+    (:mod:`generation.engine.continuous`), each request with its own random stream."""
+    from generation.engine.continuous import DecodingLoop
+    from generation.engine.request_decoding import RequestDecoding
+    from generation.request import GenerationRequest
+
+    loop = DecodingLoop(model, batch)
+    clock = _Clock()
+    request = GenerationRequest(prompt=PROMPT, model=model.name, duration=30.0, cfg_coef=3.0)
+    with torch.inference_mode():
+        for seed in range(batch):
+            loop.join(RequestDecoding(model, replace(request, seed=seed)))
+        for _ in range(steps + WARMUP_STEPS + 1):
+            loop.step()
+            clock()
+    return clock.median()
+
+
+def weight_read_floor(model: MusicGen, repeats: int = 5) -> float:
+    """Seconds to read every weight a decoding step reads, once, in its own dtype: one row
+    through each of the LM's matrices (the transformer's and the output heads'), nothing
+    else. No step of one request can take less."""
+    from torch.nn import functional as F
+
+    lm = model.lm
+    linears = [*lm.transformer.modules(), *lm.linears]
+    weights = [module.weight for module in linears if isinstance(module, torch.nn.Linear)]
+    weights += [layer.self_attn.in_proj_weight for layer in model.lm.transformer.layers]
+    weights += [
+        layer.cross_attention.in_proj_weight[: layer.cross_attention.embed_dim]
+        for layer in model.lm.transformer.layers
+        if layer.cross_attention is not None
+    ]
+    rows = {weight.dtype: torch.randn(1, weight.shape[1], dtype=weight.dtype) for weight in weights}
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            for weight in weights:
+                F.linear(rows[weight.dtype][:, : weight.shape[1]], weight)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])

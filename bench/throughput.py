@@ -4,8 +4,9 @@ Every ratio is against a baseline measured in the same run: plain audiocraft (un
 ``MusicGen``), one ``generate`` call per request, in sequence. Sections (each a function, so
 more can be added, e.g. one through the bot's queue):
 
-- ``steps``: per-step latency for 1, 2, 4, 8 requests a step: plain audiocraft, audiocraft
-  with :func:`generation.engine.decoding.optimise_for_decoding`, and transformers' MusicGen decoder.
+- ``steps``: per-step latency for 1, 4, 8 requests a step: the engine's shared decoding loop in
+  float32 and in the CPU's native precision, transformers' MusicGen decoder in the same
+  precision, the weight-read floor, and plain audiocraft.
 - ``throughput``: aggregate throughput of N concurrent requests of ``--seconds`` each.
 - ``duration``: time against duration (beyond 30 s, extended generation).
 - ``rss``: peak resident memory of a process that loads the model and generates.
@@ -13,6 +14,9 @@ more can be added, e.g. one through the bot's queue):
 - ``queue``: N concurrent requests through the bot's job service, queue, worker, store, MP3
   encoding and upload (``bench/bot_path.py``), and the bot's time around generation.
 - ``cuda``: real-time factor for 1 and 4 requests and GPU memory, when a GPU is present.
+- ``mixed``: a seeded stream of requests with their own durations, options and arrival times
+  through the bot, against plain audiocraft in sequence and the batch-at-a-time worker
+  (``bench/mixed.py``).
 
 Times on a shared machine are noisy: sections interleave what they compare and print medians
 (wall clock, and CPU time of this process, which other processes disturb less).
@@ -21,6 +25,7 @@ Times on a shared machine are noisy: sections interleave what they compare and p
 from __future__ import annotations
 
 import argparse
+import copy
 import multiprocessing
 import resource
 import statistics
@@ -37,7 +42,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from audiocraft.models import MusicGen
 
 from bench.models import build_peer, build_plain_and_optimised
-from bench.steps import PROMPT, audiocraft_step, peer_step
+from bench.steps import PROMPT, audiocraft_step, loop_step, peer_step, weight_read_floor
+from generation.engine.decoding import optimise_for_decoding
 
 TEXT_TOKENS = 18  # about what T5 makes of PROMPT; the peer cross-attends to this many
 
@@ -60,45 +66,65 @@ def _fmt(value: object) -> str:
 
 
 def section_steps(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
-    """(a) Median ms per decoding step for each batch size, three implementations."""
-    peer = build_peer(args.model)
-    runs: dict[tuple[int, str], list] = {}
-    runners = {
-        "plain": lambda b: audiocraft_step(plain, b, args.steps),
-        "optimised": lambda b: audiocraft_step(fast, b, args.steps),
-        "transformers": lambda b: peer_step(peer, b, args.steps, TEXT_TOKENS),
-    }
-    for _ in range(args.repeats):
-        for batch in args.batches:
-            for name, run in runners.items():
-                runs.setdefault((batch, name), []).append(run(batch))
-    rows = []
-    for batch in args.batches:
-        wall = {n: statistics.median(t.wall for t in runs[batch, n]) for n in _NAMES}
-        cpu = {n: statistics.median(t.cpu for t in runs[batch, n]) for n in _NAMES}
-        rows.append(
-            [batch]
-            + [1000 * wall[n] for n in _NAMES]
-            + [1000 * cpu[n] for n in _NAMES]
-            + [wall["optimised"] / wall["plain"], wall["transformers"] / wall["plain"]]
-            + [wall["optimised"] / wall["transformers"]]
+    """(a) Median ms per decoding step at 1, 4 and 8 requests: the engine's shared loop in
+    float32 and in the CPU's native precision, transformers' MusicGen decoder in the same
+    precision, the weight-read floor of that precision, and plain audiocraft (float32)."""
+    from generation.engine.precision import apply_precision, resolve_precision
+
+    precisions = sorted({"fp32", resolve_precision("auto", "cpu")}, reverse=True)
+    plain_times = {
+        batch: statistics.median(
+            audiocraft_step(plain, batch, args.steps).wall for _ in range(args.repeats)
         )
+        for batch in args.batches
+    }
+    rows = []
+    for precision in precisions:
+        model = copy.deepcopy(plain)
+        apply_precision(model, precision)
+        optimise_for_decoding(model)
+        peer = build_peer(args.model).to(_DTYPES[precision])
+        floor = weight_read_floor(model)
+        for batch in args.batches:
+            runs = [
+                (loop_step(model, batch, args.steps), peer_step(peer, batch, args.steps, 18))
+                for _ in range(args.repeats)
+            ]
+            ours = statistics.median(run[0].wall for run in runs)
+            theirs = statistics.median(run[1].wall for run in runs)
+            rows.append(
+                [
+                    batch,
+                    precision,
+                    1000 * ours,
+                    1000 * theirs,
+                    1000 * floor,
+                    1000 * plain_times[batch],
+                    ours / theirs,
+                    ours / floor,
+                    plain_times[batch] / ours,
+                ]
+            )
+        del model, peer
     table(
         f"(a) ms per step, median of {args.repeats} runs x {args.steps} steps "
         f"(first steps of a generation, {torch.get_num_threads()} threads)",
         [
             "requests",
-            *_NAMES,
-            *(f"cpu {n}" for n in _NAMES),
-            "optimised/plain",
-            "transformers/plain",
-            "optimised/transformers",
+            "precision",
+            "engine",
+            "transformers",
+            "weight-read floor",
+            "plain fp32",
+            "engine/transformers",
+            "engine/floor",
+            "x plain",
         ],
         rows,
     )
 
 
-_NAMES = ("plain", "optimised", "transformers")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def generate_seconds(model: MusicGen, requests: int, seconds: float) -> float:
@@ -163,7 +189,7 @@ def section_duration(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) 
 
 
 def _count_steps(model: MusicGen, seconds: float) -> int:
-    from generation.engine.musicgen import planned_steps
+    from generation.engine.request_decoding import planned_steps
     from generation.request import GenerationRequest
 
     request = GenerationRequest(prompt=PROMPT, model=model.name, duration=seconds)
@@ -331,6 +357,22 @@ def section_queue(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> 
     )
 
 
+def section_mixed(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
+    """(h) Mixed traffic through the bot (``bench/mixed.py``), on a melody-capable model of
+    the same size; its last line is the ratio to plain audiocraft."""
+    from bench.mixed import run_mixed
+
+    if args.model == "small":
+        from bench.models import build_small_musicgen
+
+        melodic = build_small_musicgen(melody=True)
+    else:
+        from generation.engine.debug_models import build_debug_model
+
+        melodic = build_debug_model("debug-melody")
+    run_mixed(melodic, args.mixed_requests, args.max_batch)
+
+
 SECTIONS: dict[str, Callable[[MusicGen, MusicGen, argparse.Namespace], None]] = {
     "steps": section_steps,
     "throughput": section_throughput,
@@ -339,6 +381,7 @@ SECTIONS: dict[str, Callable[[MusicGen, MusicGen, argparse.Namespace], None]] = 
     "output": section_output,
     "cuda": section_cuda,
     "queue": section_queue,
+    "mixed": section_mixed,
 }
 
 
@@ -351,7 +394,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short run: fewer steps, 1 s clips")
     parser.add_argument("--model", choices=["small", "debug"], default="small")
     parser.add_argument("--sections", type=_numbers(str), default=list(SECTIONS))
-    parser.add_argument("--batches", type=_numbers(int), default=[1, 2, 4, 8])
+    parser.add_argument("--batches", type=_numbers(int), default=[1, 4, 8])
     parser.add_argument("--steps", type=int, default=12, help="timed steps per run in (a)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per median")
     parser.add_argument("--concurrency", type=_numbers(int), default=[1, 2, 4, 8])
@@ -360,7 +403,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plain-durations", action="store_true", help="plain runs in (c)")
     parser.add_argument("--rss-seconds", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--max-batch", type=int, default=8, help="the bot's batch size in (g)")
+    parser.add_argument("--max-batch", type=int, default=8, help="generation.max_batch in (g), (h)")
+    parser.add_argument("--mixed-requests", type=int, default=8, help="requests in (h)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats, args.seconds, args.rss_seconds = 5, 1, 1.0, 1.0

@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from generation.engine.musicgen import MusicGenEngine, model_bytes
 from generation.request import AudioClip, GenerationRequest, batch_key

@@ -35,7 +35,9 @@ TUNE = AudioClip(sine(2.5, 220.0), SR)
 REQUESTS = {
     "debug": [
         BASE,
-        replace(BASE, prompt="a much longer prompt of calm piano and strings", seed=2, duration=1.5),
+        replace(
+            BASE, prompt="a much longer prompt of calm piano and strings", seed=2, duration=1.5
+        ),
         replace(BASE, seed=3, top_k=0, top_p=0.9, cfg_coef=5.0, temperature=0.7),
         replace(BASE, seed=4, use_sampling=False, duration=1.0),
         replace(BASE, seed=5, two_step_cfg=True),

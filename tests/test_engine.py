@@ -97,7 +97,7 @@ def test_two_step_cfg_conditions_the_unconditioned_twin_on_its_own(engine):
     assert set(one_step) == {2}  # the prompt and its unconditioned twin, batched
     # Two passes of one row for the first step, each with its own (unpadded) conditioning;
     # then both rows share each step, each attending to its own conditioning only.
-    assert two_step == [1, 1] + one_step[1:]
+    assert two_step == [1, 1, *one_step[1:]]
 
 
 def test_two_step_cfg_honours_cfg_coef(engine):

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.simcord(settle_timeout=60)
 
 @pytest.fixture
 def simcord_bot(database):
-    """Status messages may be edited once a second (the least the configuration allows)."""
-    return make_bot(database, queue={"progress_interval": 1})
+    """Status messages may be edited once a second (the least the configuration allows), and
+    one job decodes at a time, so that queued jobs move up as the ones ahead start."""
+    return make_bot(database, queue={"progress_interval": 1}, generation={"max_batch": 1})
 
 
 def edits(env, message) -> list[str]:

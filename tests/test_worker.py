@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -130,12 +132,11 @@ async def test_a_failing_job_fails_alone(system, store, recorder):
     assert fine.status is JobStatus.DONE
 
 
-async def test_a_job_that_breaks_its_batch_fails_alone(system, store, recorder):
+async def test_a_job_that_cannot_run_fails_alone_and_the_others_run(system, store, recorder):
     broken = await submit(store, replace(REQUEST, prompt="x" * 5000))  # past the prompt limit
     fine = await submit(store, guild=2)
     await system.worker()
     broken, fine = await system.settled(broken, fine)
-    assert broken.started_at == fine.started_at  # they were claimed as one batch
     assert broken.status is JobStatus.FAILED
     assert "prompt" in recorder.errors[broken.id].args[0].lower()
     assert fine.status is JobStatus.DONE
@@ -183,23 +184,31 @@ async def test_the_rate_is_learnt_from_finished_jobs_and_kept(system, store, rec
     assert later.rates.rate("debug") == pytest.approx(expected)
 
 
-async def test_compatible_jobs_of_several_servers_share_each_step_and_arrive_apart(
-    engine, system, store, recorder
-):
-    jobs = [
-        await submit(store, replace(REQUEST, prompt=f"tune {n}", seed=n), guild=n)
-        for n in (1, 2, 3)
-    ]
-    batch_sizes: list[int] = []
-    hook = engine.load("debug").lm.transformer.register_forward_hook(
-        lambda module, args, output: batch_sizes.append(args[0].shape[0])
+@contextmanager
+def rows_per_pass(engine, model: str = "debug") -> Iterator[list[int]]:
+    """The rows of each pass of ``model``'s LM (its first output head) in this block."""
+    rows: list[int] = []
+    hook = engine.load(model).lm.linears[0].register_forward_hook(
+        lambda module, args, output: rows.append(output.shape[0])
     )
     try:
-        await system.worker()
-        stored = await system.settled(*jobs)
+        yield rows
     finally:
         hook.remove()
-    assert set(batch_sizes) == {2 * 3}  # three requests and their guidance twins, every step
+
+
+async def test_jobs_of_several_servers_share_each_step_and_arrive_apart(
+    engine, system, store, recorder
+):
+    changes = [{}, {"top_p": 0.5}, {"duration": 1.0, "cfg_coef": 5.0}]
+    jobs = [
+        await submit(store, replace(REQUEST, prompt=f"tune {n}", seed=n, **change), guild=n)
+        for n, change in enumerate(changes, start=1)
+    ]
+    with rows_per_pass(engine) as rows:
+        await system.worker()
+        stored = await system.settled(*jobs)
+    assert max(rows) == 2 * 3  # three requests and their guidance twins in one pass
     for job in stored:
         assert job.status is JobStatus.DONE
         (result,) = recorder.results[job.id]
@@ -224,12 +233,14 @@ async def test_a_job_with_takes_gets_a_result_per_seed_kept_for_later(system, st
         np.testing.assert_allclose(kept.audio, delivered.audio, atol=1e-6)  # 24-bit FLAC
 
 
-async def test_requests_sent_together_to_an_idle_worker_share_the_first_batch(system, store):
+async def test_requests_sent_to_an_idle_worker_decode_together(engine, system, store):
     await system.worker()
     await asyncio.sleep(0.3)  # the worker found nothing, and waits for work
-    jobs = [await submit(store, replace(REQUEST, seed=seed), guild=seed) for seed in (1, 2, 3)]
-    stored = await system.settled(*jobs)
-    assert len({job.started_at for job in stored}) == 1
+    with rows_per_pass(engine) as rows:
+        jobs = [await submit(store, replace(REQUEST, seed=seed), guild=seed) for seed in (1, 2, 3)]
+        stored = await system.settled(*jobs)
+    assert all(job.status is JobStatus.DONE for job in stored)
+    assert max(rows) == 2 * 3
 
 
 async def test_a_job_with_a_clip_loads_it_from_the_store_when_it_runs(

@@ -154,14 +154,14 @@ def build_debug_model(name: str, device: str = "cpu") -> MusicGen:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(zlib.crc32(name.encode()))
         compression_model = builders.get_compression_model(cfg).eval()
-        with _local_demucs(_tiny_demucs(device)):
+        with offline_demucs(device):
             lm = builders.get_lm_model(cfg).eval()
     lm.cfg = cfg  # as audiocraft's loader does: MusicGen reads the window and stereo layout here
-    _prepare_melody_conditioner(lm)
+    prepare_melody_conditioner(lm)
     return MusicGen(name, compression_model, lm)
 
 
-def _prepare_melody_conditioner(lm: torch.nn.Module) -> None:
+def prepare_melody_conditioner(lm: torch.nn.Module) -> None:
     """Match the chroma to the window, as ``MusicGen.get_pretrained`` does for melody models."""
     conditioners = lm.condition_provider.conditioners
     if "self_wav" in conditioners:
@@ -184,14 +184,16 @@ def _tiny_demucs(device: str) -> torch.nn.Module:
 
 
 @contextmanager
-def _local_demucs(separator: torch.nn.Module) -> Iterator[None]:
-    """Hand ``ChromaStemConditioner`` a local separator instead of downloading htdemucs.
+def offline_demucs(device: str = "cpu") -> Iterator[None]:
+    """Hand ``ChromaStemConditioner`` a tiny random-weight demucs instead of downloading
+    htdemucs, while melody models are built (or loaded from a checkpoint) in this block.
 
     The conditioner calls ``demucs.pretrained.get_model('htdemucs')`` in its constructor;
     that download is the only part of the melody path that needs a network.
     """
     from demucs import pretrained
 
+    separator = _tiny_demucs(device)
     original = pretrained.get_model
     pretrained.get_model = lambda name, repo=None: separator
     try:

@@ -89,8 +89,9 @@ class Job:
     #: The worker running it (an id from :class:`generation.jobs.store.WorkerInfo`).
     worker_id: str | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
-    #: Why ``cancel_event`` was set: "cancelled", "timeout", "shutdown", or "lost" (the
-    #: worker's lease ran out: the job is another's now).
+    #: Why ``cancel_event`` was set: "cancelled", "timeout", "shutdown", "failed" (one of
+    #: its takes failed: the others stop), or "lost" (the worker's lease ran out: the job is
+    #: another's now).
     stop_reason: str | None = None
 
     def stop(self, reason: str) -> None:

@@ -58,6 +58,7 @@ async def start_worker(store: JobStore, settings: WorkerSettings) -> Worker:
         max_duration=settings.max_duration,
         memory_budget_gb=settings.memory_budget_gb,
         precision=settings.precision,
+        max_requests=settings.batch_policy.max_rows,
     )
     worker = Worker(
         engine,
@@ -68,6 +69,7 @@ async def start_worker(store: JobStore, settings: WorkerSettings) -> Worker:
         max_attempts=settings.max_attempts,
         progress_interval=settings.progress_interval,
         job_timeout=settings.job_timeout,
+        owns_generator=True,
     )
     await worker.start()
     preload = worker.run_blocking(lambda: engine.load(settings.models[0]))

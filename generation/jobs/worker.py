@@ -1,5 +1,9 @@
-"""A generation worker: claims batches from the store, runs them on the engine, and records
-each outcome there; the gateway (:mod:`generation.jobs.watcher`) tells the requesters.
+"""A generation worker: claims jobs from the store, runs them on the engine, and records each
+outcome there; the gateway (:mod:`generation.jobs.watcher`) tells the requesters.
+
+The engine decodes continuously (every request on a model shares every step), so the worker
+claims a job whenever the engine has a free place, one at a time in the queue's fair order,
+and each job runs and ends on its own, whatever else decodes beside it.
 
 Any number of workers may share a store. A claim leases its jobs; the worker renews the
 lease by heartbeat while it generates, and each heartbeat says which of its jobs were
@@ -8,11 +12,11 @@ decoding step). A worker that stops heartbeating (killed, machine lost) loses it
 :meth:`JobStore.requeue_expired`, which every worker runs from time to time, and every write
 it makes about a job is fenced, so it cannot overwrite the job's next run.
 
-The model runs on a one-thread executor, so the event loop keeps going while it decodes;
+The model runs on the engine's own thread, so the event loop keeps going while it decodes;
 progress crosses back to the loop with ``call_soon_threadsafe`` and is written to the store
-at most once per ``progress_interval``. Nothing after a claim leaves a job hanging: a write
-the store refuses is tried again with back-off; a job whose end is never recorded is queued
-again when its lease runs out.
+at most once per ``progress_interval`` for each job. Nothing after a claim leaves a job
+hanging: a write the store refuses is tried again with back-off; a job whose end is never
+recorded is queued again when its lease runs out.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -55,13 +59,20 @@ class Generator(Protocol):
     @property
     def loaded_models(self) -> Sequence[str]: ...
 
-    def generate_batch(
+    @property
+    def free_places(self) -> int:
+        """How many more requests would start decoding now."""
+        ...
+
+    def submit(
         self,
-        requests: Sequence[GenerationRequest],
+        request: GenerationRequest,
         *,
         progress: ProgressCallback | None = None,
         cancel: CancelFlag | None = None,
-    ) -> list[GenerationResult]: ...
+    ) -> Future[GenerationResult]: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -84,18 +95,24 @@ class Leases:
 
 
 class Worker:
-    """Claims and runs batches of jobs until stopped.
+    """Claims and runs jobs until stopped.
 
     Args:
-        generator: Runs a batch of requests (blocking); only ever called from one thread.
+        generator: Decodes requests (see :class:`Generator`).
         store: Where the queue is and every job's state and result is kept.
         models: The models this worker serves; None for any.
-        batch_policy: How big a batch may be, and how long a job for a model not loaded may
-            be passed over.
+        batch_policy: How long a job for a model not loaded may be passed over, and (without
+            ``join_running``) how big a batch may be.
+        join_running: Whether a job may join requests already decoding (continuous
+            batching). False is the worker this one replaced, kept as the benchmark's
+            baseline: a batch of jobs with one batch key, claimed only when nothing runs,
+            runs to its end before the next.
+        owns_generator: Whether closing the worker closes ``generator`` (a worker process's
+            own engine) or leaves it to whoever shares it.
         leases: How it holds its jobs.
         max_attempts: Times a job may be started before it fails for good.
-        progress_interval: Least time between two progress writes for a batch, in seconds.
-        job_timeout: Longest a batch may run, in seconds; None for no limit.
+        progress_interval: Least time between two progress writes for a job, in seconds.
+        job_timeout: Longest a job may run, in seconds; None for no limit.
         store_retry: How a write the store refuses is tried again.
     """
 
@@ -111,8 +128,12 @@ class Worker:
         progress_interval: float = 5.0,
         job_timeout: float | None = None,
         store_retry: Backoff = STORE_RETRY,
+        join_running: bool = True,
+        owns_generator: bool = False,
     ) -> None:
         self.generator = generator
+        self.join_running = join_running
+        self.owns_generator = owns_generator
         self.store = store
         self.models = tuple(models) if models is not None else None
         self.batch_policy = batch_policy or BatchPolicy()
@@ -126,7 +147,7 @@ class Worker:
         self.accepting = True
         #: The jobs generating now.
         self.running: list[Job] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
+        self._jobs: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self._beaten_at = self._swept_at = float("-inf")
@@ -164,7 +185,7 @@ class Worker:
 
     def wake(self) -> None:
         """Work through the queue now, unless already at it or stopping: a task that claims
-        batches until there is nothing left to claim, then returns."""
+        jobs while the engine has room and there is something to claim, then returns."""
         if self.accepting and not self.busy:
             self._task = asyncio.get_running_loop().create_task(self._drain(), name="worker")
 
@@ -186,17 +207,18 @@ class Worker:
             await asyncio.sleep(self.leases.poll)
 
     async def stop(self, grace: float) -> None:
-        """Claim no more jobs; give the running batch ``grace`` seconds, then stop it and put
-        its jobs back in the queue, for this worker after a restart or for another now."""
+        """Claim no more jobs; give the running ones ``grace`` seconds, then stop them and put
+        them back in the queue, for this worker after a restart or for another now."""
         self.accepting = False
         if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), grace)
-            except TimeoutError:
+            await self._task
+        if self._jobs:
+            _, unfinished = await asyncio.wait(self._jobs, timeout=grace)
+            if unfinished:
                 for job in self.running:
                     log.info("job=%d event=stopped reason=shutdown (it will run again)", job.id)
                     job.stop("shutdown")
-                await self._task
+                await asyncio.wait(unfinished)
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         with contextlib.suppress(Exception):
@@ -204,12 +226,14 @@ class Worker:
         self.close()
 
     def close(self) -> None:
-        """Let the generation thread go (what the end of the process does)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the engine's decoding if it is the worker's own (what the end of the process
+        does)."""
+        if self.owns_generator:
+            self.generator.close()
 
     def run_blocking(self, function: Callable[[], object]) -> asyncio.Future:
-        """Run ``function`` on the generation thread (e.g. loading a model at start-up)."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, function)
+        """Run blocking ``function`` off the event loop (e.g. loading a model at start-up)."""
+        return asyncio.get_running_loop().run_in_executor(None, function)
 
     def _on_cancel(self, payload: str) -> None:
         if self.running and (not payload or any(str(job.id) == payload for job in self.running)):
@@ -217,17 +241,23 @@ class Worker:
 
     async def _drain(self) -> None:
         await asyncio.sleep(self.batch_policy.window)  # let requests sent together meet
-        while self.accepting:
+        while self.accepting and self._has_room():
             try:
-                batch = await self._claim()
+                claimed = await self._claim()
             except Exception:
                 log.exception(
                     "worker=%s event=claim-failed (tried again at the next tick)", self.id
                 )
                 return
-            if not batch:
+            if not claimed:
                 return
-            await self._run(batch)
+            for job in await self._with_uploads(claimed):
+                self._start(job, batch=claimed)
+
+    def _has_room(self) -> bool:
+        if not self.join_running:
+            return not self.running
+        return self.generator.free_places > 0
 
     async def _sweep(self) -> None:
         """Queue again the jobs of workers that stopped heartbeating."""
@@ -241,33 +271,74 @@ class Worker:
             self.id,
             models=self.models,
             loaded=self.generator.loaded_models,
-            max_rows=self.batch_policy.max_rows,
+            # Continuous: one job at a time, so servers take turns at every place.
+            max_rows=self.batch_policy.max_rows if not self.join_running else 1,
             max_model_wait=self.batch_policy.max_model_wait,
             lease_seconds=self.leases.seconds,
         )
 
-    async def _run(self, claimed: list[Job]) -> None:
-        ready = await self._with_uploads(claimed)
-        if not ready:
-            return
-        self.running = ready
+    def _start(self, job: Job, *, batch: Sequence[Job]) -> None:
+        """Hand ``job``'s takes to the engine now (so its places are taken before the next
+        claim), and follow them in a task of their own: the job ends on its own."""
+        self.running.append(job)
+        log.info(
+            "job=%d event=started attempt=%d model=%s duration=%g guild=%d claimed-with=%s",
+            job.id,
+            job.attempts,
+            job.request.model,
+            job.request.duration,
+            job.guild_id,
+            ",".join(str(other.id) for other in batch),
+        )
+        progress = self._progress_of(job)
+        try:
+            takes = [
+                self.generator.submit(
+                    request, progress=partial(progress, take), cancel=job.cancel_event
+                )
+                for take, request in enumerate(job.take_requests())
+            ]
+        except Exception as error:  # the request does not fit the engine
+            job.stop("failed")  # a take already submitted stops
+            run = self._failed(job, error)
+        else:
+            run = self._generate(job, takes)
+        task = asyncio.get_running_loop().create_task(self._run(job, run), name=f"job-{job.id}")
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    def _progress_of(self, job: Job) -> Callable[[int, int, int], None]:
+        """A callback for the decoding thread, given (take, steps done, steps in all): the
+        takes' steps are summed on the event loop and written at most once per
+        ``progress_interval``; they keep the leases beating too."""
+        loop = asyncio.get_running_loop()
+        steps = [(0, 0)] * job.takes
+        reported_at = time.monotonic()
+
+        def update(take: int, done: int, total: int) -> None:  # on the event loop
+            nonlocal reported_at
+            steps[take] = (done, total)
+            now = time.monotonic()
+            if now - self._beaten_at >= self.leases.heartbeat:
+                self._beaten_at = now
+                self._spawn(job, self._beat)
+            done, total = sum(s[0] for s in steps), sum(s[1] for s in steps)
+            if now - reported_at >= self.progress_interval and done < total:
+                reported_at = now
+                if not job.cancel_event.is_set():
+                    self._spawn(job, partial(self.store.set_progress, job, done, total))
+
+        return lambda take, done, total: loop.call_soon_threadsafe(update, take, done, total)
+
+    async def _run(self, job: Job, run: Awaitable[None]) -> None:
         self._beaten_at = time.monotonic()
         try:
-            await self._write("update-worker", ready[0], self._advertise)
-            for job in ready:
-                log.info(
-                    "job=%d event=started attempt=%d model=%s duration=%g guild=%d batch=%s",
-                    job.id,
-                    job.attempts,
-                    job.request.model,
-                    job.request.duration,
-                    job.guild_id,
-                    ",".join(str(other.id) for other in ready),
-                )
-            await self._generate(ready)
+            await self._write("update-worker", job, self._advertise)
+            await run
         finally:
-            self.running = []
-            await self._write("update-worker", ready[0], self._advertise)
+            self.running.remove(job)
+            await self._write("update-worker", job, self._advertise)
+            self.wake()
 
     async def _advertise(self) -> None:
         await self.store.update_worker(
@@ -275,8 +346,8 @@ class Worker:
         )
 
     async def _with_uploads(self, jobs: list[Job]) -> list[Job]:
-        """Load the claimed jobs' clips (decoded on a thread); a job whose clip expired or
-        is damaged fails, and its requester is told. Returns the jobs ready to run."""
+        """Load the claimed jobs' clips; a job whose clip expired or is damaged fails, and its
+        requester is told. Returns the jobs ready to run."""
         ready = []
         for job in jobs:
             try:
@@ -306,73 +377,43 @@ class Worker:
                 job.stop("lost" if lost or current.worker_id != self.id else "cancelled")
                 log.info("job=%d event=stopping reason=%s", job.id, job.stop_reason)
 
-    async def _generate(self, jobs: list[Job]) -> None:
-        """Run the batch and record each job's outcome."""
-        loop = asyncio.get_running_loop()
-        last_report = time.monotonic()
-
-        def on_progress(done: int, total: int) -> None:  # on the event loop
-            nonlocal last_report
-            now = time.monotonic()
-            if now - self._beaten_at >= self.leases.heartbeat:
-                self._beaten_at = now
-                self._spawn(jobs[0], self._beat)
-            if now - last_report >= self.progress_interval and done < total:
-                last_report = now
-                for job in jobs:
-                    if not job.cancel_event.is_set():
-                        self._spawn(job, partial(self.store.set_progress, job, done, total))
-
-        def progress(done: int, total: int) -> None:  # on the generation thread
-            loop.call_soon_threadsafe(on_progress, done, total)
-
-        requests = [request for job in jobs for request in job.take_requests()]
-        generate = partial(
-            self.generator.generate_batch, requests, progress=progress, cancel=_AllStopped(jobs)
-        )
-        running = loop.run_in_executor(self._executor, generate)
+    async def _generate(self, job: Job, takes: list[Future[GenerationResult]]) -> None:
+        """Wait for the job's takes and record its outcome."""
+        running = asyncio.gather(*(asyncio.wrap_future(take) for take in takes))
         try:
             results = await asyncio.wait_for(asyncio.shield(running), self.job_timeout)
         except TimeoutError:
-            for job in jobs:
-                job.stop("timeout")
+            job.stop("timeout")
             with contextlib.suppress(Exception):
-                await running  # it stops at its next step
-            error = GenerationError(
-                f"Generation took longer than {self.job_timeout:g} s and was stopped: "
-                "try a shorter duration or a smaller model."
+                await running  # each take stops at its next step
+            await self._failed(
+                job,
+                GenerationError(
+                    f"Generation took longer than {self.job_timeout:g} s and was stopped: "
+                    "try a shorter duration or a smaller model."
+                ),
             )
-            for job in jobs:
-                await self._failed(job, error)
             return
         except GenerationCancelled:
-            for job in jobs:
-                await self._stopped(job)
+            if job.stop_reason is None:  # the engine stopped: the process is ending
+                job.stop("shutdown")
+            await self._stopped(job)
             return
         except Exception as error:
-            if len(jobs) > 1:  # find the job at fault: each runs alone, and fails alone
-                log.warning(
-                    "batch=%s event=failed error=%r (running its jobs one by one)",
-                    ",".join(str(job.id) for job in jobs),
-                    error,
-                )
-                for job in jobs:
-                    await self._generate([job])
-                return
-            await self._failed(jobs[0], error)
+            job.stop("failed")  # its other takes stop too
+            await self._failed(job, error)
             return
         await self._learn(results)
-        for job in jobs:
-            takes, results = results[: job.takes], results[job.takes :]
-            if job.stop_reason is not None:  # cancelled or lost while its batch went on
-                await self._stopped(job)
-            else:
-                await self._finished(job, takes)
+        if job.stop_reason is not None:  # cancelled or lost as its last step ended
+            await self._stopped(job)
+        else:
+            await self._finished(job, results)
 
     async def _learn(self, results: list[GenerationResult]) -> None:
-        """Learn the batch's generation rate, and keep it for every process to plan with."""
+        """Learn the generation rate at the number of requests that shared the job's steps,
+        and keep it for every process to plan with."""
         first = results[0]
-        model, rows = first.request.model, len(results)
+        model, rows = first.request.model, max(round(first.shared_with), len(results))
         rate = self.rates.observe(model, rows, first.seconds, first.generation_seconds)
         try:
             await self.store.save_generation_rate(self.rates.device, model, rows, rate)
@@ -451,13 +492,3 @@ class Worker:
         task = asyncio.get_running_loop().create_task(guarded())
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
-
-
-class _AllStopped:
-    """A batch's cancel flag: set once every job in the batch has been asked to stop."""
-
-    def __init__(self, jobs: Sequence[Job]) -> None:
-        self._jobs = jobs
-
-    def is_set(self) -> bool:
-        return all(job.cancel_event.is_set() for job in self._jobs)
