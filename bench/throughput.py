@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -282,29 +283,58 @@ def section_output(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) ->
 
 
 def section_cuda(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
-    """(f) On a GPU: real-time factor for 1 and 4 requests, under audiocraft's fp16 autocast."""
+    """(f) On a GPU: real-time factor of 1, 8 and 32 concurrent requests through the engine's
+    shared decoding loop (fp16 autocast, as audiocraft on a GPU), against plain audiocraft
+    generating one request and the same number as one batched call."""
     if not torch.cuda.is_available():
         print("\n## (f) CUDA: no GPU here, skipped")
         return
-    from generation.engine.decoding import optimise_for_decoding
+    import tempfile
 
-    model = _build_one(args.model) if args.model == "debug" else None
-    if model is None:
+    from generation.engine.export import export_checkpoint
+    from generation.engine.musicgen import MusicGenEngine
+    from generation.request import GenerationRequest
+
+    gpu_plain = copy.deepcopy(plain).to("cuda") if args.model == "debug" else None
+    if gpu_plain is None:
         from bench.models import build_small_musicgen
 
-        model = build_small_musicgen("cuda")
-    optimise_for_decoding(model)
+        gpu_plain = build_small_musicgen("cuda")
     rows = []
-    for n in (1, 4):
-        torch.cuda.reset_peak_memory_stats()
-        generate_seconds(model, n, 1.0)  # warm-up
-        torch.cuda.synchronize()
-        wall = generate_seconds(model, n, args.seconds)
-        torch.cuda.synchronize()
-        rows.append([n, wall, wall / args.seconds, torch.cuda.max_memory_allocated() / 2**30])
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = export_checkpoint(plain, plain.lm.cfg, Path(folder))
+        engine = MusicGenEngine(device="cuda", max_requests=max(args.cuda_requests))
+        engine.load(str(checkpoint))
+        request = GenerationRequest(prompt=PROMPT, model=str(checkpoint), duration=args.seconds)
+        engine.generate_batch([replace(request, duration=1.0, seed=n) for n in range(2)])
+        for n in args.cuda_requests:
+            requests = [replace(request, seed=seed) for seed in range(n)]
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            started = time.perf_counter()
+            engine.generate_batch(requests)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - started
+            memory = torch.cuda.max_memory_allocated() / 2**30
+            generate_seconds(gpu_plain, 1, 1.0)  # warm-up
+            plain_one = generate_seconds(gpu_plain, 1, args.seconds)
+            plain_batch = generate_seconds(gpu_plain, n, args.seconds) if n > 1 else plain_one
+            audio = n * args.seconds
+            speed_ups = [n * plain_one / wall, plain_batch / wall]
+            rows.append([n, wall, wall / args.seconds, audio / wall, memory, *speed_ups])
+        engine.close()
     table(
-        f"(f) CUDA {torch.cuda.get_device_name()}, fp16 autocast, {args.seconds:g} s requests",
-        ["requests", "wall s", "real-time factor", "max GPU GiB"],
+        f"(f) CUDA {torch.cuda.get_device_name()}, fp16 autocast, {args.seconds:g} s requests "
+        "sent together to the engine",
+        [
+            "requests",
+            "wall s",
+            "real-time factor",
+            "audio s per s",
+            "max GPU GiB",
+            "x plain one by one",
+            "x plain one batch",
+        ],
         rows,
     )
 
@@ -405,6 +435,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--max-batch", type=int, default=8, help="generation.max_batch in (g), (h)")
     parser.add_argument("--mixed-requests", type=int, default=8, help="requests in (h)")
+    parser.add_argument("--cuda-requests", type=_numbers(int), default=[1, 8, 32])
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.repeats, args.seconds, args.rss_seconds = 5, 1, 1.0, 1.0

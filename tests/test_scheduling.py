@@ -1,5 +1,6 @@
-"""How a worker's claims form batches: servers in turn, compatible jobs together, takes as
-rows, the loaded model first for a while."""
+"""How a worker's claims go: servers in turn at every place, the loaded model first for a
+while; and how the batch-at-a-time worker (the benchmark's baseline) forms its batches:
+compatible jobs together, takes as rows."""
 
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ async def system(store, engine):
 
 
 async def batches(system: System, *jobs: Job, **policy) -> list[list[int]]:
-    """Let a worker run ``jobs``; the batches it claimed, in order (a claim starts its
-    jobs at one time)."""
-    await system.worker(batch_policy=BatchPolicy(**policy))
+    """Let a batch-at-a-time worker run ``jobs``; the batches it claimed, in order (a claim
+    starts its jobs at one time)."""
+    await system.worker(batch_policy=BatchPolicy(**policy), join_running=False)
     stored = await system.settled(*jobs)
     assert all(job.status is JobStatus.DONE for job in stored)
     by_start: dict[float, list[int]] = {}
@@ -128,3 +129,14 @@ async def test_a_job_that_fits_joins_however_many_too_big_ones_are_ahead_of_it(s
     small = await submit(store, REQUEST, 9)
     planned = await batches(system, first, *too_big, small, max_rows=2)
     assert planned[0] == ids(first, small)
+
+
+async def test_a_continuous_worker_takes_one_job_at_a_time_servers_in_turn(system, store):
+    a1, a2, a3 = [await submit(store, replace(REQUEST, prompt=f"a{n}"), 1) for n in range(3)]
+    b1 = await submit(store, replace(REQUEST, top_k=10), 2)
+    c1 = await submit(store, replace(REQUEST, duration=1.0), 3)
+    await system.worker(batch_policy=BatchPolicy(max_rows=5))
+    stored = await system.settled(a1, a2, a3, b1, c1)
+    claimed = [job.id for job in sorted(stored, key=lambda job: job.started_at)]
+    # Each server gets a place before any gets a second one, whatever their options.
+    assert claimed == [a1.id, b1.id, c1.id, a2.id, a3.id]

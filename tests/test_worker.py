@@ -200,7 +200,8 @@ def rows_per_pass(engine, model: str = "debug") -> Iterator[list[int]]:
 async def test_jobs_of_several_servers_share_each_step_and_arrive_apart(
     engine, system, store, recorder
 ):
-    changes = [{}, {"top_p": 0.5}, {"duration": 1.0, "cfg_coef": 5.0}]
+    # Long enough that the last is claimed before the first is done.
+    changes = [{"duration": 4.0}, {"duration": 3.0, "top_p": 0.5}, {"cfg_coef": 5.0}]
     jobs = [
         await submit(store, replace(REQUEST, prompt=f"tune {n}", seed=n, **change), guild=n)
         for n, change in enumerate(changes, start=1)

@@ -46,6 +46,11 @@ from generation.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
+#: Seconds a worker with jobs running waits before it claims one more while another worker
+#: is idle, so that the idle one, which claims at once, takes the job: jobs spread over the
+#: GPUs first, then share steps on each.
+BUSY_CLAIM_DELAY = 0.5
+
 #: The requester is told this when a track was made but could not be saved.
 NOT_KEPT = "The track was made but could not be saved on the bot's side; please try again."
 
@@ -242,6 +247,8 @@ class Worker:
     async def _drain(self) -> None:
         await asyncio.sleep(self.batch_policy.window)  # let requests sent together meet
         while self.accepting and self._has_room():
+            if self.running and await self._idle_worker_elsewhere():
+                await asyncio.sleep(BUSY_CLAIM_DELAY)  # it claims first
             try:
                 claimed = await self._claim()
             except Exception:
@@ -253,6 +260,14 @@ class Worker:
                 return
             for job in await self._with_uploads(claimed):
                 self._start(job, batch=claimed)
+
+    async def _idle_worker_elsewhere(self) -> bool:
+        try:
+            workers = await self.store.workers(time.time() - self.leases.seconds)
+        except Exception:
+            log.warning("worker=%s event=workers-unread", self.id, exc_info=True)
+            return False
+        return any(worker.id != self.id and not worker.jobs for worker in workers)
 
     def _has_room(self) -> bool:
         if not self.join_running:
