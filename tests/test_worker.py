@@ -188,8 +188,10 @@ async def test_the_rate_is_learnt_from_finished_jobs_and_kept(system, store, rec
 def rows_per_pass(engine, model: str = "debug") -> Iterator[list[int]]:
     """The rows of each pass of ``model``'s LM (its first output head) in this block."""
     rows: list[int] = []
-    hook = engine.load(model).lm.linears[0].register_forward_hook(
-        lambda module, args, output: rows.append(output.shape[0])
+    hook = (
+        engine.load(model)
+        .lm.linears[0]
+        .register_forward_hook(lambda module, args, output: rows.append(output.shape[0]))
     )
     try:
         yield rows
