@@ -267,7 +267,7 @@ async def encode_for_upload(
 
 def _encode_mp3(job: Job, result: GenerationResult, max_bytes: int) -> tuple[bytes, int]:
     """Blocking: run it off the event loop."""
-    tags = request_tags(result.request, job.origin, _clip_hashes(job))
+    tags = request_tags(result.request, job.origin, _clip_hashes(job), seconds=result.seconds)
     return encode_mp3_within(result.audio, result.sample_rate, max_bytes, tags=tags)
 
 

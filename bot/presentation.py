@@ -8,6 +8,7 @@ from typing import Any
 
 import discord
 
+from generation.audio.loop import MAX_LOOP_BARS, loop_bpm
 from generation.audio.output import MP3_BITRATES
 from generation.engine.models import ModelSpec
 from generation.engine.results import GenerationResult
@@ -48,6 +49,7 @@ OPTION_HELP = {
     "two_step_cfg": "Guidance as two passes instead of one batch.",
     "extend_stride": "Seconds each window moves on when going past 30 s (default 18).",
     "seed": "Repeat a result: the same seed and options give the same music.",
+    "loop": f"Cut to a seamless loop of this many bars (1-{MAX_LOOP_BARS}); BPM shown.",
 }
 
 
@@ -149,6 +151,8 @@ def result_embed(
         "Duration": f"{result.seconds:.1f} s",
         "Seeds" if len(results) > 1 else "Seed": seeds,
     }
+    if request.loop:
+        values["Loop"] = f"{request.loop} bars at {loop_bpm(request.loop, result.seconds):.1f} BPM"
     for field, (name, text) in _OPTION_FIELDS.items():
         if complete or getattr(request, field) != getattr(_DEFAULTS, field):
             values[name] = text(getattr(request, field))

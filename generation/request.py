@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from generation.audio.loop import MAX_LOOP_BARS
 from generation.engine.models import ModelSpec
 from generation.errors import InvalidOption
 
@@ -61,6 +62,8 @@ class GenerationRequest:
     two_step_cfg: bool = False
     extend_stride: float = 18.0
     seed: int | None = None
+    #: Bars (of four beats) to cut the result to as a seamless loop; 0 for no loop.
+    loop: int = 0
     melody: AudioClip | None = field(default=None, repr=False)
     continuation: AudioClip | None = field(default=None, repr=False)
 
@@ -91,6 +94,8 @@ class GenerationRequest:
             "extend_stride": self.extend_stride,
             "seed": self.seed,
         }
+        if self.loop:
+            values["loop"] = f"{self.loop} bars"
         if self.melody is not None:
             values["melody"] = f"{self.melody.seconds:.1f} s"
         if self.continuation is not None:
@@ -140,6 +145,14 @@ def validate_request(
         )
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
         raise InvalidOption("seed", f"Use a whole number from 0 to {MAX_SEED}.")
+    if (
+        isinstance(request.loop, bool)
+        or not isinstance(request.loop, int)
+        or not 0 <= request.loop <= MAX_LOOP_BARS
+    ):
+        raise InvalidOption(
+            "loop", f"Use a whole number of bars from 1 to {MAX_LOOP_BARS} (0 for no loop)."
+        )
     _check_audio_inputs(request, spec)
 
 

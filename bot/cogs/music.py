@@ -11,6 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from generation.audio.input import AudioLimits, check_size, decode_upload
+from generation.audio.loop import MAX_LOOP_BARS
 from generation.engine.models import resolve_model
 from generation.errors import (
     AudioInputError,
@@ -479,6 +480,7 @@ def generate_command(cog: Music) -> app_commands.Command:
         two_step_cfg: bool = DEFAULTS.two_step_cfg,
         extend_stride: app_commands.Range[float, 1.0, WINDOW_SECONDS - 1] = DEFAULTS.extend_stride,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+        loop: app_commands.Range[int, 1, MAX_LOOP_BARS] | None = None,
     ) -> None:
         request = GenerationRequest(
             prompt=prompt,
@@ -492,6 +494,7 @@ def generate_command(cog: Music) -> app_commands.Command:
             two_step_cfg=two_step_cfg,
             extend_stride=extend_stride,
             seed=seed,
+            loop=loop or 0,
         )
         await cog.generate(interaction, request, {"melody": melody, "continuation": continuation})
 

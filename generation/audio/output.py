@@ -17,6 +17,7 @@ from mutagen.wave import WAVE
 from scipy.ndimage import minimum_filter1d, uniform_filter1d
 from scipy.signal import resample_poly
 
+from generation.audio.loop import loop_bpm
 from generation.audio.stored import content_hash
 from generation.errors import OutputTooLarge
 from generation.origin import Origin
@@ -70,6 +71,8 @@ def request_tags(
     request: GenerationRequest,
     origin: Origin | None = None,
     clip_hashes: Mapping[str, str] | None = None,
+    *,
+    seconds: float | None = None,
 ) -> dict[str, str]:
     """ID3 tags that make a result reproducible: the prompt as title, every option as TXXX,
     and for a melody or an intro its content hash and, from ``origin``, its source (the job
@@ -77,9 +80,11 @@ def request_tags(
 
     ``clip_hashes`` gives the hashes of clips the request does not carry (read back from the
     store without them); the others are hashed, which blocks for long clips: run it off the
-    event loop.
+    event loop. ``seconds``, the result's length, gives a loop's tempo.
     """
     parameters = request.parameters()
+    if request.loop and seconds:
+        parameters["bpm"] = f"{loop_bpm(request.loop, seconds):.2f}"
     known = clip_hashes or {}
     for option in ("melody", "continuation"):
         clip: AudioClip | None = getattr(request, option)

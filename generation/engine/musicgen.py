@@ -15,6 +15,7 @@ import torch
 from audiocraft.models import MusicGen
 from torch.nn import Module
 
+from generation.audio.loop import make_loop
 from generation.engine.decoding import optimise_for_decoding
 from generation.engine.loading import default_device, load_model
 from generation.engine.models import ModelSpec, resolve_model
@@ -139,6 +140,8 @@ class MusicGenEngine:
                 raise GenerationError(
                     "The model produced no usable audio; try again with another seed."
                 )
+            if request.loop:
+                audio = make_loop(audio, model.sample_rate, request.loop).audio
             results.append(GenerationResult(request, audio, model.sample_rate, elapsed))
         log.info(
             "generated %d x %.1f s with %s in %.1f s",
