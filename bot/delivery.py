@@ -28,6 +28,7 @@ from generation.engine.results import GenerationResult
 from generation.errors import GenerationError, OutputTooLarge, Undeliverable
 from generation.jobs.estimates import Estimate
 from generation.jobs.job import Job
+from generation.origin import OriginKind
 
 from . import limits, presentation
 from .status import StatusMessages, jump_url, live_reply
@@ -247,7 +248,8 @@ async def result_message(
     files.append(discord.File(io.BytesIO(waveform), WAVEFORM_NAME))
     embed = presentation.result_embed(job, results, bitrate, complete=complete)
     embed.set_image(url=f"attachment://{WAVEFORM_NAME}")
-    view = result_view(job.id, job.takes, job.adoptable_turn)
+    stems = job.origin is not None and job.origin.kind is OriginKind.STEMS
+    view = result_view(job.id, job.takes, job.adoptable_turn, stems=stems)
     return ResultMessage(embed, files, view)
 
 

@@ -151,6 +151,12 @@ def result_embed(
         "Duration": f"{result.seconds:.1f} s",
         "Seeds" if len(results) > 1 else "Seed": seeds,
     }
+    if request.stem:  # a stems job: one seed, the track's; its takes are the stems
+        values.pop("Seeds", None)
+        values["Seed"] = str(request.seed)
+        values["Stems"] = ", ".join(
+            f"{take + 1}. {result.request.stem}" for take, result in enumerate(results)
+        )
     if request.loop:
         values["Loop"] = f"{request.loop} bars at {loop_bpm(request.loop, result.seconds):.1f} BPM"
     for field, (name, text) in _OPTION_FIELDS.items():
@@ -200,6 +206,7 @@ def origin_text(job: Job) -> str | None:
         OriginKind.UPLOAD_CONTINUATION: "Continues an upload",
         OriginKind.UPLOAD_MELODY: "Melody from an upload",
         OriginKind.JAM_TURN: f"Turn {origin.turn} of the jam",
+        OriginKind.STEMS: f"Stems of {source}",
     }[origin.kind]
     if origin.filename:
         text += f" ({short(origin.filename, 60)})"
@@ -426,7 +433,8 @@ def help_embed() -> discord.Embed:
     embed.add_field(
         name="Playing together",
         value="Under every result: **Re-roll** (a new seed), **Continue** (carry it on), "
-        "**Edit** (prompt, duration, temperature) and **Variations**. On any message with "
+        "**Edit** (prompt, duration, temperature), **Variations** and **Stems** (drums, bass, "
+        "other, vocals as separate files). On any message with "
         "audio, the message menu's **Continue this track** and **Use as melody**. Anyone in "
         "the server may use them on anyone's track: each makes your own job, counted against "
         "your limits.\n`/music jam start` opens a thread for a relay jam; there, "

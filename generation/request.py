@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from generation.audio.loop import MAX_LOOP_BARS
+from generation.audio.stems import STEMS
 from generation.engine.models import ModelSpec
 from generation.errors import InvalidOption
 
@@ -66,6 +67,10 @@ class GenerationRequest:
     loop: int = 0
     melody: AudioClip | None = field(default=None, repr=False)
     continuation: AudioClip | None = field(default=None, repr=False)
+    #: A track to split into stems instead of generating (a result of another job).
+    stems_of: AudioClip | None = field(default=None, repr=False)
+    #: The stem of ``stems_of`` this request gives (see :data:`STEMS`); set per take.
+    stem: str = ""
 
     @property
     def sampled(self) -> bool:
@@ -100,6 +105,8 @@ class GenerationRequest:
             values["melody"] = f"{self.melody.seconds:.1f} s"
         if self.continuation is not None:
             values["continuation"] = f"{self.continuation.seconds:.1f} s"
+        if self.stem:
+            values["stem"] = self.stem
         return {key: str(value) for key, value in values.items()}
 
 
@@ -201,6 +208,10 @@ def check_audio_options(
 
 
 def _check_audio_inputs(request: GenerationRequest, spec: ModelSpec) -> None:
+    if request.stems_of is not None and (request.melody or request.continuation):
+        raise InvalidOption("stems_of", "Split a track into stems alone, without audio inputs.")
+    if request.stem and request.stem not in STEMS:
+        raise InvalidOption("stem", f"Use one of {', '.join(STEMS)}.")
     check_audio_options(
         spec, melody=request.melody is not None, continuation=request.continuation is not None
     )
@@ -241,6 +252,7 @@ def batch_key(request: GenerationRequest) -> tuple[Hashable, ...]:
         request.extend_stride,
         _clip_shape(request.melody),
         _clip_shape(request.continuation),
+        _clip_shape(request.stems_of),
     )
 
 

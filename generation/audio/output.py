@@ -19,6 +19,7 @@ from scipy.signal import resample_poly
 
 from generation.audio.loop import loop_bpm
 from generation.audio.stored import content_hash
+from generation.engine.results import GenerationResult
 from generation.errors import OutputTooLarge
 from generation.origin import Origin
 from generation.request import AudioClip, GenerationRequest
@@ -62,9 +63,10 @@ def _configure_ffmpeg() -> None:
 
 
 def mp3_filename(request: GenerationRequest) -> str:
-    """A file name for a result: the prompt as a slug, then the seed."""
+    """A file name for a result: the prompt as a slug, then the seed (and the stem)."""
     slug = re.sub(r"[^a-z0-9]+", "-", request.prompt.lower()).strip("-")[:40] or "musicgen"
-    return f"{slug}-{request.seed}.mp3"
+    stem = f"-{request.stem}" if request.stem else ""
+    return f"{slug}-{request.seed}{stem}.mp3"
 
 
 def request_tags(
@@ -101,6 +103,18 @@ def request_tags(
     }
     tags.update({f"musicgen_{key}": value for key, value in parameters.items()})
     return tags
+
+
+def kept_audio(result: GenerationResult) -> np.ndarray:
+    """What the store keeps of a result: music normalised (:func:`normalise_loudness`); a
+    stem as separated, so the stems keep their balance and add up to the track (normalising
+    a near-silent vocal stem would raise its noise by tens of dB).
+
+    Blocking: run it off the event loop.
+    """
+    if result.request.stem:
+        return result.audio
+    return normalise_loudness(result.audio, result.sample_rate)
 
 
 def normalise_loudness(audio: np.ndarray, sample_rate: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from generation.engine.models import ModelSpec, resolve_model
 from generation.engine.precision import apply_precision, resolve_precision, transformer_dtype
 from generation.engine.results import CancelFlag, GenerationResult, ProgressCallback
 from generation.engine.sampling import seeded_rows
+from generation.engine.stems import StemSeparator
 from generation.errors import GenerationCancelled, GenerationError
 from generation.request import (
     DEFAULT_MAX_DURATION,
@@ -70,6 +71,7 @@ class MusicGenEngine:
         #: A copy of the models' names other threads can read while the engine works.
         self._loaded: tuple[str, ...] = ()
         self._lock = threading.Lock()
+        self.stems = StemSeparator(self.device)
 
     @property
     def loaded_models(self) -> tuple[str, ...]:
@@ -127,6 +129,8 @@ class MusicGenEngine:
         spec = resolve_model(requests[0].model)  # one model for all: the batch key says so
         for request in requests:
             validate_request(request, spec, max_duration=self.max_duration)
+        if requests[0].stems_of is not None:  # a stems job: demucs, not MusicGen
+            return self.stems.separate_batch(requests)
         with self._lock:
             model = self._load(spec)
             self._configure(model, requests[0])

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
-from generation.audio.output import normalise_loudness
+from generation.audio.output import kept_audio
 from generation.engine.results import CancelFlag, GenerationResult, ProgressCallback
 from generation.errors import GenerationCancelled, GenerationError
 from generation.jobs.estimates import GenerationRates
@@ -361,7 +361,8 @@ class Worker:
                 return
             await self._failed(jobs[0], error)
             return
-        await self._learn(results)
+        if not results[0].request.stem:  # a split is no measure of the model's rate
+            await self._learn(results)
         for job in jobs:
             takes, results = results[: job.takes], results[job.takes :]
             if job.stop_reason is not None:  # cancelled or lost while its batch went on
@@ -385,9 +386,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         try:
             for take, result in enumerate(results):
-                audio = await loop.run_in_executor(
-                    None, normalise_loudness, result.audio, result.sample_rate
-                )
+                audio = await loop.run_in_executor(None, kept_audio, result)
                 save = partial(self.store.save_result, job, audio, result.sample_rate, take)
                 await retrying("save-result", job.id, save, self.store_retry)
         except Exception as error:
