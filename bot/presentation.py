@@ -24,6 +24,7 @@ from .config import Config
 
 #: Request fields whose Discord option has another name.
 OPTION_NAMES = {"use_sampling": "no_sampling"}
+DECODER_NAMES = {"encodec": "EnCodec", "mbd": "MultiBand Diffusion"}
 COLOUR = discord.Colour.blurple()
 
 TIPS = (
@@ -50,6 +51,7 @@ OPTION_HELP = {
     "extend_stride": "Seconds each window moves on when going past 30 s (default 18).",
     "seed": "Repeat a result: the same seed and options give the same music.",
     "loop": f"Cut to a seamless loop of this many bars (1-{MAX_LOOP_BARS}); BPM shown.",
+    "decoder": "EnCodec (default, fast) or MultiBand Diffusion (cleaner, several times slower).",
 }
 
 
@@ -187,6 +189,7 @@ _OPTION_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "use_sampling": ("Sampling", lambda value: "on" if value else "off (greedy)"),
     "two_step_cfg": ("Two-step CFG", lambda value: "on" if value else "off"),
     "extend_stride": ("Extend stride", lambda value: f"{value:g} s"),
+    "decoder": ("Decoder", lambda value: DECODER_NAMES.get(value, value)),
 }
 
 

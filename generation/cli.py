@@ -19,6 +19,7 @@ from generation.engine.models import CATALOGUE, DEFAULT_MODEL, PRECISIONS, resol
 from generation.errors import AudioInputError, GenerationError, InvalidOption
 from generation.request import (
     CODEBOOK_SIZE,
+    DECODERS,
     DEFAULT_MAX_DURATION,
     MAX_CFG_COEF,
     MAX_SEED,
@@ -127,6 +128,13 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
         help=f"0 to {MAX_SEED}: makes the run reproducible (default: random, printed)",
     )
     add(
+        "--decoder",
+        choices=DECODERS,
+        default=defaults.decoder,
+        help="what turns the tokens into audio: encodec (MusicGen's own, fast) or mbd "
+        "(MultiBand Diffusion: cleaner, several times slower) (default: encodec)",
+    )
+    add(
         "--loop",
         type=int,
         default=defaults.loop,
@@ -188,6 +196,7 @@ def run_generate(args: argparse.Namespace) -> int:
             extend_stride=args.extend_stride,
             seed=args.seed,
             loop=args.loop,
+            decoder=args.decoder,
         ).with_seed()
         spec = resolve_model(request.model)
         validate_request(request, spec)

@@ -26,6 +26,8 @@ MAX_SEED = 2**32 - 1
 DEFAULT_MAX_DURATION = 120.0
 #: The released models' codebook size: the largest top_k.
 CODEBOOK_SIZE = 2048
+#: What may turn tokens into audio (see :mod:`generation.engine.mbd`), the default first.
+DECODERS = ("encodec", "mbd")
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +67,9 @@ class GenerationRequest:
     seed: int | None = None
     #: Bars (of four beats) to cut the result to as a seamless loop; 0 for no loop.
     loop: int = 0
+    #: What turns the tokens into audio: "encodec" (MusicGen's own) or "mbd" (MultiBand
+    #: Diffusion: cleaner, several times slower).
+    decoder: str = "encodec"
     melody: AudioClip | None = field(default=None, repr=False)
     continuation: AudioClip | None = field(default=None, repr=False)
     #: A track to split into stems instead of generating (a result of another job).
@@ -101,6 +106,8 @@ class GenerationRequest:
         }
         if self.loop:
             values["loop"] = f"{self.loop} bars"
+        if self.decoder != "encodec":
+            values["decoder"] = self.decoder
         if self.melody is not None:
             values["melody"] = f"{self.melody.seconds:.1f} s"
         if self.continuation is not None:
@@ -160,6 +167,8 @@ def validate_request(
         raise InvalidOption(
             "loop", f"Use a whole number of bars from 1 to {MAX_LOOP_BARS} (0 for no loop)."
         )
+    if request.decoder not in DECODERS:
+        raise InvalidOption("decoder", f"Use {' or '.join(DECODERS)}.")
     _check_audio_inputs(request, spec)
 
 
@@ -250,6 +259,7 @@ def batch_key(request: GenerationRequest) -> tuple[Hashable, ...]:
         request.cfg_coef,
         request.two_step_cfg,
         request.extend_stride,
+        request.decoder,
         _clip_shape(request.melody),
         _clip_shape(request.continuation),
         _clip_shape(request.stems_of),

@@ -23,6 +23,7 @@ from generation.jobs.job import Job, JobStatus, ReplyAddress
 from generation.jobs.store import GuildSettings
 from generation.origin import Origin
 from generation.request import (
+    DECODERS,
     MAX_CFG_COEF,
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -464,7 +465,13 @@ def generate_command(cog: Music) -> app_commands.Command:
 
     @app_commands.command(name="generate", description="Generate music from a prompt")
     @app_commands.describe(**presentation.OPTION_HELP)
-    @app_commands.choices(model=[app_commands.Choice(name=name, value=name) for name in models])
+    @app_commands.choices(
+        model=[app_commands.Choice(name=name, value=name) for name in models],
+        decoder=[
+            app_commands.Choice(name=presentation.DECODER_NAMES[name], value=name)
+            for name in DECODERS
+        ],
+    )
     async def generate(
         interaction: discord.Interaction,
         prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
@@ -481,6 +488,7 @@ def generate_command(cog: Music) -> app_commands.Command:
         extend_stride: app_commands.Range[float, 1.0, WINDOW_SECONDS - 1] = DEFAULTS.extend_stride,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
         loop: app_commands.Range[int, 1, MAX_LOOP_BARS] | None = None,
+        decoder: str = DEFAULTS.decoder,
     ) -> None:
         request = GenerationRequest(
             prompt=prompt,
@@ -495,6 +503,7 @@ def generate_command(cog: Music) -> app_commands.Command:
             extend_stride=extend_stride,
             seed=seed,
             loop=loop or 0,
+            decoder=decoder,
         )
         await cog.generate(interaction, request, {"melody": melody, "continuation": continuation})
 

@@ -46,8 +46,8 @@ def loop_bpm(bars: int, seconds: float) -> float:
 def make_loop(audio: np.ndarray, sample_rate: int, bars: int) -> Loop:
     """Cut ``audio`` (``[channels, samples]``) to a seamless loop of ``bars`` bars.
 
-    Blocking (the beat tracker takes about 0.1 s for 30 s of audio once warm; its first call
-    in a process compiles for a few seconds): run it off the event loop.
+    Blocking (about 1.2 s for 30 s of stereo on one core once warm; the first call in a
+    process also compiles librosa's code, about 5 s): run it off the event loop.
 
     Raises:
         GenerationError: the track has no beat to follow, or is too short for ``bars`` bars

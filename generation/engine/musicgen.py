@@ -18,6 +18,7 @@ from torch.nn import Module
 from generation.audio.loop import make_loop
 from generation.engine.decoding import optimise_for_decoding
 from generation.engine.loading import default_device, load_model
+from generation.engine.mbd import MbdDecoders, decoding_with
 from generation.engine.models import ModelSpec, resolve_model
 from generation.engine.precision import apply_precision, resolve_precision, transformer_dtype
 from generation.engine.results import CancelFlag, GenerationResult, ProgressCallback
@@ -72,6 +73,7 @@ class MusicGenEngine:
         self._loaded: tuple[str, ...] = ()
         self._lock = threading.Lock()
         self.stems = StemSeparator(self.device)
+        self.mbd = MbdDecoders()
 
     @property
     def loaded_models(self) -> tuple[str, ...]:
@@ -135,7 +137,8 @@ class MusicGenEngine:
             model = self._load(spec)
             self._configure(model, requests[0])
             started = time.perf_counter()
-            wavs = self._run_with_memory_retry(model, requests, progress, cancel)
+            with decoding_with(model, self.mbd.for_request(model, requests[0].decoder)):
+                wavs = self._run_with_memory_retry(model, requests, progress, cancel)
             elapsed = time.perf_counter() - started
         results = []
         for request, wav in zip(requests, wavs, strict=True):

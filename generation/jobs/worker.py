@@ -33,7 +33,7 @@ from typing import Protocol
 from generation.audio.output import kept_audio
 from generation.engine.results import CancelFlag, GenerationResult, ProgressCallback
 from generation.errors import GenerationCancelled, GenerationError
-from generation.jobs.estimates import GenerationRates
+from generation.jobs.estimates import GenerationRates, rate_key
 from generation.jobs.job import Job, JobStatus
 from generation.jobs.retry import STORE_RETRY, Backoff, retrying
 from generation.jobs.scheduling import BatchPolicy
@@ -373,7 +373,7 @@ class Worker:
     async def _learn(self, results: list[GenerationResult]) -> None:
         """Learn the batch's generation rate, and keep it for every process to plan with."""
         first = results[0]
-        model, rows = first.request.model, len(results)
+        model, rows = rate_key(first.request), len(results)
         rate = self.rates.observe(model, rows, first.seconds, first.generation_seconds)
         try:
             await self.store.save_generation_rate(self.rates.device, model, rows, rate)
