@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import discord
+import numpy as np
 
 from generation.audio.loop import MAX_LOOP_BARS, loop_bpm
 from generation.audio.output import MP3_BITRATES
@@ -156,8 +157,11 @@ def result_embed(
     if request.stem:  # a stems job: one seed, the track's; its takes are the stems
         values.pop("Seeds", None)
         values["Seed"] = str(request.seed)
+        levels = [_rms(result.audio) for result in results]
         values["Stems"] = ", ".join(
-            f"{take + 1}. {result.request.stem}" for take, result in enumerate(results)
+            f"{take + 1}. {result.request.stem}"
+            + (" (silent)" if level < max(levels) * 10 ** (SILENT_STEM_DB / 20) else "")
+            for take, (result, level) in enumerate(zip(results, levels, strict=True))
         )
     if request.loop:
         values["Loop"] = f"{request.loop} bars at {loop_bpm(request.loop, result.seconds):.1f} BPM"
@@ -177,6 +181,15 @@ def result_embed(
         embed.add_field(name=name, value=value)
     embed.set_footer(text=f"Job #{job.id}")
     return limits.fit_embed(embed)
+
+
+#: A stem this much quieter than the loudest (RMS, in dB) holds nothing: MusicGen rarely
+#: sings, so its vocal stem is mostly leakage.
+SILENT_STEM_DB = -40.0
+
+
+def _rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) if audio.size else 0.0
 
 
 _DEFAULTS = GenerationRequest(prompt="", model="")

@@ -10,9 +10,11 @@ from demucs.apply import BagOfModels
 from demucs.states import serialize_model
 from omegaconf import OmegaConf
 
+from bot.presentation import result_embed
 from generation.audio.input import AudioLimits, decode_audio
 from generation.audio.stems import STEMS
 from generation.engine.debug_models import tiny_htdemucs
+from generation.engine.results import GenerationResult
 from generation.engine.stems import load_separator, separate
 from generation.errors import ModelLoadError
 from generation.jobs.job import Job
@@ -78,6 +80,19 @@ def test_the_engine_splits_a_stems_jobs_track_once_and_gives_a_take_per_stem(eng
     alone = separate(tiny_htdemucs(), clip, "cpu")
     for result in results:
         np.testing.assert_allclose(result.audio, alone[result.request.stem], atol=1e-5)
+
+
+def test_a_silent_stem_says_so_in_the_embed():
+    request = GenerationRequest(prompt="x", model="debug", seed=1)
+    job = Job(2, request, 1, 1, 1, takes=2, origin=Origin(OriginKind.STEMS, job_id=1))
+    drums, vocals = job.take_requests()[:2]
+    results = [
+        GenerationResult(drums, chord(1.0, 1).samples, SR, 0.1),
+        GenerationResult(vocals, np.full((1, SR), 1e-4, np.float32), SR, 0.1),  # 68 dB below
+    ]
+    embed = result_embed(job, results, bitrate=320)
+    stems = {field.name: field.value for field in embed.fields}["Stems"]
+    assert stems == "1. drums, 2. bass (silent)"
 
 
 pytestmark_simcord = pytest.mark.simcord(settle_timeout=60)
