@@ -183,6 +183,18 @@ async def test_the_rate_is_learnt_from_finished_jobs_and_kept(system, store, rec
     assert later.rates.rate("debug") == pytest.approx(expected)
 
 
+async def test_a_loops_rate_is_learnt_per_second_generated_not_per_second_kept(
+    system, store, recorder
+):
+    job = await submit(store, replace(REQUEST, duration=8.0, loop=2))
+    worker = await system.worker()
+    await system.settled(job)
+    (result,) = recorder.results[job.id]
+    assert result.seconds < 8.0  # cut to 2 bars
+    expected = result.generation_seconds / 8.0
+    assert worker.rates.rate("debug") == pytest.approx(expected)
+
+
 async def test_compatible_jobs_of_several_servers_share_each_step_and_arrive_apart(
     engine, system, store, recorder
 ):

@@ -374,7 +374,7 @@ class Worker:
         """Learn the batch's generation rate, and keep it for every process to plan with."""
         first = results[0]
         model, rows = rate_key(first.request), len(results)
-        rate = self.rates.observe(model, rows, first.seconds, first.generation_seconds)
+        rate = self.rates.observe(model, rows, first.request.duration, first.generation_seconds)
         try:
             await self.store.save_generation_rate(self.rates.device, model, rows, rate)
         except Exception:  # a nicety: the jobs' own records matter, and they are tried again
