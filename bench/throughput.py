@@ -81,7 +81,9 @@ def section_steps(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> 
     }
     rows = []
     for precision in precisions:
-        model = copy.deepcopy(plain)
+        # The LM copied whole (apply_precision casts it), the codec shared (it cannot be
+        # deep-copied: weight norm).
+        model = MusicGen(plain.name, plain.compression_model, copy.deepcopy(plain.lm))
         apply_precision(model, precision)
         optimise_for_decoding(model)
         peer = build_peer(args.model).to(_DTYPES[precision])
@@ -295,8 +297,11 @@ def section_cuda(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> N
     from generation.engine.musicgen import MusicGenEngine
     from generation.request import GenerationRequest
 
-    gpu_plain = copy.deepcopy(plain).to("cuda") if args.model == "debug" else None
-    if gpu_plain is None:
+    if args.model == "debug":
+        from generation.engine.debug_models import build_debug_model
+
+        gpu_plain = build_debug_model("debug", "cuda")
+    else:
         from bench.models import build_small_musicgen
 
         gpu_plain = build_small_musicgen("cuda")

@@ -28,6 +28,7 @@ from generation.engine.results import GenerationResult
 from generation.errors import GenerationError, OutputTooLarge, Undeliverable
 from generation.jobs.estimates import Estimate
 from generation.jobs.job import Job
+from generation.origin import OriginKind
 
 from . import limits, presentation
 from .status import StatusMessages, jump_url, live_reply
@@ -247,7 +248,8 @@ async def result_message(
     files.append(discord.File(io.BytesIO(waveform), WAVEFORM_NAME))
     embed = presentation.result_embed(job, results, bitrate, complete=complete)
     embed.set_image(url=f"attachment://{WAVEFORM_NAME}")
-    view = result_view(job.id, job.takes, job.adoptable_turn)
+    stems = job.origin is not None and job.origin.kind is OriginKind.STEMS
+    view = result_view(job.id, job.takes, job.adoptable_turn, stems=stems)
     return ResultMessage(embed, files, view)
 
 
@@ -267,7 +269,7 @@ async def encode_for_upload(
 
 def _encode_mp3(job: Job, result: GenerationResult, max_bytes: int) -> tuple[bytes, int]:
     """Blocking: run it off the event loop."""
-    tags = request_tags(result.request, job.origin, _clip_hashes(job))
+    tags = request_tags(result.request, job.origin, _clip_hashes(job), seconds=result.seconds)
     return encode_mp3_within(result.audio, result.sample_rate, max_bytes, tags=tags)
 
 

@@ -7,7 +7,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import discord
+import numpy as np
 
+from generation.audio.loop import MAX_LOOP_BARS, loop_bpm
 from generation.audio.output import MP3_BITRATES
 from generation.engine.models import ModelSpec
 from generation.engine.results import GenerationResult
@@ -23,6 +25,7 @@ from .config import Config
 
 #: Request fields whose Discord option has another name.
 OPTION_NAMES = {"use_sampling": "no_sampling"}
+DECODER_NAMES = {"encodec": "EnCodec", "mbd": "MultiBand Diffusion"}
 COLOUR = discord.Colour.blurple()
 
 TIPS = (
@@ -48,6 +51,8 @@ OPTION_HELP = {
     "two_step_cfg": "Guidance as two passes instead of one batch.",
     "extend_stride": "Seconds each window moves on when going past 30 s (default 18).",
     "seed": "Repeat a result: the same seed and options give the same music.",
+    "loop": f"Cut to a seamless loop of this many bars (1-{MAX_LOOP_BARS}); BPM shown.",
+    "decoder": "EnCodec (default, fast) or MultiBand Diffusion (cleaner, several times slower).",
 }
 
 
@@ -149,6 +154,17 @@ def result_embed(
         "Duration": f"{result.seconds:.1f} s",
         "Seeds" if len(results) > 1 else "Seed": seeds,
     }
+    if request.stem:  # a stems job: one seed, the track's; its takes are the stems
+        values.pop("Seeds", None)
+        values["Seed"] = str(request.seed)
+        levels = [_rms(result.audio) for result in results]
+        values["Stems"] = ", ".join(
+            f"{take + 1}. {result.request.stem}"
+            + (" (silent)" if level < max(levels) * 10 ** (SILENT_STEM_DB / 20) else "")
+            for take, (result, level) in enumerate(zip(results, levels, strict=True))
+        )
+    if request.loop:
+        values["Loop"] = f"{request.loop} bars at {loop_bpm(request.loop, result.seconds):.1f} BPM"
     for field, (name, text) in _OPTION_FIELDS.items():
         if complete or getattr(request, field) != getattr(_DEFAULTS, field):
             values[name] = text(getattr(request, field))
@@ -167,6 +183,15 @@ def result_embed(
     return limits.fit_embed(embed)
 
 
+#: A stem this much quieter than the loudest (RMS, in dB) holds nothing: MusicGen rarely
+#: sings, so its vocal stem is mostly leakage.
+SILENT_STEM_DB = -40.0
+
+
+def _rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) if audio.size else 0.0
+
+
 _DEFAULTS = GenerationRequest(prompt="", model="")
 #: The sampling options a result shows when they differ from the defaults: name and text.
 _OPTION_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
@@ -177,6 +202,7 @@ _OPTION_FIELDS: dict[str, tuple[str, Callable[[Any], str]]] = {
     "use_sampling": ("Sampling", lambda value: "on" if value else "off (greedy)"),
     "two_step_cfg": ("Two-step CFG", lambda value: "on" if value else "off"),
     "extend_stride": ("Extend stride", lambda value: f"{value:g} s"),
+    "decoder": ("Decoder", lambda value: DECODER_NAMES.get(value, value)),
 }
 
 
@@ -196,6 +222,7 @@ def origin_text(job: Job) -> str | None:
         OriginKind.UPLOAD_CONTINUATION: "Continues an upload",
         OriginKind.UPLOAD_MELODY: "Melody from an upload",
         OriginKind.JAM_TURN: f"Turn {origin.turn} of the jam",
+        OriginKind.STEMS: f"Stems of {source}",
     }[origin.kind]
     if origin.filename:
         text += f" ({short(origin.filename, 60)})"
@@ -422,7 +449,8 @@ def help_embed() -> discord.Embed:
     embed.add_field(
         name="Playing together",
         value="Under every result: **Re-roll** (a new seed), **Continue** (carry it on), "
-        "**Edit** (prompt, duration, temperature) and **Variations**. On any message with "
+        "**Edit** (prompt, duration, temperature), **Variations** and **Stems** (drums, bass, "
+        "other, vocals as separate files). On any message with "
         "audio, the message menu's **Continue this track** and **Use as melody**. Anyone in "
         "the server may use them on anyone's track: each makes your own job, counted against "
         "your limits.\n`/music jam start` opens a thread for a relay jam; there, "

@@ -1,5 +1,5 @@
-"""The buttons under every result (Re-roll, Continue, Edit, Variations, and Adopt) and under
-a live job's status message (Cancel).
+"""The buttons under every result (Re-roll, Continue, Edit, Variations, Stems, and Adopt) and
+under a live job's status message (Cancel).
 
 Each button's ``custom_id`` carries the job id, and everything else is read from the store,
 so buttons keep working after a restart (the bot registers them with
@@ -28,6 +28,7 @@ class RemixActions(Protocol):
     async def ask_continue(
         self, interaction: discord.Interaction, job_id: int, take: int
     ) -> None: ...
+    async def stems(self, interaction: discord.Interaction, job_id: int, take: int) -> None: ...
 
 
 class JamActions(Protocol):
@@ -137,6 +138,37 @@ class ContinueButton(
         await remix.ask_continue(interaction, self.job_id, self.take or 0)
 
 
+class StemsButton(
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=r"musicgen:stems:(?P<job>[0-9]+)(?::(?P<take>[0-9]+))?",
+):
+    """Split one take of a job into stems (a job of one take has one Stems button)."""
+
+    def __init__(self, job_id: int, take: int | None = None) -> None:
+        suffix = "" if take is None else f":{take}"
+        super().__init__(
+            discord.ui.Button(
+                label="Stems" if take is None else f"Stems {take + 1}",
+                emoji="🎚️",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"musicgen:stems:{job_id}{suffix}",
+                row=None if take is None else 2,
+            )
+        )
+        self.job_id, self.take = job_id, take
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str], /
+    ) -> StemsButton:
+        take = match["take"]
+        return cls(int(match["job"]), None if take is None else int(take))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        remix: RemixActions = cog(interaction, "Remix")
+        await remix.stems(interaction, self.job_id, self.take or 0)
+
+
 class AdoptButton(
     discord.ui.DynamicItem[discord.ui.Button],
     template=r"musicgen:adopt:(?P<job>[0-9]+):(?P<turn>[0-9]+)",
@@ -165,7 +197,14 @@ class AdoptButton(
         await jams.adopt(interaction, self.job_id, self.turn)
 
 
-BUTTONS = (ReRollButton, EditButton, VariationsButton, ContinueButton, AdoptButton)
+BUTTONS = (
+    ReRollButton,
+    EditButton,
+    VariationsButton,
+    ContinueButton,
+    StemsButton,
+    AdoptButton,
+)
 
 
 class CancelButton(JobButton, action="cancel"):
@@ -185,18 +224,29 @@ def status_view(job_id: int) -> discord.ui.View:
     return view
 
 
-def result_view(job_id: int, takes: int = 1, adopt_turn: int | None = None) -> discord.ui.View:
-    """The buttons for a result of job ``job_id``: one Continue per take, and Adopt when the
-    job is another take of a jam's turn ``adopt_turn``."""
+def result_view(
+    job_id: int, takes: int = 1, adopt_turn: int | None = None, *, stems: bool = False
+) -> discord.ui.View:
+    """The buttons for a result of job ``job_id``: one Continue and one Stems per take, and
+    Adopt when the job is another take of a jam's turn ``adopt_turn``. A ``stems`` job's
+    takes are its stems: each can be continued; there is nothing to re-roll or split."""
     view = discord.ui.View(timeout=None)
+    if stems:
+        for take in range(takes):
+            view.add_item(ContinueButton(job_id, take))
+        return view
     view.add_item(ReRollButton(job_id))
     if takes == 1:
         view.add_item(ContinueButton(job_id))
     view.add_item(EditButton(job_id))
     view.add_item(VariationsButton(job_id))
+    if takes == 1:
+        view.add_item(StemsButton(job_id))
     if takes > 1:
         for take in range(takes):
             view.add_item(ContinueButton(job_id, take))
+        for take in range(takes):
+            view.add_item(StemsButton(job_id, take))
     if adopt_turn is not None:
         view.add_item(AdoptButton(job_id, adopt_turn))
     return view

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from generation.audio.input import AudioLimits, read_audio_file
+from generation.audio.loop import BEATS_PER_BAR, MAX_LOOP_BARS
 from generation.engine.models import CATALOGUE, DEFAULT_MODEL, PRECISIONS, resolve_model
 from generation.errors import AudioInputError, GenerationError, InvalidOption
 from generation.request import (
     CODEBOOK_SIZE,
+    DECODERS,
     DEFAULT_MAX_DURATION,
     MAX_CFG_COEF,
     MAX_SEED,
@@ -126,6 +128,22 @@ def add_generate_command(commands: argparse._SubParsersAction) -> None:
         help=f"0 to {MAX_SEED}: makes the run reproducible (default: random, printed)",
     )
     add(
+        "--decoder",
+        choices=DECODERS,
+        default=defaults.decoder,
+        help="what turns the tokens into audio: encodec (MusicGen's own, fast) or mbd "
+        "(MultiBand Diffusion: cleaner, several times slower) (default: encodec)",
+    )
+    add(
+        "--loop",
+        type=int,
+        default=defaults.loop,
+        metavar="BARS",
+        help=f"1 to {MAX_LOOP_BARS}: cut the result to a seamless loop of BARS bars of "
+        f"{BEATS_PER_BAR} beats, at the beats of its tempo (printed); the duration must hold "
+        "them (default: no loop)",
+    )
+    add(
         "--output",
         type=Path,
         metavar="FILE",
@@ -177,6 +195,8 @@ def run_generate(args: argparse.Namespace) -> int:
             two_step_cfg=args.two_step_cfg,
             extend_stride=args.extend_stride,
             seed=args.seed,
+            loop=args.loop,
+            decoder=args.decoder,
         ).with_seed()
         spec = resolve_model(request.model)
         validate_request(request, spec)
@@ -207,7 +227,7 @@ def run_generate(args: argparse.Namespace) -> int:
             return 1
 
     audio = normalise_loudness(result.audio, result.sample_rate)
-    tags = request_tags(result.request)
+    tags = request_tags(result.request, seconds=result.seconds)
     data = encode_audio(audio, result.sample_rate, output_format, tags=tags)
     output = args.output or Path(mp3_filename(result.request))
     try:
@@ -215,9 +235,13 @@ def run_generate(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"musicgen-bot: error: --output: cannot write {output}: {error}", file=sys.stderr)
         return 1
+    loop = ""
+    if request.loop:
+        loop = f", a {request.loop}-bar loop at {tags['musicgen_bpm']} BPM"
     print(
-        f"{output}: {result.seconds:.1f} s, {result.channels} channel(s), model {request.model}, "
-        f"seed {result.request.seed}, generated in {result.generation_seconds:.1f} s"
+        f"{output}: {result.seconds:.1f} s{loop}, {result.channels} channel(s), model "
+        f"{request.model}, seed {result.request.seed}, generated in "
+        f"{result.generation_seconds:.1f} s"
     )
     return 0
 

@@ -68,7 +68,7 @@ class DamagedUpload(GenerationError):
     """A queued job's stored clip (its melody or intro) is there but cannot be decoded."""
 
     def __init__(self, job_id: int, option: str) -> None:
-        label = "intro" if option == "continuation" else option
+        label = {"continuation": "intro", "stems_of": "track to split"}.get(option, option)
         super().__init__(
             f"The {label} job #{job_id} was given is damaged in the bot's database and cannot "
             "be read: upload it again with `/music generate`."

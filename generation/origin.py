@@ -23,6 +23,8 @@ class OriginKind(StrEnum):
     UPLOAD_MELODY = "upload-melody"
     #: A turn of a relay jam, carrying the previous turn (``job_id``) on, if any.
     JAM_TURN = "jam-turn"
+    #: The stems of a job's take.
+    STEMS = "stems"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from generation.audio.loop import MAX_LOOP_BARS
+from generation.audio.stems import STEMS
 from generation.engine.models import ModelSpec
 from generation.errors import InvalidOption
 
@@ -24,6 +26,8 @@ MAX_SEED = 2**32 - 1
 DEFAULT_MAX_DURATION = 120.0
 #: The released models' codebook size: the largest top_k.
 CODEBOOK_SIZE = 2048
+#: What may turn tokens into audio (see :mod:`generation.engine.mbd`), the default first.
+DECODERS = ("encodec", "mbd")
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,8 +65,17 @@ class GenerationRequest:
     two_step_cfg: bool = False
     extend_stride: float = 18.0
     seed: int | None = None
+    #: Bars (of four beats) to cut the result to as a seamless loop; 0 for no loop.
+    loop: int = 0
+    #: What turns the tokens into audio: "encodec" (MusicGen's own) or "mbd" (MultiBand
+    #: Diffusion: cleaner, several times slower).
+    decoder: str = "encodec"
     melody: AudioClip | None = field(default=None, repr=False)
     continuation: AudioClip | None = field(default=None, repr=False)
+    #: A track to split into stems instead of generating (a result of another job).
+    stems_of: AudioClip | None = field(default=None, repr=False)
+    #: The stem of ``stems_of`` this request gives (see :data:`STEMS`); set per take.
+    stem: str = ""
 
     @property
     def sampled(self) -> bool:
@@ -91,10 +104,16 @@ class GenerationRequest:
             "extend_stride": self.extend_stride,
             "seed": self.seed,
         }
+        if self.loop:
+            values["loop"] = f"{self.loop} bars"
+        if self.decoder != "encodec":
+            values["decoder"] = self.decoder
         if self.melody is not None:
             values["melody"] = f"{self.melody.seconds:.1f} s"
         if self.continuation is not None:
             values["continuation"] = f"{self.continuation.seconds:.1f} s"
+        if self.stem:
+            values["stem"] = self.stem
         return {key: str(value) for key, value in values.items()}
 
 
@@ -140,6 +159,16 @@ def validate_request(
         )
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
         raise InvalidOption("seed", f"Use a whole number from 0 to {MAX_SEED}.")
+    if (
+        isinstance(request.loop, bool)
+        or not isinstance(request.loop, int)
+        or not 0 <= request.loop <= MAX_LOOP_BARS
+    ):
+        raise InvalidOption(
+            "loop", f"Use a whole number of bars from 1 to {MAX_LOOP_BARS} (0 for no loop)."
+        )
+    if request.decoder not in DECODERS:
+        raise InvalidOption("decoder", f"Use {' or '.join(DECODERS)}.")
     _check_audio_inputs(request, spec)
 
 
@@ -188,6 +217,10 @@ def check_audio_options(
 
 
 def _check_audio_inputs(request: GenerationRequest, spec: ModelSpec) -> None:
+    if request.stems_of is not None and (request.melody or request.continuation):
+        raise InvalidOption("stems_of", "Split a track into stems alone, without audio inputs.")
+    if request.stem and request.stem not in STEMS:
+        raise InvalidOption("stem", f"Use one of {', '.join(STEMS)}.")
     check_audio_options(
         spec, melody=request.melody is not None, continuation=request.continuation is not None
     )
@@ -226,8 +259,10 @@ def batch_key(request: GenerationRequest) -> tuple[Hashable, ...]:
         request.cfg_coef,
         request.two_step_cfg,
         request.extend_stride,
+        request.decoder,
         _clip_shape(request.melody),
         _clip_shape(request.continuation),
+        _clip_shape(request.stems_of),
     )
 
 

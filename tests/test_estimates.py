@@ -3,16 +3,17 @@ claiming batch after batch gives."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
-from generation.jobs.estimates import GenerationRates, WorkAhead, eta, forecast
+from generation.jobs.estimates import GenerationRates, WorkAhead, eta, forecast, rate_key
 from generation.jobs.job import Job, QueueEntry
 from generation.jobs.scheduling import BatchPolicy
 from generation.jobs.sqlite import SqliteStore
 from generation.jobs.store import GuildSettings
-from generation.request import GenerationRequest
+from generation.request import GenerationRequest, batch_key
 
 
 def test_a_first_guess_follows_the_model_size_and_the_device():
@@ -133,3 +134,21 @@ async def test_the_eta_of_one_job_counts_the_work_ahead_in_full_batches(tmp_path
     expected = 1.5 * 2.0 + 1.0 * 2.0 + 3.0 * 1.0 + 1.0 * 2.0
     assert eta(ahead, job, [], rates, policy) == pytest.approx(expected)
     assert eta(ahead, job, [], rates, policy, workers=2) == pytest.approx(expected / 2)
+
+
+def test_mbd_decoding_is_estimated_and_learnt_apart_from_encodec():
+    rates = GenerationRates("cpu")
+    encodec = GenerationRequest(prompt="x", model="small", duration=10.0)
+    mbd = GenerationRequest(prompt="x", model="small", duration=10.0, decoder="mbd")
+    assert rates.seconds(mbd) > rates.seconds(encodec) > 0  # before any job is timed
+    rates.observe(rate_key(mbd), 1, 10.0, 300.0)
+    assert rates.seconds(mbd) == pytest.approx(300.0)
+    assert rates.seconds(encodec) == pytest.approx(60.0)  # EnCodec's guess is untouched
+    # The queue's forecast reads the decoder from the batch key.
+    entries = [
+        QueueEntry(job, 1, "small", 10.0, 1, json.dumps(batch_key(request), default=list))
+        for job, request in ((1, mbd), (2, encodec))
+    ]
+    first, second = forecast(entries, [], rates, BatchPolicy())
+    assert first.seconds == pytest.approx(300.0)
+    assert second.seconds == pytest.approx(300.0 + 60.0)

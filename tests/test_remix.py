@@ -63,6 +63,7 @@ async def test_every_result_has_a_waveform_and_the_buttons(alice, channel):
         "Continue": f"musicgen:continue:{number}",
         "Edit": f"musicgen:edit:{number}",
         "Variations": f"musicgen:variations:{number}",
+        "Stems": f"musicgen:stems:{number}",
     }
     (png,) = [a for a in message.attachments if a.filename == "waveform.png"]
     assert message.embeds[0].image.url.endswith("waveform.png")
@@ -327,7 +328,10 @@ async def test_variations_are_several_takes_delivered_together(alice, bob, chann
 
     number = job_id(reply)
     shown = await alice.click(reply, custom_id=f"musicgen:continue:{number}:2")
-    assert list(buttons(reply))[-4:] == ["Continue 1", "Continue 2", "Continue 3", "Continue 4"]
+    assert list(buttons(reply))[-8:] == [
+        *(f"Continue {take}" for take in range(1, 5)),
+        *(f"Stems {take}" for take in range(1, 5)),
+    ]
     done = await alice.submit_modal(shown, {"musicgen:prompt": "third", "musicgen:length": "1"})
     assert fields(outcome(done))["Continuation of"] == "1.5 s intro"
     store = await SqliteStore.open(database, owner=False)

@@ -184,6 +184,18 @@ async def test_the_rate_is_learnt_from_finished_jobs_and_kept(system, store, rec
     assert later.rates.rate("debug") == pytest.approx(expected)
 
 
+async def test_a_loops_rate_is_learnt_per_second_generated_not_per_second_kept(
+    system, store, recorder
+):
+    job = await submit(store, replace(REQUEST, duration=8.0, loop=2))
+    worker = await system.worker()
+    await system.settled(job)
+    (result,) = recorder.results[job.id]
+    assert result.seconds < 8.0  # cut to 2 bars
+    expected = result.generation_seconds / 8.0
+    assert worker.rates.rate("debug") == pytest.approx(expected)
+
+
 @contextmanager
 def rows_per_pass(engine, model: str = "debug") -> Iterator[list[int]]:
     """The rows of each pass of ``model``'s LM (its first output head) in this block."""
@@ -240,7 +252,9 @@ async def test_requests_sent_to_an_idle_worker_decode_together(engine, system, s
     await system.worker()
     await asyncio.sleep(0.3)  # the worker found nothing, and waits for work
     with rows_per_pass(engine) as rows:
-        jobs = [await submit(store, replace(REQUEST, seed=seed), guild=seed) for seed in (1, 2, 3)]
+        # Long enough that the last arrives before the first is done.
+        long = replace(REQUEST, duration=4.0)
+        jobs = [await submit(store, replace(long, seed=seed), guild=seed) for seed in (1, 2, 3)]
         stored = await system.settled(*jobs)
     assert all(job.status is JobStatus.DONE for job in stored)
     assert max(rows) == 2 * 3

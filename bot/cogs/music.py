@@ -11,6 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from generation.audio.input import AudioLimits, check_size, decode_upload
+from generation.audio.loop import MAX_LOOP_BARS
 from generation.engine.models import resolve_model
 from generation.errors import (
     AudioInputError,
@@ -22,6 +23,7 @@ from generation.jobs.job import Job, JobStatus, ReplyAddress
 from generation.jobs.store import GuildSettings
 from generation.origin import Origin
 from generation.request import (
+    DECODERS,
     MAX_CFG_COEF,
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -463,7 +465,13 @@ def generate_command(cog: Music) -> app_commands.Command:
 
     @app_commands.command(name="generate", description="Generate music from a prompt")
     @app_commands.describe(**presentation.OPTION_HELP)
-    @app_commands.choices(model=[app_commands.Choice(name=name, value=name) for name in models])
+    @app_commands.choices(
+        model=[app_commands.Choice(name=name, value=name) for name in models],
+        decoder=[
+            app_commands.Choice(name=presentation.DECODER_NAMES[name], value=name)
+            for name in DECODERS
+        ],
+    )
     async def generate(
         interaction: discord.Interaction,
         prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
@@ -479,6 +487,8 @@ def generate_command(cog: Music) -> app_commands.Command:
         two_step_cfg: bool = DEFAULTS.two_step_cfg,
         extend_stride: app_commands.Range[float, 1.0, WINDOW_SECONDS - 1] = DEFAULTS.extend_stride,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+        loop: app_commands.Range[int, 1, MAX_LOOP_BARS] | None = None,
+        decoder: str = DEFAULTS.decoder,
     ) -> None:
         request = GenerationRequest(
             prompt=prompt,
@@ -492,6 +502,8 @@ def generate_command(cog: Music) -> app_commands.Command:
             two_step_cfg=two_step_cfg,
             extend_stride=extend_stride,
             seed=seed,
+            loop=loop or 0,
+            decoder=decoder,
         )
         await cog.generate(interaction, request, {"melody": melody, "continuation": continuation})
 

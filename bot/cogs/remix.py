@@ -1,8 +1,12 @@
 """Playing with results: the buttons under each one, and the context menus on any audio.
 
-Re-roll, Continue, Edit and Variations start from a job in the store; "Continue this track"
-and "Use as melody" start from any message with an audio attachment. Each makes a new job for
-the member who asked, through the same checks and limits as /music generate.
+Re-roll, Continue, Edit, Variations and Stems start from a job in the store; "Continue this
+track" and "Use as melody" start from any message with an audio attachment (on a message with
+several, such as a result's stems, the form asks which). Each makes a new job for the member
+who asked, through the same checks and limits as /music generate.
+
+Stems are a job like any other: the worker splits the take with demucs (the gateway holds no
+model), in the queue's turn, and the result message holds one file per stem.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from discord.ext import commands
 
 from generation.audio.continuation import MAX_INTRO_SECONDS, continue_request, intro_clip
 from generation.audio.input import check_size
+from generation.audio.stems import STEMS
 from generation.errors import AudioInputError, GenerationError, InvalidOption, JobNotFound
 from generation.jobs.job import MAX_TAKES, Job, JobStatus
 from generation.jobs.store import Expired
@@ -142,6 +147,7 @@ class Remix(commands.Cog):
                 seed=None,
                 melody=None,
                 continuation=None,
+                stems_of=None,  # a stem carries on as music
             )
             job = await self.music.queue_request(
                 interaction,
@@ -191,15 +197,41 @@ class Remix(commands.Cog):
             return job is not None
         return False
 
+    async def stems(self, interaction: discord.Interaction, job_id: int, take: int) -> None:
+        """A job that splits the take into :data:`STEMS`, one take each."""
+        async with answering(interaction):
+            source = await self._finished_job(interaction, job_id, with_uploads=False)
+            if not 0 <= take < source.takes:
+                raise JobNotFound(f"Job #{job_id} has no take {take + 1}.")
+            if source.origin is not None and source.origin.kind is OriginKind.STEMS:
+                raise GenerationError(f"Job #{job_id} is stems already.")
+
+            async def with_track(request: GenerationRequest) -> GenerationRequest:
+                audio, sample_rate = await self.store.load_result(source, take)
+                return replace(request, stems_of=AudioClip(audio, sample_rate))
+
+            request = replace(source.take_requests()[take], melody=None, continuation=None, stem="")
+            await self.music.queue_request(
+                interaction,
+                request,
+                prepare=with_track,
+                note=f"Splitting job #{source.id} into {', '.join(STEMS)}.",
+                takes=len(STEMS),
+                origin=await self._origin(OriginKind.STEMS, source, take),
+            )
+
     # Context menus
 
     async def continue_track(
         self, interaction: discord.Interaction, message: discord.Message
     ) -> None:
         rules = await self.bot.access.check(interaction)
-        attachment = self._audio_attachment(message, "continuation")
+        attachments = _audio_attachments(message)
+        if len(attachments) == 1:  # too large is said before the form, where it can be
+            self._picked(attachments, {}, "continuation")
         fields = [prompt_field(), _length_field(MAX_INTRO_SECONDS, rules.max_duration)]
-        submit = partial(self._continue_upload, attachment=attachment)
+        fields += _file_fields(attachments)
+        submit = partial(self._continue_upload, attachments=attachments)
         form = self._form(
             interaction, "Continue this track", fields, submit, ("continue", message.id)
         )
@@ -210,11 +242,14 @@ class Remix(commands.Cog):
         interaction: discord.Interaction,
         values: dict[str, str],
         *,
-        attachment: discord.Attachment,
+        attachments: list[discord.Attachment],
     ) -> bool:
         async with answering(interaction):
             longest = (await self.bot.access.rules(interaction.guild_id or 0)).max_duration
-            added = read_form(values, {"length": (1.0, longest)})["length"]
+            numbers = {"length": (1.0, longest), **_file_range(attachments)}
+            read = read_form(values, numbers)
+            added = read["length"]
+            attachment = self._picked(attachments, read, "continuation")
 
             async def with_intro(request: GenerationRequest) -> GenerationRequest:
                 clip = await self._read(interaction, attachment, "continuation")
@@ -236,10 +271,13 @@ class Remix(commands.Cog):
         self, interaction: discord.Interaction, message: discord.Message
     ) -> None:
         rules = await self.bot.access.check(interaction)
-        attachment = self._audio_attachment(message, "melody")
+        attachments = _audio_attachments(message)
+        if len(attachments) == 1:
+            self._picked(attachments, {}, "melody")
         default = f"{min(DEFAULT_ADDED_SECONDS, rules.max_duration):g}"
         fields = [prompt_field(), _duration_field(default, rules.max_duration)]
-        submit = partial(self._melody_upload, attachment=attachment)
+        fields += _file_fields(attachments)
+        submit = partial(self._melody_upload, attachments=attachments)
         form = self._form(interaction, "Use as melody", fields, submit, ("melody", message.id))
         await interaction.response.send_modal(form)
 
@@ -248,11 +286,13 @@ class Remix(commands.Cog):
         interaction: discord.Interaction,
         values: dict[str, str],
         *,
-        attachment: discord.Attachment,
+        attachments: list[discord.Attachment],
     ) -> bool:
         async with answering(interaction):
             longest = (await self.bot.access.rules(interaction.guild_id or 0)).max_duration
-            duration = read_form(values, {"duration": (1.0, longest)})["duration"]
+            read = read_form(values, {"duration": (1.0, longest), **_file_range(attachments)})
+            duration = read["duration"]
+            attachment = self._picked(attachments, read, "melody")
 
             async def with_melody(request: GenerationRequest) -> GenerationRequest:
                 return replace(request, melody=await self._read(interaction, attachment, "melody"))
@@ -305,17 +345,20 @@ class Remix(commands.Cog):
             raise Expired.uploads(job)
         return job
 
-    def _audio_attachment(self, message: discord.Message, label: str) -> discord.Attachment:
-        """The message's first audio attachment, if it is not too large to read."""
-        for attachment in message.attachments:
-            kind = attachment.content_type or ""
-            if kind.startswith("audio/") or PurePath(attachment.filename).suffix in AUDIO_SUFFIXES:
-                try:
-                    check_size(attachment.size, self.music.upload_limits, label)
-                except AudioInputError as error:
-                    raise InvalidOption(label, str(error)) from error
-                return attachment
-        raise GenerationError("That message has no audio attachment to use.")
+    def _picked(
+        self, attachments: list[discord.Attachment], read: dict[str, float], label: str
+    ) -> discord.Attachment:
+        """The audio file the form picked (the only one, or the ``file`` typed), if it is
+        not too large to read."""
+        number = read.get("file", 1.0)
+        if number != int(number):
+            raise InvalidOption("file", f"Enter a whole number from 1 to {len(attachments)}.")
+        attachment = attachments[int(number) - 1]
+        try:
+            check_size(attachment.size, self.music.upload_limits, label)
+        except AudioInputError as error:
+            raise InvalidOption(label, str(error)) from error
+        return attachment
 
     async def _read(
         self, interaction: discord.Interaction, attachment: discord.Attachment, label: str
@@ -324,6 +367,34 @@ class Remix(commands.Cog):
         await interaction.response.defer(thinking=True)
         clips = await self.music.read_uploads({label: attachment})
         return clips[label]
+
+
+def _audio_attachments(message: discord.Message) -> list[discord.Attachment]:
+    """The message's audio attachments, in order.
+
+    Raises:
+        GenerationError: it has none.
+    """
+    found = [
+        attachment
+        for attachment in message.attachments
+        if (attachment.content_type or "").startswith("audio/")
+        or PurePath(attachment.filename).suffix in AUDIO_SUFFIXES
+    ]
+    if not found:
+        raise GenerationError("That message has no audio attachment to use.")
+    return found
+
+
+def _file_fields(attachments: list[discord.Attachment]) -> list[Field]:
+    """A field asking which file to use, where the message has several (stems...)."""
+    if len(attachments) == 1:
+        return []
+    return [Field("file", f"Which audio file (1-{len(attachments)}, in order)", "1")]
+
+
+def _file_range(attachments: list[discord.Attachment]) -> dict[str, tuple[float, float]]:
+    return {"file": (1.0, float(len(attachments)))} if len(attachments) > 1 else {}
 
 
 def _duration_field(default: str, longest: float) -> Field:

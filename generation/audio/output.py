@@ -17,7 +17,9 @@ from mutagen.wave import WAVE
 from scipy.ndimage import minimum_filter1d, uniform_filter1d
 from scipy.signal import resample_poly
 
+from generation.audio.loop import loop_bpm
 from generation.audio.stored import content_hash
+from generation.engine.results import GenerationResult
 from generation.errors import OutputTooLarge
 from generation.origin import Origin
 from generation.request import AudioClip, GenerationRequest
@@ -61,15 +63,18 @@ def _configure_ffmpeg() -> None:
 
 
 def mp3_filename(request: GenerationRequest) -> str:
-    """A file name for a result: the prompt as a slug, then the seed."""
+    """A file name for a result: the prompt as a slug, then the seed (and the stem)."""
     slug = re.sub(r"[^a-z0-9]+", "-", request.prompt.lower()).strip("-")[:40] or "musicgen"
-    return f"{slug}-{request.seed}.mp3"
+    stem = f"-{request.stem}" if request.stem else ""
+    return f"{slug}-{request.seed}{stem}.mp3"
 
 
 def request_tags(
     request: GenerationRequest,
     origin: Origin | None = None,
     clip_hashes: Mapping[str, str] | None = None,
+    *,
+    seconds: float | None = None,
 ) -> dict[str, str]:
     """ID3 tags that make a result reproducible: the prompt as title, every option as TXXX,
     and for a melody or an intro its content hash and, from ``origin``, its source (the job
@@ -77,9 +82,11 @@ def request_tags(
 
     ``clip_hashes`` gives the hashes of clips the request does not carry (read back from the
     store without them); the others are hashed, which blocks for long clips: run it off the
-    event loop.
+    event loop. ``seconds``, the result's length, gives a loop's tempo.
     """
     parameters = request.parameters()
+    if request.loop and seconds:
+        parameters["bpm"] = f"{loop_bpm(request.loop, seconds):.2f}"
     known = clip_hashes or {}
     for option in ("melody", "continuation"):
         clip: AudioClip | None = getattr(request, option)
@@ -96,6 +103,18 @@ def request_tags(
     }
     tags.update({f"musicgen_{key}": value for key, value in parameters.items()})
     return tags
+
+
+def kept_audio(result: GenerationResult) -> np.ndarray:
+    """What the store keeps of a result: music normalised (:func:`normalise_loudness`); a
+    stem as separated, so the stems keep their balance and add up to the track (normalising
+    a near-silent vocal stem would raise its noise by tens of dB).
+
+    Blocking: run it off the event loop.
+    """
+    if result.request.stem:
+        return result.audio
+    return normalise_loudness(result.audio, result.sample_rate)
 
 
 def normalise_loudness(audio: np.ndarray, sample_rate: int) -> np.ndarray:

@@ -183,6 +183,30 @@ def _tiny_demucs(device: str) -> torch.nn.Module:
     return model.to(device).eval()
 
 
+def tiny_htdemucs(device: str = "cpu") -> torch.nn.Module:
+    """A random-weight ``HTDemucs`` with htdemucs' sources and layout (depth 4, 4096-point
+    spectrogram: a shallower one makes its transformer's sequence, and memory, explode)
+    but 4 channels and one transformer layer: about 92 k parameters. Same weights each time.
+    """
+    from demucs.htdemucs import HTDemucs
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(b"htdemucs"))
+        model = HTDemucs(
+            sources=["drums", "bass", "other", "vocals"],
+            audio_channels=2,
+            channels=4,
+            depth=4,
+            t_layers=1,
+            t_heads=1,
+            t_hidden_scale=1.0,
+            dconv_comp=2,
+            samplerate=44_100,
+            segment=4,
+        )
+    return model.to(device).eval()
+
+
 @contextmanager
 def offline_demucs(device: str = "cpu") -> Iterator[None]:
     """Hand ``ChromaStemConditioner`` a tiny random-weight demucs instead of downloading

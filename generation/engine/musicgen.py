@@ -6,21 +6,30 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from audiocraft.models import MusicGen
 from torch.nn import Module
 
+from generation.audio.loop import make_loop
 from generation.engine.decoding import optimise_for_decoding
 from generation.engine.loading import default_device, load_model
+from generation.engine.mbd import MbdDecoders, decode_tokens
 from generation.engine.models import ModelSpec, resolve_model
 from generation.engine.precision import apply_precision, resolve_precision, transformer_dtype
 from generation.engine.results import CancelFlag, GenerationResult, ProgressCallback
-from generation.engine.scheduler import DecodingScheduler, Submission, release_cached_memory
+from generation.engine.scheduler import (
+    NO_AUDIO,
+    DecodingScheduler,
+    Submission,
+    release_cached_memory,
+)
 from generation.engine.shared_step import supports
-from generation.errors import ModelLoadError
+from generation.engine.stems import StemSeparator
+from generation.errors import GenerationError, ModelLoadError
 from generation.request import DEFAULT_MAX_DURATION, GenerationRequest, validate_request
 
 log = logging.getLogger(__name__)
@@ -66,7 +75,12 @@ class MusicGenEngine:
         self._models: OrderedDict[str, MusicGen] = OrderedDict()  # least recently used first
         #: A copy of the models' names other threads can read while the engine works.
         self._loaded: tuple[str, ...] = ()
-        self._scheduler = DecodingScheduler(self._load, max_requests)
+        self._scheduler = DecodingScheduler(self._load, max_requests, self._audio)
+        #: Splits tracks into stems (a stems job's takes), on a thread of their own.
+        self.stems = StemSeparator(self.device)
+        self._splits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stems")
+        #: Decodes tokens with MultiBand Diffusion where a request asks for it.
+        self.mbd = MbdDecoders()
 
     @property
     def loaded_models(self) -> tuple[str, ...]:
@@ -110,6 +124,8 @@ class MusicGenEngine:
         """
         request = request.with_seed()
         spec = self.validate(request)
+        if request.stems_of is not None:  # a split: demucs, beside the decoding
+            return self._splits.submit(self.stems.separate, request)
         return self._scheduler.submit(Submission(request, spec, progress, cancel))
 
     def generate(
@@ -166,6 +182,31 @@ class MusicGenEngine:
     def close(self) -> None:
         """Stop decoding; requests not finished fail as cancelled."""
         self._scheduler.close()
+        self._splits.shutdown(wait=False, cancel_futures=True)
+
+    def _audio(
+        self, model: MusicGen, request: GenerationRequest, codes: torch.Tensor
+    ) -> np.ndarray:
+        """A finished request's audio ``[channels, samples]`` from its codes: EnCodec's or
+        MultiBand Diffusion's decoding, cut to a loop if asked (on the audio thread).
+
+        Raises:
+            GenerationError: no usable audio.
+        """
+        mbd = self.mbd.for_request(model, request.decoder)
+        if mbd is None:
+            wav = model.generate_audio(codes)
+        else:
+            devices = [model.device] if model.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(request.seed or 0)  # the seed fixes the diffusion's noise
+                wav = decode_tokens(mbd, codes, model.compression_model)
+        audio = wav[0].detach().float().cpu().numpy()
+        if audio.size == 0 or not np.isfinite(audio).all():
+            raise GenerationError(NO_AUDIO)
+        if request.loop:
+            audio = make_loop(audio, model.sample_rate, request.loop).audio
+        return audio
 
     def _load(self, spec: ModelSpec) -> MusicGen:
         """The model for ``spec``, loaded if need be (on the decoding thread)."""

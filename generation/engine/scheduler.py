@@ -68,11 +68,18 @@ class DecodingScheduler:
         load: Gives the model for a spec (loading it if need be); called on the thread.
         max_requests: Requests decoding at once, across models: the bound on the memory
             their caches take.
+        audio: Turns a finished request's codes into its audio (on the audio thread).
     """
 
-    def __init__(self, load: Callable[[ModelSpec], MusicGen], max_requests: int) -> None:
+    def __init__(
+        self,
+        load: Callable[[ModelSpec], MusicGen],
+        max_requests: int,
+        audio: Callable[[MusicGen, GenerationRequest, torch.Tensor], np.ndarray],
+    ) -> None:
         self.max_requests = max_requests
         self._load = load
+        self._audio_of = audio
         self._inbox: queue.SimpleQueue[Submission | Callable[[], None]] = queue.SimpleQueue()
         self._waiting: deque[Submission] = deque()
         self._loops: dict[str, DecodingLoop] = {}
@@ -252,7 +259,19 @@ class DecodingScheduler:
         """Decode the request's audio off the decoding thread, then hand it back."""
         submission = self._decoding.pop(decoding)
         elapsed = time.perf_counter() - decoding.started
-        self._audio.submit(_deliver, submission, decoding, elapsed)
+        self._audio.submit(self._deliver, submission, decoding, elapsed)
+
+    def _deliver(self, submission: Submission, decoding: RequestDecoding, elapsed: float) -> None:
+        try:
+            with torch.inference_mode():
+                audio = self._audio_of(decoding.model, submission.request, decoding.codes())
+        except Exception as error:
+            _fail(submission, error)
+            return
+        result = GenerationResult(
+            submission.request, audio, decoding.model.sample_rate, elapsed, decoding.shared_with
+        )
+        submission.future.set_result(result)
 
     def _report(self, decoding: RequestDecoding) -> None:
         progress = self._decoding[decoding].progress
@@ -262,23 +281,6 @@ class DecodingScheduler:
             progress(min(decoding.steps_done, decoding.total_steps), decoding.total_steps)
         except Exception:
             log.exception("a progress callback failed")
-
-
-def _deliver(submission: Submission, decoding: RequestDecoding, elapsed: float) -> None:
-    model = decoding.model
-    try:
-        with torch.inference_mode():
-            wav = model.generate_audio(decoding.codes())[0]
-        audio = wav.detach().float().cpu().numpy()
-        if audio.size == 0 or not np.isfinite(audio).all():
-            raise GenerationError(NO_AUDIO)
-    except Exception as error:
-        _fail(submission, error)
-        return
-    result = GenerationResult(
-        submission.request, audio, model.sample_rate, elapsed, decoding.shared_with
-    )
-    submission.future.set_result(result)
 
 
 def _fail(submission: Submission, error: BaseException) -> None:

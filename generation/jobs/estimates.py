@@ -22,6 +22,10 @@ SEED_RATES: Mapping[str, tuple[float, float]] = {
     "medium": (30.0, 1.2),
     "large": (65.0, 2.5),
 }
+#: What MultiBand Diffusion decoding adds, in seconds of work per second of audio per request,
+#: before an MBD job has been timed: (CPU, GPU). A guess: 20 denoising passes of 4 diffusion
+#: U-Nets over every sample (bench/studio.py: the tiny one alone costs 150-180 times EnCodec).
+MBD_SEED_RATES = (8.0, 0.3)
 #: What each further request in a batch adds to its time, as a share of one request's time:
 #: (CPU, GPU). On the CPU, 4 requests took 2.1 times as long as one (README, Performance).
 ROW_COST = (0.37, 0.1)
@@ -63,7 +67,7 @@ class GenerationRates:
 
     def seconds(self, request: GenerationRequest, rows: int = 1) -> float:
         """How long a batch of ``rows`` requests like ``request`` is likely to take."""
-        return self.rate(request.model, rows) * request.duration
+        return self.rate(rate_key(request), rows) * request.duration
 
     def observe(self, model: str, rows: int, audio_seconds: float, work_seconds: float) -> float:
         """Learn from a batch of ``rows`` requests that made ``audio_seconds`` of audio each
@@ -76,12 +80,30 @@ class GenerationRates:
         return rate
 
     def _seed(self, model: str) -> float:
+        if model.endswith(MBD_SUFFIX):  # the model's own rate, plus the diffusion decoder's
+            return self._seed(model.removesuffix(MBD_SUFFIX)) + MBD_SEED_RATES[self._gpu]
         spec = CATALOGUE.get(model) or CATALOGUE.get(f"facebook/musicgen-{model}")
         cpu, gpu = SEED_RATES.get(spec.size if spec else "medium", SEED_RATES["medium"])
         return gpu if self._gpu else cpu
 
     def _row_factor(self, rows: int) -> float:
         return 1.0 + ROW_COST[self._gpu] * (max(rows, 1) - 1)
+
+
+#: Rates of jobs decoded with MultiBand Diffusion are learnt apart, as ``model + MBD_SUFFIX``.
+MBD_SUFFIX = " +mbd"
+
+
+def rate_key(request: GenerationRequest) -> str:
+    """Under what name the rate of jobs like ``request`` is learnt: its model, apart for MBD
+    decoding (several times slower than EnCodec's)."""
+    return request.model + (MBD_SUFFIX if request.decoder == "mbd" else "")
+
+
+def entry_rate_key(entry: QueueEntry) -> str:
+    """:func:`rate_key` for a queued job read without its request: its batch key holds the
+    decoder (see :func:`generation.request.batch_key`)."""
+    return entry.model + (MBD_SUFFIX if '"mbd"' in entry.batch_key else "")
 
 
 @dataclass(frozen=True)
@@ -140,7 +162,7 @@ def forecast(
     done_after = []
     workers = max(workers, 1)
     for first, rows in batches:
-        ahead += rates.rate(first.model, rows) * first.duration / workers
+        ahead += rates.rate(entry_rate_key(first), rows) * first.duration / workers
         done_after.append(ahead)
     return [
         Estimate(entry.job_id, position, done_after[batch_of[entry.job_id]])

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
+from generation.audio.stems import STEMS
 from generation.origin import Origin, OriginKind
 from generation.request import MAX_SEED, GenerationRequest
 
@@ -100,9 +101,12 @@ class Job:
         self.cancel_event.set()
 
     def take_requests(self) -> list[GenerationRequest]:
-        """One request per take, each with its own seed, so any take can be repeated alone."""
+        """One request per take, each with its own seed, so any take can be repeated alone;
+        a stems job's take ``k`` is the stem ``STEMS[k]`` of its track."""
         request = self.request.with_seed()
         assert request.seed is not None
+        if self.origin is not None and self.origin.kind is OriginKind.STEMS:
+            return [replace(request, stem=stem) for stem in STEMS[: self.takes]]
         return [
             replace(request, seed=(request.seed + take) % (MAX_SEED + 1))
             for take in range(self.takes)

@@ -15,7 +15,7 @@ from generation.origin import Origin
 from generation.request import AudioClip, GenerationRequest
 
 #: The request's audio inputs: kept as uploads, not in the request's JSON.
-AUDIO_OPTIONS = ("melody", "continuation")
+AUDIO_OPTIONS = ("melody", "continuation", "stems_of")
 
 
 def request_json(request: GenerationRequest) -> str:

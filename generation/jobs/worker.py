@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
-from generation.audio.output import normalise_loudness
+from generation.audio.output import kept_audio
 from generation.engine.results import CancelFlag, GenerationResult, ProgressCallback
 from generation.errors import GenerationCancelled, GenerationError
-from generation.jobs.estimates import GenerationRates
+from generation.jobs.estimates import GenerationRates, rate_key
 from generation.jobs.job import Job, JobStatus
 from generation.jobs.retry import STORE_RETRY, Backoff, retrying
 from generation.jobs.scheduling import BatchPolicy
@@ -418,7 +418,8 @@ class Worker:
             job.stop("failed")  # its other takes stop too
             await self._failed(job, error)
             return
-        await self._learn(results)
+        if not results[0].request.stem:  # a split is no measure of the model's rate
+            await self._learn(results)
         if job.stop_reason is not None:  # cancelled or lost as its last step ended
             await self._stopped(job)
         else:
@@ -428,8 +429,9 @@ class Worker:
         """Learn the generation rate at the number of requests that shared the job's steps,
         and keep it for every process to plan with."""
         first = results[0]
-        model, rows = first.request.model, max(round(first.shared_with), len(results))
-        rate = self.rates.observe(model, rows, first.seconds, first.generation_seconds)
+        model, rows = rate_key(first.request), max(round(first.shared_with), len(results))
+        # Per second generated: a loop keeps fewer seconds than it made.
+        rate = self.rates.observe(model, rows, first.request.duration, first.generation_seconds)
         try:
             await self.store.save_generation_rate(self.rates.device, model, rows, rate)
         except Exception:  # a nicety: the jobs' own records matter, and they are tried again
@@ -441,9 +443,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         try:
             for take, result in enumerate(results):
-                audio = await loop.run_in_executor(
-                    None, normalise_loudness, result.audio, result.sample_rate
-                )
+                audio = await loop.run_in_executor(None, kept_audio, result)
                 save = partial(self.store.save_result, job, audio, result.sample_rate, take)
                 await retrying("save-result", job.id, save, self.store_retry)
         except Exception as error:
