@@ -134,12 +134,12 @@ def weight_read_floor(model: MusicGen, repeats: int = 5) -> float:
         for layer in model.lm.transformer.layers
         if layer.cross_attention is not None
     ]
-    rows = {weight.dtype: torch.randn(1, weight.shape[1], dtype=weight.dtype) for weight in weights}
+    rows = [torch.randn(1, weight.shape[1], dtype=weight.dtype) for weight in weights]
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 1):
             started = time.perf_counter()
-            for weight in weights:
-                F.linear(rows[weight.dtype][:, : weight.shape[1]], weight)
+            for row, weight in zip(rows, weights, strict=True):
+                F.linear(row, weight)
             times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
