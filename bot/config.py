@@ -51,10 +51,10 @@ class GenerationConfig:
     max_duration: float = DEFAULT_MAX_DURATION
     #: Largest melody or intro upload, in MiB.
     max_upload_mib: float = 25.0
-    #: Requests decoded together in one pass of the model (a batch costs little more per
-    #: step than one request).
+    #: Requests decoding at once, sharing every step whatever their options (more wait for
+    #: a place); each holds its own keys and values.
     max_batch: int = 4
-    #: Seconds an idle worker waits for more requests before it starts a batch.
+    #: Seconds an idle worker waits after a request arrives before it starts it.
     batch_window: float = 0.25
     #: Memory the loaded models may take together, in GB; 0 keeps only the model in use.
     memory_budget_gb: float = 0.0

@@ -242,12 +242,14 @@ def _check_audio_inputs(request: GenerationRequest, spec: ModelSpec) -> None:
 
 
 def batch_key(request: GenerationRequest) -> tuple[Hashable, ...]:
-    """Requests with equal keys can run in one batch of the engine
-    (:meth:`generation.engine.musicgen.MusicGenEngine.generate_batch`).
+    """Requests with equal keys can run in one of audiocraft's batched ``generate`` calls.
 
     audiocraft takes one set of generation parameters per call; prompts and seeds may differ.
     Audio inputs must have the same length: audiocraft pads a batch's melodies and intros to
-    the longest, which would change the music of the shorter ones.
+    the longest, which would change the music of the shorter ones. The engine's continuous
+    decoding needs none of this (any requests share its steps); the key still forms the
+    batches of the batch-at-a-time worker (the benchmark's baseline) and the queue's
+    forecast, which counts a batch of equal keys as one pass.
     """
     return (
         request.model,
