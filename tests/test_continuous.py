@@ -242,7 +242,7 @@ def test_a_row_that_leaves_is_replaced_by_the_last_and_the_others_keep_their_pas
 
     cache.add([past(1, 3), past(2, 1), past(3, 5)])  # the third row grows the buffers
     assert cache.lengths.tolist() == [3, 1, 5]
-    assert cache.remove([0]) == [(2, 0)]
+    cache.remove([0])  # the last row takes its place
     keys, _ = cache.write(0, torch.full((2, 1, 1, 2), 9.0), torch.zeros(2, 1, 1, 2))
     assert keys[0, 0, :6, 0].tolist() == [3, 3, 3, 3, 3, 9]
     assert keys[1, 0, :2, 0].tolist() == [2, 9]

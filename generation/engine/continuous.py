@@ -52,7 +52,7 @@ class DecodingLoop:
             first = request.open_window()
             logits, pasts = [], []
             with self.model.autocast:
-                for sequence, conditions in first.passes:
+                for sequence, conditions in first:
                     step_logits, step_pasts = prefill(self.model, sequence, conditions)
                     logits.append(step_logits)
                     pasts += step_pasts

@@ -12,7 +12,6 @@ extended generation does, while the other rows go on.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,12 +33,9 @@ from generation.request import AudioClip, GenerationRequest
 UNKNOWN = -1
 
 
-@dataclass
-class FirstStep:
-    """What a window's first step runs on: ``[rows, codebooks, steps]`` codes with their
-    conditions (one pass for the request and its CFG twin, or two with two-step CFG)."""
-
-    passes: list[tuple[torch.Tensor, ConditionTensors]]
+#: What a window's first step runs on: ``[rows, codebooks, steps]`` codes with their
+#: conditions; one pass for the request and its CFG twin, or one each with two-step CFG.
+FirstStep = list[tuple[torch.Tensor, ConditionTensors]]
 
 
 class RequestDecoding:
@@ -119,7 +115,7 @@ class RequestDecoding:
         )
         self._offset = self._pattern.get_first_step_with_timesteps(prompt_frames)
         start = self._sequence[..., : self._offset]
-        return FirstStep(self._passes(start))
+        return self._passes(start)
 
     def last_tokens(self) -> torch.Tensor:
         """The tokens the request's rows feed the next step, ``[rows, codebooks]``."""
@@ -167,7 +163,7 @@ class RequestDecoding:
         """The request's codes, ``[1, codebooks, frames]`` (its intro's included)."""
         return torch.cat(self._collected, dim=-1)
 
-    def _passes(self, start: torch.Tensor) -> list[tuple[torch.Tensor, ConditionTensors]]:
+    def _passes(self, start: torch.Tensor) -> FirstStep:
         provider = self.model.lm.condition_provider
         null = ClassifierFreeGuidanceDropout(p=1.0)(self._attributes)
         with self._python_random.active():

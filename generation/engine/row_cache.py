@@ -91,25 +91,19 @@ class RowCache:
             self.rows += 1
         self._device_lengths = None
 
-    def remove(self, rows: Sequence[int]) -> list[tuple[int, int]]:
-        """Drop ``rows``, moving the last rows into their places.
-
-        Returns:
-            The moves made, as (from, to) row indices, for the caller's own bookkeeping.
-        """
-        moves = []
+    def remove(self, rows: Sequence[int]) -> None:
+        """Drop ``rows``, moving the last rows into their places (highest first, so a pair
+        of rows is replaced by the last pair, in order)."""
         for row in sorted(rows, reverse=True):
             last = self.rows - 1
             if row != last:
                 self._move(last, row)
-                moves.append((last, row))
             self._lengths.pop()
             self._cross_lengths.pop()
             self.rows -= 1
         self._device_lengths = None
         if self.rows == 0:
             self.clear()
-        return moves
 
     def clear(self) -> None:
         """Drop every row and free the buffers."""
@@ -175,14 +169,6 @@ class RowCache:
         """Count the step just written in every row's past."""
         self._lengths = [length + 1 for length in self._lengths]
         self._device_lengths = None
-
-    def row_length(self, row: int) -> int:
-        return self._lengths[row]
-
-    def nbytes(self) -> int:
-        """Memory the buffers take."""
-        buffers = (*self._keys, *self._values, *self._cross_keys, *self._cross_values)
-        return sum(buffer.numel() * buffer.element_size() for buffer in buffers)
 
     def _allocate(self, first: RowPast) -> None:
         heads, _, dim = first.keys[0].shape
