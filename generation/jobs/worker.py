@@ -272,7 +272,8 @@ class Worker:
     def _has_room(self) -> bool:
         if not self.join_running:
             return not self.running
-        return self.generator.free_places > 0
+        decoding = sum(job.takes for job in self.running)
+        return decoding < self.batch_policy.max_rows and self.generator.free_places > 0
 
     async def _sweep(self) -> None:
         """Queue again the jobs of workers that stopped heartbeating."""
