@@ -249,3 +249,31 @@ def test_a_row_that_leaves_is_replaced_by_the_last_and_the_others_keep_their_pas
     cache.advance()
     assert cache.lengths.tolist() == [6, 2]
     assert cache.spans() == ([(0, 1, 7), (1, 2, 3)], [(0, 2, 1)])
+
+
+def test_a_waiting_request_that_is_cancelled_ends_at_once():
+    engine = MusicGenEngine(device="cpu", max_requests=1)
+    started = threading.Event()
+    running = engine.submit(replace(BASE, duration=30.0), progress=lambda *_: started.set())
+    started.wait(timeout=30)
+    cancel = threading.Event()
+    waiting = engine.submit(replace(BASE, seed=2), cancel=cancel)
+    cancel.set()
+    with pytest.raises(GenerationCancelled):
+        waiting.result(timeout=5)
+    assert not running.done()  # it did not wait for the running one to finish
+    engine.close()
+
+
+def test_closing_the_engine_ends_every_request_it_had():
+    engine = MusicGenEngine(device="cpu", max_requests=1)
+    started = threading.Event()
+    running = engine.submit(replace(BASE, duration=30.0), progress=lambda *_: started.set())
+    waiting = engine.submit(replace(BASE, seed=2))
+    started.wait(timeout=30)
+    engine.close()
+    for future in (running, waiting):
+        with pytest.raises(GenerationCancelled):
+            future.result(timeout=10)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit(BASE)

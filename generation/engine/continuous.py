@@ -19,13 +19,18 @@ from generation.engine.row_cache import RowCache
 from generation.engine.shared_step import attention_dtype, prefill, shared_step
 
 
+class StepFailed(RuntimeError):
+    """A step failed after its model pass, with some requests past it and others not."""
+
+
 class DecodingLoop:
     """The requests decoding together on ``model``, at most ``max_requests`` at once.
 
     Request ``i`` of :attr:`active` holds rows ``2i`` (conditioned) and ``2i + 1`` (its
-    CFG twin) of the cache. Not thread-safe: one thread runs a loop. A step that raises
-    (out of GPU memory) leaves the loop as it was before the step: each row's past counts
-    only completed steps, and what a failed step wrote is overwritten by the next.
+    CFG twin) of the cache. Not thread-safe: one thread runs a loop. A step whose model
+    pass raises (out of GPU memory) leaves the loop as it was before the step: each row's
+    past counts only completed passes, and what a failed pass wrote is overwritten by the
+    next. One that fails after (:class:`StepFailed`) leaves it unusable: clear it.
     """
 
     def __init__(self, model: MusicGen, max_requests: int) -> None:
@@ -42,7 +47,8 @@ class DecodingLoop:
         return self.max_requests - len(self.active)
 
     def join(self, request: RequestDecoding) -> bool:
-        """Run ``request``'s first step and add its rows to the loop.
+        """Run ``request``'s first step and add its rows to the loop (a failure, out of
+        memory included, leaves the loop as it was).
 
         Returns:
             True when the request is already complete (a window of one step), in which case
@@ -51,10 +57,9 @@ class DecodingLoop:
         if self.room < 1:
             raise ValueError("The loop is full.")
         while True:
-            first = request.open_window()
             logits, pasts = [], []
-            with self.model.autocast:
-                for sequence, conditions in first:
+            with self.model.autocast:  # the conditioners too, as audiocraft runs them
+                for sequence, conditions in request.open_window():
                     step_logits, step_pasts = prefill(self.model, sequence, conditions)
                     logits.append(step_logits)
                     pasts += step_pasts
@@ -62,7 +67,12 @@ class DecodingLoop:
                 break
             if not request.close_window():
                 return True
-        self.cache.add(pasts)
+        rows = self.cache.rows
+        try:
+            self.cache.add(pasts)
+        except BaseException:
+            self.cache.remove(range(rows, self.cache.rows))  # what was added of its rows
+            raise
         self.active.append(request)
         return False
 
@@ -84,11 +94,15 @@ class DecodingLoop:
         tokens = torch.cat([request.last_tokens() for request in self.active])
         with self.model.autocast:
             logits = shared_step(self.model, self.cache, tokens)
+        self.cache.advance()
         complete, next_window = [], []
-        for index, request in enumerate(self.active):
-            request.requests_seen += len(self.active)
-            if request.accept(logits[2 * index : 2 * index + 2]):
-                (next_window if request.close_window() else complete).append(request)
+        try:
+            for index, request in enumerate(self.active):
+                request.requests_seen += len(self.active)
+                if request.accept(logits[2 * index : 2 * index + 2]):
+                    (next_window if request.close_window() else complete).append(request)
+        except Exception as error:  # some requests took the step, others not: no way back
+            raise StepFailed("Sampling a step failed.") from error
         for request in complete + next_window:
             self.leave(request)
         return complete, next_window

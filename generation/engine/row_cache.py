@@ -181,21 +181,29 @@ class RowCache:
         like = first.keys[0]
         dtype = self.dtype or like.dtype
         shape = (self.capacity, heads, self.time_room, dim)
-        self._keys = [like.new_zeros(shape, dtype=dtype) for _ in range(layers)]
-        self._values = [like.new_zeros(shape, dtype=dtype) for _ in range(layers)]
-        if first.cross_keys:
-            cross = (self.capacity, heads, first.cross_length, dim)
-            self._cross_keys = [like.new_zeros(cross, dtype=dtype) for _ in first.cross_keys]
-            self._cross_values = [like.new_zeros(cross, dtype=dtype) for _ in first.cross_keys]
+        cross = (self.capacity, heads, first.cross_length, dim)
+        crosses = len(first.cross_keys)
+        buffers = (
+            [like.new_zeros(shape, dtype=dtype) for _ in range(layers)],
+            [like.new_zeros(shape, dtype=dtype) for _ in range(layers)],
+            [like.new_zeros(cross, dtype=dtype) for _ in range(crosses)],
+            [like.new_zeros(cross, dtype=dtype) for _ in range(crosses)],
+        )
+        self._keys, self._values, self._cross_keys, self._cross_values = buffers
+
+    # Buffers are replaced together, once all are made: out of memory half way, the cache is
+    # as it was.
 
     def _grow_time(self, needed: int) -> None:
         time = needed + self.time_room
-        self._keys = [_widened(buffer, time) for buffer in self._keys]
-        self._values = [_widened(buffer, time) for buffer in self._values]
+        keys = [_widened(buffer, time) for buffer in self._keys]
+        values = [_widened(buffer, time) for buffer in self._values]
+        self._keys, self._values = keys, values
 
     def _grow_cross(self, needed: int) -> None:
-        self._cross_keys = [_widened(buffer, needed) for buffer in self._cross_keys]
-        self._cross_values = [_widened(buffer, needed) for buffer in self._cross_values]
+        keys = [_widened(buffer, needed) for buffer in self._cross_keys]
+        values = [_widened(buffer, needed) for buffer in self._cross_values]
+        self._cross_keys, self._cross_values = keys, values
 
     def _move(self, source: int, target: int) -> None:
         length, cross_length = self._lengths[source], self._cross_lengths[source]

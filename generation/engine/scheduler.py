@@ -8,19 +8,20 @@ next steps do not wait for EnCodec. Cancel is read before each step; a cancelled
 leaves at once and its place is free for the next one.
 
 Out of GPU memory, the most recently joined request goes back to the front of the queue and
-the loop's room shrinks to what it held; a request alone that does not fit twice fails with
-a message saying what to change.
+the loop's room shrinks, for good, to what it held; a request alone that does not fit twice
+fails with a message saying what to change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,7 @@ OUT_OF_MEMORY = (
 )
 
 CANCELLED = "The generation was cancelled."
+STOPPED = "The engine stopped."
 NO_AUDIO = "The model produced no usable audio; try again with another seed."
 
 
@@ -53,7 +55,6 @@ class Submission:
     progress: ProgressCallback | None
     cancel: CancelFlag | None
     future: Future[GenerationResult] = field(default_factory=Future)
-    decoding: RequestDecoding | None = None
     out_of_memory_alone: bool = False
 
     @property
@@ -88,20 +89,37 @@ class DecodingScheduler:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        #: Requests submitted and not yet ended, and the models of those whose audio is
+        #: being decoded (read from any thread).
+        self._unfinished = 0
+        self._delivering: Counter[str] = Counter()
 
     @property
     def busy_models(self) -> set[str]:
-        """Models with requests decoding: not to be unloaded."""
-        return {name for name, loop in self._loops.items() if loop.active}
+        """Models with requests decoding, or their audio: not to be unloaded."""
+        with self._lock:
+            delivering = set(+self._delivering)
+        return delivering | {name for name, loop in self._loops.items() if loop.active}
 
     @property
     def in_flight(self) -> int:
-        """Requests decoding or waiting (read from any thread: a snapshot)."""
-        return len(self._decoding) + len(self._waiting) + self._inbox.qsize()
+        """Requests submitted and not ended: decoding, waiting, or on their way in."""
+        return self._unfinished
 
     def submit(self, submission: Submission) -> Future[GenerationResult]:
-        self._post(submission)
+        with self._lock:
+            self._unfinished += 1
+        submission.future.add_done_callback(self._ended)
+        try:
+            self._post(submission)
+        except RuntimeError:
+            _fail(submission, GenerationCancelled(STOPPED))
+            raise
         return submission.future
+
+    def _ended(self, _: Future) -> None:
+        with self._lock:
+            self._unfinished -= 1
 
     def call(self, function: Callable[[], object]) -> Future:
         """Run ``function`` on the decoding thread, between steps."""
@@ -118,15 +136,20 @@ class DecodingScheduler:
         return future
 
     def close(self) -> None:
-        """Stop after the current step; requests not finished are cancelled."""
-        self._closed = True
-        self._inbox.put(lambda: None)
+        """Stop after the current step; requests not finished fail as cancelled."""
+        with self._lock:
+            self._closed = True
+            started = self._thread is not None
+        if started:
+            self._inbox.put(lambda: None)
+        else:
+            self._drain_inbox()
 
     def _post(self, item: Submission | Callable[[], None]) -> None:
-        if self._closed:
-            raise RuntimeError("The engine is closed.")
-        self._inbox.put(item)
         with self._lock:
+            if self._closed:
+                raise RuntimeError("The engine is closed.")
+            self._inbox.put(item)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="decoding", daemon=True)
                 self._thread.start()
@@ -135,14 +158,28 @@ class DecodingScheduler:
         with torch.inference_mode():
             while not self._closed:
                 self._take_inbox(block=not self._decoding and not self._waiting)
+                if self._closed:
+                    break
+                self._drop_cancelled()
                 self._admit()
                 for loop in list(self._loops.values()):
                     self._leave_cancelled(loop)
                     if loop.active:
                         self._step(loop)
         for submission in [*self._waiting, *self._decoding.values()]:
-            _fail(submission, GenerationCancelled("The engine stopped."))
+            _fail(submission, GenerationCancelled(STOPPED))
+        self._drain_inbox()
         self._audio.shutdown(wait=False)
+
+    def _drain_inbox(self) -> None:
+        """Fail what was posted and will never run (the engine is closed)."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Submission):
+                _fail(item, GenerationCancelled(STOPPED))
 
     def _take_inbox(self, *, block: bool) -> None:
         try:
@@ -156,14 +193,17 @@ class DecodingScheduler:
         except queue.Empty:
             return
 
+    def _drop_cancelled(self) -> None:
+        """End the waiting requests that were cancelled, wherever they wait."""
+        if any(submission.cancelled for submission in self._waiting):
+            for submission in [s for s in self._waiting if s.cancelled]:
+                _fail(submission, GenerationCancelled(CANCELLED))
+            self._waiting = deque(s for s in self._waiting if not s.cancelled)
+
     def _admit(self) -> None:
         """Start waiting requests, in order, while there is room."""
         while self._waiting and len(self._decoding) < self.max_requests:
             submission = self._waiting[0]
-            if submission.cancelled:
-                self._waiting.popleft()
-                _fail(submission, GenerationCancelled(CANCELLED))
-                continue
             loop = self._loop_for(submission)
             if loop is None:
                 continue  # failed to load: the submission was failed
@@ -193,12 +233,15 @@ class DecodingScheduler:
             log.warning("a request could not start: %r", error)
             _fail(submission, error)
             return
-        submission.decoding = decoding
         self._decoding[decoding] = submission
         self._enter(loop, decoding)
 
     def _enter(self, loop: DecodingLoop, decoding: RequestDecoding) -> None:
-        """Run ``decoding``'s next window's first step in ``loop``."""
+        """Run ``decoding``'s next window's first step in ``loop``; with no room there (the
+        loop shrank), the request starts again once there is."""
+        if loop.room < 1:
+            self._waiting.appendleft(self._decoding.pop(decoding))
+            return
         try:
             complete = loop.join(decoding)
         except torch.cuda.OutOfMemoryError:
@@ -245,9 +288,10 @@ class DecodingScheduler:
         if held == 0:  # what PyTorch had cached may have been in the way: once more
             submission.out_of_memory_alone = True
         else:
-            log.warning("out of GPU memory: %s decodes at most %d requests", loop.model.name, held)
+            name = loop.model.name
+            log.warning("out of GPU memory: %s decodes at most %d requests", name, held)
             loop.max_requests = held
-        submission.decoding = None
+            self.max_requests = min(self.max_requests, held)  # the places the worker sees
         self._waiting.appendleft(submission)
 
     def _leave_cancelled(self, loop: DecodingLoop) -> None:
@@ -259,6 +303,8 @@ class DecodingScheduler:
         """Decode the request's audio off the decoding thread, then hand it back."""
         submission = self._decoding.pop(decoding)
         elapsed = time.perf_counter() - decoding.started
+        with self._lock:
+            self._delivering[submission.spec.name] += 1
         self._audio.submit(self._deliver, submission, decoding, elapsed)
 
     def _deliver(self, submission: Submission, decoding: RequestDecoding, elapsed: float) -> None:
@@ -268,10 +314,15 @@ class DecodingScheduler:
         except Exception as error:
             _fail(submission, error)
             return
-        result = GenerationResult(
-            submission.request, audio, decoding.model.sample_rate, elapsed, decoding.shared_with
-        )
-        submission.future.set_result(result)
+        else:
+            result = GenerationResult(
+                submission.request, audio, decoding.model.sample_rate, elapsed, decoding.shared_with
+            )
+            with contextlib.suppress(InvalidStateError):  # cancelled by its waiter meanwhile
+                submission.future.set_result(result)
+        finally:
+            with self._lock:
+                self._delivering[submission.spec.name] -= 1
 
     def _report(self, decoding: RequestDecoding) -> None:
         progress = self._decoding[decoding].progress
@@ -284,7 +335,7 @@ class DecodingScheduler:
 
 
 def _fail(submission: Submission, error: BaseException) -> None:
-    if not submission.future.done():
+    with contextlib.suppress(InvalidStateError):  # ended already (or cancelled by its waiter)
         submission.future.set_exception(error)
 
 

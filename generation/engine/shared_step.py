@@ -12,8 +12,8 @@ masked per row. Two parts:
   layer norms, feed-forward blocks, output heads are audiocraft's; attention is the one part
   written here, with each row's mask), and returns each row's logits.
 
-Only models on the released attention path qualify (:func:`supports`): the others decode one
-request at a time through audiocraft's ``generate``.
+Only models on the released attention path qualify (:func:`supports`); the engine refuses to
+load others, saying so.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def prefill(
 @batch_invariant()
 def shared_step(model: MusicGen, cache: RowCache, tokens: torch.Tensor) -> torch.Tensor:
     """Decode one step of every row in ``cache``, whose last tokens are ``tokens``
-    (``[rows, codebooks]``); the step's keys and values join each row's past.
+    (``[rows, codebooks]``); the step's keys and values are written after each row's past
+    (``cache.advance()`` counts them in once the step is taken).
 
     Returns:
         Logits ``[rows, codebooks, card]``.
@@ -108,7 +109,6 @@ def shared_step(model: MusicGen, cache: RowCache, tokens: torch.Tensor) -> torch
     layout = _Layout(cache, exact=x.device.type == "cpu")
     for index, layer in enumerate(transformer.layers):
         x = _layer_step(layer, index, x, cache, layout)
-    cache.advance()
     if x.dtype != lm.linears[0].weight.dtype and not torch.is_autocast_enabled(x.device.type):
         x = x.to(lm.linears[0].weight.dtype)  # as the precision's hook does for the transformer
     if lm.out_norm:
