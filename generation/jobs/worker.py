@@ -395,7 +395,10 @@ class Worker:
 
     async def _generate(self, job: Job, takes: list[Future[GenerationResult]]) -> None:
         """Wait for the job's takes and record its outcome."""
-        running = asyncio.gather(*(asyncio.wrap_future(take) for take in takes))
+        waits = [asyncio.wrap_future(take) for take in takes]
+        for wait in waits:  # a take that fails after another did is not left unread
+            wait.add_done_callback(lambda done: done.cancelled() or done.exception())
+        running = asyncio.gather(*waits)
         try:
             results = await asyncio.wait_for(asyncio.shield(running), self.job_timeout)
         except TimeoutError:
