@@ -172,7 +172,8 @@ class DecodingScheduler:
         self._audio.shutdown(wait=False)
 
     def _drain_inbox(self) -> None:
-        """Fail what was posted and will never run (the engine is closed)."""
+        """End what was posted and will not decode (the engine is closed): requests fail,
+        calls (a model load) still run, so that no one waits for them forever."""
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -180,6 +181,8 @@ class DecodingScheduler:
                 return
             if isinstance(item, Submission):
                 _fail(item, GenerationCancelled(STOPPED))
+            else:
+                item()
 
     def _take_inbox(self, *, block: bool) -> None:
         try:
