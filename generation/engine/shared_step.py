@@ -37,14 +37,6 @@ from generation.engine.row_cache import RowCache, RowPast
 ConditionTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def attention_dtype(model: MusicGen) -> torch.dtype | None:
-    """The dtype a loop keeps keys and values in, and attends in: float32 on a CPU, where
-    PyTorch's bfloat16 attention is several times slower than its float32 one (one thread,
-    16 heads, 2 rows over 1,500 steps: 5.1 ms against 0.78 ms; 80% of an 8-request step was
-    bfloat16 attention); the transformer's own elsewhere (None)."""
-    return torch.float32 if model.device.type == "cpu" else None
-
-
 def supports(model: MusicGen) -> bool:
     """Whether ``model`` can share steps: every attention on the released path (see
     :func:`generation.engine.decoding.on_released_path`), sinusoidal positions, no context
@@ -142,8 +134,7 @@ class _Layout:
         cross: bool,
     ) -> torch.Tensor:
         if attention.attention_as_float32:
-            keys, values = keys.float(), values.float()
-        q = q.to(keys.dtype)  # the cache may keep a wider type (see attention_dtype)
+            q, keys, values = q.float(), keys.float(), values.float()
         if self.spans is not None:
             runs = self.spans[1] if cross else self.spans[0]
             x = torch.cat(
