@@ -32,6 +32,7 @@ from bench.bot_path import Arrival, run_arrivals
 from generation.engine.debug_models import offline_demucs
 from generation.engine.export import export_checkpoint
 from generation.engine.musicgen import MusicGenEngine
+from generation.engine.request_decoding import audiocraft_tokens
 from generation.request import AudioClip, GenerationRequest
 
 PROMPTS = (
@@ -111,25 +112,9 @@ def describe(request: GenerationRequest) -> str:
 def plain_seconds(plain: MusicGen, request: GenerationRequest) -> float:
     """Wall seconds of plain audiocraft generating ``request`` (its own call, as its command
     line or demo would)."""
-    plain.set_generation_params(
-        use_sampling=request.sampled,
-        top_k=request.top_k,
-        top_p=request.top_p,
-        temperature=request.temperature,
-        duration=request.duration,
-        cfg_coef=request.cfg_coef,
-        extend_stride=request.extend_stride,
-    )
     torch.manual_seed(request.seed or 0)
     started = time.perf_counter()
-    if request.melody is not None:
-        melody = torch.from_numpy(request.melody.samples)[None]
-        plain.generate_with_chroma([request.prompt], melody, request.melody.sample_rate)
-    elif request.continuation is not None:
-        intro = torch.from_numpy(request.continuation.samples)[None]
-        plain.generate_continuation(intro, request.continuation.sample_rate, [request.prompt])
-    else:
-        plain.generate([request.prompt])
+    audiocraft_tokens(plain, request)
     return time.perf_counter() - started
 
 

@@ -18,7 +18,7 @@ from generation.engine.debug_models import build_debug_model
 from generation.engine.decoding import optimise_for_decoding
 from generation.engine.musicgen import MusicGenEngine
 from generation.engine.precision import apply_precision
-from generation.engine.request_decoding import RequestDecoding, planned_steps
+from generation.engine.request_decoding import RequestDecoding, audiocraft_tokens, planned_steps
 from generation.engine.row_cache import RowCache, RowPast
 from generation.engine.sampling import PythonRandom, seeded_rows
 from generation.errors import GenerationCancelled
@@ -72,28 +72,9 @@ def prepared(name: str, precision: str) -> MusicGen:
 
 def audiocraft_codes(model: MusicGen, request: GenerationRequest) -> torch.Tensor:
     """The codes audiocraft's own ``generate`` makes for ``request``, one request a call."""
-    model.set_generation_params(
-        use_sampling=request.sampled,
-        top_k=request.top_k,
-        top_p=request.top_p,
-        temperature=request.temperature,
-        duration=request.duration,
-        cfg_coef=request.cfg_coef,
-        two_step_cfg=request.two_step_cfg,
-        extend_stride=request.extend_stride,
-    )
-    model.lm.cfg_coef = request.cfg_coef
     seeded = seeded_rows([request.seed], model.device)
     with torch.no_grad(), seeded, PythonRandom(request.seed).active():
-        if request.melody is not None:
-            melody = torch.from_numpy(request.melody.samples)[None]
-            args = ([request.prompt], melody, request.melody.sample_rate)
-            return model.generate_with_chroma(*args, return_tokens=True)[1]
-        if request.continuation is not None:
-            intro = torch.from_numpy(request.continuation.samples)[None]
-            args = (intro, request.continuation.sample_rate, [request.prompt])
-            return model.generate_continuation(*args, return_tokens=True)[1]
-        return model.generate([request.prompt], return_tokens=True)[1]
+        return audiocraft_tokens(model, request)
 
 
 def loop_codes(

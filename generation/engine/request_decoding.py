@@ -251,3 +251,31 @@ def _window_steps(model: MusicGen, frames: int, prompt_frames: int) -> int:
     # starting at the first step that holds a frame after the prompt.
     first = pattern.get_first_step_with_timesteps(prompt_frames)
     return len(pattern.layout) - first
+
+
+def audiocraft_tokens(model: MusicGen, request: GenerationRequest) -> torch.Tensor:
+    """The codes audiocraft's own ``MusicGen`` generates for ``request`` in one call of its
+    own (as its command line or demo would): what the loop is tested and benchmarked against.
+    The caller seeds audiocraft's random streams.
+    """
+    model.set_generation_params(
+        use_sampling=request.sampled,
+        top_k=request.top_k,
+        top_p=request.top_p,
+        temperature=request.temperature,
+        duration=request.duration,
+        cfg_coef=request.cfg_coef,
+        two_step_cfg=request.two_step_cfg,
+        extend_stride=request.extend_stride,
+    )
+    # audiocraft's two-step CFG reads the LM's own coefficient, not the one it is given.
+    model.lm.cfg_coef = request.cfg_coef
+    if request.melody is not None:
+        melody = torch.from_numpy(request.melody.samples)[None]
+        args = ([request.prompt], melody, request.melody.sample_rate)
+        return model.generate_with_chroma(*args, return_tokens=True)[1]
+    if request.continuation is not None:
+        intro = torch.from_numpy(request.continuation.samples)[None]
+        args = (intro, request.continuation.sample_rate, [request.prompt])
+        return model.generate_continuation(*args, return_tokens=True)[1]
+    return model.generate([request.prompt], return_tokens=True)[1]
