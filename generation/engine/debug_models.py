@@ -169,20 +169,6 @@ def prepare_melody_conditioner(lm: torch.nn.Module) -> None:
         conditioners["self_wav"]._use_masking = False
 
 
-def _tiny_demucs(device: str) -> torch.nn.Module:
-    """A random-weight demucs with the stems htdemucs has (about 100 k parameters)."""
-    from demucs.demucs import Demucs
-
-    model = Demucs(
-        sources=["drums", "bass", "other", "vocals"],
-        channels=8,
-        depth=4,
-        samplerate=44_100,
-        segment=4,
-    )
-    return model.to(device).eval()
-
-
 def tiny_htdemucs(device: str = "cpu") -> torch.nn.Module:
     """A random-weight ``HTDemucs`` with htdemucs' sources and layout (depth 4, 4096-point
     spectrogram: a shallower one makes its transformer's sequence, and memory, explode)
@@ -209,15 +195,16 @@ def tiny_htdemucs(device: str = "cpu") -> torch.nn.Module:
 
 @contextmanager
 def offline_demucs(device: str = "cpu") -> Iterator[None]:
-    """Hand ``ChromaStemConditioner`` a tiny random-weight demucs instead of downloading
-    htdemucs, while melody models are built (or loaded from a checkpoint) in this block.
+    """Hand ``ChromaStemConditioner`` a tiny random-weight htdemucs (:func:`tiny_htdemucs`)
+    instead of downloading the released one, while melody models are built (or loaded from a
+    checkpoint) in this block.
 
     The conditioner calls ``demucs.pretrained.get_model('htdemucs')`` in its constructor;
     that download is the only part of the melody path that needs a network.
     """
     from demucs import pretrained
 
-    separator = _tiny_demucs(device)
+    separator = tiny_htdemucs(device)
     original = pretrained.get_model
     pretrained.get_model = lambda name, repo=None: separator
     try:
