@@ -223,27 +223,37 @@ async def test_cancelling_a_running_job_stops_it_at_its_next_step(bots, engine, 
 
 async def test_a_queued_job_hears_its_place_and_eta(bots, database):
     recorder = Recorder()
-    bot = await bots(database, recorder)
-    bot.service.rates.load({("debug", 1): 2.0})  # seconds of work per second of audio
+    bot = await bots(database, recorder, batch_policy=BatchPolicy(max_rows=2))
+    # Seconds of work per second of audio, alone and with two requests sharing the steps.
+    bot.service.rates.load({("debug", 1): 2.0, ("debug", 2): 3.0})
     first = await bot.submit(replace(REQUEST, duration=10.0))
     second = await bot.submit(replace(REQUEST, duration=5.0), guild=2)
-    assert await place(bot, first) == (1, pytest.approx(20.0))
-    assert await place(bot, second) == (2, pytest.approx(30.0))
+    # Two places: both start at once and share their steps.
+    assert await place(bot, first) == (1, pytest.approx(30.0))
+    assert await place(bot, second) == (2, pytest.approx(15.0))
+    third = await bot.submit(replace(REQUEST, duration=4.0), guild=3)
+    # The third takes the place the second frees.
+    assert await place(bot, third) == (3, pytest.approx(15.0 + 12.0))
     bot.service.watcher.eta_interval = 0.0
     await bot.service.watcher.settle()
     assert recorder.moves[-1] == [
-        (first.id, 1, pytest.approx(20.0)),
-        (second.id, 2, pytest.approx(30.0)),
+        (first.id, 1, pytest.approx(30.0)),
+        (second.id, 2, pytest.approx(15.0)),
+        (third.id, 3, pytest.approx(27.0)),
     ]
-    # The first starts: the second is next, after what is left of the first.
+    # The first starts: the third is next, after the second (what is left of the first
+    # ends later).
     await bot.store.claim(
         "w", models=None, loaded=(), max_rows=1, max_model_wait=0, lease_seconds=60
     )
     (running,) = await bot.store.running()
     await bot.store.set_progress(running, 50, 100)
-    assert await place(bot, second) == (1, pytest.approx(20.0))
+    assert await place(bot, third) == (2, pytest.approx(15.0 + 12.0))
     await bot.service.watcher.settle()
-    assert recorder.moves[-1] == [(second.id, 1, pytest.approx(10.0 + 10.0))]
+    assert recorder.moves[-1] == [
+        (second.id, 1, pytest.approx(15.0)),
+        (third.id, 2, pytest.approx(27.0)),
+    ]
     # A paused server's jobs wait for an admin: no place, no ETA.
     await bot.store.save_guild_settings(GuildSettings(2, paused=True))
     assert await bot.service.estimate(second) is None

@@ -128,46 +128,83 @@ def forecast(
     policy: BatchPolicy,
     workers: int = 1,
 ) -> list[Estimate]:
-    """The position and ETA of every job in ``order`` (the store's queue order), batching
-    them as the store's claim would, after the ``running`` jobs, shared by ``workers``.
+    """The position and ETA of every job in ``order`` (the store's queue order), as the
+    workers decode them: a worker takes the next job whenever fewer than
+    ``policy.max_rows`` of its requests decode, and each job then decodes alongside the others
+    (continuous decoding), at the rate learnt for as many requests sharing its steps.
 
-    One pass: each job joins the earliest planned batch of its kind with room for it (what
-    planning the batches one after another gives), so the cost grows with the number of jobs
-    times ``policy.max_rows``, not with its square.
+    The ``workers`` are planned as one with their places pooled, sharing steps as one worker
+    does (:func:`_sharing`). One pass with a heap of the jobs decoding: the cost grows with
+    the number of jobs times the log of the places.
     """
-    ahead = _running_left(running, rates)
-    batches: list[tuple[QueueEntry, int]] = []  # first job, rows
-    #: Planned batches with room left, by (batch key, room): a heap of their indices.
-    open_batches: dict[tuple[str, int], list[int]] = {}
-    batch_of: dict[int, int] = {}
-    for entry in order:
-        best: tuple[int, int] | None = None  # batch index, its room
-        for room in range(entry.takes, policy.max_rows):
-            heap = open_batches.get((entry.batch_key, room))
-            if heap and (best is None or heap[0] < best[0]):
-                best = (heap[0], room)
-        if best is None:
-            index, room = len(batches), policy.max_rows
-            batches.append((entry, 0))
-        else:
-            index, room = best
-            heapq.heappop(open_batches[(entry.batch_key, room)])
-        first, rows = batches[index]
-        batches[index] = (first, rows + entry.takes)
-        if room - entry.takes > 0:
-            heapq.heappush(
-                open_batches.setdefault((entry.batch_key, room - entry.takes), []), index
-            )
-        batch_of[entry.job_id] = index
-    done_after = []
-    workers = max(workers, 1)
-    for first, rows in batches:
-        ahead += rates.rate(entry_rate_key(first), rows) * first.duration / workers
-        done_after.append(ahead)
+    sharing = _sharing(sum(entry.takes for entry in order), running, policy, workers)
+    places = _Places(running, rates, sharing, policy.max_rows * max(workers, 1))
     return [
-        Estimate(entry.job_id, position, done_after[batch_of[entry.job_id]])
+        Estimate(
+            entry.job_id,
+            position,
+            places.take(entry.takes, rates.rate(entry_rate_key(entry), sharing) * entry.duration),
+        )
         for position, entry in enumerate(order, start=1)
     ]
+
+
+#: Requests ahead of a job whose start :func:`eta` plans one by one (a long queue's ETA is
+#: bounded in time; :func:`forecast` plans every job once, for the whole queue).
+PLANNED_TAKES = 256
+
+
+class _Places:
+    """The places of the workers' decoding loops in time: when each job decoding ends.
+
+    A job starts once fewer than ``capacity`` requests decode (as a worker claims: a job with
+    several takes may overfill the loop, and the next job then waits for more to end).
+    """
+
+    def __init__(
+        self, running: Sequence[Job], rates: GenerationRates, sharing: int, capacity: int
+    ) -> None:
+        self.capacity = capacity
+        self.now = 0.0
+        self._ends = [
+            (rates.seconds(job.request, sharing) * (1 - job.fraction_done), job.takes)
+            for job in running
+        ]
+        heapq.heapify(self._ends)
+        self._decoding = sum(job.takes for job in running)
+
+    def take(self, takes: int, seconds: float) -> float:
+        """Start a job of ``takes`` requests lasting ``seconds`` at the first moment it may;
+        returns when it ends."""
+        while self._decoding >= self.capacity:
+            end, ended = heapq.heappop(self._ends)
+            self.now = max(self.now, end)
+            self._decoding -= ended
+        heapq.heappush(self._ends, (self.now + seconds, takes))
+        self._decoding += takes
+        return self.now + seconds
+
+    def start_after(self, work: float) -> float:
+        """When a job may start behind ``work`` seconds of requests spread evenly over the
+        places after what decodes now: the level to which that work fills them."""
+        frees = sorted(end for end, takes in self._ends for _ in range(takes))
+        frees = ([self.now] * (self.capacity - len(frees)) + frees)[-self.capacity :]
+        level, filled = frees[0], 1
+        for free in frees[1:]:
+            room = (free - level) * filled
+            if work <= room:
+                break
+            work -= room
+            level, filled = free, filled + 1
+        return level + work / filled
+
+
+def _sharing(queued_takes: int, running: Sequence[Job], policy: BatchPolicy, workers: int) -> int:
+    """How many requests a worker's steps are likely to carry while the queue drains: its
+    places, or the requests there are to fill them."""
+    decoding = sum(job.takes for job in running)
+    requests = -(-(queued_takes + decoding) // max(workers, 1))
+    return max(1, min(policy.max_rows, requests))
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,27 +223,23 @@ def eta(
     rates: GenerationRates,
     policy: BatchPolicy,
     workers: int = 1,
+    queued: int = 0,
 ) -> float:
-    """Seconds until ``job`` is likely done: the running jobs, then the work ahead of it in
-    full batches of its kind, then its own batch, shared by ``workers``. Costs the number of
-    batch keys ahead, not the number of jobs (:meth:`JobStore.work_ahead` sums them)."""
-    seconds = 0.0
-    rows_per_batch = max(policy.max_rows, 1)
+    """Seconds until ``job`` is likely done: the work ahead of it starts as places free, one
+    request at a time (the first :data:`PLANNED_TAKES`; beyond them, spread evenly over the
+    places), then ``job`` starts and decodes alongside the others. Costs the number of batch
+    keys ahead and :data:`PLANNED_TAKES`, not the number of jobs (:meth:`JobStore.work_ahead`
+    sums them). ``queued``: jobs queued in all, those behind ``job`` too (they share its
+    steps)."""
+    queued = max(queued, sum(work.takes for work in ahead) + job.takes)
+    sharing = _sharing(queued, running, policy, workers)
+    places = _Places(running, rates, sharing, policy.max_rows * max(workers, 1))
+    planned, rest = 0, 0.0
     for work in ahead:
-        full, rest = divmod(work.takes, rows_per_batch)
-        seconds += full * rates.rate(work.model, rows_per_batch) * work.duration
-        if rest:
-            seconds += rates.rate(work.model, rest) * work.duration
-    seconds += rates.seconds(job.request, job.takes)
-    return _running_left(running, rates) + seconds / max(workers, 1)
-
-
-def _running_left(running: Sequence[Job], rates: GenerationRates) -> float:
-    """Seconds until the running jobs are likely done (as one batch per model; workers run
-    side by side, so the longest counts)."""
-    left = 0.0
-    for job in running:
-        rows = sum(other.takes for other in running if other.worker_id == job.worker_id)
-        seconds = rates.seconds(job.request, rows) * (1 - job.fraction_done)
-        left = max(left, seconds)
-    return left
+        seconds = rates.rate(work.model, sharing) * work.duration
+        now = min(work.takes, PLANNED_TAKES - planned)
+        for _ in range(now):
+            places.take(1, seconds)
+        planned += now
+        rest += seconds * (work.takes - now)
+    return places.start_after(rest) + rates.seconds(job.request, sharing)

@@ -179,7 +179,10 @@ class JobService:
             return None
         ahead = await self.store.work_ahead(job)
         running = await self.store.running()
-        seconds = eta(ahead, job, running, self.rates, self.batch_policy, self.watcher.workers)
+        queued = await self.store.queue_length()
+        seconds = eta(
+            ahead, job, running, self.rates, self.batch_policy, self.watcher.workers, queued
+        )
         return Estimate(job.id, position, seconds)
 
     async def cancel(self, job: Job) -> bool:
