@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from generation.engine.debug_models import debug_config, offline_demucs, prepare_melody_conditioner
 
+#: The released melody models' chroma STFT size, as a power of two (16384 points).
+RELEASED_CHROMA_RADIX2_EXP = 14
 #: T5-base's hidden size: the width of the released models' text embeddings.
 T5_BASE_DIM = 768
 
@@ -58,6 +60,12 @@ def small_config(device: str = "cpu", *, melody: bool = False) -> DictConfig:
     the chroma conditioning of the melody models (prepended, as theirs) too."""
     cfg = debug_config("debug-melody" if melody else "debug", device)
     cfg.transformer_lm = OmegaConf.create(_SMALL_LM)
+    if melody:
+        # The released melody models' chroma (conditioner/chroma2music.yaml): a 16384-point
+        # STFT with a hop of 4096 samples, so a 30 s window prepends 235 chroma frames. The
+        # debug models' 4096-point one prepends 938, four times as many for every row to
+        # attend to at every step.
+        cfg.conditioners.self_wav.chroma_stem.radix2_exp = RELEASED_CHROMA_RADIX2_EXP
     cfg.conditioners.description.lut.dim = T5_BASE_DIM
     cfg.classifier_free_guidance.training_dropout = 0.3
     return cfg
