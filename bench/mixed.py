@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import random
 import statistics
 import sys
@@ -30,11 +29,9 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bot_path import Arrival, run_arrivals
-from bench.memory_floor import counting_steps, floor_seconds
 from generation.engine.debug_models import offline_demucs
 from generation.engine.export import export_checkpoint
 from generation.engine.musicgen import MusicGenEngine
-from generation.engine.precision import apply_precision
 from generation.engine.request_decoding import audiocraft_tokens
 from generation.request import AudioClip, GenerationRequest
 
@@ -137,13 +134,6 @@ def through_bot(
     return StreamRun(wall, times)
 
 
-def in_engine_precision(plain: MusicGen) -> MusicGen:
-    """A copy of ``plain``'s LM in the precision the engine decodes in here (``auto``)."""
-    model = MusicGen(plain.name, plain.compression_model, copy.deepcopy(plain.lm))
-    apply_precision(model, "auto")
-    return model
-
-
 def percentile(values: Sequence[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
@@ -154,8 +144,7 @@ def run_mixed(plain: MusicGen, count: int, max_batch: int) -> float:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = export_checkpoint(plain, plain.lm.cfg, Path(folder))
         stream = mixed_stream(str(checkpoint), count)
-        with counting_steps() as counted:
-            continuous = through_bot(checkpoint, stream, max_batch, join_running=True)
+        continuous = through_bot(checkpoint, stream, max_batch, join_running=True)
         batches = through_bot(checkpoint, stream, max_batch, join_running=False)
     plain_times = [plain_seconds(plain, arrival.request) for arrival in stream]
     servers = len({arrival.guild for arrival in stream})
@@ -191,13 +180,6 @@ def run_mixed(plain: MusicGen, count: int, max_batch: int) -> float:
     print(f"requests slower than under the batch-at-a-time worker: {worse or 'none'}")
     total_plain = sum(plain_times)
     print(f"plain audiocraft in sequence: {total_plain:.1f} s")
-    floor, weights, position = floor_seconds(in_engine_precision(plain), counted)
-    print(
-        f"memory floor of exact decoding for this stream: {counted.steps} steps x "
-        f"{1000 * weights:.1f} ms (weights) + {counted.positions / 1e6:.2f} M positions x "
-        f"{1e9 * position:.1f} ns (keys and values) = {floor:.1f} s: at most "
-        f"{total_plain / floor:.2f}x plain audiocraft on this machine"
-    )
     ratio = total_plain / continuous.wall_seconds
     print(f"mixed traffic: {ratio:.2f}x plain audiocraft")
     return ratio
