@@ -1,5 +1,5 @@
-"""How long jobs take: generation rates learnt per model and batch size, and every queued
-job's position and ETA in one pass over the queue."""
+"""How long jobs take: generation rates learnt per model and number of requests sharing the
+decoding steps, and every queued job's position and ETA in one pass over the queue."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ MBD_SEED_RATES = (8.0, 0.3)
 #: What each further request in a batch adds to its time, as a share of one request's time:
 #: (CPU, GPU). On the CPU, 4 requests took 2.1 times as long as one (README, Performance).
 ROW_COST = (0.37, 0.1)
+#: Requests ahead of a job whose start :func:`eta` plans one by one (a long queue's ETA is
+#: bounded in time; :func:`forecast` plans every job once, for the whole queue).
+PLANNED_TAKES = 256
 
 
 class GenerationRates:
@@ -147,11 +150,6 @@ def forecast(
         )
         for position, entry in enumerate(order, start=1)
     ]
-
-
-#: Requests ahead of a job whose start :func:`eta` plans one by one (a long queue's ETA is
-#: bounded in time; :func:`forecast` plans every job once, for the whole queue).
-PLANNED_TAKES = 256
 
 
 class _Places:
