@@ -137,16 +137,17 @@ def forecast(
     (continuous decoding), at the rate learnt for as many requests sharing its steps.
 
     The ``workers`` are planned as one with their places pooled, sharing steps as one worker
-    does (:func:`_sharing`). One pass with a heap of the jobs decoding: the cost grows with
+    does (:attr:`_Places.sharing`). One pass with a heap of the jobs decoding: the cost grows with
     the number of jobs times the log of the places.
     """
-    sharing = _sharing(sum(entry.takes for entry in order), running, policy, workers)
-    places = _Places(running, rates, sharing, policy.max_rows * max(workers, 1))
+    places = _Places(running, rates, policy, workers, sum(entry.takes for entry in order))
     return [
         Estimate(
             entry.job_id,
             position,
-            places.take(entry.takes, rates.rate(entry_rate_key(entry), sharing) * entry.duration),
+            places.take(
+                entry.takes, rates.rate(entry_rate_key(entry), places.sharing) * entry.duration
+            ),
         )
         for position, entry in enumerate(order, start=1)
     ]
@@ -157,19 +158,28 @@ class _Places:
 
     A job starts once fewer than ``capacity`` requests decode (as a worker claims: a job with
     several takes may overfill the loop, and the next job then waits for more to end).
+    ``sharing`` is how many requests a worker's steps are likely to carry while the queue
+    (``queued_takes``) drains: its places, or the requests there are to fill them.
     """
 
     def __init__(
-        self, running: Sequence[Job], rates: GenerationRates, sharing: int, capacity: int
+        self,
+        running: Sequence[Job],
+        rates: GenerationRates,
+        policy: BatchPolicy,
+        workers: int,
+        queued_takes: int,
     ) -> None:
-        self.capacity = capacity
+        workers = max(workers, 1)
+        self._decoding = sum(job.takes for job in running)
+        self.capacity = policy.max_rows * workers
+        self.sharing = max(1, min(policy.max_rows, -(-(queued_takes + self._decoding) // workers)))
         self.now = 0.0
         self._ends = [
-            (rates.seconds(job.request, sharing) * (1 - job.fraction_done), job.takes)
+            (rates.seconds(job.request, self.sharing) * (1 - job.fraction_done), job.takes)
             for job in running
         ]
         heapq.heapify(self._ends)
-        self._decoding = sum(job.takes for job in running)
 
     def take(self, takes: int, seconds: float) -> float:
         """Start a job of ``takes`` requests lasting ``seconds`` at the first moment it may;
@@ -197,14 +207,6 @@ class _Places:
         return level + work / filled
 
 
-def _sharing(queued_takes: int, running: Sequence[Job], policy: BatchPolicy, workers: int) -> int:
-    """How many requests a worker's steps are likely to carry while the queue drains: its
-    places, or the requests there are to fill them."""
-    decoding = sum(job.takes for job in running)
-    requests = -(-(queued_takes + decoding) // max(workers, 1))
-    return max(1, min(policy.max_rows, requests))
-
-
 @dataclass(frozen=True, slots=True)
 class WorkAhead:
     """Claimable jobs ahead of one, of one batch key: how many takes (rows) in all."""
@@ -230,14 +232,13 @@ def eta(
     sums them). ``queued``: jobs queued in all, those behind ``job`` too (they share its
     steps)."""
     queued = max(queued, sum(work.takes for work in ahead) + job.takes)
-    sharing = _sharing(queued, running, policy, workers)
-    places = _Places(running, rates, sharing, policy.max_rows * max(workers, 1))
+    places = _Places(running, rates, policy, workers, queued)
     planned, rest = 0, 0.0
     for work in ahead:
-        seconds = rates.rate(work.model, sharing) * work.duration
+        seconds = rates.rate(work.model, places.sharing) * work.duration
         now = min(work.takes, PLANNED_TAKES - planned)
         for _ in range(now):
             places.take(1, seconds)
         planned += now
         rest += seconds * (work.takes - now)
-    return places.start_after(rest) + rates.seconds(job.request, sharing)
+    return places.start_after(rest) + rates.seconds(job.request, places.sharing)
