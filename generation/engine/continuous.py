@@ -16,7 +16,7 @@ from audiocraft.models import MusicGen
 
 from generation.engine.request_decoding import RequestDecoding
 from generation.engine.row_cache import RowCache
-from generation.engine.shared_step import prefill, shared_step
+from generation.engine.shared_step import attention_dtype, prefill, shared_step
 
 
 class StepFailed(RuntimeError):
@@ -36,7 +36,9 @@ class DecodingLoop:
     def __init__(self, model: MusicGen, max_requests: int) -> None:
         self.model = model
         self.max_requests = max_requests
-        self.cache = RowCache(capacity=max_requests * RequestDecoding.rows)
+        self.cache = RowCache(
+            capacity=max_requests * RequestDecoding.rows, dtype=attention_dtype(model)
+        )
         self.active: list[RequestDecoding] = []
 
     @property

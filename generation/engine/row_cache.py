@@ -44,11 +44,15 @@ class RowPast:
 
 
 class RowCache:
-    """Keys and values for up to ``capacity`` rows, ``[rows, heads, time, dim]`` per layer."""
+    """Keys and values for up to ``capacity`` rows, ``[rows, heads, time, dim]`` per layer,
+    kept in ``dtype`` (None: in the dtype they come in)."""
 
-    def __init__(self, capacity: int, time_room: int = TIME_ROOM) -> None:
+    def __init__(
+        self, capacity: int, time_room: int = TIME_ROOM, dtype: torch.dtype | None = None
+    ) -> None:
         self.capacity = capacity
         self.time_room = time_room
+        self.dtype = dtype
         self.rows = 0
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
@@ -149,8 +153,9 @@ class RowCache:
         """Write this step's ``[rows, heads, 1, dim]`` keys and values of ``layer`` at each
         row's own position; returns the layer's keys and values up to the longest past."""
         rows = torch.arange(self.rows, device=keys.device)
-        self._keys[layer][rows, :, self.lengths] = keys[:, :, 0]
-        self._values[layer][rows, :, self.lengths] = values[:, :, 0]
+        buffer = self._keys[layer]
+        buffer[rows, :, self.lengths] = keys[:, :, 0].to(buffer.dtype)
+        self._values[layer][rows, :, self.lengths] = values[:, :, 0].to(buffer.dtype)
         time = max(self._lengths) + 1
         return (
             self._keys[layer][: self.rows, :, :time],
@@ -174,14 +179,15 @@ class RowCache:
         heads, _, dim = first.keys[0].shape
         layers = len(first.keys)
         like = first.keys[0]
+        dtype = self.dtype or like.dtype
         shape = (self.capacity, heads, self.time_room, dim)
         cross = (self.capacity, heads, first.cross_length, dim)
         crosses = len(first.cross_keys)
         buffers = (
-            [like.new_zeros(shape) for _ in range(layers)],
-            [like.new_zeros(shape) for _ in range(layers)],
-            [like.new_zeros(cross) for _ in range(crosses)],
-            [like.new_zeros(cross) for _ in range(crosses)],
+            [like.new_zeros(shape, dtype=dtype) for _ in range(layers)],
+            [like.new_zeros(shape, dtype=dtype) for _ in range(layers)],
+            [like.new_zeros(cross, dtype=dtype) for _ in range(crosses)],
+            [like.new_zeros(cross, dtype=dtype) for _ in range(crosses)],
         )
         self._keys, self._values, self._cross_keys, self._cross_values = buffers
 
