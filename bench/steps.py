@@ -10,11 +10,17 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from audiocraft.models import MusicGen
 from audiocraft.modules.conditioners import ConditioningAttributes
+
+from generation.engine.continuous import DecodingLoop
+from generation.engine.request_decoding import RequestDecoding
+from generation.engine.row_cache import RowCache
+from generation.request import GenerationRequest
 
 PROMPT = "lo-fi hip hop beat with mellow piano chords, soft vinyl crackle and a slow groove"
 WARMUP_STEPS = 3
@@ -103,16 +109,41 @@ def peer_step(peer: torch.nn.Module, batch: int, steps: int, text_tokens: int) -
 def loop_step(model: MusicGen, batch: int, steps: int) -> StepTime:
     """Decode ``steps`` steps of ``batch`` requests in the engine's shared decoding loop
     (:mod:`generation.engine.continuous`), each request with its own random stream."""
-    from generation.engine.continuous import DecodingLoop
-    from generation.engine.request_decoding import RequestDecoding
-    from generation.request import GenerationRequest
-
     loop = DecodingLoop(model, batch)
     clock = _Clock()
     request = GenerationRequest(prompt=PROMPT, model=model.name, duration=30.0, cfg_coef=3.0)
     with torch.inference_mode():
         for seed in range(batch):
             loop.join(RequestDecoding(model, replace(request, seed=seed)))
+        for _ in range(steps + WARMUP_STEPS + 1):
+            loop.step()
+            clock()
+    return clock.median()
+
+
+def late_loops(
+    model: MusicGen, batch: int, past: int, past_dtypes: Sequence[torch.dtype]
+) -> list[DecodingLoop]:
+    """The engine's shared loop, ``batch`` requests of 30 s decoding until every row has
+    ``past`` steps of past, once for each dtype the loop keeps its past in."""
+    request = GenerationRequest(prompt=PROMPT, model=model.name, duration=30.0, cfg_coef=3.0)
+    loops = []
+    with torch.inference_mode():
+        for dtype in past_dtypes:
+            loop = DecodingLoop(model, batch)
+            loop.cache = RowCache(loop.cache.capacity, dtype=dtype)
+            for seed in range(batch):
+                loop.join(RequestDecoding(model, replace(request, seed=seed)))
+            while int(loop.cache.lengths.min()) < past:
+                loop.step()
+            loops.append(loop)
+    return loops
+
+
+def loop_steps(loop: DecodingLoop, steps: int) -> StepTime:
+    """Time ``steps`` more steps of ``loop``."""
+    clock = _Clock()
+    with torch.inference_mode():
         for _ in range(steps + WARMUP_STEPS + 1):
             loop.step()
             clock()

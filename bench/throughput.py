@@ -17,6 +17,8 @@ more can be added, e.g. one through the bot's queue):
 - ``mixed``: a seeded stream of requests with their own durations, options and arrival times
   through the bot, against plain audiocraft in sequence and the batch-at-a-time worker
   (``bench/mixed.py``).
+- ``past``: a step of the shared loop late in a window, its past kept in float32 (as the
+  engine keeps it on a CPU) and in the weights' bfloat16.
 
 Times on a shared machine are noisy: sections interleave what they compare and print medians
 (wall clock, and CPU time of this process, which other processes disturb less).
@@ -43,7 +45,15 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from audiocraft.models import MusicGen
 
 from bench.models import build_peer, build_plain_and_optimised
-from bench.steps import PROMPT, audiocraft_step, loop_step, peer_step, weight_read_floor
+from bench.steps import (
+    PROMPT,
+    audiocraft_step,
+    late_loops,
+    loop_step,
+    loop_steps,
+    peer_step,
+    weight_read_floor,
+)
 from generation.engine.decoding import optimise_for_decoding
 
 TEXT_TOKENS = 18  # about what T5 makes of PROMPT; the peer cross-attends to this many
@@ -408,6 +418,38 @@ def section_mixed(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> 
     run_mixed(melodic, args.mixed_requests, args.max_batch)
 
 
+def section_past(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
+    """(i) Median ms per step of the engine's shared loop late in a window (``--past`` steps
+    of past, the largest of ``--batches`` requests) in the CPU's native precision, its past
+    kept in float32 (the engine's choice on a CPU) and in the weights' own dtype; the two
+    loops' steps are timed in turn."""
+    from generation.engine.precision import apply_precision, resolve_precision
+
+    precision = resolve_precision("auto", "cpu")
+    model = MusicGen(plain.name, plain.compression_model, copy.deepcopy(plain.lm))
+    apply_precision(model, precision)
+    optimise_for_decoding(model)
+    batch = max(args.batches)
+    pasts = {"float32 (the engine's)": torch.float32}
+    if precision != "fp32":
+        pasts[f"{precision} (the weights')"] = _DTYPES[precision]
+    loops = late_loops(model, batch, args.past, list(pasts.values()))
+    times: list[list[float]] = [[] for _ in loops]
+    for _ in range(args.repeats):
+        for loop, runs in zip(loops, times, strict=True):
+            runs.append(loop_steps(loop, args.steps).wall)
+    rows = [
+        [batch, args.past, name, 1000 * statistics.median(runs)]
+        for name, runs in zip(pasts, times, strict=True)
+    ]
+    table(
+        f"(i) ms per step late in a window, median of {args.repeats} runs x {args.steps} steps "
+        f"({precision} weights, {torch.get_num_threads()} threads)",
+        ["requests", "steps of past", "past kept in", "engine"],
+        rows,
+    )
+
+
 SECTIONS: dict[str, Callable[[MusicGen, MusicGen, argparse.Namespace], None]] = {
     "steps": section_steps,
     "throughput": section_throughput,
@@ -417,6 +459,7 @@ SECTIONS: dict[str, Callable[[MusicGen, MusicGen, argparse.Namespace], None]] = 
     "cuda": section_cuda,
     "queue": section_queue,
     "mixed": section_mixed,
+    "past": section_past,
 }
 
 
@@ -440,6 +483,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--max-batch", type=int, default=8, help="generation.max_batch in (g), (h)")
     parser.add_argument("--mixed-requests", type=int, default=8, help="requests in (h)")
+    parser.add_argument("--past", type=int, default=440, help="steps of past in (i)")
     parser.add_argument("--cuda-requests", type=_numbers(int), default=[1, 8, 32])
     args = parser.parse_args(argv)
     if args.quick:
