@@ -106,38 +106,18 @@ def peer_step(peer: torch.nn.Module, batch: int, steps: int, text_tokens: int) -
     return clock.median()
 
 
-def loop_step(model: MusicGen, batch: int, steps: int) -> StepTime:
-    """Decode ``steps`` steps of ``batch`` requests in the engine's shared decoding loop
-    (:mod:`generation.engine.continuous`), each request with its own random stream."""
+def joined_loop(model: MusicGen, batch: int, past_dtype: torch.dtype | None = None) -> DecodingLoop:
+    """The engine's shared decoding loop (:mod:`generation.engine.continuous`) with ``batch``
+    requests of 30 s joined, each with its own random stream; its past kept in ``past_dtype``
+    (None: the engine's choice)."""
     loop = DecodingLoop(model, batch)
-    clock = _Clock()
+    if past_dtype is not None:
+        loop.cache = RowCache(loop.cache.capacity, dtype=past_dtype)
     request = GenerationRequest(prompt=PROMPT, model=model.name, duration=30.0, cfg_coef=3.0)
     with torch.inference_mode():
         for seed in range(batch):
             loop.join(RequestDecoding(model, replace(request, seed=seed)))
-        for _ in range(steps + WARMUP_STEPS + 1):
-            loop.step()
-            clock()
-    return clock.median()
-
-
-def late_loops(
-    model: MusicGen, batch: int, past: int, past_dtypes: Sequence[torch.dtype]
-) -> list[DecodingLoop]:
-    """The engine's shared loop, ``batch`` requests of 30 s decoding until every row has
-    ``past`` steps of past, once for each dtype the loop keeps its past in."""
-    request = GenerationRequest(prompt=PROMPT, model=model.name, duration=30.0, cfg_coef=3.0)
-    loops = []
-    with torch.inference_mode():
-        for dtype in past_dtypes:
-            loop = DecodingLoop(model, batch)
-            loop.cache = RowCache(loop.cache.capacity, dtype=dtype)
-            for seed in range(batch):
-                loop.join(RequestDecoding(model, replace(request, seed=seed)))
-            while int(loop.cache.lengths.min()) < past:
-                loop.step()
-            loops.append(loop)
-    return loops
+    return loop
 
 
 def loop_steps(loop: DecodingLoop, steps: int) -> StepTime:
@@ -148,6 +128,24 @@ def loop_steps(loop: DecodingLoop, steps: int) -> StepTime:
             loop.step()
             clock()
     return clock.median()
+
+
+def loop_step(model: MusicGen, batch: int, steps: int) -> StepTime:
+    """Decode ``steps`` steps of ``batch`` requests in the engine's shared decoding loop."""
+    return loop_steps(joined_loop(model, batch), steps)
+
+
+def late_loops(
+    model: MusicGen, batch: int, past: int, past_dtypes: Sequence[torch.dtype]
+) -> list[DecodingLoop]:
+    """:func:`joined_loop` decoded until every row has ``past`` steps of past, once for each
+    dtype the loop keeps its past in."""
+    loops = [joined_loop(model, batch, dtype) for dtype in past_dtypes]
+    with torch.inference_mode():
+        for loop in loops:
+            while int(loop.cache.lengths.min()) < past:
+                loop.step()
+    return loops
 
 
 def weight_read_floor(model: MusicGen, repeats: int = 5) -> float:

@@ -80,7 +80,7 @@ def section_steps(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> 
     """(a) Median ms per decoding step at 1, 4 and 8 requests: the engine's shared loop in
     float32 and in the CPU's native precision, transformers' MusicGen decoder in the same
     precision, the weight-read floor of that precision, and plain audiocraft (float32)."""
-    from generation.engine.precision import apply_precision, resolve_precision
+    from generation.engine.precision import resolve_precision
 
     precisions = sorted({"fp32", resolve_precision("auto", "cpu")}, reverse=True)
     plain_times = {
@@ -91,11 +91,7 @@ def section_steps(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> 
     }
     rows = []
     for precision in precisions:
-        # The LM copied whole (apply_precision casts it), the codec shared (it cannot be
-        # deep-copied: weight norm).
-        model = MusicGen(plain.name, plain.compression_model, copy.deepcopy(plain.lm))
-        apply_precision(model, precision)
-        optimise_for_decoding(model)
+        model = decoding_copy(plain, precision)
         peer = build_peer(args.model).to(_DTYPES[precision])
         floor = weight_read_floor(model)
         for batch in args.batches:
@@ -135,6 +131,17 @@ def section_steps(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> 
         ],
         rows,
     )
+
+
+def decoding_copy(plain: MusicGen, precision: str) -> MusicGen:
+    """``plain`` as the engine decodes it in ``precision``: its LM copied whole (the
+    precision casts it), its codec shared (weight norm cannot be deep-copied)."""
+    from generation.engine.precision import apply_precision
+
+    model = MusicGen(plain.name, plain.compression_model, copy.deepcopy(plain.lm))
+    apply_precision(model, precision)
+    optimise_for_decoding(model)
+    return model
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -423,12 +430,10 @@ def section_past(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> N
     of past, the largest of ``--batches`` requests) in the CPU's native precision, its past
     kept in float32 (the engine's choice on a CPU) and in the weights' own dtype; the two
     loops' steps are timed in turn."""
-    from generation.engine.precision import apply_precision, resolve_precision
+    from generation.engine.precision import resolve_precision
 
     precision = resolve_precision("auto", "cpu")
-    model = MusicGen(plain.name, plain.compression_model, copy.deepcopy(plain.lm))
-    apply_precision(model, precision)
-    optimise_for_decoding(model)
+    model = decoding_copy(plain, precision)
     batch = max(args.batches)
     pasts = {"float32 (the engine's)": torch.float32}
     if precision != "fp32":
