@@ -17,8 +17,8 @@ more can be added, e.g. one through the bot's queue):
 - ``mixed``: a seeded stream of requests with their own durations, options and arrival times
   through the bot, against plain audiocraft in sequence and the batch-at-a-time worker
   (``bench/mixed.py``).
-- ``past``: a step of the shared loop late in a window, its past kept in float32 (as the
-  engine keeps it on a CPU) and in the weights' bfloat16.
+- ``past``: a step of the shared loop late in a window, its past kept in float32 and in the
+  weights' bfloat16 (the engine takes the weights' where the CPU has AMX tiles).
 
 Times on a shared machine are noisy: sections interleave what they compare and print medians
 (wall clock, and CPU time of this process, which other processes disturb less).
@@ -428,16 +428,19 @@ def section_mixed(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> 
 def section_past(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
     """(i) Median ms per step of the engine's shared loop late in a window (``--past`` steps
     of past, the largest of ``--batches`` requests) in the CPU's native precision, its past
-    kept in float32 (the engine's choice on a CPU) and in the weights' own dtype; the two
-    loops' steps are timed in turn."""
+    kept in float32 and in the weights' own dtype (the engine's choice on this CPU is marked);
+    the two loops' steps are timed in turn."""
     from generation.engine.precision import resolve_precision
+    from generation.engine.shared_step import attention_dtype
 
     precision = resolve_precision("auto", "cpu")
     model = decoding_copy(plain, precision)
     batch = max(args.batches)
-    pasts = {"float32 (the engine's)": torch.float32}
+    engines = attention_dtype(model) or _DTYPES[precision]
+    dtypes = {"float32": torch.float32}
     if precision != "fp32":
-        pasts[f"{precision} (the weights')"] = _DTYPES[precision]
+        dtypes[f"{precision} (the weights')"] = _DTYPES[precision]
+    pasts = {name + (" *" if dtype == engines else ""): dtype for name, dtype in dtypes.items()}
     loops = late_loops(model, batch, args.past, list(pasts.values()))
     times: list[list[float]] = [[] for _ in loops]
     for _ in range(args.repeats):
@@ -449,7 +452,7 @@ def section_past(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> N
     ]
     table(
         f"(i) ms per step late in a window, median of {args.repeats} runs x {args.steps} steps "
-        f"({precision} weights, {torch.get_num_threads()} threads)",
+        f"({precision} weights, {torch.get_num_threads()} threads; * the engine's choice)",
         ["requests", "steps of past", "past kept in", "engine"],
         rows,
     )

@@ -12,17 +12,21 @@ import torch
 from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 
 from generation.engine.musicgen import MusicGenEngine
-from generation.engine.precision import cpu_has_native_bf16, resolve_precision
+from generation.engine.precision import cpu_has_amx_tiles, cpu_has_native_bf16, resolve_precision
 from generation.request import GenerationRequest
 
 BASE = GenerationRequest(prompt="lo-fi hip hop beat", model="debug", duration=1.0, seed=1)
 
 
-def test_native_bf16_is_what_the_cpu_reports():
-    flags = next(
-        (line for line in Path("/proc/cpuinfo").read_text().splitlines() if "flags" in line), ""
-    ).split()
-    assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16", "amx_tile"} & set(flags))
+def _cpu_flags() -> set[str]:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    return set(next((line for line in lines if "flags" in line), "").split())
+
+
+def test_native_bf16_and_amx_tiles_are_what_the_cpu_reports():
+    flags = _cpu_flags()
+    assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16", "amx_tile"} & flags)
+    assert cpu_has_amx_tiles() == ("amx_tile" in flags)
 
 
 def test_auto_is_fp16_on_a_gpu_and_bf16_only_on_a_cpu_with_native_bf16():

@@ -30,12 +30,22 @@ _FLOAT32_PARTS = ("condition_provider", "out_norm", "linears")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively, as PyTorch's own CPU probe says
-    (``torch._C._cpu``: the AVX512-BF16 instructions or AMX tiles), not emulated."""
+def _cpu_probe(check: str) -> bool:
+    """What PyTorch's own CPU probe (``torch._C._cpu``) says of ``check``; False if it lacks it."""
     probe = getattr(torch._C, "_cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(probe, check, lambda: False)()) for check in checks)
+    return bool(getattr(probe, check, lambda: False)())
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (the AVX512-BF16 instructions or AMX
+    tiles), not emulated."""
+    return _cpu_probe("_is_avx512_bf16_supported") or cpu_has_amx_tiles()
+
+
+def cpu_has_amx_tiles() -> bool:
+    """Whether this CPU has AMX tiles, which PyTorch's CPU attention and oneDNN use for
+    bfloat16 products."""
+    return _cpu_probe("_is_amx_tile_supported")
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:

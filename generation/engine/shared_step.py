@@ -32,21 +32,26 @@ from generation.engine.decoding import (
     linear,
     on_released_path,
 )
+from generation.engine.precision import cpu_has_amx_tiles
 from generation.engine.row_cache import RowCache, RowPast
 
 ConditionTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def attention_dtype(model: MusicGen) -> torch.dtype | None:
-    """The dtype a loop keeps keys and values in, and attends in: float32 on a CPU, the
-    transformer's own elsewhere (None).
+    """The dtype a loop keeps keys and values in, and attends in: the transformer's own (None),
+    except on a CPU without AMX tiles, where it is float32.
 
-    PyTorch's CPU attention for one query reads a bfloat16 past several times slower than a
-    float32 one, twice its bytes notwithstanding: on an AVX512-BF16 CPU, one thread, 16 rows of
-    440 steps of past took 377 ms of a 438 ms step in bfloat16, and the same step took 257 ms
-    with a float32 past. Keys made in bfloat16 are exact in float32, so only the sums differ.
+    PyTorch's CPU attention for one query packs a bfloat16 past for AMX tiles where the CPU has
+    them, and reads it several times slower than a float32 one where it has not (twice the
+    bytes notwithstanding). One thread, 8 requests, 440 steps of past (``bench.throughput
+    --sections past``): 220.6 ms a step with a bfloat16 past against 292.4 with a float32 one
+    on a CPU with AMX; 481.9 against 269.3 ms on an AVX512-BF16 CPU without. Keys made in
+    bfloat16 are exact in float32, so only the sums differ.
     """
-    return torch.float32 if model.device.type == "cpu" else None
+    if model.device.type != "cpu" or cpu_has_amx_tiles():
+        return None
+    return torch.float32
 
 
 def supports(model: MusicGen) -> bool:
