@@ -18,6 +18,8 @@ from audiocraft.models import MusicGen
 from audiocraft.modules.conditioners import ConditioningAttributes
 
 from generation.engine.continuous import DecodingLoop
+from generation.engine.decoding import linear
+from generation.engine.packed_weights import PackedWeights
 from generation.engine.request_decoding import RequestDecoding
 from generation.engine.row_cache import RowCache
 from generation.request import GenerationRequest
@@ -106,13 +108,27 @@ def peer_step(peer: torch.nn.Module, batch: int, steps: int, text_tokens: int) -
     return clock.median()
 
 
-def joined_loop(model: MusicGen, batch: int, past_dtype: torch.dtype | None = None) -> DecodingLoop:
+class PlainLayout(PackedWeights):
+    """Packs no weight: every product by ``F.linear`` on the weights as PyTorch keeps them."""
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        return None
+
+
+def joined_loop(
+    model: MusicGen, batch: int, past_dtype: torch.dtype | None = None, *, packed: bool = True
+) -> DecodingLoop:
     """The engine's shared decoding loop (:mod:`generation.engine.continuous`) with ``batch``
     requests of 30 s joined, each with its own random stream; its past kept in ``past_dtype``
-    (None: the engine's choice)."""
+    (None: the engine's choice), its weights packed for oneDNN where the engine packs them or,
+    without ``packed``, not."""
     loop = DecodingLoop(model, batch)
     if past_dtype is not None:
         loop.cache = RowCache(loop.cache.capacity, dtype=past_dtype)
+    if not packed:
+        loop.packed = PlainLayout(loop.cache.capacity)
     request = GenerationRequest(prompt=PROMPT, model=model.name, duration=30.0, cfg_coef=3.0)
     with torch.inference_mode():
         for seed in range(batch):
@@ -136,11 +152,11 @@ def loop_step(model: MusicGen, batch: int, steps: int) -> StepTime:
 
 
 def late_loops(
-    model: MusicGen, batch: int, past: int, past_dtypes: Sequence[torch.dtype]
+    model: MusicGen, batch: int, past: int, variants: Sequence[tuple[torch.dtype, bool]]
 ) -> list[DecodingLoop]:
     """:func:`joined_loop` decoded until every row has ``past`` steps of past, once for each
-    dtype the loop keeps its past in."""
-    loops = [joined_loop(model, batch, dtype) for dtype in past_dtypes]
+    variant: the dtype the loop keeps its past in, and whether its weights are packed."""
+    loops = [joined_loop(model, batch, dtype, packed=packed) for dtype, packed in variants]
     with torch.inference_mode():
         for loop in loops:
             while int(loop.cache.lengths.min()) < past:
@@ -151,9 +167,8 @@ def late_loops(
 def weight_read_floor(model: MusicGen, repeats: int = 5) -> float:
     """Seconds to read every weight a decoding step reads, once, in its own dtype: one row
     through each of the LM's matrices (the transformer's and the output heads'), nothing
-    else. No step of one request can take less."""
-    from torch.nn import functional as F
-
+    else, by ``F.linear`` or by the weights packed for oneDNN (as the engine multiplies them),
+    whichever is faster. No step of one request can take less."""
     lm = model.lm
     linears = [*lm.transformer.modules(), *lm.linears]
     weights = [module.weight for module in linears if isinstance(module, torch.nn.Linear)]
@@ -164,11 +179,14 @@ def weight_read_floor(model: MusicGen, repeats: int = 5) -> float:
         if layer.cross_attention is not None
     ]
     rows = [torch.randn(1, weight.shape[1], dtype=weight.dtype) for weight in weights]
-    times = []
-    with torch.inference_mode():
-        for _ in range(repeats + 1):
-            started = time.perf_counter()
-            for row, weight in zip(rows, weights, strict=True):
-                F.linear(row, weight)
-            times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+    floors = []
+    for packs in (PlainLayout(rows=1), PackedWeights(rows=1)):
+        times = []
+        with torch.inference_mode(), packs.active():
+            for _ in range(repeats + 1):  # the first packs the weights
+                started = time.perf_counter()
+                for row, weight in zip(rows, weights, strict=True):
+                    linear(row, weight, None)
+                times.append(time.perf_counter() - started)
+        floors.append(statistics.median(times[1:]))
+    return min(floors)

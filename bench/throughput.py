@@ -427,9 +427,10 @@ def section_mixed(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> 
 
 def section_past(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
     """(i) Median ms per step of the engine's shared loop late in a window (``--past`` steps
-    of past, the largest of ``--batches`` requests) in the CPU's native precision, its past
-    kept in float32 and in the weights' own dtype (the engine's choice on this CPU is marked);
-    the two loops' steps are timed in turn."""
+    of past, the largest of ``--batches`` requests) in the CPU's native precision: its past
+    kept in float32 and in the weights' own dtype (the engine's choice on this CPU is marked),
+    and its weights packed for oneDNN or in PyTorch's layout; the loops' steps are timed in
+    turn."""
     from generation.engine.precision import resolve_precision
     from generation.engine.shared_step import attention_dtype
 
@@ -437,23 +438,28 @@ def section_past(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> N
     model = decoding_copy(plain, precision)
     batch = max(args.batches)
     engines = attention_dtype(model) or _DTYPES[precision]
-    dtypes = {"float32": torch.float32}
+    variants = [(torch.float32, True), (torch.float32, False)]
     if precision != "fp32":
-        dtypes[f"{precision} (the weights')"] = _DTYPES[precision]
-    pasts = {name + (" *" if dtype == engines else ""): dtype for name, dtype in dtypes.items()}
-    loops = late_loops(model, batch, args.past, list(pasts.values()))
+        variants.insert(1, (_DTYPES[precision], True))
+    loops = late_loops(model, batch, args.past, variants)
     times: list[list[float]] = [[] for _ in loops]
     for _ in range(args.repeats):
         for loop, runs in zip(loops, times, strict=True):
             runs.append(loop_steps(loop, args.steps).wall)
     rows = [
-        [batch, args.past, name, 1000 * statistics.median(runs)]
-        for name, runs in zip(pasts, times, strict=True)
+        [
+            batch,
+            args.past,
+            str(dtype).removeprefix("torch.") + (" *" if dtype == engines and packed else ""),
+            "packed for oneDNN" if packed else "PyTorch's layout",
+            1000 * statistics.median(runs),
+        ]
+        for (dtype, packed), runs in zip(variants, times, strict=True)
     ]
     table(
         f"(i) ms per step late in a window, median of {args.repeats} runs x {args.steps} steps "
         f"({precision} weights, {torch.get_num_threads()} threads; * the engine's choice)",
-        ["requests", "steps of past", "past kept in", "engine"],
+        ["requests", "steps of past", "past kept in", "weights", "engine"],
         rows,
     )
 

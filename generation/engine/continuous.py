@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from audiocraft.models import MusicGen
 
+from generation.engine.packed_weights import PackedWeights
 from generation.engine.request_decoding import RequestDecoding
 from generation.engine.row_cache import RowCache
 from generation.engine.shared_step import attention_dtype, prefill, shared_step
@@ -39,6 +40,8 @@ class DecodingLoop:
         self.cache = RowCache(
             capacity=max_requests * RequestDecoding.rows, dtype=attention_dtype(model)
         )
+        #: The weights in oneDNN's layout, on a CPU in bfloat16, kept while there are rows.
+        self.packed = PackedWeights(rows=self.cache.capacity)
         self.active: list[RequestDecoding] = []
 
     @property
@@ -77,7 +80,12 @@ class DecodingLoop:
         return False
 
     def leave(self, request: RequestDecoding) -> None:
-        """Take ``request``'s rows out of the loop (cancelled, or between windows)."""
+        """Take ``request``'s rows out of the loop (cancelled)."""
+        self._remove(request)
+        if not self.active:
+            self.packed.clear()
+
+    def _remove(self, request: RequestDecoding) -> None:
         index = self.active.index(request)
         self.cache.remove([2 * index, 2 * index + 1])
         last = self.active.pop()
@@ -92,7 +100,7 @@ class DecodingLoop:
             window is full with another to follow (to :meth:`join` again).
         """
         tokens = torch.cat([request.last_tokens() for request in self.active])
-        with self.model.autocast:
+        with self.model.autocast, self.packed.active():
             logits = shared_step(self.model, self.cache, tokens)
         self.cache.advance()
         complete, next_window = [], []
@@ -104,10 +112,13 @@ class DecodingLoop:
         except Exception as error:  # some requests took the step, others not: no way back
             raise StepFailed("Sampling a step failed.") from error
         for request in complete + next_window:
-            self.leave(request)
+            self._remove(request)
+        if not self.active and not next_window:
+            self.packed.clear()
         return complete, next_window
 
     def clear(self) -> None:
         """Drop every request (after a failed step) and free the cache."""
         self.active.clear()
         self.cache.clear()
+        self.packed.clear()

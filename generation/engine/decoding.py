@@ -33,6 +33,8 @@ from audiocraft.modules.transformer import StreamingMultiheadAttention
 from einops import rearrange
 from torch.nn import functional as F
 
+from generation.engine.packed_weights import packed_linear
+
 _MARK = "_musicgen_bot_optimised"
 # Streaming-state keys (no dots: audiocraft joins module names with them).
 _SOURCE = "cross_source"
@@ -70,7 +72,11 @@ def batch_invariant() -> Iterator[None]:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear``, with fewer rows padded inside :func:`batch_invariant`."""
+    """``F.linear``, by packed weights inside :meth:`PackedWeights.active`, with fewer rows
+    padded inside :func:`batch_invariant`."""
+    product = packed_linear(x, weight, bias)
+    if product is not None:
+        return product
     fewest = _fewest_rows.get()
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows >= fewest or x.device.type != "cpu" or weight.dtype != torch.float32:
