@@ -1,7 +1,7 @@
 """The shared step's bfloat16 weights in oneDNN's own layout, on a CPU.
 
 PyTorch's CPU ``F.linear`` hands a bfloat16 weight to oneDNN in PyTorch's plain layout at every
-call, and oneDNN reads it slower so than in the blocked layout its kernels are written for.
+call, which oneDNN reads slower than the blocked layout its kernels are written for.
 Reordered once into that layout (``mkldnn._reorder_linear_weight``, then
 ``mkldnn._linear_pointwise``: what ``torch.compile`` does for a CPU model it freezes), the
 weights of a MusicGen-small-sized step take 51 ms instead of 80 with 2 rows, 74 instead of 119
@@ -29,7 +29,7 @@ _Key = tuple[int, tuple[int, ...]]
 _active: ContextVar[PackedWeights | None] = ContextVar("packed_weights", default=None)
 
 
-def packing_applies(weight: torch.Tensor) -> bool:
+def _packing_applies(weight: torch.Tensor) -> bool:
     """Whether this PyTorch packs weights like ``weight`` for oneDNN (bfloat16, on a CPU)."""
     return (
         weight.dtype == torch.bfloat16
@@ -80,7 +80,7 @@ class PackedWeights:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor | None:
-        if not packing_applies(weight):
+        if not _packing_applies(weight):
             return None
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.rows)
         shape = tuple(weight.shape)
