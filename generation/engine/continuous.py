@@ -80,7 +80,7 @@ class DecodingLoop:
         return False
 
     def leave(self, request: RequestDecoding) -> None:
-        """Take ``request``'s rows out of the loop (cancelled)."""
+        """Take ``request``'s rows out of the loop (cancelled, or sent back out of memory)."""
         self._remove(request)
         if not self.active:
             self.packed.clear()
