@@ -14,6 +14,7 @@ from pathlib import Path
 import discord
 import pytest
 
+from generation.audio.loop import prepare_beat_tracking
 from generation.engine.musicgen import MusicGenEngine
 from generation.jobs.postgres import PostgresStore
 from generation.jobs.sqlite import SqliteStore
@@ -48,7 +49,9 @@ def simcord_env(simcord_env):
 
 @pytest.fixture(scope="session")
 def engine() -> MusicGenEngine:
-    """One engine for the whole run, as the bot has: models stay loaded between tests."""
+    """One engine for the whole run, as the bot has: models stay loaded between tests, and
+    the beat tracker is ready as a started worker's is."""
+    prepare_beat_tracking()
     return MusicGenEngine(device="cpu")
 
 

@@ -48,7 +48,9 @@ async def system(store, recorder, engine):
 
 
 async def test_the_event_loop_keeps_running_while_a_model_generates(system, store):
-    job = await submit(store, replace(REQUEST, duration=8.0))
+    # A loop too: the audio thread runs the beat tracker, whose first import would hold the
+    # GIL for tenths of a second at a time had the worker not made it as it started.
+    job = await submit(store, replace(REQUEST, duration=8.0, loop=2))
     gaps: list[float] = []
     await system.worker()
     last = time.monotonic()
@@ -58,7 +60,7 @@ async def test_the_event_loop_keeps_running_while_a_model_generates(system, stor
         gaps.append(now - last)
         last = now
     assert len(gaps) > 20  # the loop ticked all through the generation
-    assert max(gaps) < 0.5
+    assert max(gaps) < 0.2
 
 
 async def test_each_job_is_reported_started_progressing_and_finished(system, store, recorder):
@@ -144,12 +146,14 @@ async def test_a_job_that_cannot_run_fails_alone_and_the_others_run(system, stor
 
 
 async def test_a_job_past_its_time_limit_fails_and_the_next_runs(system, store, recorder):
+    # The limit sits well apart from both jobs' times on a slow, shared CPU: the quick one takes
+    # about 0.7 s beside the slow one, the slow one more than 30 s.
     slow = await submit(store, replace(REQUEST, duration=120.0))
     quick = await submit(store, guild=2)
-    await system.worker(job_timeout=0.3)
+    await system.worker(job_timeout=3.0)
     slow, quick = await system.settled(slow, quick)
     assert slow.status is JobStatus.FAILED
-    assert "took longer than 0.3 s" in str(recorder.errors[slow.id])
+    assert "took longer than 3 s" in str(recorder.errors[slow.id])
     assert quick.status is JobStatus.DONE
 
 

@@ -46,8 +46,8 @@ def loop_bpm(bars: int, seconds: float) -> float:
 def make_loop(audio: np.ndarray, sample_rate: int, bars: int) -> Loop:
     """Cut ``audio`` (``[channels, samples]``) to a seamless loop of ``bars`` bars.
 
-    Blocking (about 1.2 s for 30 s of stereo on one core once warm; the first call in a
-    process also compiles librosa's code, about 5 s): run it off the event loop.
+    Blocking (about 1.2 s for 30 s of stereo on one core once warm; see
+    :func:`prepare_beat_tracking` for the first call in a process): run it off the event loop.
 
     Raises:
         GenerationError: the track has no beat to follow, or is too short for ``bars`` bars
@@ -72,6 +72,15 @@ def make_loop(audio: np.ndarray, sample_rate: int, bars: int) -> Loop:
     ramp = np.sin(0.5 * np.pi * (np.arange(fade, dtype=np.float32) + 0.5) / fade)
     out[:, :fade] = out[:, :fade] * ramp**2 + audio[:, end : end + fade] * (1 - ramp**2)
     return Loop(out, bpm=loop_bpm(bars, length / sample_rate), beats=beats)
+
+
+def prepare_beat_tracking() -> None:
+    """Import the beat tracker now rather than at the first loop (a worker does it as it
+    starts): importing it compiles librosa's numba code, about 8 s on one core, in stretches
+    that hold the GIL for up to a tenth of a second, which would stall the event loop (and
+    its heartbeats) in the middle of a job."""
+    import librosa.beat
+    import librosa.onset  # noqa: F401
 
 
 def beat_grid(audio: np.ndarray, sample_rate: int) -> tuple[float, float]:

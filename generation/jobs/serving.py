@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
+from generation.audio.loop import prepare_beat_tracking
 from generation.engine.musicgen import MusicGenEngine
 from generation.jobs.scheduling import BatchPolicy
 from generation.jobs.store import JobStore
@@ -51,8 +53,8 @@ class WorkerSettings:
 
 
 async def start_worker(store: JobStore, settings: WorkerSettings) -> Worker:
-    """Start a worker on its own engine; it loads its first model in the background, so
-    the first job does not wait for it."""
+    """Start a worker on its own engine; it loads its first model and the beat tracker in
+    the background, so the first job does not wait for them."""
     engine = MusicGenEngine(
         device=None if settings.device == "auto" else settings.device,
         max_duration=settings.max_duration,
@@ -73,10 +75,12 @@ async def start_worker(store: JobStore, settings: WorkerSettings) -> Worker:
     )
     await worker.start()
     preload = worker.run_blocking(lambda: engine.load(settings.models[0]))
-    preload.add_done_callback(_log_preload_failure)
+    preload.add_done_callback(partial(_log_preload_failure, "the default model"))
+    prepare = worker.run_blocking(prepare_beat_tracking)
+    prepare.add_done_callback(partial(_log_preload_failure, "the beat tracker for loops"))
     return worker
 
 
-def _log_preload_failure(future: asyncio.Future[object]) -> None:
+def _log_preload_failure(what: str, future: asyncio.Future[object]) -> None:
     if not future.cancelled() and future.exception() is not None:
-        log.warning("could not preload the default model: %s", future.exception())
+        log.warning("could not preload %s: %s", what, future.exception())
