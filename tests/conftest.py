@@ -49,10 +49,16 @@ def simcord_env(simcord_env):
 
 @pytest.fixture(scope="session")
 def engine() -> MusicGenEngine:
-    """One engine for the whole run, as the bot has: models stay loaded between tests, and
-    the beat tracker is ready as a started worker's is."""
-    prepare_beat_tracking()
+    """One engine for the whole run, as the bot has: models stay loaded between tests."""
     return MusicGenEngine(device="cpu")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def beat_tracker_ready() -> None:
+    """The beat tracker imported before the first test, as a started worker has it soon after
+    it starts: importing it holds the GIL for seconds, which would stall that test's event
+    loop (a bot not settling, a lease running out)."""
+    prepare_beat_tracking()
 
 
 @pytest.fixture
