@@ -1,8 +1,9 @@
-"""Packed weights: the shared step's bfloat16 products by weights in oneDNN's layout, the same
-bits for a row whatever the number of rows, held only while a loop has rows."""
+"""Packed weights: the shared step's bfloat16 and float32 products by weights in oneDNN's
+layout, the same bits for a row whatever the number of rows, held only while a loop has rows."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -18,43 +19,52 @@ from generation.request import GenerationRequest
 SHAPES = [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096)]
 
 
-def bf16_weight(shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+DTYPES = [torch.bfloat16, torch.float32]
+#: How close a packed product is to ``F.linear``'s: the dtype's rounding, summed another way.
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-5}
+
+
+def weight_of(shape: tuple[int, int], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(shape[0] + shape[1])
     weight = torch.randn(shape, generator=generator) * shape[1] ** -0.5
-    return weight.to(torch.bfloat16), torch.randn(shape[0], generator=generator).bfloat16()
+    return weight.to(dtype), torch.randn(shape[0], generator=generator).to(dtype)
 
 
-def test_a_packed_product_is_f_linear_to_bfloat16_rounding_and_used_only_inside_active():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_packed_product_is_f_linear_to_rounding_and_used_only_inside_active(dtype):
     packs = PackedWeights(rows=16)
     for shape in SHAPES:
-        weight, bias = bf16_weight(shape)
-        x = torch.randn(5, 1, shape[1]).bfloat16()
+        weight, bias = weight_of(shape, dtype)
+        x = torch.randn(5, 1, shape[1]).to(dtype)
         expected = F.linear(x, weight, bias)
         assert torch.equal(linear(x, weight, bias), expected)  # outside: F.linear itself
         with packs.active():
             result = linear(x, weight, bias)
         assert result.shape == expected.shape
-        torch.testing.assert_close(result.float(), expected.float(), rtol=2e-2, atol=2e-2)
+        tolerance = TOLERANCE[dtype]
+        torch.testing.assert_close(result.float(), expected.float(), rtol=tolerance, atol=tolerance)
     assert len(packs) == len(SHAPES)
 
 
-def test_a_row_gets_the_same_bits_at_any_number_of_rows():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_row_gets_the_same_bits_at_any_number_of_rows(dtype):
     packs = PackedWeights(rows=16)
     for shape in SHAPES:
-        weight, bias = bf16_weight(shape)
-        x = torch.randn(16, shape[1]).bfloat16()
+        weight, bias = weight_of(shape, dtype)
+        x = torch.randn(16, shape[1]).to(dtype)
         with packs.active():
             full = linear(x, weight, bias)
             for rows in range(1, 16):
                 assert torch.equal(linear(x[:rows], weight, bias), full[:rows]), (shape, rows)
 
 
-def test_float32_weights_are_not_packed():
+def test_float16_weights_and_inputs_of_another_dtype_are_not_packed():
     packs = PackedWeights(rows=4)
     weight, x = torch.randn(64, 32), torch.randn(3, 32)
     with packs.active():
-        assert packs.linear(x, weight, None) is None
-        assert torch.equal(linear(x, weight, None), F.linear(x, weight))
+        assert packs.linear(x.half(), weight.half(), None) is None
+        assert packs.linear(x.bfloat16(), weight, None) is None
+        assert torch.equal(linear(x.half(), weight.half(), None), F.linear(x.half(), weight.half()))
     assert len(packs) == 0
 
 
@@ -69,7 +79,9 @@ def test_a_loop_holds_packed_weights_only_while_it_has_rows():
         assert len(loop.packed) == 0  # a request's first step is audiocraft's own
         loop.step()
         layers = len(model.lm.transformer.layers)
-        assert len(loop.packed) == 6 * layers  # in, out, cross query, cross out, 2 feed-forward
+        # In, out, cross query, cross out and 2 feed-forward a layer (bfloat16), and the
+        # output heads (float32).
+        assert len(loop.packed) == 6 * layers + len(model.lm.linears)
         while loop.active:
             loop.step()
     assert len(loop.packed) == 0

@@ -1,17 +1,19 @@
-"""The shared step's bfloat16 weights in oneDNN's own layout, on a CPU.
+"""The shared step's weights in oneDNN's own layout, on a CPU.
 
 PyTorch's CPU ``F.linear`` hands a bfloat16 weight to oneDNN in PyTorch's plain layout at every
-call, which oneDNN reads slower than the blocked layout its kernels are written for.
-Reordered once into that layout (``mkldnn._reorder_linear_weight``, then
-``mkldnn._linear_pointwise``: what ``torch.compile`` does for a CPU model it freezes), the
-weights of a MusicGen-small-sized step take 51 ms instead of 80 with 2 rows, 74 instead of 119
-with 16 and 125 instead of 175 with 32 (one thread, AVX512-BF16 without AMX, 2026-11-26).
+call, which oneDNN reads slower than the blocked layout its kernels are written for, and a
+float32 one to MKL, slow at a few rows. Reordered once into oneDNN's layout
+(``mkldnn._reorder_linear_weight``, then ``mkldnn._linear_pointwise``: what ``torch.compile``
+does for a CPU model it freezes), the weights of a MusicGen-small-sized step take, in bfloat16,
+51 ms instead of 80 with 2 rows, 74 instead of 119 with 16 and 125 instead of 175 with 32
+(2026-11-26), and in float32 72 ms instead of 184 with 2 rows, 149 instead of 300 with 16
+(2026-11-27; one thread, an AMD EPYC with AVX512-BF16 without AMX).
 
 A packed product gives other bits than ``F.linear`` (it sums in another order), the same for
 every row whatever the number of rows: a request's tokens must not depend on what shares its
-steps. That is checked once per weight shape, for every row count the loop can hold; a shape
-where it does not hold keeps ``F.linear``. The packed copies double the memory of the weights
-they copy, so a loop keeps them only while it has rows.
+steps. That is checked once per weight dtype and shape, for every row count the loop can
+hold; a shape where it does not hold keeps ``F.linear``. The packed copies double the memory of
+the weights they copy, so a loop keeps them only while it has rows.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ _active: ContextVar[PackedWeights | None] = ContextVar("packed_weights", default
 
 
 def _packing_applies(weight: torch.Tensor) -> bool:
-    """Whether this PyTorch packs weights like ``weight`` for oneDNN (bfloat16, on a CPU)."""
+    """Whether this PyTorch packs weights like ``weight`` for oneDNN (bfloat16 or float32, on
+    a CPU)."""
     return (
-        weight.dtype == torch.bfloat16
+        weight.dtype in (torch.bfloat16, torch.float32)
         and weight.device.type == "cpu"
         and torch.backends.mkldnn.is_available()
     )
@@ -45,7 +48,7 @@ class PackedWeights:
     def __init__(self, rows: int) -> None:
         self.rows = rows
         self._packed: dict[_Key, torch.Tensor | None] = {}
-        self._invariant: dict[tuple[int, ...], bool] = {}
+        self._invariant: dict[tuple[torch.dtype, tuple[int, ...]], bool] = {}
 
     @contextmanager
     def active(self) -> Iterator[None]:
@@ -83,10 +86,10 @@ class PackedWeights:
         if not _packing_applies(weight):
             return None
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.rows)
-        shape = tuple(weight.shape)
-        if shape not in self._invariant:
-            self._invariant[shape] = _same_bits_at_any_row_count(packed, shape, self.rows)
-        return packed if self._invariant[shape] else None
+        kind = (weight.dtype, tuple(weight.shape))
+        if kind not in self._invariant:
+            self._invariant[kind] = _same_bits_at_any_row_count(packed, *kind, self.rows)
+        return packed if self._invariant[kind] else None
 
 
 def packed_linear(
@@ -98,10 +101,12 @@ def packed_linear(
     return None if packed is None else packed.linear(x, weight, bias)
 
 
-def _same_bits_at_any_row_count(packed: torch.Tensor, shape: tuple[int, ...], rows: int) -> bool:
+def _same_bits_at_any_row_count(
+    packed: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], rows: int
+) -> bool:
     """Whether each row of a product by ``packed`` gets the same bits at 1 to ``rows`` rows."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, shape[1], generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, shape[1], generator=generator).to(dtype)
     full = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     return all(
         torch.equal(
