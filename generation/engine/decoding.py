@@ -10,10 +10,12 @@ A decoding step on a CPU is mostly memory traffic (matrix products with 2 rows a
   its streaming state for the length of a ``generate`` call: the same operations on the same
   inputs, so this part is bit for bit audiocraft's, on every device and under autocast.
 - The decoding loop shares steps between requests (:mod:`generation.engine.continuous`), and a
-  request's tokens must not depend on how many rows share its step. MKL's float32 ``F.linear``
-  gives every row the same bits from 4 rows on, but takes other kernels below; inside
-  :func:`batch_invariant` a float32 product on the CPU with fewer rows is padded to 4 (bfloat16
-  products are the same at any number of rows, and are left alone).
+  request's tokens must not depend on how many rows share its step. Its products use weights
+  packed for oneDNN (:mod:`generation.engine.packed_weights`), the same bits at any number of
+  rows. For a weight that is not packed, MKL's float32 ``F.linear`` gives every row the same
+  bits from 4 rows on, but takes other kernels below; inside :func:`batch_invariant` a float32
+  product on the CPU with fewer rows is padded to 4 (bfloat16 products are the same at any
+  number of rows, and are left alone).
 - The self-attention's past keys and values are copied whole (``torch.cat``) at every step;
   they now grow in place in buffers with room for more steps (same values, bit for bit).
 """
