@@ -31,14 +31,20 @@ _Key = tuple[int, tuple[int, ...]]
 _active: ContextVar[PackedWeights | None] = ContextVar("packed_weights", default=None)
 
 
+def onednn_computes_bf16() -> bool:
+    """Whether this CPU's oneDNN computes in bfloat16 (AVX-512 or newer): on an AVX2 CPU it
+    refuses to reorder bfloat16 weights."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _packing_applies(weight: torch.Tensor) -> bool:
-    """Whether this PyTorch packs weights like ``weight`` for oneDNN (bfloat16 or float32, on
-    a CPU)."""
-    return (
-        weight.dtype in (torch.bfloat16, torch.float32)
-        and weight.device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-    )
+    """Whether this PyTorch packs weights like ``weight`` for oneDNN: float32 ones on a CPU,
+    and bfloat16 ones where oneDNN computes in bfloat16."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return onednn_computes_bf16()
+    return weight.dtype == torch.float32
 
 
 class PackedWeights:
