@@ -13,6 +13,7 @@ import pytest
 import torch
 from audiocraft.models import MusicGen
 
+from generation.engine import shared_step
 from generation.engine.continuous import DecodingLoop
 from generation.engine.debug_models import build_debug_model
 from generation.engine.decoding import optimise_for_decoding
@@ -120,6 +121,19 @@ def test_a_requests_tokens_are_the_same_in_any_mixture(name: str, precision: str
             assert torch.equal(codes, alone[index]), (requests[index], chosen, joins)
 
 
+def test_the_gpus_padded_attention_gives_the_same_tokens_as_the_exact_one(monkeypatch):
+    # Run on the CPU here: a GPU attends every row at once over the cache's whole time, each
+    # row masked to its own past, so that the shapes stay the same from step to step.
+    model = prepared("debug", "fp32")
+    requests = REQUESTS["debug"][:4]
+    joins = [0, 7, 7, 30]
+    exact = loop_codes(model, requests, joins)
+    monkeypatch.setattr(shared_step, "padded_attention", lambda device: True)
+    padded = loop_codes(model, requests, joins)
+    for request, expected, codes in zip(requests, exact, padded, strict=True):
+        assert torch.equal(codes, expected), request
+
+
 def test_each_step_runs_the_model_once_for_every_row():
     model = prepared("debug", "fp32")
     first, second = BASE, replace(BASE, seed=2, duration=1.0, top_p=0.5)
@@ -224,9 +238,17 @@ def test_a_row_that_leaves_is_replaced_by_the_last_and_the_others_keep_their_pas
     cache.add([past(1, 3), past(2, 1), past(3, 5)])  # the third row grows the buffers
     assert cache.lengths.tolist() == [3, 1, 5]
     cache.remove([0])  # the last row takes its place
-    keys, _ = cache.write(0, torch.full((2, 1, 1, 2), 9.0), torch.zeros(2, 1, 1, 2))
-    assert keys[0, 0, :6, 0].tolist() == [3, 3, 3, 3, 3, 9]
+    time = cache.step_time(padded=False)
+    keys, _ = cache.write(0, torch.full((2, 1, 1, 2), 9.0), torch.zeros(2, 1, 1, 2), time)
+    assert keys[0, 0, :, 0].tolist() == [3, 3, 3, 3, 3, 9]
     assert keys[1, 0, :2, 0].tolist() == [2, 9]
+    # Padded (a GPU's step): the buffers' whole time, each row masked to its own past.
+    padded = cache.step_time(padded=True)
+    assert padded == 8  # grown to the longest past and the step, plus time_room
+    past_mask, cross_mask = cache.masks(padded)
+    assert past_mask.shape == (2, 1, 1, 8)
+    assert past_mask[:, 0, 0].tolist() == [[True] * 6 + [False] * 2, [True] * 2 + [False] * 6]
+    assert cross_mask is not None and cross_mask[:, 0, 0].tolist() == [[True], [True]]
     cache.advance()
     assert cache.lengths.tolist() == [6, 2]
     assert cache.spans() == ([(0, 1, 7), (1, 2, 3)], [(0, 2, 1)])

@@ -130,12 +130,17 @@ class RowCache:
         if max(self._lengths) + 1 > self._keys[0].shape[2]:
             self._grow_time(max(self._lengths) + 1)
 
-    def masks(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def step_time(self, *, padded: bool) -> int:
+        """How many steps of keys this step attends to: the longest past and the step being
+        written, or (``padded``) the buffers' whole time, which changes only when they grow,
+        so that a GPU sees the same shapes step after step (its kernels chosen once)."""
+        return self._keys[0].shape[2] if padded else max(self._lengths) + 1
+
+    def masks(self, time: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This step's attention masks, True where a row may attend: over its past and the
         step being written (``[rows, 1, 1, time]``), and over its own conditioning (None
         without cross-attention)."""
         device = self._keys[0].device
-        time = max(self._lengths) + 1
         past = torch.arange(time, device=device) <= self.lengths[:, None]
         if not self._cross_keys:
             return past[:, None, None], None
@@ -149,14 +154,14 @@ class RowCache:
         self-attention (past and the step being written) and for the cross-attention."""
         return _runs([length + 1 for length in self._lengths]), _runs(self._cross_lengths)
 
-    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple:
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, time: int) -> tuple:
         """Write this step's ``[rows, heads, 1, dim]`` keys and values of ``layer`` at each
-        row's own position; returns the layer's keys and values up to the longest past."""
+        row's own position; returns the layer's keys and values of the first ``time`` steps
+        (see :meth:`step_time`)."""
         rows = torch.arange(self.rows, device=keys.device)
         buffer = self._keys[layer]
         buffer[rows, :, self.lengths] = keys[:, :, 0].to(buffer.dtype)
         self._values[layer][rows, :, self.lengths] = values[:, :, 0].to(buffer.dtype)
-        time = max(self._lengths) + 1
         return (
             self._keys[layer][: self.rows, :, :time],
             self._values[layer][: self.rows, :, :time],

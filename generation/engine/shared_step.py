@@ -115,7 +115,7 @@ def shared_step(model: MusicGen, cache: RowCache, tokens: torch.Tensor) -> torch
     )
     x = x + transformer.positional_scale * embedding
     cache.prepare_step()
-    layout = _Layout(cache, exact=x.device.type == "cpu")
+    layout = _Layout(cache, exact=not padded_attention(x.device))
     for index, layer in enumerate(transformer.layers):
         x = _layer_step(layer, index, x, cache, layout)
     if x.dtype != lm.linears[0].weight.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -126,6 +126,11 @@ def shared_step(model: MusicGen, cache: RowCache, tokens: torch.Tensor) -> torch
     return logits[:, :, -1]
 
 
+def padded_attention(device: torch.device) -> bool:
+    """Whether rows attend all at once over padded, masked keys (on a GPU; see :class:`_Layout`)."""
+    return device.type != "cpu"
+
+
 class _Layout:
     """Which keys each row attends to in this step.
 
@@ -133,12 +138,14 @@ class _Layout:
     without padding, because PyTorch's CPU attention gives a row other bits when its keys are
     padded (masked) to a longer length, and a request's tokens must not depend on the others'
     lengths. On a GPU, all rows at once with masks over the padding (one kernel, not one per
-    run; the last bits may then depend on the mixture, as with any batched GPU inference).
+    run; the last bits may then depend on the mixture, as with any batched GPU inference),
+    over the cache's whole time, so that the shapes stay the same from step to step.
     """
 
     def __init__(self, cache: RowCache, *, exact: bool) -> None:
+        self.time = cache.step_time(padded=not exact)
         self.spans = cache.spans() if exact else None
-        self.masks = None if exact else cache.masks()
+        self.masks = None if exact else cache.masks(self.time)
 
     def attend(
         self,
@@ -178,7 +185,7 @@ def _layer_step(
     attention = layer.self_attn
     projected = linear(layer.norm1(x), attention.in_proj_weight, attention.in_proj_bias)
     q, k, v = rearrange(projected, "b t (p h d) -> b h p t d", p=3, h=attention.num_heads).unbind(2)
-    keys, values = cache.write(index, k, v)
+    keys, values = cache.write(index, k, v, layout.time)
     x = x + layer.layer_scale_1(layout.attend(attention, q, keys, values, x.dtype, cross=False))
     if layer.cross_attention is not None:
         cross = layer.cross_attention
