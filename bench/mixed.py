@@ -139,14 +139,21 @@ def percentile(values: Sequence[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
 
 
+def _progress(line: str) -> None:
+    """A part's result as soon as it is known (a run takes an hour on a small CPU)."""
+    print(f"  ({line})", flush=True)
+
+
 def run_mixed(plain: MusicGen, count: int, max_batch: int) -> float:
     """Print the mixed-traffic section; returns the ratio to plain audiocraft."""
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = export_checkpoint(plain, plain.lm.cfg, Path(folder))
         stream = mixed_stream(str(checkpoint), count)
         continuous = through_bot(checkpoint, stream, max_batch, join_running=True)
+        _progress(f"continuous: all done in {continuous.wall_seconds:.1f} s")
+        plain_times = [plain_seconds(plain, arrival.request) for arrival in stream]
+        _progress(f"plain audiocraft in sequence: {sum(plain_times):.1f} s")
         batches = through_bot(checkpoint, stream, max_batch, join_running=False)
-    plain_times = [plain_seconds(plain, arrival.request) for arrival in stream]
     servers = len({arrival.guild for arrival in stream})
     print(
         f"\n## mixed traffic: {len(stream)} requests from {servers} servers over "
