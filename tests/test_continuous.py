@@ -229,7 +229,7 @@ def test_out_of_gpu_memory_sends_the_newest_request_back_and_everyone_gets_their
 
 
 def test_a_row_that_leaves_is_replaced_by_the_last_and_the_others_keep_their_past():
-    cache = RowCache(capacity=4, time_room=2)
+    cache = RowCache(capacity=4, time_room=4)
 
     def past(value: float, length: int) -> RowPast:
         tensor = torch.full((1, length, 2), float(value))
@@ -242,9 +242,9 @@ def test_a_row_that_leaves_is_replaced_by_the_last_and_the_others_keep_their_pas
     keys, _ = cache.write(0, torch.full((2, 1, 1, 2), 9.0), torch.zeros(2, 1, 1, 2), time)
     assert keys[0, 0, :, 0].tolist() == [3, 3, 3, 3, 3, 9]
     assert keys[1, 0, :2, 0].tolist() == [2, 9]
-    # Padded (a GPU's step): the buffers' whole time, each row masked to its own past.
+    # Padded (a GPU's step): whole time_room steps, each row masked to its own past.
     padded = cache.step_time(padded=True)
-    assert padded == 8  # grown to the longest past and the step, plus time_room
+    assert padded == 8  # 6 rounded up to 4s (the buffers hold 10: 6 and time_room)
     past_mask, cross_mask = cache.masks(padded)
     assert past_mask.shape == (2, 1, 1, 8)
     assert past_mask[:, 0, 0].tolist() == [[True] * 6 + [False] * 2, [True] * 2 + [False] * 6]

@@ -132,9 +132,14 @@ class RowCache:
 
     def step_time(self, *, padded: bool) -> int:
         """How many steps of keys this step attends to: the longest past and the step being
-        written, or (``padded``) the buffers' whole time, which changes only when they grow,
-        so that a GPU sees the same shapes step after step (its kernels chosen once)."""
-        return self._keys[0].shape[2] if padded else max(self._lengths) + 1
+        written, or (``padded``) that rounded up to whole ``time_room`` steps, which changes
+        once every ``time_room`` steps, so that a GPU sees the same shapes step after step
+        (its kernels chosen once) and attends over at most ``time_room - 1`` steps of padding
+        (not the whole buffer, which a long request that left may have grown)."""
+        time = max(self._lengths) + 1
+        if not padded:
+            return time
+        return min(-(-time // self.time_room) * self.time_room, self._keys[0].shape[2])
 
     def masks(self, time: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This step's attention masks, True where a row may attend: over its past and the

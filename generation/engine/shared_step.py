@@ -139,7 +139,7 @@ class _Layout:
     padded (masked) to a longer length, and a request's tokens must not depend on the others'
     lengths. On a GPU, all rows at once with masks over the padding (one kernel, not one per
     run; the last bits may then depend on the mixture, as with any batched GPU inference),
-    over the cache's whole time, so that the shapes stay the same from step to step.
+    over whole blocks of time (:meth:`RowCache.step_time`), so that the shapes repeat.
     """
 
     def __init__(self, cache: RowCache, *, exact: bool) -> None:
