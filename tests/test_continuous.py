@@ -122,8 +122,8 @@ def test_a_requests_tokens_are_the_same_in_any_mixture(name: str, precision: str
 
 
 def test_the_gpus_padded_attention_gives_the_same_tokens_as_the_exact_one(monkeypatch):
-    # Run on the CPU here: a GPU attends every row at once over the cache's whole time, each
-    # row masked to its own past, so that the shapes stay the same from step to step.
+    # Run on the CPU here: a GPU attends every row at once over whole blocks of time, each row
+    # masked to its own past, so that the shapes repeat from step to step.
     model = prepared("debug", "fp32")
     requests = REQUESTS["debug"][:4]
     joins = [0, 7, 7, 30]

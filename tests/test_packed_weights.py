@@ -11,8 +11,8 @@ from generation.engine import packed_weights
 from generation.engine.continuous import DecodingLoop
 from generation.engine.debug_models import build_debug_model
 from generation.engine.decoding import linear, optimise_for_decoding
-from generation.engine.packed_weights import PackedWeights, onednn_computes_bf16
-from generation.engine.precision import apply_precision
+from generation.engine.packed_weights import PackedWeights
+from generation.engine.precision import apply_precision, onednn_computes_bf16
 from generation.engine.request_decoding import RequestDecoding
 from generation.request import GenerationRequest
 

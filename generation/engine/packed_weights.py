@@ -24,17 +24,13 @@ from contextvars import ContextVar
 
 import torch
 
+from generation.engine.precision import onednn_computes_bf16
+
 #: A weight's identity while it is alive: where its data starts, and its shape (a row slice
 #: of a weight, such as a cross-attention's query projection, starts where the weight does).
 _Key = tuple[int, tuple[int, ...]]
 
 _active: ContextVar[PackedWeights | None] = ContextVar("packed_weights", default=None)
-
-
-def onednn_computes_bf16() -> bool:
-    """Whether this CPU's oneDNN computes in bfloat16 (AVX-512 or newer): on an AVX2 CPU it
-    refuses to reorder bfloat16 weights."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _packing_applies(weight: torch.Tensor) -> bool:

@@ -42,6 +42,12 @@ def cpu_has_native_bf16() -> bool:
     return _cpu_probe("_is_avx512_bf16_supported") or cpu_has_amx_tiles()
 
 
+def onednn_computes_bf16() -> bool:
+    """Whether this CPU's oneDNN computes in bfloat16, natively or emulated on AVX-512 (what
+    packing bfloat16 weights needs: on an AVX2 CPU oneDNN refuses to reorder them)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def cpu_has_amx_tiles() -> bool:
     """Whether this CPU has AMX tiles, which PyTorch's CPU attention and oneDNN use for
     bfloat16 products."""
