@@ -390,14 +390,25 @@ async def test_a_job_whose_end_the_database_refuses_is_recorded_once_it_takes_wr
     assert (await store.load_result(stored[0])) is not None
 
 
+async def logged(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 60.0) -> None:
+    """Wait until ``text`` has been logged."""
+
+    async def wait() -> None:
+        while text not in caplog.text:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(wait(), timeout)
+
+
 async def test_a_job_whose_end_is_never_recorded_runs_again_when_its_lease_runs_out(
-    system, store, recorder
+    system, store, recorder, caplog
 ):
-    job = await submit(store)
+    job = await submit(store, replace(REQUEST, duration=2.0))  # runs on well past its start
     await system.worker(store_retry=Backoff(0.01, 0.01, tries=3))
     await recorder.until(lambda: bool(recorder.progress.get(job.id)))
-    reopening = await refuse_writes(store, 0.3)  # longer than the worker tries
-    await reopening
+    await store._db.execute("PRAGMA query_only = ON")  # refused until the worker gives up
+    await logged(caplog, f"job={job.id} event=finish-not-recorded")
+    await store._db.execute("PRAGMA query_only = OFF")
     (job,) = await system.settled(job)
     assert (job.status, job.delivered, job.attempts) == (JobStatus.DONE, True, 2)
     assert recorder.kinds(job).count("finished") == 1  # told once, of the run that counted
