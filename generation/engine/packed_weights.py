@@ -32,6 +32,12 @@ _Key = tuple[int, tuple[int, ...]]
 
 _active: ContextVar[PackedWeights | None] = ContextVar("packed_weights", default=None)
 
+#: The fewest rows a weight is packed for. oneDNN lays a weight out for the number of rows it
+#: is told to expect; told 1 to 4, on an AVX2 CPU it picks a layout that a step's float32
+#: weights took 90 to 103 ms through at 1 and 2 rows, against 56 to 60 ms packed for 8 to 64
+#: (the same at 16 and more rows; one thread, an AMD EPYC without AVX-512, 2026-11-27).
+PACKED_FOR_ROWS = 16
+
 
 def _packing_applies(weight: torch.Tensor) -> bool:
     """Whether this PyTorch packs weights like ``weight`` for oneDNN: float32 ones on a CPU,
@@ -87,7 +93,8 @@ class PackedWeights:
     def _pack(self, weight: torch.Tensor) -> torch.Tensor | None:
         if not _packing_applies(weight):
             return None
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.rows)
+        expected_rows = max(self.rows, PACKED_FOR_ROWS)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), expected_rows)
         kind = (weight.dtype, tuple(weight.shape))
         if kind not in self._invariant:
             self._invariant[kind] = _same_bits_at_any_row_count(packed, *kind, self.rows)
