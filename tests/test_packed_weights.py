@@ -60,6 +60,30 @@ def test_a_row_gets_the_same_bits_at_any_number_of_rows(dtype):
                 assert torch.equal(linear(x[:rows], weight, bias), full[:rows]), (shape, rows)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fewer_rows_are_computed_padded_and_keep_the_bits_they_have_among_more(dtype, monkeypatch):
+    computed: list[int] = []
+    product = packed_weights._packed_product
+
+    def spy(packed, bias, x):
+        computed.append(x.shape[0])
+        return product(packed, bias, x)
+
+    few, many = PackedWeights(rows=2), PackedWeights(rows=8)  # one request's loop, and four's
+    for shape in SHAPES:
+        weight, bias = weight_of(shape, dtype)
+        x = torch.randn(8, 1, shape[1]).to(dtype)
+        with many.active():
+            full = linear(x, weight, bias)
+        with few.active():
+            linear(x[:1], weight, bias)  # packs, and checks the bits at 1 to 4 rows
+            monkeypatch.setattr(packed_weights, "_packed_product", spy)
+            for rows in (1, 2):
+                assert torch.equal(linear(x[:rows], weight, bias), full[:rows]), (shape, rows)
+            monkeypatch.setattr(packed_weights, "_packed_product", product)
+    assert computed == [packed_weights.FEWEST_PACKED_ROWS] * 2 * len(SHAPES)
+
+
 def test_float16_weights_and_inputs_of_another_dtype_are_not_packed():
     packs = PackedWeights(rows=4)
     weight, x = torch.randn(64, 32), torch.randn(3, 32)

@@ -26,6 +26,7 @@ import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from audiocraft.modules.transformer import StreamingMultiheadAttention
 from einops import rearrange
 from torch.nn import functional as F
 
-from generation.engine.packed_weights import packed_linear
+from generation.engine.packed_weights import packed_linear, with_rows_padded
 
 _MARK = "_musicgen_bot_optimised"
 # Streaming-state keys (no dots: audiocraft joins module names with them).
@@ -79,13 +80,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     product = packed_linear(x, weight, bias)
     if product is not None:
         return product
-    fewest = _fewest_rows.get()
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows >= fewest or x.device.type != "cpu" or weight.dtype != torch.float32:
+    if x.device.type != "cpu" or weight.dtype != torch.float32:
         return F.linear(x, weight, bias)
-    flat = x.reshape(rows, -1)
-    padded = torch.cat([flat, flat.new_zeros(fewest - rows, flat.shape[1])])
-    return F.linear(padded, weight, bias)[:rows].view(*x.shape[:-1], weight.shape[0])
+    product = partial(F.linear, weight=weight, bias=bias)
+    return with_rows_padded(x, _fewest_rows.get(), weight.shape[0], product)
 
 
 def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,10 @@ the weights they copy, so a loop keeps them only while it has rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from functools import partial
 
 import torch
 
@@ -37,6 +38,13 @@ _active: ContextVar[PackedWeights | None] = ContextVar("packed_weights", default
 #: weights took 90 to 103 ms through at 1 and 2 rows, against 56 to 60 ms packed for 8 to 64
 #: (the same at 16 and more rows; one thread, an AMD EPYC without AVX-512, 2026-11-27).
 PACKED_FOR_ROWS = 16
+
+#: The fewest rows a packed product computes, padded with zero rows below. oneDNN's kernels
+#: for 1 and 2 rows read a step's bfloat16 weights slower than its kernels for 3 to 6 rows:
+#: 40 and 49 ms against 34 to 35 ms (float32: 61 to 65 ms at 1 to 4 rows; one thread, an AMD
+#: EPYC with AVX512-BF16, 2026-11-27). The padding rows cost nothing and change no bits:
+#: each row's bits are checked to be the same at any number of rows.
+FEWEST_PACKED_ROWS = 4
 
 
 def _packing_applies(weight: torch.Tensor) -> bool:
@@ -88,7 +96,9 @@ class PackedWeights:
         packed = self._packed[key]
         if packed is None:
             return None
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return with_rows_padded(
+            x, FEWEST_PACKED_ROWS, weight.shape[0], partial(_packed_product, packed, bias)
+        )
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor | None:
         if not _packing_applies(weight):
@@ -97,7 +107,8 @@ class PackedWeights:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), expected_rows)
         kind = (weight.dtype, tuple(weight.shape))
         if kind not in self._invariant:
-            self._invariant[kind] = _same_bits_at_any_row_count(packed, *kind, self.rows)
+            computed_rows = max(self.rows, FEWEST_PACKED_ROWS)
+            self._invariant[kind] = _same_bits_at_any_row_count(packed, *kind, computed_rows)
         return packed if self._invariant[kind] else None
 
 
@@ -110,17 +121,36 @@ def packed_linear(
     return None if packed is None else packed.linear(x, weight, bias)
 
 
+def with_rows_padded(
+    x: torch.Tensor,
+    fewest: int,
+    out_features: int,
+    product: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``product(x)`` of a linear map to ``out_features``, computed on at least ``fewest``
+    rows: ``x``'s, then zero rows."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows == 0 or rows >= fewest:
+        return product(x)
+    flat = x.reshape(rows, -1)
+    padded = torch.cat([flat, flat.new_zeros(fewest - rows, flat.shape[1])])
+    return product(padded)[:rows].view(*x.shape[:-1], out_features)
+
+
+def _packed_product(
+    packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def _same_bits_at_any_row_count(
     packed: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], rows: int
 ) -> bool:
     """Whether each row of a product by ``packed`` gets the same bits at 1 to ``rows`` rows."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, shape[1], generator=generator).to(dtype)
-    full = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    full = _packed_product(packed, None, x)
     return all(
-        torch.equal(
-            torch.ops.mkldnn._linear_pointwise(x[:count], packed, None, "none", [], ""),
-            full[:count],
-        )
+        torch.equal(_packed_product(packed, None, x[:count]), full[:count])
         for count in range(1, rows)
     )
