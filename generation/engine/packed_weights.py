@@ -34,9 +34,9 @@ _Key = tuple[int, tuple[int, ...]]
 _active: ContextVar[PackedWeights | None] = ContextVar("packed_weights", default=None)
 
 #: The fewest rows a weight is packed for. oneDNN lays a weight out for the number of rows it
-#: is told to expect; told 1 to 4, on an AVX2 CPU it picks a layout that a step's float32
-#: weights took 90 to 103 ms through at 1 and 2 rows, against 56 to 60 ms packed for 8 to 64
-#: (the same at 16 and more rows; one thread, an AMD EPYC without AVX-512, 2026-11-27).
+#: is told to expect; told 1 to 4, it picks a layout that a step's float32 weights took 90 to
+#: 103 ms through at 1 and 2 rows, against 56 to 60 ms packed for 8 to 64 (the same at 16
+#: and more rows; one thread, an AMD EPYC with AVX512-BF16, 2026-11-27).
 PACKED_FOR_ROWS = 16
 
 #: The fewest rows a packed product computes, padded with zero rows below. oneDNN's kernels
