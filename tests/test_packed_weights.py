@@ -60,8 +60,12 @@ def test_a_row_gets_the_same_bits_at_any_number_of_rows(dtype):
                 assert torch.equal(linear(x[:rows], weight, bias), full[:rows]), (shape, rows)
 
 
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fewer_rows_are_computed_padded_and_keep_the_bits_they_have_among_more(dtype, monkeypatch):
+def test_only_bfloat16_products_without_amx_are_padded_and_rows_keep_their_bits(
+    dtype, amx, monkeypatch
+):
+    monkeypatch.setattr(packed_weights, "cpu_has_amx_tiles", lambda: amx)
     computed: list[int] = []
     product = packed_weights._packed_product
 
@@ -76,12 +80,13 @@ def test_fewer_rows_are_computed_padded_and_keep_the_bits_they_have_among_more(d
         with many.active():
             full = linear(x, weight, bias)
         with few.active():
-            linear(x[:1], weight, bias)  # packs, and checks the bits at 1 to 4 rows
+            linear(x[:1], weight, bias)  # packs, and checks the bits at every computed count
             monkeypatch.setattr(packed_weights, "_packed_product", spy)
             for rows in (1, 2):
                 assert torch.equal(linear(x[:rows], weight, bias), full[:rows]), (shape, rows)
             monkeypatch.setattr(packed_weights, "_packed_product", product)
-    assert computed == [packed_weights.FEWEST_PACKED_ROWS] * 2 * len(SHAPES)
+    padded = dtype == torch.bfloat16 and not amx
+    assert computed == ([4, 4] if padded else [1, 2]) * len(SHAPES)
 
 
 def test_float16_weights_and_inputs_of_another_dtype_are_not_packed():

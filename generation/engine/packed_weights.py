@@ -25,7 +25,7 @@ from functools import partial
 
 import torch
 
-from generation.engine.precision import onednn_computes_bf16
+from generation.engine.precision import cpu_has_amx_tiles, onednn_computes_bf16
 
 #: A weight's identity while it is alive: where its data starts, and its shape (a row slice
 #: of a weight, such as a cross-attention's query projection, starts where the weight does).
@@ -39,12 +39,23 @@ _active: ContextVar[PackedWeights | None] = ContextVar("packed_weights", default
 #: and more rows; one thread, an AMD EPYC with AVX512-BF16, 2026-11-27).
 PACKED_FOR_ROWS = 16
 
-#: The fewest rows a packed product computes, padded with zero rows below. oneDNN's kernels
-#: for 1 and 2 rows read a step's bfloat16 weights slower than its kernels for 3 to 6 rows:
-#: 40 and 49 ms against 34 to 35 ms (float32: 61 to 65 ms at 1 to 4 rows; one thread, an AMD
-#: EPYC with AVX512-BF16, 2026-11-27). The padding rows cost nothing and change no bits:
-#: each row's bits are checked to be the same at any number of rows.
-FEWEST_PACKED_ROWS = 4
+#: The fewest rows a bfloat16 product computes where oneDNN has no AMX tiles, padded with zero
+#: rows below. oneDNN's AVX-512 kernels for 1 and 2 rows read a step's bfloat16 weights slower
+#: than its kernels for 3 to 6 rows: 40 and 49 ms against 34 to 35 ms (one thread, an AMD EPYC
+#: with AVX512-BF16, 2026-11-27). Elsewhere padding gains nothing or costs: float32 took 61 to
+#: 65 ms at 1 to 4 rows there, and on an Intel Xeon with AMX a one-request step took 198 ms
+#: padded against 177 in float32, 153 against 149 in bfloat16 (medians of 7 and 15 runs
+#: alternated in one process, 2026-11-27). The padding rows change no bits: each row's bits
+#: are checked to be the same at any number of rows.
+FEWEST_BF16_ROWS_WITHOUT_AMX = 4
+
+
+def fewest_rows(dtype: torch.dtype) -> int:
+    """The fewest rows a packed product of ``dtype`` is computed on (see
+    :data:`FEWEST_BF16_ROWS_WITHOUT_AMX`)."""
+    if dtype == torch.bfloat16 and not cpu_has_amx_tiles():
+        return FEWEST_BF16_ROWS_WITHOUT_AMX
+    return 1
 
 
 def _packing_applies(weight: torch.Tensor) -> bool:
@@ -63,7 +74,9 @@ class PackedWeights:
 
     def __init__(self, rows: int) -> None:
         self.rows = rows
-        self._packed: dict[_Key, torch.Tensor | None] = {}
+        #: Per weight: its packed copy and the fewest rows its products compute (None: not
+        #: packed).
+        self._packed: dict[_Key, tuple[torch.Tensor, int] | None] = {}
         self._invariant: dict[tuple[torch.dtype, tuple[int, ...]], bool] = {}
 
     @contextmanager
@@ -93,23 +106,23 @@ class PackedWeights:
         key = (weight.data_ptr(), tuple(weight.shape))
         if key not in self._packed:
             self._packed[key] = self._pack(weight)
-        packed = self._packed[key]
-        if packed is None:
+        entry = self._packed[key]
+        if entry is None:
             return None
-        return with_rows_padded(
-            x, FEWEST_PACKED_ROWS, weight.shape[0], partial(_packed_product, packed, bias)
-        )
+        packed, fewest = entry
+        return with_rows_padded(x, fewest, weight.shape[0], partial(_packed_product, packed, bias))
 
-    def _pack(self, weight: torch.Tensor) -> torch.Tensor | None:
+    def _pack(self, weight: torch.Tensor) -> tuple[torch.Tensor, int] | None:
         if not _packing_applies(weight):
             return None
         expected_rows = max(self.rows, PACKED_FOR_ROWS)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), expected_rows)
+        fewest = fewest_rows(weight.dtype)
         kind = (weight.dtype, tuple(weight.shape))
         if kind not in self._invariant:
-            computed_rows = max(self.rows, FEWEST_PACKED_ROWS)
+            computed_rows = max(self.rows, fewest)
             self._invariant[kind] = _same_bits_at_any_row_count(packed, *kind, computed_rows)
-        return packed if self._invariant[kind] else None
+        return (packed, fewest) if self._invariant[kind] else None
 
 
 def packed_linear(
