@@ -12,10 +12,12 @@ A decoding step on a CPU is mostly memory traffic (matrix products with 2 rows a
 - The decoding loop shares steps between requests (:mod:`generation.engine.continuous`), and a
   request's tokens must not depend on how many rows share its step. Its products use weights
   packed for oneDNN (:mod:`generation.engine.packed_weights`), the same bits at any number of
-  rows. For a weight that is not packed, MKL's float32 ``F.linear`` gives every row the same
-  bits from 4 rows on, but takes other kernels below; inside :func:`batch_invariant` a float32
-  product on the CPU with fewer rows is padded to 4 (bfloat16 products are the same at any
-  number of rows, and are left alone).
+  rows. For a weight that is not packed, MKL's float32 ``F.linear`` on an AMD EPYC gave every
+  row the same bits from 4 rows up, taking other kernels below; inside
+  :func:`batch_invariant` a float32 product on the CPU with fewer rows is padded to 4
+  (bfloat16 products are the same at any number of rows, and are left alone). That is MKL's
+  choice of kernels, not a promise: on an Intel Xeon with AMX a row's bits among 16 rows
+  differed from its bits among 1 to 15, so there only packed weights are exact.
 - The self-attention's past keys and values are copied whole (``torch.cat``) at every step;
   they now grow in place in buffers with room for more steps (same values, bit for bit).
 """
@@ -44,7 +46,7 @@ _SOURCE = "cross_source"
 CROSS_KEYS, CROSS_VALUES = "cross_keys", "cross_values"
 _KEY_BUFFER, _VALUE_BUFFER = "key_buffer", "value_buffer"
 _KV_ROOM = 256  # steps of room in the self-attention's key/value buffers (5 s of audio)
-#: Rows from which MKL's float32 ``F.linear`` gives each row the same bits at any row count.
+#: Rows from which MKL's float32 ``F.linear`` gave each row the same bits (an AMD EPYC).
 _INVARIANT_ROWS = 4
 _fewest_rows: ContextVar[int] = ContextVar("fewest_rows", default=1)
 
