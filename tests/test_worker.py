@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -360,12 +360,12 @@ async def test_stopping_the_worker_requeues_its_jobs_without_counting_an_attempt
 # The store refuses writes for a while (read-only, locked, disk full): retried with back-off.
 
 
-async def refuse_writes(store: SqliteStore, seconds: float) -> asyncio.Task:
-    """The real store, made to refuse writes as a read-only database does, for a while."""
+async def refuse_writes(store: SqliteStore, until: Awaitable[None]) -> asyncio.Task:
+    """The real store, made to refuse writes as a read-only database does, until ``until``."""
     await store._db.execute("PRAGMA query_only = ON")
 
     async def allow_later() -> None:
-        await asyncio.sleep(seconds)
+        await until
         await store._db.execute("PRAGMA query_only = OFF")
 
     return asyncio.get_running_loop().create_task(allow_later())
@@ -379,7 +379,7 @@ async def test_a_job_whose_end_the_database_refuses_is_recorded_once_it_takes_wr
 
     async def refuse_once_started() -> None:
         await recorder.until(lambda: bool(recorder.progress.get(first.id)))
-        reopening.append(await refuse_writes(store, 0.5))  # past the end of its generation
+        reopening.append(await refuse_writes(store, asyncio.sleep(0.5)))  # past its end
 
     await system.worker()
     await asyncio.gather(refuse_once_started(), ended(store, first, second))
@@ -406,9 +406,8 @@ async def test_a_job_whose_end_is_never_recorded_runs_again_when_its_lease_runs_
     job = await submit(store, replace(REQUEST, duration=2.0))  # runs on well past its start
     await system.worker(store_retry=Backoff(0.01, 0.01, tries=3))
     await recorder.until(lambda: bool(recorder.progress.get(job.id)))
-    await store._db.execute("PRAGMA query_only = ON")  # refused until the worker gives up
-    await logged(caplog, f"job={job.id} event=finish-not-recorded")
-    await store._db.execute("PRAGMA query_only = OFF")
+    gave_up = logged(caplog, f"job={job.id} event=finish-not-recorded")
+    await (await refuse_writes(store, gave_up))
     (job,) = await system.settled(job)
     assert (job.status, job.delivered, job.attempts) == (JobStatus.DONE, True, 2)
     assert recorder.kinds(job).count("finished") == 1  # told once, of the run that counted
@@ -419,7 +418,7 @@ async def test_a_job_the_store_will_not_claim_for_a_while_waits_then_runs_once(
 ):
     await system.worker()
     job = await submit(store)
-    reopening = await refuse_writes(store, 0.3)  # the worker waits for more requests first
+    reopening = await refuse_writes(store, asyncio.sleep(0.3))  # it waits for more requests first
     await reopening
     assert (await store.get(job.id)).status is JobStatus.QUEUED
     assert "event=claim-failed" in caplog.text
