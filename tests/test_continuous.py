@@ -238,12 +238,12 @@ def test_a_row_that_leaves_is_replaced_by_the_last_and_the_others_keep_their_pas
     cache.add([past(1, 3), past(2, 1), past(3, 5)])  # the third row grows the buffers
     assert cache.lengths.tolist() == [3, 1, 5]
     cache.remove([0])  # the last row takes its place
-    time = cache.step_time(padded=False)
-    keys, _ = cache.write(0, torch.full((2, 1, 1, 2), 9.0), torch.zeros(2, 1, 1, 2), time)
-    assert keys[0, 0, :, 0].tolist() == [3, 3, 3, 3, 3, 9]
+    assert [lengths.tolist() for lengths in cache.attended_lengths()] == [[6, 2], [1, 1]]
+    keys, _ = cache.write(0, torch.full((2, 1, 1, 2), 9.0), torch.zeros(2, 1, 1, 2))
+    assert keys[0, 0, :6, 0].tolist() == [3, 3, 3, 3, 3, 9]
     assert keys[1, 0, :2, 0].tolist() == [2, 9]
     # Padded (a GPU's step): whole time_room steps, each row masked to its own past.
-    padded = cache.step_time(padded=True)
+    padded = cache.padded_time()
     assert padded == 8  # 6 rounded up to 4s (the buffers hold 10: 6 and time_room)
     past_mask, cross_mask = cache.masks(padded)
     assert past_mask.shape == (2, 1, 1, 8)
@@ -251,7 +251,7 @@ def test_a_row_that_leaves_is_replaced_by_the_last_and_the_others_keep_their_pas
     assert cross_mask is not None and cross_mask[:, 0, 0].tolist() == [[True], [True]]
     cache.advance()
     assert cache.lengths.tolist() == [6, 2]
-    assert cache.spans() == ([(0, 1, 7), (1, 2, 3)], [(0, 2, 1)])
+    assert [lengths.tolist() for lengths in cache.attended_lengths()] == [[7, 3], [1, 1]]
 
 
 def test_a_waiting_request_that_is_cancelled_ends_at_once():

@@ -2,7 +2,8 @@
 
 Rows join and leave at step boundaries, so their pasts differ in length: row ``r`` of every
 buffer holds its own past from step 0, and what lies beyond its length is padding, masked out
-of the attention (:meth:`RowCache.masks`). Active rows are kept packed at the front
+of the attention (each row attends to its own :meth:`RowCache.attended_lengths`, or on a GPU
+through :meth:`RowCache.masks`). Active rows are kept packed at the front
 (``[:rows]``), so a step reads plain views, never a gathered copy: a row that leaves is
 replaced by the last row. Buffers have room for ``capacity`` rows (the configured bound on
 rows decoding together) and grow in time by ``time_room`` steps at once, so a step writes in
@@ -14,10 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-
-#: Rows ``[first, end)`` that share a ``length``.
-Span = tuple[int, int, int]
 
 #: Steps of room added to the self-attention buffers when a row reaches their end (5 s).
 TIME_ROOM = 256
@@ -130,15 +129,13 @@ class RowCache:
         if max(self._lengths) + 1 > self._keys[0].shape[2]:
             self._grow_time(max(self._lengths) + 1)
 
-    def step_time(self, *, padded: bool) -> int:
-        """How many steps of keys this step attends to: the longest past and the step being
-        written, or (``padded``) that rounded up to whole ``time_room`` steps, which changes
-        once every ``time_room`` steps, so that a GPU sees the same shapes step after step
-        (its kernels chosen once) and attends over at most ``time_room - 1`` steps of padding
-        (not the whole buffer, which a long request that left may have grown)."""
+    def padded_time(self) -> int:
+        """How many steps of keys a GPU's step attends to, every row at once (masked): the
+        longest past and the step being written, rounded up to whole ``time_room`` steps. It
+        changes once every ``time_room`` steps, so that a GPU sees the same shapes step after
+        step (its kernels chosen once) and attends over at most ``time_room - 1`` steps of
+        padding (not the whole buffer, which a long request that left may have grown)."""
         time = max(self._lengths) + 1
-        if not padded:
-            return time
         return min(-(-time // self.time_room) * self.time_room, self._keys[0].shape[2])
 
     def masks(self, time: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -154,31 +151,30 @@ class RowCache:
         cross = torch.arange(cross_time, device=device) < cross_lengths[:, None]
         return past[:, None, None], cross[:, None, None]
 
-    def spans(self) -> tuple[list[Span], list[Span]]:
-        """This step's rows in runs of equal length, as (first row, end row, length): for the
-        self-attention (past and the step being written) and for the cross-attention."""
-        return _runs([length + 1 for length in self._lengths]), _runs(self._cross_lengths)
+    def attended_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """How many steps of keys each row attends to in this step, on the host: of its past
+        and the step being written, and of its conditioning."""
+        return (
+            np.array(self._lengths, dtype=np.int64) + 1,
+            np.array(self._cross_lengths, dtype=np.int64),
+        )
 
-    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, time: int) -> tuple:
+    def write(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's ``[rows, heads, 1, dim]`` keys and values of ``layer`` at each
-        row's own position; returns the layer's keys and values of the first ``time`` steps
-        (see :meth:`step_time`)."""
+        row's own position; returns the layer's key and value buffers of the active rows
+        (``[rows, heads, time, dim]``: each row's past, the step, then padding)."""
         rows = torch.arange(self.rows, device=keys.device)
         buffer = self._keys[layer]
         buffer[rows, :, self.lengths] = keys[:, :, 0].to(buffer.dtype)
         self._values[layer][rows, :, self.lengths] = values[:, :, 0].to(buffer.dtype)
-        return (
-            self._keys[layer][: self.rows, :, :time],
-            self._values[layer][: self.rows, :, :time],
-        )
+        return self._keys[layer][: self.rows], self._values[layer][: self.rows]
 
     def cross(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values of ``layer``'s cross-attention, up to the longest conditioning."""
-        time = max(self._cross_lengths)
-        return (
-            self._cross_keys[layer][: self.rows, :, :time],
-            self._cross_values[layer][: self.rows, :, :time],
-        )
+        """The key and value buffers of ``layer``'s cross-attention of the active rows (each
+        row's conditioning, then padding)."""
+        return self._cross_keys[layer][: self.rows], self._cross_values[layer][: self.rows]
 
     def advance(self) -> None:
         """Count the step just written in every row's past."""
@@ -234,13 +230,3 @@ def _widened(buffer: torch.Tensor, time: int) -> torch.Tensor:
     grown = buffer.new_zeros(rows, heads, time, dim)
     grown[:, :, :old] = buffer
     return grown
-
-
-def _runs(lengths: Sequence[int]) -> list[Span]:
-    runs: list[Span] = []
-    for row, length in enumerate(lengths):
-        if runs and runs[-1][2] == length:
-            runs[-1] = (runs[-1][0], row + 1, length)
-        else:
-            runs.append((row, row + 1, length))
-    return runs

@@ -25,6 +25,7 @@ from audiocraft.modules.transformer import StreamingTransformerLayer
 from einops import rearrange
 from torch.nn import functional as F
 
+from generation.engine import past_attention
 from generation.engine.decoding import (
     CROSS_KEYS,
     CROSS_VALUES,
@@ -32,24 +33,17 @@ from generation.engine.decoding import (
     linear,
     on_released_path,
 )
-from generation.engine.precision import cpu_has_amx_tiles
 from generation.engine.row_cache import RowCache, RowPast
 
 ConditionTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def attention_dtype(model: MusicGen) -> torch.dtype | None:
-    """The dtype a loop keeps keys and values in, and attends in: the transformer's own (None),
-    except on a CPU without AMX tiles, where it is float32.
-
-    PyTorch's CPU attention for one query packs a bfloat16 past for AMX tiles where the CPU has
-    them, and reads it several times slower than a float32 one where it has not (twice the
-    bytes notwithstanding). One thread, 8 requests, 440 steps of past (``bench.throughput
-    --sections past``): 220.6 ms a step with a bfloat16 past against 292.4 with a float32 one
-    on a CPU with AMX; 481.9 against 269.3 ms on an AVX512-BF16 CPU without. Keys made in
-    bfloat16 are exact in float32, so only the sums differ.
-    """
-    if model.device.type != "cpu" or cpu_has_amx_tiles():
+    """The dtype a loop keeps keys and values in: the transformer's own (None), except on a
+    CPU whose weights are in a dtype :mod:`generation.engine.past_attention` does not read
+    (float16), where it is float32."""
+    dtype = model.lm.transformer.layers[0].self_attn.in_proj_weight.dtype
+    if model.device.type != "cpu" or dtype in past_attention.SUPPORTED_DTYPES:
         return None
     return torch.float32
 
@@ -134,18 +128,16 @@ def padded_attention(device: torch.device) -> bool:
 class _Layout:
     """Which keys each row attends to in this step.
 
-    On a CPU, exactly its own (``exact``): rows are attended in runs of equal length, each run
-    without padding, because PyTorch's CPU attention gives a row other bits when its keys are
-    padded (masked) to a longer length, and a request's tokens must not depend on the others'
-    lengths. On a GPU, all rows at once with masks over the padding (one kernel, not one per
-    run; the last bits may then depend on the mixture, as with any batched GPU inference),
-    over whole blocks of time (:meth:`RowCache.step_time`), so that the shapes repeat.
+    On a CPU, exactly its own (``exact``): :func:`generation.engine.past_attention.attend`
+    reads each row's past up to its own length, so a request's tokens do not depend on the
+    others' lengths. On a GPU, all rows at once with masks over the padding (one kernel;
+    the last bits may then depend on the mixture, as with any batched GPU inference), over
+    whole blocks of time (:meth:`RowCache.padded_time`), so that the shapes repeat.
     """
 
     def __init__(self, cache: RowCache, *, exact: bool) -> None:
-        self.time = cache.step_time(padded=not exact)
-        self.spans = cache.spans() if exact else None
-        self.masks = None if exact else cache.masks(self.time)
+        self.lengths = cache.attended_lengths() if exact else None
+        self.masks = None if exact else cache.masks(cache.padded_time())
 
     def attend(
         self,
@@ -157,22 +149,16 @@ class _Layout:
         *,
         cross: bool,
     ) -> torch.Tensor:
-        if attention.attention_as_float32:
-            keys, values = keys.float(), values.float()
-        q = q.to(keys.dtype)  # the cache may keep a wider type (see attention_dtype)
-        if self.spans is not None:
-            runs = self.spans[1] if cross else self.spans[0]
-            x = torch.cat(
-                [
-                    F.scaled_dot_product_attention(
-                        q[first:end], keys[first:end, :, :length], values[first:end, :, :length]
-                    )
-                    for first, end, length in runs
-                ]
-            )
+        if self.lengths is not None:
+            lengths = self.lengths[1] if cross else self.lengths[0]
+            x = past_attention.attend(q, keys, values, lengths)  # sums in float32
         else:
             assert self.masks is not None
             mask = self.masks[1] if cross else self.masks[0]
+            keys, values = keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]
+            if attention.attention_as_float32:
+                keys, values = keys.float(), values.float()
+            q = q.to(keys.dtype)  # the cache may keep a wider type (see attention_dtype)
             x = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = rearrange(x.to(dtype), "b h t d -> b t (h d)")
         return attention.out_proj(x)
@@ -185,7 +171,7 @@ def _layer_step(
     attention = layer.self_attn
     projected = linear(layer.norm1(x), attention.in_proj_weight, attention.in_proj_bias)
     q, k, v = rearrange(projected, "b t (p h d) -> b h p t d", p=3, h=attention.num_heads).unbind(2)
-    keys, values = cache.write(index, k, v, layout.time)
+    keys, values = cache.write(index, k, v)
     x = x + layer.layer_scale_1(layout.attend(attention, q, keys, values, x.dtype, cross=False))
     if layer.cross_attention is not None:
         cross = layer.cross_attention
