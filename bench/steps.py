@@ -7,16 +7,20 @@ generation (a short context, so attention over past steps weighs less than at st
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from audiocraft.models import MusicGen
 from audiocraft.modules.conditioners import ConditioningAttributes
+from torch.nn import functional as F
 
+from generation.engine import past_attention
 from generation.engine.continuous import DecodingLoop
 from generation.engine.decoding import linear
 from generation.engine.packed_weights import PackedWeights
@@ -117,6 +121,38 @@ class PlainLayout(PackedWeights):
         return None
 
 
+def pytorch_attention(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: np.ndarray
+) -> torch.Tensor:
+    """The loop's attention before :mod:`generation.engine.past_attention`, as a baseline:
+    PyTorch's ``scaled_dot_product_attention`` once per run of rows of equal length, over
+    their unpadded past."""
+    runs, first = [], 0
+    for end in range(1, len(lengths) + 1):
+        if end == len(lengths) or lengths[end] != lengths[first]:
+            length = int(lengths[first])
+            runs.append(
+                F.scaled_dot_product_attention(
+                    queries[first:end].to(keys.dtype),
+                    keys[first:end, :, :length],
+                    values[first:end, :, :length],
+                )
+            )
+            first = end
+    return torch.cat(runs).float()
+
+
+@contextlib.contextmanager
+def attending_with(attend: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """Run the loop's steps with ``attend`` in place of :func:`past_attention.attend`."""
+    kernel = past_attention.attend
+    past_attention.attend = attend
+    try:
+        yield
+    finally:
+        past_attention.attend = kernel
+
+
 def joined_loop(
     model: MusicGen, batch: int, past_dtype: torch.dtype | None = None, *, packed: bool = True
 ) -> DecodingLoop:
@@ -136,6 +172,16 @@ def joined_loop(
     return loop
 
 
+@dataclass(frozen=True)
+class LoopVariant:
+    """How a loop is set up: the dtype its past is kept in, whether its weights are packed,
+    and what attends to the past."""
+
+    past_dtype: torch.dtype
+    packed: bool = True
+    attend: Callable[..., torch.Tensor] = past_attention.attend
+
+
 def loop_steps(loop: DecodingLoop, steps: int) -> StepTime:
     """Time ``steps`` more steps of ``loop``."""
     clock = _Clock()
@@ -152,15 +198,18 @@ def loop_step(model: MusicGen, batch: int, steps: int) -> StepTime:
 
 
 def late_loops(
-    model: MusicGen, batch: int, past: int, variants: Sequence[tuple[torch.dtype, bool]]
+    model: MusicGen, batch: int, past: int, variants: Sequence[LoopVariant]
 ) -> list[DecodingLoop]:
     """:func:`joined_loop` decoded until every row has ``past`` steps of past, once for each
-    variant: the dtype the loop keeps its past in, and whether its weights are packed."""
-    loops = [joined_loop(model, batch, dtype, packed=packed) for dtype, packed in variants]
+    variant."""
+    loops = []
     with torch.inference_mode():
-        for loop in loops:
-            while int(loop.cache.lengths.min()) < past:
-                loop.step()
+        for variant in variants:
+            loop = joined_loop(model, batch, variant.past_dtype, packed=variant.packed)
+            with attending_with(variant.attend):
+                while int(loop.cache.lengths.min()) < past:
+                    loop.step()
+            loops.append(loop)
     return loops
 
 

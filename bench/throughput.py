@@ -17,8 +17,9 @@ more can be added, e.g. one through the bot's queue):
 - ``mixed``: a seeded stream of requests with their own durations, options and arrival times
   through the bot, against plain audiocraft in sequence and the batch-at-a-time worker
   (``bench/mixed.py``).
-- ``past``: a step of the shared loop late in a window, its past kept in float32 and in the
-  weights' bfloat16 (the engine takes the weights' where the CPU has AMX tiles).
+- ``past``: a step of the shared loop late in a window: its past kept in the weights' dtype
+  or in float32, attended by the engine's kernel or by PyTorch's attention (the loop's
+  before), its weights packed or not.
 
 Times on a shared machine are noisy: sections interleave what they compare and print medians
 (wall clock, and CPU time of this process, which other processes disturb less).
@@ -47,11 +48,14 @@ from audiocraft.models import MusicGen
 from bench.models import build_peer, build_plain_and_optimised
 from bench.steps import (
     PROMPT,
+    LoopVariant,
+    attending_with,
     audiocraft_step,
     late_loops,
     loop_step,
     loop_steps,
     peer_step,
+    pytorch_attention,
     weight_read_floor,
 )
 from generation.engine.decoding import optimise_for_decoding
@@ -436,38 +440,49 @@ def section_mixed(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> 
 def section_past(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
     """(i) Median ms per step of the engine's shared loop late in a window (``--past`` steps
     of past, the largest of ``--batches`` requests) in the CPU's native precision: its past
-    kept in float32 and in the weights' own dtype (the engine's choice on this CPU is marked),
-    and its weights packed for oneDNN or in PyTorch's layout; the loops' steps are timed in
-    turn."""
+    kept in the weights' dtype and in float32, attended by the engine's kernel
+    (``generation/engine/past_attention.py``) or by PyTorch's attention as the loop did
+    before it, and its weights packed for oneDNN or in PyTorch's layout; the loops' steps
+    are timed in turn."""
     from generation.engine.precision import resolve_precision
     from generation.engine.shared_step import attention_dtype
 
     precision = resolve_precision("auto", "cpu")
     model = decoding_copy(plain, precision)
     batch = max(args.batches)
-    engines = attention_dtype(model) or _DTYPES[precision]
-    variants = [(torch.float32, True), (torch.float32, False)]
-    if precision != "fp32":
-        variants.insert(1, (_DTYPES[precision], True))
+    weights = _DTYPES[precision]
+    engines = LoopVariant(attention_dtype(model) or weights)
+    variants = [
+        engines,
+        LoopVariant(torch.float32, attend=pytorch_attention),
+        LoopVariant(engines.past_dtype, packed=False),
+    ]
+    if weights != torch.float32:
+        variants[2:2] = [
+            LoopVariant(torch.float32),
+            LoopVariant(weights, attend=pytorch_attention),
+        ]
     loops = late_loops(model, batch, args.past, variants)
     times: list[list[float]] = [[] for _ in loops]
     for _ in range(args.repeats):
-        for loop, runs in zip(loops, times, strict=True):
-            runs.append(loop_steps(loop, args.steps).wall)
+        for variant, loop, runs in zip(variants, loops, times, strict=True):
+            with attending_with(variant.attend):
+                runs.append(loop_steps(loop, args.steps).wall)
     rows = [
         [
             batch,
             args.past,
-            str(dtype).removeprefix("torch.") + (" *" if dtype == engines and packed else ""),
-            "packed for oneDNN" if packed else "PyTorch's layout",
+            str(variant.past_dtype).removeprefix("torch.") + (" *" if variant == engines else ""),
+            "this engine's" if variant.attend is engines.attend else "PyTorch's",
+            "packed for oneDNN" if variant.packed else "PyTorch's layout",
             1000 * statistics.median(runs),
         ]
-        for (dtype, packed), runs in zip(variants, times, strict=True)
+        for variant, runs in zip(variants, times, strict=True)
     ]
     table(
         f"(i) ms per step late in a window, median of {args.repeats} runs x {args.steps} steps "
         f"({precision} weights, {torch.get_num_threads()} threads; * the engine's choice)",
-        ["requests", "steps of past", "past kept in", "weights", "engine"],
+        ["requests", "steps of past", "past kept in", "attention", "weights", "engine"],
         rows,
     )
 

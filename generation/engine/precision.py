@@ -49,8 +49,7 @@ def onednn_computes_bf16() -> bool:
 
 
 def cpu_has_amx_tiles() -> bool:
-    """Whether this CPU has AMX tiles, which PyTorch's CPU attention and oneDNN use for
-    bfloat16 products."""
+    """Whether this CPU has AMX tiles, which oneDNN uses for bfloat16 products."""
     return _cpu_probe("_is_amx_tile_supported")
 
 
