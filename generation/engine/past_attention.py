@@ -82,7 +82,8 @@ def _as_numpy(past: torch.Tensor) -> np.ndarray:
 
 
 def _widen(value):
-    """``value`` as float32 (a bfloat16 is its 16 bits: the high half of a float32's)."""
+    """``value`` as float32 (a bfloat16 is its 16 bits: the high half of a float32's); only
+    compiled code calls it, through :func:`_widen_for`."""
 
 
 @overload(_widen, inline="always")
