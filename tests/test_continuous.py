@@ -280,3 +280,19 @@ def test_closing_the_engine_ends_every_request_it_had():
             future.result(timeout=10)
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit(BASE)
+
+
+@pytest.mark.parametrize(
+    ("precision", "kept_in"),
+    [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float32)],
+)
+def test_the_loop_keeps_its_past_in_the_weights_dtype_where_its_attention_reads_it(
+    precision: str, kept_in: torch.dtype
+):
+    model = prepared("debug", precision)
+    loop = DecodingLoop(model, max_requests=1)
+    with torch.no_grad():
+        loop.join(RequestDecoding(model, BASE))
+        loop.step()  # attends to the past it keeps
+    keys, values = loop.cache.cross(0)  # every buffer of the cache is in one dtype
+    assert keys.dtype == values.dtype == kept_in
