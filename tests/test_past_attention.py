@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +81,37 @@ def test_the_softmaxs_exponential_is_within_two_ulp_down_to_its_floor():
     assert ulps.max() <= 2.0
     # Below the floor, a weight beside the largest one (1) that float32 cannot tell from 0.
     assert 0.0 < exponentials(np.array([-1000.0], np.float32))[0] < 1e-37
+
+
+COMPILED_ON_LOAD_SCRIPT = """
+import json
+from generation.engine import past_attention
+from generation.engine.musicgen import MusicGenEngine
+from generation.request import GenerationRequest
+
+kernel = past_attention._attend
+compiled = {}
+for precision in ("fp32", "bf16", "fp16"):
+    engine = MusicGenEngine(device="cpu", precision=precision)
+    engine.load("debug")
+    loaded = len(kernel.signatures)
+    engine.generate(GenerationRequest(prompt="lo-fi", model="debug", duration=1.0, seed=1))
+    compiled[precision] = [loaded, len(kernel.signatures)]
+    engine.close()
+print(json.dumps(compiled))
+"""
+
+
+def test_the_engine_compiles_the_kernel_when_it_loads_a_model_not_in_a_request():
+    # A fresh process, where nothing has compiled the kernel yet.
+    run = subprocess.run(
+        [sys.executable, "-c", COMPILED_ON_LOAD_SCRIPT],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": ""},
+        cwd=Path(__file__).parents[1],
+    )
+    # [kernels compiled after loading, after generating]: one per past dtype (bfloat16, and
+    # float32 for float32 and float16 weights), each by the load that first needs it.
+    assert json.loads(run.stdout) == {"fp32": [1, 1], "bf16": [2, 2], "fp16": [2, 2]}

@@ -27,7 +27,7 @@ from generation.engine.scheduler import (
     Submission,
     release_cached_memory,
 )
-from generation.engine.shared_step import supports
+from generation.engine.shared_step import compile_attention, supports
 from generation.engine.stems import StemSeparator
 from generation.errors import GenerationError, ModelLoadError
 from generation.request import DEFAULT_MAX_DURATION, GenerationRequest, validate_request
@@ -226,6 +226,7 @@ class MusicGenEngine:
             )
         apply_precision(model, self.precision)
         optimise_for_decoding(model)
+        compile_attention(model)
         self._models[spec.name] = model
         self._make_room(0)
         self._loaded = tuple(self._models)

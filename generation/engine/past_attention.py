@@ -58,6 +58,13 @@ def attend(
     return out[:, :, None]
 
 
+def warm_up(dtype: torch.dtype) -> None:
+    """Compile the kernel for a past in ``dtype`` now (about 1.5 s), with the argument types
+    of a step's call, so that the first step that reads such a past does not wait for it."""
+    past = torch.zeros(1, 1, 1, 1, dtype=dtype)
+    attend(torch.zeros(1, 1, 1, 1), past, past, np.ones(1, dtype=np.int64))
+
+
 def _parts(lengths: np.ndarray, threads: int) -> list[slice]:
     """Consecutive rows in up to ``threads`` parts of about equal work (steps of past)."""
     if threads == 1 or len(lengths) == 1:

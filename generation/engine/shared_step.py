@@ -42,10 +42,20 @@ def attention_dtype(model: MusicGen) -> torch.dtype | None:
     """The dtype a loop keeps keys and values in: the transformer's own (None), except on a
     CPU whose weights are in a dtype :mod:`generation.engine.past_attention` does not read
     (float16), where it is float32."""
-    dtype = model.lm.transformer.layers[0].self_attn.in_proj_weight.dtype
-    if model.device.type != "cpu" or dtype in past_attention.SUPPORTED_DTYPES:
+    if model.device.type != "cpu" or _weights_dtype(model) in past_attention.SUPPORTED_DTYPES:
         return None
     return torch.float32
+
+
+def compile_attention(model: MusicGen) -> None:
+    """On a CPU, compile the attention kernel for the past ``model``'s loop keeps: when the
+    model loads, rather than in the first request's first step."""
+    if model.device.type == "cpu":
+        past_attention.warm_up(attention_dtype(model) or _weights_dtype(model))
+
+
+def _weights_dtype(model: MusicGen) -> torch.dtype:
+    return model.lm.transformer.layers[0].self_attn.in_proj_weight.dtype
 
 
 def supports(model: MusicGen) -> bool:
