@@ -21,6 +21,15 @@ FORMATS = {
 }
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident set size (Linux's VmHWM). Not ``ru_maxrss``: a process
+    started by another begins with the other's, so a child's growth under it would read 0."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("/proc/self/status has no VmHWM line")
+
+
 def encode_tone(
     path: Path,
     *,

@@ -131,20 +131,20 @@ def test_a_missing_file_is_named():
 # allocates in C, where tracemalloc cannot see. A small WAV is decoded first, so the codec
 # tables and the resampler's code count as the baseline.
 PEAK_RSS_SCRIPT = """
-import json, resource, sys
+import json, sys
 from generation.audio.input import AudioLimits, decode_audio
-from tests.helpers import riff_wav
+from tests.helpers import peak_resident_bytes, riff_wav
 import struct
 warm = riff_wav(struct.pack("<HHIIHH", 1, 1, 8000, 16000, 2, 16), bytes(16000))
 decode_audio(warm, AudioLimits(), "melody")
 limits = AudioLimits(**json.loads(sys.argv[2]))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_resident_bytes()
 try:
     decode_audio(open(sys.argv[1], "rb").read(), limits, "melody")
     error = None
 except Exception as e:
     error = f"{type(e).__name__}: {e}"
-grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+grown = (peak_resident_bytes() - before) / 2**20
 print(json.dumps({"error": error, "grown_mib": grown}))
 """
 
