@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.memory import peak_resident_bytes, reset_peak
 
 
 def take(seconds: float, sample_rate: int, channels: int) -> np.ndarray:
@@ -41,12 +42,6 @@ def take(seconds: float, sample_rate: int, channels: int) -> np.ndarray:
     return audio
 
 
-def _rss_kib() -> int:
-    """The process's resident size now, in KiB (Linux)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize() // 1024
-
-
 def one_run(seconds: float, sample_rate: int, channels: int) -> dict[str, float]:
     """Time one normalisation in this process (call it in a fresh one)."""
     import pyloudnorm
@@ -55,16 +50,17 @@ def one_run(seconds: float, sample_rate: int, channels: int) -> dict[str, float]
     from generation.audio.output import normalise_loudness
 
     audio = take(seconds, sample_rate, channels)
-    rss_before = _rss_kib()
+    reset_peak()
+    rss_before = peak_resident_bytes()
     cpu = time.process_time()
     out = normalise_loudness(audio, sample_rate)
     cpu = time.process_time() - cpu
-    peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    peak_growth = peak_resident_bytes() - rss_before
     loudness = pyloudnorm.Meter(sample_rate).integrated_loudness(out.T.astype(np.float64))
     true_peak = 20 * np.log10(np.abs(resample_poly(out, 4, 1, axis=-1)).max())
     return {
         "cpu_s": cpu,
-        "peak_mib": peak_growth / 1024,
+        "peak_mib": peak_growth / 2**20,
         "lufs": loudness,
         "dbtp": float(true_peak),
     }

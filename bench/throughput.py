@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing
-import resource
 import statistics
 import sys
 import time
@@ -229,54 +228,50 @@ def _count_steps(model: MusicGen, seconds: float) -> int:
 
 def section_rss(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
     """(d) Resident memory of a fresh process that serves as the bot does: its engine loads
-    the model from a checkpoint folder (the plain model, exported) and generates."""
+    the model from a checkpoint folder (the plain model, exported) and generates; in the
+    CPU's native precision (``auto``) and in float32, where they differ."""
     import tempfile
 
     from generation.engine.export import export_checkpoint
+    from generation.engine.precision import resolve_precision
 
+    precisions = dict.fromkeys(resolve_precision(p, "cpu") for p in ("auto", "fp32"))
     context = multiprocessing.get_context("spawn")
+    rows = []
     with tempfile.TemporaryDirectory() as folder:
         model = "debug"
         if args.model == "small":
             model = str(export_checkpoint(plain, plain.lm.cfg, Path(folder)))
-        with context.Pool(1) as pool:
-            loaded, generating, peak = pool.apply(
-                _rss_child, (model, args.rss_seconds, args.threads)
-            )
+        for precision in precisions:
+            with context.Pool(1) as pool:
+                sizes = pool.apply(_rss_child, (model, precision, args.rss_seconds, args.threads))
+            rows.append([args.model, precision, args.rss_seconds, *(s / 2**30 for s in sizes)])
     table(
         "(d) resident memory of one process that loads the model and generates, GiB",
-        ["model", "generated s", "loaded", "peak while generating", "peak (ru_maxrss)"],
-        [[args.model, args.rss_seconds, loaded / 2**30, generating / 2**30, peak / 2**30]],
+        ["model", "precision", "generated s", "peak while loading", "loaded", "peak generating"],
+        rows,
     )
 
 
-def _rss_child(model: str, seconds: float, threads: int | None) -> tuple[int, int, int]:
+def _rss_child(
+    model: str, precision: str, seconds: float, threads: int | None
+) -> tuple[int, int, int]:
     import gc
-    import threading
 
+    from bench.memory import peak_resident_bytes, reset_peak
     from generation.engine.musicgen import MusicGenEngine, _resident_bytes
     from generation.request import GenerationRequest
 
     if threads:
         torch.set_num_threads(threads)
-    engine = MusicGenEngine(device="cpu")
+    engine = MusicGenEngine(device="cpu", precision=precision)
     engine.load(model)
+    loading = peak_resident_bytes()  # the imports' too: what the host must hold
     gc.collect()
     loaded = _resident_bytes()
-    samples = [loaded]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.05):
-            samples.append(_resident_bytes())
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    reset_peak()
     engine.generate(GenerationRequest(prompt=PROMPT, model=model, duration=seconds))
-    done.set()
-    sampler.join()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return loaded, max(samples), peak
+    return loading, loaded, peak_resident_bytes()
 
 
 def _build_one(model: str) -> MusicGen:
