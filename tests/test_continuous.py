@@ -254,6 +254,41 @@ def test_a_row_that_leaves_is_replaced_by_the_last_and_the_others_keep_their_pas
     assert [lengths.tolist() for lengths in cache.attended_lengths()] == [[7, 3], [1, 1]]
 
 
+def buffer_rows(cache: RowCache) -> int:
+    """How many rows the cache's buffers hold room for (its views share their storage)."""
+    keys, _ = cache.cross(0)
+    return keys.untyped_storage().nbytes() // (keys.stride(0) * keys.element_size())
+
+
+def test_the_caches_buffers_grow_with_its_rows_up_to_its_capacity():
+    cache = RowCache(capacity=6, time_room=4)
+
+    def past(value: float) -> RowPast:
+        tensor = torch.full((1, 2, 2), value)
+        return RowPast([tensor], [tensor], [tensor[:, :1]], [tensor[:, :1]])
+
+    grown = []
+    for value in range(1, 6):
+        cache.add([past(value)])
+        grown.append(buffer_rows(cache))
+    assert grown == [1, 2, 4, 4, 6]  # doubling, never past the capacity
+    keys, _ = cache.cross(0)
+    assert keys[:, 0, 0, 0].tolist() == [1, 2, 3, 4, 5]  # every row kept its own past
+    cache.remove(range(5))
+    cache.add([past(7), past(8)])  # emptied, the cache starts small again
+    assert buffer_rows(cache) == 2
+
+
+def test_a_request_alone_takes_the_caches_memory_of_its_own_rows_not_of_the_loops_room():
+    model = prepared("debug", "fp32")
+    loop = DecodingLoop(model, max_requests=8)
+    with torch.no_grad():
+        loop.join(RequestDecoding(model, BASE))
+        assert buffer_rows(loop.cache) == RequestDecoding.rows
+        loop.join(RequestDecoding(model, replace(BASE, seed=2)))
+    assert buffer_rows(loop.cache) == 2 * RequestDecoding.rows
+
+
 def test_a_waiting_request_that_is_cancelled_ends_at_once():
     engine = MusicGenEngine(device="cpu", max_requests=1)
     started = threading.Event()

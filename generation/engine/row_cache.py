@@ -5,9 +5,9 @@ buffer holds its own past from step 0, and what lies beyond its length is paddin
 of the attention (each row attends to its own :meth:`RowCache.attended_lengths`, or on a GPU
 through :meth:`RowCache.masks`). Active rows are kept packed at the front
 (``[:rows]``), so a step reads plain views, never a gathered copy: a row that leaves is
-replaced by the last row. Buffers have room for ``capacity`` rows (the configured bound on
-rows decoding together) and grow in time by ``time_room`` steps at once, so a step writes in
-place and the whole cache is copied only once every ``time_room`` steps.
+replaced by the last row. Buffers grow with the rows, doubling up to ``capacity`` (the
+configured bound on rows decoding together), and in time by ``time_room`` steps at once, so a
+step writes in place and the whole cache is copied only once every ``time_room`` steps.
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ class RowCache:
         if len(pasts) > self.free:
             raise ValueError(f"{len(pasts)} rows do not fit: {self.free} free.")
         if not self._keys:
-            self._allocate(pasts[0])
+            self._allocate(pasts[0], len(pasts))
+        elif self.rows + len(pasts) > self._keys[0].shape[0]:
+            self._grow_rows(self.rows + len(pasts))
         longest = max(past.length for past in pasts)
         if longest + 1 > self._keys[0].shape[2]:
             self._grow_time(longest + 1)
@@ -181,13 +183,13 @@ class RowCache:
         self._lengths = [length + 1 for length in self._lengths]
         self._device_lengths = None
 
-    def _allocate(self, first: RowPast) -> None:
+    def _allocate(self, first: RowPast, rows: int) -> None:
         heads, _, dim = first.keys[0].shape
         layers = len(first.keys)
         like = first.keys[0]
         dtype = self.dtype or like.dtype
-        shape = (self.capacity, heads, self.time_room, dim)
-        cross = (self.capacity, heads, first.cross_length, dim)
+        shape = (rows, heads, self.time_room, dim)
+        cross = (rows, heads, first.cross_length, dim)
         crosses = len(first.cross_keys)
         buffers = (
             [like.new_zeros(shape, dtype=dtype) for _ in range(layers)],
@@ -200,15 +202,22 @@ class RowCache:
     # Buffers are replaced together, once all are made: out of memory half way, the cache is
     # as it was.
 
+    def _grow_rows(self, needed: int) -> None:
+        rows = min(self.capacity, max(needed, 2 * self._keys[0].shape[0]))
+        self._keys, self._values, self._cross_keys, self._cross_values = (
+            [_resized(buffer, rows=rows) for buffer in buffers]
+            for buffers in (self._keys, self._values, self._cross_keys, self._cross_values)
+        )
+
     def _grow_time(self, needed: int) -> None:
         time = needed + self.time_room
-        keys = [_widened(buffer, time) for buffer in self._keys]
-        values = [_widened(buffer, time) for buffer in self._values]
+        keys = [_resized(buffer, time=time) for buffer in self._keys]
+        values = [_resized(buffer, time=time) for buffer in self._values]
         self._keys, self._values = keys, values
 
     def _grow_cross(self, needed: int) -> None:
-        keys = [_widened(buffer, needed) for buffer in self._cross_keys]
-        values = [_widened(buffer, needed) for buffer in self._cross_values]
+        keys = [_resized(buffer, time=needed) for buffer in self._cross_keys]
+        values = [_resized(buffer, time=needed) for buffer in self._cross_values]
         self._cross_keys, self._cross_values = keys, values
 
     def _move(self, source: int, target: int) -> None:
@@ -225,8 +234,12 @@ class RowCache:
         self._cross_lengths[target] = cross_length
 
 
-def _widened(buffer: torch.Tensor, time: int) -> torch.Tensor:
-    rows, heads, old, dim = buffer.shape
-    grown = buffer.new_zeros(rows, heads, time, dim)
-    grown[:, :, :old] = buffer
+def _resized(
+    buffer: torch.Tensor, *, rows: int | None = None, time: int | None = None
+) -> torch.Tensor:
+    """``buffer`` copied into one of ``rows`` rows and ``time`` steps (as many as it has where
+    not given), zeros beyond."""
+    old_rows, heads, old_time, dim = buffer.shape
+    grown = buffer.new_zeros(rows or old_rows, heads, time or old_time, dim)
+    grown[:old_rows, :, :old_time] = buffer
     return grown
