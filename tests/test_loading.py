@@ -117,20 +117,16 @@ def test_a_checkpoint_loads_its_transformer_in_the_dtype_asked(tmp_path):
 
 _PEAK_SCRIPT = """
 import sys
-from pathlib import Path
 from audiocraft.models import MusicGen
 from generation.engine.loading import load_checkpoint
-
-def kib(key):
-    status = Path("/proc/self/status").read_text().splitlines()
-    return int(next(line for line in status if line.startswith(key)).split()[1])
+from tests.helpers import peak_resident_bytes, reset_peak
 
 way, folder = sys.argv[1:]
-Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
-before = kib("VmRSS")
+reset_peak()
+before = peak_resident_bytes()
 load = load_checkpoint if way == "meta" else MusicGen.get_pretrained
 load(folder, device="cpu")
-print((kib("VmHWM") - before) * 1024)
+print(peak_resident_bytes() - before)
 """
 
 
@@ -139,7 +135,9 @@ def loading_peak(way: str, folder: Path) -> int:
     process (torch's allocations are invisible to tracemalloc)."""
     command = [sys.executable, "-c", _PEAK_SCRIPT, way, str(folder)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, check=True, cwd=Path(__file__).parents[1]
+    )
     return int(done.stdout.split()[-1])
 
 
