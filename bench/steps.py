@@ -213,6 +213,38 @@ def late_loops(
     return loops
 
 
+def attention_seconds(
+    model: MusicGen,
+    lengths: np.ndarray,
+    attend: Callable[..., torch.Tensor],
+    dtype: torch.dtype,
+    repeats: int,
+) -> float:
+    """Median seconds for ``attend`` over one step of every layer's self-attention of
+    ``model``'s size, on its own: a row for each of ``lengths``, with that many steps of
+    random past in ``dtype`` (views of longer buffers, as the loop's cache keeps them)."""
+    transformer = model.lm.transformer
+    attention = transformer.layers[0].self_attn
+    heads, dim = attention.num_heads, attention.embed_dim // attention.num_heads
+    rows, room = len(lengths), int(lengths.max()) + 64
+    pasts = [
+        (
+            torch.randn(rows, heads, room, dim).to(dtype),
+            torch.randn(rows, heads, room, dim).to(dtype),
+        )
+        for _ in transformer.layers
+    ]
+    query = torch.randn(rows, heads, 1, dim)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first compiles or warms up
+            started = time.perf_counter()
+            for keys, values in pasts:
+                attend(query, keys, values, lengths)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
 def weight_read_floor(model: MusicGen, repeats: int = 5) -> float:
     """Seconds to read every weight a decoding step reads, once, in its own dtype: one row
     through each of the LM's matrices (the transformer's and the output heads'), nothing

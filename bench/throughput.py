@@ -20,6 +20,8 @@ more can be added, e.g. one through the bot's queue):
 - ``past``: a step of the shared loop late in a window: its past kept in the weights' dtype
   or in float32, attended by the engine's kernel or by PyTorch's attention (the loop's
   before), its weights packed or not.
+- ``attention``: the attention over the past alone, the engine's kernel against PyTorch's, at
+  equal pasts and at pasts of each request's own length.
 
 Times on a shared machine are noisy: sections interleave what they compare and print medians
 (wall clock, and CPU time of this process, which other processes disturb less).
@@ -49,6 +51,7 @@ from bench.steps import (
     PROMPT,
     LoopVariant,
     attending_with,
+    attention_seconds,
     audiocraft_step,
     late_loops,
     loop_step,
@@ -482,6 +485,52 @@ def section_past(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> N
     )
 
 
+def section_attention(plain: MusicGen, fast: MusicGen, args: argparse.Namespace) -> None:
+    """(j) Median ms of the attention over the past alone, one step of every layer, for the
+    largest of ``--batches`` requests (2 rows each) in the past's dtype on this CPU: the
+    engine's kernel against PyTorch's attention (once per run of rows of equal past), with
+    every row at ``--past`` steps, and with each request's past its own, evenly from half to
+    1.5 times ``--past`` (a request and its CFG twin share one), as in real traffic."""
+    import numpy as np
+
+    from generation.engine import past_attention
+    from generation.engine.precision import resolve_precision
+    from generation.engine.shared_step import attention_dtype
+
+    model = decoding_copy(plain, resolve_precision("auto", "cpu"))
+    dtype = attention_dtype(model) or _DTYPES[resolve_precision("auto", "cpu")]
+    past_attention.warm_up(dtype)
+    batch = max(args.batches)
+    pasts = {
+        "equal": np.full(2 * batch, args.past, dtype=np.int64),
+        "each its own": np.repeat(np.linspace(args.past / 2, 1.5 * args.past, batch), 2).astype(
+            np.int64
+        ),
+    }
+    rows = []
+    for name, lengths in pasts.items():
+        ours, theirs = (
+            attention_seconds(model, lengths, attend, dtype, args.repeats)
+            for attend in (past_attention.attend, pytorch_attention)
+        )
+        rows.append(
+            [
+                batch,
+                name,
+                f"{lengths.min()}-{lengths.max()}",
+                1000 * ours,
+                1000 * theirs,
+                ours / theirs,
+            ]
+        )
+    table(
+        f"(j) ms of attention over the past, every layer once, median of {args.repeats} runs "
+        f"({str(dtype).removeprefix('torch.')} past, {torch.get_num_threads()} threads)",
+        ["requests", "pasts", "steps", "engine's kernel", "PyTorch's", "kernel/PyTorch"],
+        rows,
+    )
+
+
 SECTIONS: dict[str, Callable[[MusicGen, MusicGen, argparse.Namespace], None]] = {
     "steps": section_steps,
     "throughput": section_throughput,
@@ -492,6 +541,7 @@ SECTIONS: dict[str, Callable[[MusicGen, MusicGen, argparse.Namespace], None]] = 
     "queue": section_queue,
     "mixed": section_mixed,
     "past": section_past,
+    "attention": section_attention,
 }
 
 
@@ -515,7 +565,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--max-batch", type=int, default=8, help="generation.max_batch in (g), (h)")
     parser.add_argument("--mixed-requests", type=int, default=8, help="requests in (h)")
-    parser.add_argument("--past", type=int, default=440, help="steps of past in (i)")
+    parser.add_argument("--past", type=int, default=440, help="steps of past in (i), (j)")
     parser.add_argument("--cuda-requests", type=_numbers(int), default=[1, 8, 32])
     args = parser.parse_args(argv)
     if args.quick:
