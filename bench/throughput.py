@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 if __package__ in (None, ""):  # run as a script: make the project importable
@@ -491,14 +492,10 @@ def section_attention(plain: MusicGen, fast: MusicGen, args: argparse.Namespace)
     engine's kernel against PyTorch's attention (once per run of rows of equal past), with
     every row at ``--past`` steps, and with each request's past its own, evenly from half to
     1.5 times ``--past`` (a request and its CFG twin share one), as in real traffic."""
-    import numpy as np
-
     from generation.engine import past_attention
     from generation.engine.precision import resolve_precision
-    from generation.engine.shared_step import attention_dtype
 
-    model = decoding_copy(plain, resolve_precision("auto", "cpu"))
-    dtype = attention_dtype(model) or _DTYPES[resolve_precision("auto", "cpu")]
+    dtype = _DTYPES[resolve_precision("auto", "cpu")]  # a past in the weights' own dtype
     past_attention.warm_up(dtype)
     batch = max(args.batches)
     pasts = {
@@ -510,7 +507,7 @@ def section_attention(plain: MusicGen, fast: MusicGen, args: argparse.Namespace)
     rows = []
     for name, lengths in pasts.items():
         ours, theirs = (
-            attention_seconds(model, lengths, attend, dtype, args.repeats)
+            attention_seconds(plain, lengths, attend, dtype, args.repeats)
             for attend in (past_attention.attend, pytorch_attention)
         )
         rows.append(
